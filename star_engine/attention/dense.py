@@ -1,0 +1,35 @@
+"""Dense baseline: one rank (the query rank) encodes the whole context with causal attention.
+
+Under several ranks the others hold no keys; in phase 2 they contribute lse = -inf, so
+the answer is the single-GPU answer, computed through the same phase-2 code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from ..model import Transformer
+from .base import Strategy
+from .local import local_attention
+
+
+class DenseAttention(Strategy):
+    name = "dense"
+
+    def context_split(self, context_len: int) -> list[int]:
+        return [context_len if r == self.dist.query_rank else 0 for r in range(self.dist.world)]
+
+    def context_capacity(self, rank: int, max_context: int) -> int:
+        return 0
+
+    def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:
+        if not self.dist.is_query_rank or len(context_ids) == 0:
+            return
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            arena.append(layer, k, v)
+            return local_attention(q, k, v, causal=True)[0]
+
+        model(context_ids, torch.arange(len(context_ids), device=context_ids.device), attend)

@@ -1,0 +1,28 @@
+"""Phase 2, common to every strategy: sequence-global attention of the new tokens.
+
+Each rank attends the new tokens' queries over its local K/V and gets (o, lse); one
+gather_merge combines them into exact attention over the whole sequence. Non-query ranks
+attend without a mask (every new token comes after all of their context); the query rank
+first appends the new K/V, then attends causally (bottom-right aligned), so new token i
+sees its whole local context and the new tokens up to i. Only the query rank stores the
+new tokens' K/V.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import _C
+from ..comm import Communicator
+from ..model import Attend
+from .local import local_attention
+
+
+def sequence_global_attention(arena: _C.KVArena, comm: Communicator, is_query_rank: bool) -> Attend:
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if is_query_rank:
+            arena.append(layer, k, v)
+        o, lse = local_attention(q, arena.keys(layer), arena.values(layer), causal=is_query_rank)
+        return comm.gather_merge(o, lse)[0]
+
+    return attend

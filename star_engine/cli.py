@@ -1,0 +1,341 @@
+"""Command line: `python -m star_engine {run,demo}`, one process per rank under mpirun/srun.
+
+Rank 0 reads the requests, tokenizes them, writes the results and shows progress; every
+rank holds the model and takes part in each request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .checkpoint import BUILTIN_MODELS, DEFAULT_MODEL, resolve
+from .model import PRESETS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _engine_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    models = ", ".join([*BUILTIN_MODELS, *PRESETS])
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"built-in model or shape preset ({models}), a Hugging Face checkpoint "
+                             f"directory (config.json + *.safetensors) or a .gguf file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--block-size", type=_positive, default=None,
+                        help="star: context tokens per block (default: the context divided by the ranks)")
+    parser.add_argument("--anchor-size", type=_positive, default=None,
+                        help="star: tokens of the anchor, the start of block 0 (default: the block size)")
+    parser.add_argument("--anchor-mode", choices=("broadcast", "recompute"), default="broadcast",
+                        help="star: the anchor's K/V is computed once and broadcast layer by layer, "
+                             "or recomputed by every rank that needs it (default: broadcast)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens,
+                        help=f"tokens to generate at most, unless a request says otherwise "
+                             f"(default: {max_new_tokens})")
+    parser.add_argument("--max-tokens", type=_positive, default=None,
+                        help="longest request (context + query + generated tokens) the KV cache is "
+                             "sized for; longer ones are refused (default: the model's context length)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="one GPU per rank, or CPU tensors (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m star_engine",
+        description="Long-context LLM inference over many ranks with Star Attention, beside the "
+                    "dense baseline. Launch one process per GPU: mpirun -np N python -m star_engine ...")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo}")
+
+    run = commands.add_parser(
+        "run", help="answer the requests of a JSONL file",
+        description='Reads JSONL requests {"id", "context", "query", "max_new_tokens"?} and appends one '
+                    'result line per request: {"id", "output", "output_tokens", "context_tokens", '
+                    '"metrics": {"phase1_s", "ttft_s", "tpot_s", "peak_mem_bytes": [per rank]}, "error"}. '
+                    "A bad request gets a line with its error and the run goes on. Ids already answered "
+                    "in the output file are skipped, so an interrupted run can be started again.")
+    run.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
+    run.add_argument("--output", required=True, type=Path, help="results, appended one JSON object per line")
+    run.add_argument("--attn", choices=("star", "dense"), default="star",
+                     help="star: blocks over all ranks; dense: the whole context on one rank (default: star)")
+    _engine_flags(run, max_new_tokens=64)
+
+    demo = commands.add_parser(
+        "demo", help="a long document with a hidden fact: star's answer beside dense's",
+        description="Builds a needle-in-a-haystack document, answers its question with star "
+                    "attention over all ranks and with dense attention, and prints both answers "
+                    "with their timings.")
+    demo.add_argument("--context-tokens", type=_positive, default=3000,
+                      help="length of the document in tokens (default: 3000)")
+    demo.add_argument("--seed", type=int, default=0, help="which document (default: 0)")
+    _engine_flags(demo, max_new_tokens=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .launch import env_rank, run_guarded
+
+    parser = build_parser()
+    if env_rank() != 0:  # every rank parses the same arguments; one of them speaks
+        parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
+    if args.anchor_size and args.block_size and args.anchor_size > args.block_size:
+        parser.error(f"--anchor-size {args.anchor_size} exceeds --block-size {args.block_size}")
+    try:
+        resolve(args.model)
+        if args.command == "run":
+            _check_paths(args.input, args.output)
+    except ValueError as exc:
+        if env_rank() == 0:
+            print(f"star_engine: {exc}", file=sys.stderr)
+        return 2
+    return run_guarded(lambda: _COMMANDS[args.command](args))
+
+
+def _check_paths(input_path: Path, output_path: Path) -> None:
+    if not input_path.is_file():
+        raise ValueError(f"--input {input_path}: no such file")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise ValueError("--output must not be the input file")
+    if output_path.is_dir():
+        raise ValueError(f"--output {output_path} is a directory")
+
+
+class Session:
+    """The model, communicator and (on rank 0) tokenizer shared by the engines of one job."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .checkpoint import load_model
+        from .comm import MpiCommunicator
+        from .launch import init_distributed, select_device
+        from .tokenizer import load_tokenizer
+
+        self.args = args
+        self.dist = init_distributed()
+        self.device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), self.dist)
+        dtype = DTYPES[args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")]
+        self.say(f"star_engine: loading {args.model} on {self.dist.world} rank(s), {self.device.type}, {dtype}")
+        start = time.perf_counter()
+        self.model = load_model(args.model, dtype, self.device)
+        self.comm = MpiCommunicator(self.dist.mpi)
+        eos = self.model.config.eos_token_ids
+        self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
+        self.max_tokens = args.max_tokens or self.model.config.max_position_embeddings
+        self.dist.sync()
+        self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s")
+
+    def say(self, message: str) -> None:
+        if self.dist.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    def engine(self, attn: str):
+        from .attention import STRATEGIES, StarAttention
+        from .schedule import Engine
+
+        if attn == "star":
+            strategy = StarAttention(self.dist, self.comm, self.args.block_size, self.args.anchor_size,
+                                     self.args.anchor_mode)
+        else:
+            strategy = STRATEGIES[attn](self.dist, self.comm)
+        return Engine(self.model, strategy, self.comm, self.dist, self.max_tokens)
+
+
+def _run(args: argparse.Namespace) -> int:
+    session = Session(args)
+    engine = session.engine(args.attn)
+    dist = session.dist
+    session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
+    results = _Results(args.output) if dist.rank == 0 else None
+    work = _prepared_requests(args, session, engine, results) if dist.rank == 0 else None
+    answered = 0
+    while True:
+        item = next(work, None) if work is not None else None
+        dist.sync()  # the others wait here while rank 0 reads and tokenizes
+        item = dist.mpi.bcast(item, root=0)
+        if item is None:
+            break
+        number, total, rid, context_ids, query_ids, max_new = item
+        gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), max_new)
+        answered += 1
+        if results is not None:
+            record = {
+                "id": rid,
+                "output": session.tokenizer.decode(gen.tokens),
+                "output_tokens": len(gen.tokens),
+                "context_tokens": len(context_ids),
+                "query_tokens": len(query_ids),
+                "metrics": {
+                    "phase1_s": round(gen.metrics.phase1_s, 6),
+                    "ttft_s": round(gen.metrics.ttft_s, 6),
+                    "tpot_s": None if gen.metrics.tpot_s is None else round(gen.metrics.tpot_s, 6),
+                    "peak_mem_bytes": gen.metrics.peak_mem_bytes,
+                    "bytes_sent": gen.metrics.bytes_sent,
+                },
+                "error": None,
+            }
+            results.write(record)
+            m = gen.metrics
+            tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
+            session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens"
+                        f" -> {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, first token "
+                        f"{m.ttft_s:.2f} s, per token {tpot}")
+    if results is not None:
+        session.say(f"star_engine: {answered} answered, {results.errors} failed, {results.skipped} already done "
+                    f"-> {args.output}")
+    return 0
+
+
+class _Results:
+    """The output JSONL: ids already answered, and appending that survives an interruption."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: set[Any] = set()
+        self.skipped = self.errors = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            text = path.read_text()
+            for line in text.splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interruption
+                if isinstance(record, dict) and record.get("error") is None and "id" in record:
+                    self.done.add(_id_key(record["id"]))
+            if text and not text.endswith("\n"):
+                with path.open("a") as f:
+                    f.write("\n")
+        self.file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def _id_key(rid: Any) -> str:
+    return json.dumps(rid)
+
+
+def _error_record(rid: Any, line: int | None, error: str) -> dict[str, Any]:
+    record = {"id": rid, "output": None, "output_tokens": 0, "context_tokens": None,
+              "metrics": None, "error": error}
+    if line is not None:
+        record["line"] = line
+    return record
+
+
+def _prepared_requests(args: argparse.Namespace, session: Session, engine, results: _Results) -> Iterator[tuple]:
+    """Rank 0: valid, tokenized requests that fit; the others become error lines here."""
+    from .schedule import RequestTooLarge
+
+    with args.input.open(encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    seen: set[str] = set()
+    for number, (line_no, line) in enumerate(lines, start=1):
+        request, error = _parse_request(line, args.max_new_tokens)
+        rid = request.get("id") if isinstance(request, dict) else None
+        if error is None:
+            key = _id_key(rid)
+            if key in seen:
+                error = f"duplicate id {rid!r}"
+            seen.add(key)
+            if error is None and key in results.done:
+                results.skipped += 1
+                continue
+        if error is None:
+            context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
+            max_new = request["max_new_tokens"]
+            try:
+                engine.check_fits(len(context_ids), len(query_ids), max_new)
+            except RequestTooLarge as exc:
+                error = f"{exc} (--max-tokens)"
+        if error is not None:
+            results.errors += 1
+            results.write(_error_record(rid, line_no, error))
+            session.say(f"[{number}/{len(lines)}] line {line_no}: {error}")
+            continue
+        yield number, len(lines), rid, context_ids, query_ids, max_new
+
+
+def _parse_request(line: str, default_max_new: int) -> tuple[dict | None, str | None]:
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON: {exc}"
+    if not isinstance(request, dict):
+        return None, "a request must be a JSON object"
+    for name in ("id", "context", "query"):
+        if name not in request:
+            return request, f"missing field {name!r}"
+    if not isinstance(request["id"], (str, int)) or isinstance(request["id"], bool):
+        return request, "'id' must be a string or an integer"
+    for name in ("context", "query"):
+        if not isinstance(request[name], str):
+            return request, f"{name!r} must be a string"
+    if not request["query"].strip():
+        return request, "'query' is empty"
+    max_new = request.get("max_new_tokens", default_max_new)
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+        return request, "'max_new_tokens' must be an integer >= 1"
+    return {**request, "max_new_tokens": max_new}, None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .tasks import needle_task
+
+    session = Session(args)
+    dist = session.dist
+    item = None
+    if dist.rank == 0:
+        tokenizer = session.tokenizer
+        task = needle_task(lambda text: len(tokenizer.encode(text)), args.context_tokens, seed=args.seed)
+        context_ids, query_ids = tokenizer.prompt(task.context, task.query)
+        item = (task, context_ids, query_ids)
+    dist.sync()
+    task, context_ids, query_ids = dist.mpi.bcast(item, root=0)
+    session.say(f"\nDocument: {len(context_ids)} context tokens, {len(query_ids)} query tokens."
+                f"\nQuestion: {task.query}\nExpected: {task.answer}\n")
+    rows = []
+    for attn in ("star", "dense"):
+        engine = session.engine(attn)
+        session.say(f"running {engine.strategy.describe()} ...")
+        gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), args.max_new_tokens)
+        if dist.rank == 0:
+            rows.append((attn, session.tokenizer.decode(gen.tokens).strip(), gen.metrics))
+        del engine
+    if dist.rank == 0:
+        print(_demo_table(rows, task.answer, dist.world))
+    return 0
+
+
+def _demo_table(rows: list, answer: str, world: int) -> str:
+    def mib(values: list[int]) -> str:
+        return f"{max(values) / 2**20:.0f}"
+
+    header = ["", *(f"{attn} ({world} rank{'s' if world > 1 else ''})" for attn, _, _ in rows)]
+    lines = [
+        ["answer", *(repr(text) for _, text, _ in rows)],
+        ["correct", *("yes" if answer in text else "no" for _, text, _ in rows)],
+        ["phase 1 (s)", *(f"{m.phase1_s:.3f}" for _, _, m in rows)],
+        ["first token (s)", *(f"{m.ttft_s:.3f}" for _, _, m in rows)],
+        ["per token (ms)", *("-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f}" for _, _, m in rows)],
+        ["peak memory, max rank (MiB)", *(mib(m.peak_mem_bytes) for _, _, m in rows)],
+    ]
+    table = [header, *lines]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+_COMMANDS = {"run": _run, "demo": _demo}

@@ -1,0 +1,86 @@
+"""Communication between ranks: the data plane of the attention strategies.
+
+gather_merge is the one collective of phase 2: every rank contributes its partial
+attention (o, lse) over its local keys, and every rank gets the exact attention over the
+keys of all ranks. broadcast carries the anchor's K/V and the next token id; send/recv
+carry K/V around a ring.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from . import _C
+from .launch import mpi_wait
+
+
+class Communicator(ABC):
+    rank: int
+    world: int
+    bytes_sent: int  # payload this rank has put on the wire, for the metrics
+
+    @abstractmethod
+    def gather_merge(self, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        """Exchanges partial attention o [..., D], lse [...] (float32) of every rank in one
+        collective and returns the log-sum-exp merge of all of them: (o, lse), same shapes."""
+
+    @abstractmethod
+    def broadcast(self, tensor: Tensor, root: int) -> Tensor:
+        """Overwrites `tensor` (contiguous) on every rank with root's; returns it."""
+
+    @abstractmethod
+    def send(self, tensor: Tensor, dst: int) -> None: ...
+
+    @abstractmethod
+    def recv(self, tensor: Tensor, src: int) -> Tensor:
+        """Receives into `tensor` (contiguous); returns it."""
+
+
+def _buffer(tensor: Tensor):
+    """A writable buffer view of a contiguous CPU tensor of any dtype (bfloat16 too)."""
+    if not tensor.is_contiguous():
+        raise ValueError("communication buffers must be contiguous")
+    return tensor.view(-1).view(torch.uint8).numpy()
+
+
+class MpiCommunicator(Communicator):
+    """MPI over CPU tensors: how the whole distributed algorithm runs without GPUs."""
+
+    def __init__(self, mpi_comm) -> None:
+        self.comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.world = mpi_comm.Get_size()
+        self.bytes_sent = 0
+
+    def gather_merge(self, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        dim = o.shape[-1]
+        rows = lse.numel()
+        if o.numel() != rows * dim:
+            raise ValueError(f"gather_merge: o {tuple(o.shape)} does not match lse {tuple(lse.shape)}")
+        # One packed float32 message per rank: o's rows, then their lse.
+        packed = torch.empty(rows * (dim + 1), dtype=torch.float32)
+        packed[: rows * dim] = o.reshape(-1)
+        packed[rows * dim:] = lse.reshape(-1)
+        gathered = torch.empty(self.world, packed.numel(), dtype=torch.float32)
+        mpi_wait(self.comm.Iallgather(_buffer(packed), _buffer(gathered)))
+        self.bytes_sent += packed.nbytes
+        merged_o, merged_lse = _C.lse_merge(gathered[:, : rows * dim].view(self.world, rows, dim),
+                                            gathered[:, rows * dim:])
+        return merged_o.view(o.shape).to(o.dtype), merged_lse.view(lse.shape)
+
+    def broadcast(self, tensor: Tensor, root: int) -> Tensor:
+        mpi_wait(self.comm.Ibcast(_buffer(tensor), root=root))
+        if self.rank == root:
+            self.bytes_sent += tensor.nbytes
+        return tensor
+
+    def send(self, tensor: Tensor, dst: int) -> None:
+        mpi_wait(self.comm.Isend(_buffer(tensor), dest=dst))
+        self.bytes_sent += tensor.nbytes
+
+    def recv(self, tensor: Tensor, src: int) -> Tensor:
+        mpi_wait(self.comm.Irecv(_buffer(tensor), source=src))
+        return tensor

@@ -1,0 +1,84 @@
+"""Text to tokens: the model's tokenizer, and its chat template cut into context and query.
+
+A request is a long context and a short query. The prompt is the chat template applied
+to one user turn `context + "\\n\\n" + query`; the engine cuts it right after the context,
+so that phase 1 encodes template prefix + context and phase 2 starts with the query and
+the template's tail (end of turn, assistant header).
+"""
+
+from __future__ import annotations
+
+from .checkpoint import ModelSource, cache_dir, resolve
+
+
+class Tokenizer:
+    """A transformers tokenizer with the context/query cut of its chat template."""
+
+    def __init__(self, hf_tokenizer, eos_token_ids: tuple[int, ...]) -> None:
+        self.hf = hf_tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def prompt(self, context: str, query: str) -> tuple[list[int], list[int]]:
+        """Token ids of (context part, query part) of the prompt."""
+        if self.hf.chat_template:
+            messages = [{"role": "user", "content": f"{context}\n\n{query}"}]
+            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            cut = text.index(context) + len(context) if context else text.index(query)
+            return self.encode(text[:cut]), self.encode(text[cut:])
+        bos = [self.hf.bos_token_id] if self.hf.bos_token_id is not None else []
+        return bos + self.encode(context), self.encode(f"\n\n{query}")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, for shape presets, which have random weights and no vocabulary."""
+
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size < 256:
+            raise ValueError("a byte tokenizer needs a vocabulary of at least 256")
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def prompt(self, context: str, query: str) -> tuple[list[int], list[int]]:
+        return self.encode(context), self.encode(f"\n\n{query}")
+
+
+def load_tokenizer(spec: str, eos_token_ids: tuple[int, ...]) -> Tokenizer | ByteTokenizer:
+    """The tokenizer of the model `spec` names (see checkpoint.resolve)."""
+    source = resolve(spec)
+    if source.kind == "preset":
+        from .model import PRESETS
+
+        return ByteTokenizer(PRESETS[spec].vocab_size)
+    from transformers import AutoTokenizer
+
+    if source.kind == "hf":
+        return Tokenizer(AutoTokenizer.from_pretrained(str(source.path)), eos_token_ids)
+    return Tokenizer(_gguf_tokenizer(source), eos_token_ids)
+
+
+def _gguf_tokenizer(source: ModelSource):
+    """Building a tokenizer from GGUF metadata takes seconds; it is cached after the first time."""
+    from transformers import AutoTokenizer
+
+    cache = cache_dir(source.path, "tokenizers")
+    if (cache / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cache))
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    try:
+        tokenizer.save_pretrained(str(cache))
+    except OSError:
+        pass  # a read-only home only costs the seconds again next time
+    return tokenizer
