@@ -207,16 +207,17 @@ class _Results:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             text = path.read_text()
+            if not text.endswith("\n"):  # a line cut short by an interruption: drop it
+                text = text[: text.rfind("\n") + 1]
+                with path.open("r+") as f:
+                    f.truncate(len(text.encode()))
             for line in text.splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut short by an interruption
+                    continue
                 if isinstance(record, dict) and record.get("error") is None and "id" in record:
                     self.done.add(_id_key(record["id"]))
-            if text and not text.endswith("\n"):
-                with path.open("a") as f:
-                    f.write("\n")
         self.file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -2,8 +2,8 @@
 
 gather_merge is the one collective of phase 2: every rank contributes its partial
 attention (o, lse) over its local keys, and every rank gets the exact attention over the
-keys of all ranks. broadcast carries the anchor's K/V and the next token id; send/recv
-carry K/V around a ring.
+keys of all ranks. broadcast carries the anchor's K/V and the next token id; send_recv
+passes K/V one step around a ring.
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ class Communicator(ABC):
         """Overwrites `tensor` (contiguous) on every rank with root's; returns it."""
 
     @abstractmethod
-    def send(self, tensor: Tensor, dst: int) -> None: ...
-
-    @abstractmethod
-    def recv(self, tensor: Tensor, src: int) -> Tensor:
-        """Receives into `tensor` (contiguous); returns it."""
+    def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
+        """Sends `send` to rank dst while receiving into `recv` (contiguous) from rank src;
+        both at once, so that a ring of ranks cannot deadlock. Returns recv."""
 
 
 def _buffer(tensor: Tensor):
@@ -77,10 +75,9 @@ class MpiCommunicator(Communicator):
             self.bytes_sent += tensor.nbytes
         return tensor
 
-    def send(self, tensor: Tensor, dst: int) -> None:
-        mpi_wait(self.comm.Isend(_buffer(tensor), dest=dst))
-        self.bytes_sent += tensor.nbytes
-
-    def recv(self, tensor: Tensor, src: int) -> Tensor:
-        mpi_wait(self.comm.Irecv(_buffer(tensor), source=src))
-        return tensor
+    def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
+        receiving = self.comm.Irecv(_buffer(recv), source=src)
+        mpi_wait(self.comm.Isend(_buffer(send), dest=dst))
+        mpi_wait(receiving)
+        self.bytes_sent += send.nbytes
+        return recv

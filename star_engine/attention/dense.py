@@ -30,6 +30,6 @@ class DenseAttention(Strategy):
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             arena.append(layer, k, v)
-            return local_attention(q, k, v, causal=True)[0]
+            return local_attention(q, k, v, causal=True)
 
         model(context_ids, torch.arange(len(context_ids), device=context_ids.device), attend)

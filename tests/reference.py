@@ -1,0 +1,88 @@
+"""Independent references the engine is checked against: naive float64 attention, and
+Star Attention emulated with Hugging Face transformers' own Llama code."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """float64 softmax attention, q [H, Tq, D] over k, v [KV, Tk, D]; visible [Tq, Tk] masks keys.
+    Returns o [H, Tq, D] and lse [H, Tq] (float64)."""
+    group = q.shape[0] // k.shape[0]
+    k = k.double().repeat_interleave(group, 0)
+    v = v.double().repeat_interleave(group, 0)
+    scores = q.double() @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]))
+    return probs @ v, lse
+
+
+def causal_visible(tq: int, tk: int) -> Tensor:
+    """Bottom-right aligned causal visibility: query i sees keys 0 .. tk - tq + i."""
+    return torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+
+
+def make_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random tiny Llama/Qwen2/Mistral saved in Hugging Face layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    fields.update(overrides)
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms of ones hide mistakes in their handling
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return path
+
+
+def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, generated: list[int],
+                          block_size: int, anchor_size: int) -> list[Tensor]:
+    """Star Attention through transformers, in one process: each block's K/V computed from
+    [anchor ; block] (anchor at positions 0.., block at its own), block 0 alone; then the query
+    and the generated tokens (teacher-forced) attend to all of it. Returns the logits of each
+    forward pass: [query tokens, vocab], then [1, vocab] per generated token but the last."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    n_layers = model.config.num_hidden_layers
+    keys: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    values: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    anchor = context[:anchor_size]
+    with torch.no_grad():
+        for start in range(0, len(context), block_size):
+            block = context[start:start + block_size]
+            cache = DynamicCache()
+            skip = 0
+            if start > 0:  # the anchor first, through the cache: transformers then masks causally
+                model(anchor[None], position_ids=torch.arange(len(anchor))[None], past_key_values=cache)
+                skip = len(anchor)
+            model(block[None], position_ids=torch.arange(start, start + len(block))[None], past_key_values=cache)
+            for layer in range(n_layers):
+                keys[layer].append(cache.layers[layer].keys[:, :, skip:])
+                values[layer].append(cache.layers[layer].values[:, :, skip:])
+        cache = DynamicCache()
+        for layer in range(n_layers):
+            cache.update(torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2), layer)
+        logits = []
+        ids, position = query, len(context)
+        for token in [None, *generated[:-1]]:
+            if token is not None:
+                ids = torch.tensor([token])
+            out = model(ids[None], position_ids=torch.arange(position, position + len(ids))[None],
+                        past_key_values=cache)
+            logits.append(out.logits[0].float())
+            position += len(ids)
+    return logits

@@ -1,0 +1,39 @@
+"""The multi-rank suite (tests/mpi) under mpirun with 1, 2, 3 and 4 ranks, and how a job
+ends when one of its ranks fails."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from tests.launcher import mpirun, run
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_multi_rank_suite(ranks):
+    result = run([*mpirun(ranks), sys.executable, "-m", "pytest", "tests/mpi", "-q", "-p", "no:cacheprovider"],
+                 timeout=900, env={"STAR_ENGINE_MPI_TESTS": "1"})
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    assert " passed" in result.stdout
+
+
+FAILING_RANK = """
+from star_engine.launch import init_distributed, run_guarded
+def main():
+    dist = init_distributed()
+    if dist.rank == 1:
+        raise RuntimeError("disk on fire")
+    dist.sync()  # the others wait for rank 1, which never comes
+    return 0
+raise SystemExit(run_guarded(main))
+"""
+
+
+def test_an_error_on_one_rank_ends_the_whole_job_with_its_message():
+    start = time.monotonic()
+    result = run([*mpirun(3), sys.executable, "-c", FAILING_RANK], timeout=120)
+    assert result.returncode != 0
+    assert "rank 1: RuntimeError: disk on fire" in result.stderr
+    assert time.monotonic() - start < 60
