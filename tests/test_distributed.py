@@ -13,7 +13,7 @@ from tests.launcher import mpirun, run
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_multi_rank_suite(ranks):
-    result = run([*mpirun(ranks), sys.executable, "-m", "pytest", "tests/mpi", "-q", "-p", "no:cacheprovider"],
+    result = run([*mpirun(ranks), sys.executable, "-m", "pytest", "tests/mpi", "-q", "--color=no", "-p", "no:cacheprovider"],
                  timeout=900, env={"STAR_ENGINE_MPI_TESTS": "1"})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     assert " passed" in result.stdout

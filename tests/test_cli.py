@@ -1,0 +1,129 @@
+"""The command line: JSONL in, JSONL out, bad lines reported, interrupted runs resumed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from star_engine.cli import build_parser
+from tests.launcher import mpirun, run
+
+TINY = ["--model", "tiny", "--max-new-tokens", "3"]
+
+
+def star_engine(args: list[str], ranks: int | None = None, timeout: float = 300):
+    launcher = mpirun(ranks) if ranks else []
+    return run([*launcher, sys.executable, "-m", "star_engine", *args], timeout=timeout)
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def good(rid, context_len: int = 120, **extra) -> dict:
+    return {"id": rid, "context": "The quick brown fox jumps over the lazy dog. " * (context_len // 45 + 1),
+            "query": "What did the fox do?", **extra}
+
+
+def test_every_line_gets_a_result_and_bad_lines_get_their_error(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [
+        good("a"),
+        "this is not json",
+        {"id": "b", "context": "no query here"},
+        {"id": ["x"], "context": "c", "query": "q"},
+        {"id": "c", "context": 42, "query": "q"},
+        good("d", max_new_tokens=0),
+        good("a"),
+        good("long", context_len=2000),
+        good(7, max_new_tokens=2),
+    ])
+    out = tmp_path / "out.jsonl"
+    result = star_engine(["run", "--input", str(requests), "--output", str(out), "--max-tokens", "1000", *TINY])
+    assert result.returncode == 0, result.stderr
+
+    records = read_jsonl(out)
+    assert len(records) == 9
+    errors = {r["line"]: r["error"] for r in records if r["error"]}
+    assert errors[2].startswith("not JSON")
+    assert errors[3] == "missing field 'query'"
+    assert errors[4] == "'id' must be a string or an integer"
+    assert errors[5] == "'context' must be a string"
+    assert errors[6] == "'max_new_tokens' must be an integer >= 1"
+    assert errors[7] == "duplicate id 'a'"
+    assert "the limit is 1000" in errors[8]
+    answered = {r["id"]: r for r in records if r["error"] is None}
+    assert set(answered) == {"a", 7}
+    assert answered["a"]["output_tokens"] == 3 and answered[7]["output_tokens"] == 2
+    a = answered["a"]
+    assert isinstance(a["output"], str) and a["context_tokens"] > 100
+    assert set(a["metrics"]) >= {"phase1_s", "ttft_s", "tpot_s", "peak_mem_bytes"}
+    assert len(a["metrics"]["peak_mem_bytes"]) == 1 and a["metrics"]["peak_mem_bytes"][0] > 0
+    assert "Traceback" not in result.stderr
+
+
+def test_a_rerun_skips_the_ids_already_answered(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a"), good("b"), good("c")])
+    out = tmp_path / "out.jsonl"
+    # An earlier run answered "a", then died while writing "b".
+    first = star_engine(["run", "--input", str(write_jsonl(tmp_path / "a.jsonl", [good("a")])),
+                         "--output", str(out), *TINY])
+    assert first.returncode == 0, first.stderr
+    with out.open("a") as f:
+        f.write('{"id": "b", "output": "cut sh')
+
+    result = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY])
+    assert result.returncode == 0, result.stderr
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b", "c"]
+    assert "2 answered, 0 failed, 1 already done" in result.stderr
+
+
+def test_star_and_dense_under_mpirun(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a", 300), good("b", 200)])
+    outputs = {}
+    for ranks, attn in [(1, "dense"), (3, "dense"), (3, "star")]:
+        out = tmp_path / f"{attn}{ranks}.jsonl"
+        result = star_engine(["run", "--input", str(requests), "--output", str(out), "--attn", attn,
+                              "--block-size", "64", *TINY], ranks=ranks)
+        assert result.returncode == 0, result.stderr
+        outputs[ranks, attn] = read_jsonl(out)
+    # Dense is exact whatever the number of ranks.
+    assert [r["output"] for r in outputs[3, "dense"]] == [r["output"] for r in outputs[1, "dense"]]
+    for record in outputs[3, "star"]:
+        assert record["error"] is None and len(record["metrics"]["peak_mem_bytes"]) == 3
+
+
+def test_demo_prints_both_answers_side_by_side():
+    result = star_engine(["demo", "--model", "tiny", "--context-tokens", "400", "--max-new-tokens", "2"], ranks=2)
+    assert result.returncode == 0, result.stderr
+    assert "star (2 ranks)" in result.stdout and "dense (2 ranks)" in result.stdout
+    assert "first token (s)" in result.stdout
+
+
+def test_help_documents_every_flag():
+    parser = build_parser()
+    for command in ("run", "demo"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        help_text = sub.format_help()
+        for action in sub._actions:
+            assert action.help, f"{command} {action.option_strings} has no help"
+            for flag in action.option_strings:
+                assert flag in help_text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--input", "missing.jsonl", "--output", "o.jsonl"], "--input missing.jsonl: no such file"),
+    (["run", "--input", "x", "--output", "o", "--model", "nope"], "--model 'nope' is neither"),
+    (["demo", "--block-size", "8", "--anchor-size", "9"], "--anchor-size 9 exceeds --block-size 8"),
+])
+def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
+    result = star_engine(args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
