@@ -44,8 +44,13 @@ def _buffer(tensor: Tensor):
     return tensor.view(-1).view(torch.uint8).numpy()
 
 
+def _host(tensor: Tensor) -> Tensor:
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+
 class MpiCommunicator(Communicator):
-    """MPI over CPU tensors: how the whole distributed algorithm runs without GPUs."""
+    """MPI over host memory: how the whole distributed algorithm runs without GPUs.
+    Tensors on a GPU are staged through host memory (correct, not fast)."""
 
     def __init__(self, mpi_comm) -> None:
         self.comm = mpi_comm
@@ -59,25 +64,29 @@ class MpiCommunicator(Communicator):
         if o.numel() != rows * dim:
             raise ValueError(f"gather_merge: o {tuple(o.shape)} does not match lse {tuple(lse.shape)}")
         # One packed float32 message per rank: o's rows, then their lse.
-        packed = torch.empty(rows * (dim + 1), dtype=torch.float32)
-        packed[: rows * dim] = o.reshape(-1)
-        packed[rows * dim:] = lse.reshape(-1)
+        packed = _host(torch.cat((o.reshape(-1).float(), lse.reshape(-1).float())))
         gathered = torch.empty(self.world, packed.numel(), dtype=torch.float32)
         mpi_wait(self.comm.Iallgather(_buffer(packed), _buffer(gathered)))
         self.bytes_sent += packed.nbytes
         merged_o, merged_lse = _C.lse_merge(gathered[:, : rows * dim].view(self.world, rows, dim),
                                             gathered[:, rows * dim:])
-        return merged_o.view(o.shape).to(o.dtype), merged_lse.view(lse.shape)
+        return merged_o.view(o.shape).to(o.device, o.dtype), merged_lse.view(lse.shape).to(lse.device)
 
     def broadcast(self, tensor: Tensor, root: int) -> Tensor:
-        mpi_wait(self.comm.Ibcast(_buffer(tensor), root=root))
+        host = _host(tensor)
+        mpi_wait(self.comm.Ibcast(_buffer(host), root=root))
         if self.rank == root:
             self.bytes_sent += tensor.nbytes
+        elif host is not tensor:
+            tensor.copy_(host)
         return tensor
 
     def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
-        receiving = self.comm.Irecv(_buffer(recv), source=src)
-        mpi_wait(self.comm.Isend(_buffer(send), dest=dst))
+        host_recv = _host(recv)
+        receiving = self.comm.Irecv(_buffer(host_recv), source=src)
+        mpi_wait(self.comm.Isend(_buffer(_host(send)), dest=dst))
         mpi_wait(receiving)
+        if host_recv is not recv:
+            recv.copy_(host_recv)
         self.bytes_sent += send.nbytes
         return recv
