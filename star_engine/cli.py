@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -167,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         if item is None:
             break
         number, total, rid, context_ids, query_ids, max_new = item
+        session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens ...")
         gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), max_new)
         answered += 1
         if results is not None:
@@ -176,21 +178,14 @@ def _run(args: argparse.Namespace) -> int:
                 "output_tokens": len(gen.tokens),
                 "context_tokens": len(context_ids),
                 "query_tokens": len(query_ids),
-                "metrics": {
-                    "phase1_s": round(gen.metrics.phase1_s, 6),
-                    "ttft_s": round(gen.metrics.ttft_s, 6),
-                    "tpot_s": None if gen.metrics.tpot_s is None else round(gen.metrics.tpot_s, 6),
-                    "peak_mem_bytes": gen.metrics.peak_mem_bytes,
-                    "bytes_sent": gen.metrics.bytes_sent,
-                },
+                "metrics": asdict(gen.metrics),
                 "error": None,
             }
             results.write(record)
             m = gen.metrics
             tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
-            session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens"
-                        f" -> {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, first token "
-                        f"{m.ttft_s:.2f} s, per token {tpot}")
+            session.say(f"[{number}/{total}] {rid}: {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, "
+                        f"first token {m.ttft_s:.2f} s, per token {tpot}")
     if results is not None:
         session.say(f"star_engine: {answered} answered, {results.errors} failed, {results.skipped} already done "
                     f"-> {args.output}")
