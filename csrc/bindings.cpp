@@ -3,6 +3,9 @@
 
 #include "kv_arena.h"
 #include "lse_merge.h"
+#ifdef STAR_ENGINE_WITH_CUDA
+#include "cuda_glue.h"
+#endif
 
 namespace {
 
@@ -24,6 +27,12 @@ std::tuple<at::Tensor, at::Tensor> lse_merge(const at::Tensor& o_parts,
   const int64_t parts = o_parts.size(0), rows = o_parts.size(1), dim = o_parts.size(2);
   at::Tensor o = at::empty({rows, dim}, o_parts.options());
   at::Tensor lse = at::empty({rows}, lse_parts.options());
+#ifdef STAR_ENGINE_WITH_CUDA
+  if (o_parts.is_cuda()) {
+    star::lse_merge_gpu(o_parts, lse_parts, o, lse);
+    return {o, lse};
+  }
+#endif
   TORCH_CHECK(o_parts.device().is_cpu(), "lse_merge: this build has no kernel for ",
               o_parts.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, o_parts.scalar_type(), "lse_merge",
@@ -50,6 +59,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("lse_merge", &lse_merge, pybind11::arg("o_parts"), pybind11::arg("lse_parts"),
         "Merge W partial (o [W, rows, dim], lse [W, rows]) into (o [rows, dim], lse [rows]).");
+
+#ifdef STAR_ENGINE_WITH_CUDA
+  star::register_cuda_bindings(m);
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
 
   pybind11::class_<star::KVArena>(m, "KVArena")
       .def(pybind11::init([](int64_t layers, int64_t kv_heads, int64_t head_dim,

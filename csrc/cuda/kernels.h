@@ -1,0 +1,42 @@
+// CUDA kernels of star_engine, on raw device pointers and a stream (no PyTorch), so that
+// they compile wherever nvcc is, and every launch can be captured in a CUDA graph.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace star {
+
+// Element types the kernels take: float, __half or __nv_bfloat16 (cuda_fp16.h / cuda_bf16.h).
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+// Log-sum-exp merge of W partial attention results (see ../lse_merge.h), on `stream`.
+// o_parts of type in_dtype, o_out of type out_dtype; lse in float32.
+void lse_merge_cuda(const void* o_parts, int64_t o_part_stride, DType in_dtype,
+                    const float* lse_parts, int64_t lse_part_stride, int parts, int64_t rows,
+                    int dim, void* o_out, DType out_dtype, float* lse_out, cudaStream_t stream);
+
+// Attention of one query token (all heads) over a KV cache laid out [kv_heads, capacity,
+// head_dim] per layer, of which the first *length tokens are used. `length` lives in device
+// memory, so that a captured graph replays correctly as the cache grows. Grouped-query
+// heads: query head h reads kv head h / (heads / kv_heads). The keys are split over
+// `splits` blocks per kv head whose partial results, in `workspace` (see
+// decode_workspace_floats), are merged in a second launch. Writes o [heads, head_dim]
+// (dtype) and lse [heads] (float32, natural log); no keys give o = 0, lse = -inf.
+// head_dim 64 or 128; dtype float16 or bfloat16.
+void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
+                           int64_t capacity, const int32_t* length, int heads, int kv_heads,
+                           int head_dim, float scale, DType dtype, int splits, float* workspace,
+                           void* o, float* lse, cudaStream_t stream);
+
+int64_t decode_workspace_floats(int heads, int head_dim, int splits);
+
+// A split count for keys of up to `capacity` tokens that fills `multiprocessors` with
+// kv_heads * splits blocks.
+int decode_splits(int64_t capacity, int kv_heads, int multiprocessors);
+
+// Throws std::runtime_error with the CUDA error's text if the last launch failed.
+void check_cuda(cudaError_t status, const char* what);
+
+}  // namespace star

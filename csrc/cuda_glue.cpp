@@ -1,0 +1,120 @@
+// PyTorch glue of the CUDA kernels and the NCCL communicator: shape checks, the current
+// stream, and the tensor <-> pointer step. Built only when PyTorch has CUDA.
+#include "cuda_glue.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+
+#include "cuda/kernels.h"
+#include "nccl_comm.h"
+
+namespace star {
+
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+cudaStream_t current_stream(const at::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be on a GPU");
+}
+
+}  // namespace
+
+void lse_merge_gpu(const at::Tensor& o_parts, const at::Tensor& lse_parts, at::Tensor& o,
+                   at::Tensor& lse) {
+  check_cuda_tensor(o_parts, "o_parts");
+  const c10::cuda::CUDAGuard guard(o_parts.device());
+  lse_merge_cuda(o_parts.data_ptr(), o_parts.stride(0), dtype_of(o_parts),
+                 lse_parts.data_ptr<float>(), lse_parts.stride(0),
+                 static_cast<int>(o_parts.size(0)), o_parts.size(1),
+                 static_cast<int>(o_parts.size(2)), o.data_ptr(), dtype_of(o),
+                 lse.data_ptr<float>(), current_stream(o_parts));
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const at::Tensor& length, int64_t splits) {
+  // q [H, D]; k, v [KV, >= length, D] with rows contiguous (views into the KV arena: the
+  // stride between heads is the arena's capacity); length: int32 [1] on the GPU.
+  for (const at::Tensor* t : {&q, &k, &v, &length}) check_cuda_tensor(*t, "decode_attention input");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && v.sizes() == k.sizes() && v.strides() == k.strides(),
+              "decode_attention: q [H, D], k and v [KV, T, D] of one layout");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "decode_attention: q, k, v of one dtype");
+  const int64_t heads = q.size(0), dim = q.size(1), kv_heads = k.size(0);
+  TORCH_CHECK(k.size(2) == dim && q.stride(1) == 1 && q.stride(0) == dim && k.stride(2) == 1 &&
+                  k.stride(1) == dim && k.stride(0) % dim == 0,
+              "decode_attention: rows of q, k, v must be contiguous");
+  TORCH_CHECK(length.scalar_type() == at::kInt && length.numel() == 1,
+              "decode_attention: length must be one int32");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor workspace = at::empty({decode_workspace_floats(heads, dim, splits)},
+                                   q.options().dtype(at::kFloat));
+  at::Tensor o = at::empty({heads, dim}, q.options());
+  at::Tensor lse = at::empty({heads}, q.options().dtype(at::kFloat));
+  decode_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0) / dim,
+                        length.data_ptr<int32_t>(), static_cast<int>(heads),
+                        static_cast<int>(kv_heads), static_cast<int>(dim),
+                        1.0f / std::sqrt(static_cast<float>(dim)), dtype_of(q),
+                        static_cast<int>(splits), workspace.data_ptr<float>(), o.data_ptr(),
+                        lse.data_ptr<float>(), current_stream(q));
+  return {o, lse};
+}
+
+void register_cuda_bindings(pybind11::module& m) {
+  m.def("decode_attention", &decode_attention, pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"),
+        "One-token attention over a KV cache: (o [H, D], lse [H]).");
+  m.def("decode_splits", &decode_splits, pybind11::arg("capacity"), pybind11::arg("kv_heads"),
+        pybind11::arg("multiprocessors"));
+
+  pybind11::class_<NcclComm>(m, "NcclComm")
+      .def(pybind11::init<const std::string&, int, int, int>(), pybind11::arg("unique_id"),
+           pybind11::arg("rank"), pybind11::arg("world"), pybind11::arg("device"))
+      .def_static("make_unique_id",
+                  [] { return pybind11::bytes(NcclComm::make_unique_id()); })
+      .def("all_gather",
+           [](NcclComm& self, const at::Tensor& send, at::Tensor& recv) {
+             TORCH_CHECK(send.is_contiguous() && recv.is_contiguous() &&
+                             recv.nbytes() == send.nbytes() * self.world(),
+                         "all_gather: contiguous buffers, recv of world x send bytes");
+             self.all_gather(send.data_ptr(), recv.data_ptr(), send.nbytes(), current_stream(send));
+           })
+      .def("broadcast",
+           [](NcclComm& self, at::Tensor& buffer, int root) {
+             TORCH_CHECK(buffer.is_contiguous(), "broadcast: contiguous buffer");
+             self.broadcast(buffer.data_ptr(), buffer.nbytes(), root, current_stream(buffer));
+           })
+      .def("send_recv",
+           [](NcclComm& self, const at::Tensor& send, int dst, at::Tensor& recv, int src) {
+             TORCH_CHECK(send.is_contiguous() && recv.is_contiguous() &&
+                             send.nbytes() == recv.nbytes(),
+                         "send_recv: contiguous buffers of one size");
+             self.send_recv(send.data_ptr(), dst, recv.data_ptr(), src, send.nbytes(),
+                            current_stream(send));
+           })
+      .def("wait",
+           [](NcclComm& self, int device, double timeout_s) {
+             pybind11::gil_scoped_release release;
+             self.wait(at::cuda::getCurrentCUDAStream(device).stream(), timeout_s);
+           },
+           pybind11::arg("device"), pybind11::arg("timeout_s"))
+      .def("abort", &NcclComm::abort)
+      .def_property_readonly("rank", &NcclComm::rank)
+      .def_property_readonly("world", &NcclComm::world);
+}
+
+}  // namespace star

@@ -1,0 +1,131 @@
+#include "nccl_comm.h"
+
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+
+namespace star {
+
+namespace {
+
+void check_cuda_call(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+  }
+}
+
+}  // namespace
+
+std::string NcclComm::make_unique_id() {
+  ncclUniqueId id;
+  const ncclResult_t result = ncclGetUniqueId(&id);
+  if (result != ncclSuccess) {
+    throw std::runtime_error(std::string("ncclGetUniqueId: ") + ncclGetErrorString(result));
+  }
+  return std::string(id.internal, sizeof(id.internal));
+}
+
+NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device)
+    : rank_(rank), world_(world) {
+  ncclUniqueId id;
+  if (unique_id.size() != sizeof(id.internal)) {
+    throw std::invalid_argument("NCCL unique id must be " + std::to_string(sizeof(id.internal)) +
+                                " bytes");
+  }
+  std::copy(unique_id.begin(), unique_id.end(), id.internal);
+  check_cuda_call(cudaSetDevice(device), "cudaSetDevice");
+  // Non-blocking: NCCL calls return at once, and errors surface through
+  // ncclCommGetAsyncError, which check() and wait() poll; a dead peer can then be aborted
+  // instead of blocking this rank forever, even while the communicator is being set up.
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  check(ncclCommInitRankConfig(&comm_, world, id, rank, &config), "ncclCommInitRankConfig");
+}
+
+NcclComm::~NcclComm() {
+  if (comm_ == nullptr) return;
+  if (aborted_) return;
+  ncclCommFinalize(comm_);
+  ncclResult_t state = ncclInProgress;
+  while (ncclCommGetAsyncError(comm_, &state) == ncclSuccess && state == ncclInProgress) {
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  ncclCommDestroy(comm_);
+}
+
+void NcclComm::check(ncclResult_t result, const char* what) {
+  // ncclInProgress: the call goes on in the background (non-blocking communicator); wait
+  // for it to settle, within the time a healthy peer needs to answer.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(kSetupTimeoutS);
+  while (result == ncclInProgress && comm_ != nullptr) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      abort();
+      throw std::runtime_error(std::string(what) + ": no answer from the other ranks for " +
+                               std::to_string(kSetupTimeoutS) + " s; communicator aborted");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    if (ncclCommGetAsyncError(comm_, &result) != ncclSuccess) break;
+  }
+  if (result == ncclSuccess) return;
+  std::string message = std::string(what) + ": " + ncclGetErrorString(result);
+  if (comm_ != nullptr) {
+    const char* last = ncclGetLastError(comm_);
+    if (last != nullptr && *last) message += std::string(" (") + last + ")";
+  }
+  throw std::runtime_error(message);
+}
+
+void NcclComm::all_gather(const void* send, void* recv, size_t bytes, cudaStream_t stream) {
+  check(ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream), "ncclAllGather");
+}
+
+void NcclComm::broadcast(void* buffer, size_t bytes, int root, cudaStream_t stream) {
+  check(ncclBroadcast(buffer, buffer, bytes, ncclUint8, root, comm_, stream), "ncclBroadcast");
+}
+
+void NcclComm::send_recv(const void* send, int dst, void* recv, int src, size_t bytes,
+                         cudaStream_t stream) {
+  check(ncclGroupStart(), "ncclGroupStart");
+  check(ncclSend(send, bytes, ncclUint8, dst, comm_, stream), "ncclSend");
+  check(ncclRecv(recv, bytes, ncclUint8, src, comm_, stream), "ncclRecv");
+  check(ncclGroupEnd(), "ncclGroupEnd");
+}
+
+void NcclComm::wait(cudaStream_t stream, double timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  cudaEvent_t done;
+  check_cuda_call(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+  check_cuda_call(cudaEventRecord(done, stream), "cudaEventRecord");
+  while (true) {
+    const cudaError_t status = cudaEventQuery(done);
+    if (status == cudaSuccess) break;
+    if (status != cudaErrorNotReady) {
+      cudaEventDestroy(done);
+      check_cuda_call(status, "waiting for the stream");
+    }
+    ncclResult_t async_error = ncclSuccess;
+    check(ncclCommGetAsyncError(comm_, &async_error), "ncclCommGetAsyncError");
+    if (async_error != ncclSuccess && async_error != ncclInProgress) {
+      abort();
+      cudaEventDestroy(done);
+      check(async_error, "NCCL operation failed");
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      abort();
+      cudaEventDestroy(done);
+      throw std::runtime_error("NCCL: no progress for " + std::to_string(timeout_s) +
+                               " s: a peer rank is dead or stuck; communicator aborted");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  cudaEventDestroy(done);
+}
+
+void NcclComm::abort() {
+  if (comm_ != nullptr && !aborted_) {
+    aborted_ = true;
+    ncclCommAbort(comm_);
+  }
+}
+
+}  // namespace star
