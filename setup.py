@@ -1,6 +1,7 @@
 """Builds star_engine and its extension star_engine._C (csrc/, through CMakeLists.txt)."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ class CMakeBuild(build_ext):
             ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
              f"-DPython_EXECUTABLE={sys.executable}",
              f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
-             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}"],
+             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+             *shlex.split(os.environ.get("CMAKE_ARGS", ""))],  # e.g. -DCMAKE_CUDA_ARCHITECTURES=90
             check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 

@@ -119,7 +119,7 @@ class Session:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from .checkpoint import load_model
-        from .comm import MpiCommunicator
+        from .comm import make_communicator
         from .launch import init_distributed, select_device
         from .tokenizer import load_tokenizer
 
@@ -130,7 +130,7 @@ class Session:
         self.say(f"star_engine: loading {args.model} on {self.dist.world} rank(s), {self.device.type}, {dtype}")
         start = time.perf_counter()
         self.model = load_model(args.model, dtype, self.device)
-        self.comm = MpiCommunicator(self.dist.mpi)
+        self.comm = make_communicator(self.dist, self.device)
         eos = self.model.config.eos_token_ids
         self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
         self.max_tokens = args.max_tokens or self.model.config.max_position_embeddings

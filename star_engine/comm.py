@@ -8,13 +8,14 @@ passes K/V one step around a ring.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
 
 from . import _C
-from .launch import mpi_wait
+from .launch import Dist, mpi_wait
 
 
 class Communicator(ABC):
@@ -35,6 +36,17 @@ class Communicator(ABC):
     def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
         """Sends `send` to rank dst while receiving into `recv` (contiguous) from rank src;
         both at once, so that a ring of ranks cannot deadlock. Returns recv."""
+
+    def synchronize(self) -> None:
+        """Waits until this rank's communication so far is done; raises, rather than hangs,
+        when a peer is dead or stuck. (Calls that complete before returning need nothing.)"""
+
+
+def make_communicator(dist: Dist, device: torch.device) -> Communicator:
+    """NCCL between GPUs when the extension has it, else MPI."""
+    if device.type == "cuda" and _C.WITH_CUDA:
+        return NcclCommunicator(dist, device)
+    return MpiCommunicator(dist.mpi)
 
 
 def _buffer(tensor: Tensor):
@@ -90,3 +102,45 @@ class MpiCommunicator(Communicator):
             recv.copy_(host_recv)
         self.bytes_sent += send.nbytes
         return recv
+
+
+class NcclCommunicator(Communicator):
+    """NCCL between GPUs. Every call is enqueued on the current stream and returns at once,
+    so that a whole decode step can be captured in one CUDA graph."""
+
+    def __init__(self, dist: Dist, device: torch.device, timeout_s: float | None = None) -> None:
+        unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
+        unique_id = dist.mpi.bcast(unique_id, root=0)
+        self.nccl = _C.NcclComm(unique_id, dist.rank, dist.world, device.index)
+        self.rank, self.world, self.device = dist.rank, dist.world, device
+        self.timeout_s = timeout_s if timeout_s is not None else float(
+            os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
+        self.bytes_sent = 0
+
+    def gather_merge(self, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+        dim, rows = o.shape[-1], lse.numel()
+        o_bytes = o.numel() * o.element_size()
+        # One packed message per rank: o's rows in their own dtype, then their float32 lse.
+        packed = torch.empty(o_bytes + 4 * rows, dtype=torch.uint8, device=o.device)
+        packed[:o_bytes] = o.contiguous().view(-1).view(torch.uint8)
+        packed[o_bytes:] = lse.float().contiguous().view(-1).view(torch.uint8)
+        gathered = torch.empty(self.world, packed.numel(), dtype=torch.uint8, device=o.device)
+        self.nccl.all_gather(packed, gathered)
+        self.bytes_sent += packed.numel()
+        o_parts = gathered[:, :o_bytes].view(o.dtype).view(self.world, rows, dim)
+        merged_o, merged_lse = _C.lse_merge(o_parts, gathered[:, o_bytes:].view(torch.float32))
+        return merged_o.view(o.shape), merged_lse.view(lse.shape)
+
+    def broadcast(self, tensor: Tensor, root: int) -> Tensor:
+        self.nccl.broadcast(tensor, root)
+        if self.rank == root:
+            self.bytes_sent += tensor.nbytes
+        return tensor
+
+    def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
+        self.nccl.send_recv(send, dst, recv, src)
+        self.bytes_sent += send.nbytes
+        return recv
+
+    def synchronize(self) -> None:
+        self.nccl.wait(self.device.index, self.timeout_s)

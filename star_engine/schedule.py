@@ -83,7 +83,7 @@ class Engine:
         self.dist.sync()
         start = time.perf_counter()
         self.strategy.encode_context(self.model, context_ids, self.arena)
-        phase1 = _elapsed(start, device)
+        phase1 = self._elapsed(start)
 
         attend = sequence_global_attention(self.arena, self.comm, self.dist.is_query_rank)
         position, ids, tokens, logits = len(context_ids), query_ids, [], []
@@ -93,11 +93,11 @@ class Engine:
             token = self._next_token(hidden, logits if keep_logits else None)
             tokens.append(token)
             if len(tokens) == 1:
-                first = _elapsed(start, device)
+                first = self._elapsed(start)
             if token in eos or len(tokens) == max_new_tokens:
                 break
             ids = torch.tensor([token], device=device)
-        total = _elapsed(start, device)
+        total = self._elapsed(start)
 
         local = (phase1, _peak_memory(device), self.comm.bytes_sent - sent_before)
         self.dist.sync()
@@ -119,13 +119,16 @@ class Engine:
             if keep is not None:
                 keep.append(logits)
             token[0] = logits[-1].argmax()
-        return int(self.comm.broadcast(token, root=self.dist.query_rank).item())
+        self.comm.broadcast(token, root=self.dist.query_rank)
+        self.comm.synchronize()
+        return int(token.item())
 
-
-def _elapsed(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    def _elapsed(self, start: float) -> float:
+        """Seconds since start, once the device work so far is done."""
+        self.comm.synchronize()
+        if self.model.embed.weight.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
 
 def _reset_peak_memory(device: torch.device) -> None:

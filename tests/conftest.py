@@ -1,4 +1,11 @@
 import os
 
-# tests/mpi only make sense on the ranks of an mpirun job (tests/test_distributed.py).
-collect_ignore = [] if os.environ.get("STAR_ENGINE_MPI_TESTS") else ["mpi"]
+import torch
+
+# tests/mpi and tests/gpu/mpi only make sense on the ranks of an mpirun job (see
+# test_distributed.py beside each); tests/gpu needs a GPU.
+collect_ignore = []
+if not os.environ.get("STAR_ENGINE_MPI_TESTS"):
+    collect_ignore += ["mpi", "gpu/mpi"]
+if not torch.cuda.is_available():
+    collect_ignore += ["gpu"]

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from .. import _C
+
 # Bound on the score matrix of one query chunk (elements), to keep long contexts in memory.
 _MAX_SCORES = 1 << 26
 
@@ -35,6 +37,10 @@ def local_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[
     kv_heads, tk, _ = k.shape
     if tk == 0:
         return q.new_zeros(q.shape), q.new_full((heads, tq), float("-inf"), dtype=torch.float32)
+    if tq == 1 and _decode_kernel_fits(q, k):  # one new token sees every key, causal or not
+        o, lse = _C.decode_attention(q[:, 0], k, v, torch.tensor([tk], dtype=torch.int32, device=q.device),
+                                     _decode_splits(k))
+        return o[:, None], lse[:, None]
     group = heads // kv_heads
     scale = dim ** -0.5
     # Exact path: float32 arithmetic, query-chunked so the scores stay bounded.
@@ -55,3 +61,16 @@ def local_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[
         o[:, :, start:end] = torch.einsum("kgqs,ksd->kgqd", probs, v32)
         lse[:, :, start:end] = chunk_lse
     return o.reshape(heads, tq, dim).to(q.dtype), lse.reshape(heads, tq)
+
+
+def _decode_kernel_fits(q: Tensor, k: Tensor) -> bool:
+    """The extension's split-KV kernel: GPU, half precision, head_dim 64/128, up to 8 heads per kv head."""
+    return (q.is_cuda and _C.WITH_CUDA and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] in (64, 128) and q.shape[0] % k.shape[0] == 0 and q.shape[0] // k.shape[0] <= 8
+            and k.stride(-1) == 1 and k.stride(-2) == q.shape[-1])
+
+
+def _decode_splits(k: Tensor) -> int:
+    capacity = k.stride(0) // k.shape[-1]
+    multiprocessors = torch.cuda.get_device_properties(k.device).multi_processor_count
+    return _C.decode_splits(capacity, k.shape[0], multiprocessors)

@@ -1,0 +1,72 @@
+"""The extension's CUDA kernels against float64 references on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from star_engine import _C
+from tests.reference import naive_attention
+
+pytestmark = pytest.mark.skipif(not _C.WITH_CUDA, reason="extension built without CUDA")
+GPU = torch.device("cuda")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [[5, 9, 1, 7], [4, 0, 6], [0, 0]])
+def test_merge_kernel_equals_cpu_merge(dtype, lengths):
+    gen = torch.Generator().manual_seed(len(lengths))
+    parts, rows, dim = len(lengths), 37, 128
+    o = torch.randn(parts, rows, dim, generator=gen).to(dtype)
+    lse = torch.randn(parts, rows, generator=gen) * 5
+    for w, n in enumerate(lengths):
+        if n == 0:
+            lse[w] = float("-inf")
+            o[w] = float("nan")  # a partition without keys may hold anything
+    want_o, want_lse = _C.lse_merge(o.float(), lse)
+    got_o, got_lse = _C.lse_merge(o.to(GPU), lse.to(GPU))
+    assert got_o.dtype == dtype
+    torch.testing.assert_close(got_lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got_o.cpu().float(), want_o, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (9, 3), (32, 8), (64, 8)])
+@pytest.mark.parametrize("length", [1, 77, 5000, 40000])
+def test_decode_kernel_equals_float64_softmax(dtype, dim, heads, kv_heads, length):
+    capacity = length + 123  # a view into a larger arena: heads lie capacity rows apart
+    gen = torch.Generator().manual_seed(length + heads)
+    cache = torch.randn(2, kv_heads, capacity, dim, generator=gen).to(dtype)
+    q = torch.randn(heads, dim, generator=gen).to(dtype)
+    k, v = cache[0, :, :length], cache[1, :, :length]
+    want_o, want_lse = naive_attention(q[:, None], k, v)
+
+    gpu_cache = cache.to(GPU)
+    splits = _C.decode_splits(capacity, kv_heads, torch.cuda.get_device_properties(0).multi_processor_count)
+    o, lse = _C.decode_attention(q.to(GPU), gpu_cache[0, :, :length], gpu_cache[1, :, :length],
+                                 torch.tensor([length], dtype=torch.int32, device=GPU), splits)
+    assert o.dtype == dtype and o.shape == (heads, dim)
+    assert relative_error(o, want_o[:, 0]) < 1e-2
+    torch.testing.assert_close(lse.cpu().double(), want_lse[:, 0], atol=2e-3, rtol=1e-4)
+
+
+def test_decode_kernel_reads_the_length_from_device_memory():
+    """A captured graph replays with the length of the moment."""
+    k = torch.randn(2, 1000, 64, device=GPU, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(4, 64, device=GPU, dtype=torch.bfloat16)
+    length = torch.tensor([0], dtype=torch.int32, device=GPU)
+    for n in (0, 10, 999):
+        length.fill_(n)
+        o, lse = _C.decode_attention(q, k, v, length, 4)
+        if n == 0:
+            assert torch.isneginf(lse).all() and (o == 0).all()
+        else:
+            want_o, want_lse = naive_attention(q[:, None].cpu(), k[:, :n].cpu(), v[:, :n].cpu())
+            assert relative_error(o, want_o[:, 0]) < 1e-2
