@@ -109,6 +109,8 @@ class NcclCommunicator(Communicator):
     so that a whole decode step can be captured in one CUDA graph."""
 
     def __init__(self, dist: Dist, device: torch.device, timeout_s: float | None = None) -> None:
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
         unique_id = dist.mpi.bcast(unique_id, root=0)
         self.nccl = _C.NcclComm(unique_id, dist.rank, dist.world, device.index)
