@@ -34,38 +34,17 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
   }
   std::copy(unique_id.begin(), unique_id.end(), id.internal);
   check_cuda_call(cudaSetDevice(device), "cudaSetDevice");
-  // Non-blocking: NCCL calls return at once, and errors surface through
-  // ncclCommGetAsyncError, which check() and wait() poll; a dead peer can then be aborted
-  // instead of blocking this rank forever, even while the communicator is being set up.
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;
-  check(ncclCommInitRankConfig(&comm_, world, id, rank, &config), "ncclCommInitRankConfig");
+  // Blocking configuration: a call returns once its work is enqueued on the stream (it
+  // never waits for the GPU), so enqueueing costs microseconds; wait() is where a dead
+  // peer is noticed and the communicator aborted.
+  check(ncclCommInitRank(&comm_, world, id, rank), "ncclCommInitRank");
 }
 
 NcclComm::~NcclComm() {
-  if (comm_ == nullptr) return;
-  if (aborted_) return;
-  ncclCommFinalize(comm_);
-  ncclResult_t state = ncclInProgress;
-  while (ncclCommGetAsyncError(comm_, &state) == ncclSuccess && state == ncclInProgress) {
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-  }
-  ncclCommDestroy(comm_);
+  if (comm_ != nullptr && !aborted_) ncclCommDestroy(comm_);
 }
 
 void NcclComm::check(ncclResult_t result, const char* what) {
-  // ncclInProgress: the call goes on in the background (non-blocking communicator); wait
-  // for it to settle, within the time a healthy peer needs to answer.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(kSetupTimeoutS);
-  while (result == ncclInProgress && comm_ != nullptr) {
-    if (std::chrono::steady_clock::now() > deadline) {
-      abort();
-      throw std::runtime_error(std::string(what) + ": no answer from the other ranks for " +
-                               std::to_string(kSetupTimeoutS) + " s; communicator aborted");
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
-    if (ncclCommGetAsyncError(comm_, &result) != ncclSuccess) break;
-  }
   if (result == ncclSuccess) return;
   std::string message = std::string(what) + ": " + ncclGetErrorString(result);
   if (comm_ != nullptr) {
@@ -105,7 +84,7 @@ void NcclComm::wait(cudaStream_t stream, double timeout_s) {
     }
     ncclResult_t async_error = ncclSuccess;
     check(ncclCommGetAsyncError(comm_, &async_error), "ncclCommGetAsyncError");
-    if (async_error != ncclSuccess && async_error != ncclInProgress) {
+    if (async_error != ncclSuccess) {
       abort();
       cudaEventDestroy(done);
       check(async_error, "NCCL operation failed");

@@ -4,7 +4,7 @@
 // operation is enqueued on the caller's stream and returns at once, so that a step can be
 // captured in a CUDA graph. wait() is where a dead or stuck peer is noticed: it polls the
 // stream and NCCL's asynchronous error, and past the timeout aborts the communicator (which
-// unblocks its kernels) and throws, instead of hanging forever.
+// ends its kernels) and throws, instead of hanging forever.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,8 +44,6 @@ class NcclComm {
 
  private:
   void check(ncclResult_t result, const char* what);
-
-  static constexpr int kSetupTimeoutS = 300;
 
   ncclComm_t comm_ = nullptr;
   int rank_, world_;

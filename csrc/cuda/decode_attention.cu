@@ -206,8 +206,9 @@ int64_t decode_workspace_floats(int heads, int head_dim, int splits) {
 }
 
 int decode_splits(int64_t capacity, int kv_heads, int multiprocessors) {
-  // Two blocks per multiprocessor, but no split shorter than 256 keys at full capacity.
-  const int64_t wanted = (2LL * multiprocessors + kv_heads - 1) / kv_heads;
+  // Four blocks per multiprocessor (as many as fit beside each other), but no split
+  // shorter than 256 keys at full capacity.
+  const int64_t wanted = (4LL * multiprocessors + kv_heads - 1) / kv_heads;
   const int64_t most = std::max<int64_t>(1, capacity / 256);
   return static_cast<int>(std::max<int64_t>(1, std::min(wanted, most)));
 }

@@ -18,3 +18,29 @@ def test_multi_gpu_suite(ranks):
     result = run([*mpirun(ranks), sys.executable, "-m", "pytest", "tests/gpu/mpi", "-q", "--color=no",
                   "-p", "no:cacheprovider"], timeout=600, env={"STAR_ENGINE_MPI_TESTS": "1"})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+
+
+SILENT_PEER = """
+import time, torch
+from star_engine.comm import NcclCommunicator
+from star_engine.launch import init_distributed, run_guarded, select_device
+def main():
+    dist = init_distributed()
+    nccl = NcclCommunicator(dist, select_device("cuda", dist))
+    if dist.rank == 1:
+        time.sleep(120)  # alive, but never joins the collective
+    o, lse = torch.zeros(4, 1, 64, device="cuda"), torch.zeros(4, 1, device="cuda")
+    nccl.gather_merge(o, lse)
+    nccl.synchronize()
+    return 0
+raise SystemExit(run_guarded(main))
+"""
+
+
+def test_a_stuck_peer_ends_the_job_with_a_clear_message_within_the_timeout():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    result = run([*mpirun(2), sys.executable, "-c", SILENT_PEER], timeout=100,
+                 env={"STAR_ENGINE_NCCL_TIMEOUT": "10"})
+    assert result.returncode != 0
+    assert "rank 0: RuntimeError: NCCL: no progress for 10" in result.stderr

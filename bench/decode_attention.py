@@ -1,0 +1,78 @@
+"""Decode attention kernel: bytes of K/V read per second, against a device-to-device copy.
+
+  python bench/decode_attention.py [--lengths 4096,32768,...]
+
+One query token of the llama-3.1-8b shape (32 heads, 8 KV heads, head_dim 128, bf16) and
+of the SmolLM2 shape (9 / 3 heads, head_dim 64) over local KV caches of growing length.
+A kernel that reads each K and V row once moves 2 * length * kv_heads * head_dim * 2 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from results_io import save, table
+from star_engine import _C
+
+SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+
+
+def time_ms(fn, repeats: int = 50) -> float:
+    """Median of CUDA-event timings after warm-up, rotating through inputs to defeat L2."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / (time_ms(lambda: dst.copy_(src)) / 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="4096,32768,131072,524288,1048576")
+    args = parser.parse_args()
+    copy = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, (heads, kv_heads, dim) in SHAPES.items():
+        for length in map(int, args.lengths.split(",")):
+            # Several caches, so that consecutive calls do not hit in L2.
+            caches = [torch.randn(2, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16)
+                      for _ in range(max(2, (256 << 20) // (2 * kv_heads * length * dim * 2) + 1))]
+            q = torch.randn(heads, dim, device="cuda", dtype=torch.bfloat16)
+            n = torch.tensor([length], dtype=torch.int32, device="cuda")
+            splits = _C.decode_splits(length, kv_heads, sms)
+            turn = iter(range(10**9))
+
+            def step():
+                cache = caches[next(turn) % len(caches)]
+                _C.decode_attention(q, cache[0], cache[1], n, splits)
+
+            ms = time_ms(step)
+            kv_bytes = 2 * kv_heads * length * dim * 2
+            bandwidth = kv_bytes / (ms / 1e3)
+            rows.append({"shape": name, "length": length, "splits": splits, "time_us": ms * 1e3,
+                         "kv_bytes": kv_bytes, "read_GBps": bandwidth / 1e9,
+                         "fraction_of_copy": bandwidth / copy})
+            del caches
+    print(f"device-to-device copy: {copy / 1e9:.0f} GB/s (read + write)")
+    print(table(rows, ["shape", "length", "splits", "time_us", "read_GBps", "fraction_of_copy"]))
+    print("saved", save("decode_attention", rows, copy_GBps=copy / 1e9))
+
+
+if __name__ == "__main__":
+    main()

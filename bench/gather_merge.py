@@ -1,0 +1,104 @@
+"""gather_merge latency per layer: one NCCL all-gather of the packed (o, lse) plus the merge
+kernel, eager and inside a CUDA graph, beside torch.distributed.all_gather_into_tensor of
+the same bytes.
+
+  mpirun -np N python bench/gather_merge.py     (one rank per GPU)
+
+Payload of one decode step's layer for the llama-3.1-8b shape: o [32 heads, 128] bf16
+and lse [32] float32 per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+
+from results_io import save, table
+from star_engine.comm import NcclCommunicator
+from star_engine.launch import init_distributed, select_device
+
+LAYERS = 32  # calls per captured graph: one decode step of llama-3.1-8b
+
+
+def per_call_us(fn, calls: int, repeats: int = 30) -> float:
+    """Median over repeats of (time of `calls` back-to-back calls) / calls, CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    args = parser.parse_args()
+    dist = init_distributed()
+    device = select_device("cuda", dist)
+    nccl = NcclCommunicator(dist, device)
+    o = torch.randn(args.heads, 1, args.head_dim, device=device, dtype=torch.bfloat16)
+    lse = torch.randn(args.heads, 1, device=device)
+
+    def layers() -> None:
+        for _ in range(LAYERS):
+            nccl.gather_merge(o, lse)
+
+    eager = per_call_us(layers, LAYERS)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layers()  # warm-up outside the capture, as CUDA graphs require
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        layers()
+    in_graph = per_call_us(graph.replay, LAYERS)
+
+    # torch.distributed over NCCL, the same bytes per rank.
+    port = dist.mpi.bcast(_free_port() if dist.rank == 0 else None, root=0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("nccl", rank=dist.rank, world_size=dist.world, device_id=device)
+    packed = torch.empty(o.nbytes + lse.nbytes, dtype=torch.uint8, device=device)
+    gathered = torch.empty(dist.world * packed.numel(), dtype=torch.uint8, device=device)
+
+    def torch_layers() -> None:
+        for _ in range(LAYERS):
+            torch_dist.all_gather_into_tensor(gathered, packed)
+
+    reference = per_call_us(torch_layers, LAYERS)
+    torch_dist.destroy_process_group()
+
+    rows = [{"ranks": dist.world, "bytes_per_rank": packed.numel(), "what": "gather_merge eager",
+             "us_per_layer": eager},
+            {"ranks": dist.world, "bytes_per_rank": packed.numel(), "what": "gather_merge in CUDA graph",
+             "us_per_layer": in_graph},
+            {"ranks": dist.world, "bytes_per_rank": packed.numel(),
+             "what": "torch.distributed all_gather_into_tensor", "us_per_layer": reference}]
+    every = dist.mpi.allgather([r["us_per_layer"] for r in rows])
+    for i, row in enumerate(rows):
+        row["us_per_layer"] = max(values[i] for values in every)  # the slowest rank's
+    if dist.rank == 0:
+        print(table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
+        print("saved", save(f"gather_merge_{dist.world}ranks", rows))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
