@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -15,15 +16,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
+    # A copy of the tree without .git (a remote machine) is told its commit by STAR_ENGINE_COMMIT.
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=RESULTS.parent).stdout.strip() or "unknown"
+                            cwd=RESULTS.parent).stdout.strip() or os.environ.get("STAR_ENGINE_COMMIT", "unknown")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    ranks = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    launcher = f"mpirun -np {ranks} " if ranks > 1 else ""
     return {
         "device": gpu,
         "gpus": torch.cuda.device_count(),
+        "ranks": ranks,
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": launcher + " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
         "torch": torch.__version__,
     }
 

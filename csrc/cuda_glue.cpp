@@ -93,6 +93,33 @@ void register_cuda_bindings(pybind11::module& m) {
                          "all_gather: contiguous buffers, recv of world x send bytes");
              self.all_gather(send.data_ptr(), recv.data_ptr(), send.nbytes(), current_stream(send));
            })
+      .def("gather_merge",
+           [](NcclComm& self, const at::Tensor& o, const at::Tensor& lse) {
+             // Pack (o rows, then their float32 lse), all-gather, merge: three enqueues.
+             TORCH_CHECK(o.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+                         "gather_merge: contiguous o and float32 lse");
+             const int64_t rows = lse.numel(), dim = o.size(-1);
+             TORCH_CHECK(o.numel() == rows * dim, "gather_merge: o does not match lse");
+             const int64_t o_bytes = o.nbytes(), part = o_bytes + 4 * rows;
+             TORCH_CHECK(o_bytes % 4 == 0, "gather_merge: o must fill whole 4-byte words");
+             const cudaStream_t stream = current_stream(o);
+             at::Tensor send = at::empty({part}, o.options().dtype(at::kByte));
+             at::Tensor recv = at::empty({self.world(), part}, send.options());
+             check_cuda(cudaMemcpyAsync(send.data_ptr(), o.data_ptr(), o_bytes,
+                                        cudaMemcpyDeviceToDevice, stream), "pack o");
+             check_cuda(cudaMemcpyAsync(static_cast<char*>(send.data_ptr()) + o_bytes,
+                                        lse.data_ptr(), 4 * rows, cudaMemcpyDeviceToDevice, stream),
+                        "pack lse");
+             self.all_gather(send.data_ptr(), recv.data_ptr(), part, stream);
+             at::Tensor merged_o = at::empty_like(o);
+             at::Tensor merged_lse = at::empty_like(lse);
+             char* base = static_cast<char*>(recv.data_ptr());
+             lse_merge_cuda(base, part / o.element_size(), dtype_of(o),
+                            reinterpret_cast<const float*>(base + o_bytes), part / 4, self.world(),
+                            rows, static_cast<int>(dim), merged_o.data_ptr(), dtype_of(o),
+                            merged_lse.data_ptr<float>(), stream);
+             return std::make_tuple(merged_o, merged_lse);
+           })
       .def("broadcast",
            [](NcclComm& self, at::Tensor& buffer, int root) {
              TORCH_CHECK(buffer.is_contiguous(), "broadcast: contiguous buffer");

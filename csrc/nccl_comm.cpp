@@ -38,6 +38,22 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
   // never waits for the GPU), so enqueueing costs microseconds; wait() is where a dead
   // peer is noticed and the communicator aborted.
   check(ncclCommInitRank(&comm_, world, id, rank), "ncclCommInitRank");
+  warm_up();
+}
+
+void NcclComm::warm_up() {
+  // NCCL connects peers at their first collective or send, and that first call blocks until
+  // the peer joins. Connect now, while every rank is known to be here, so that later calls
+  // only enqueue and a peer that stops answering is caught by wait()'s timeout.
+  void* buffer = nullptr;
+  check_cuda_call(cudaMalloc(&buffer, 4 * static_cast<size_t>(world_)), "cudaMalloc");
+  char* bytes = static_cast<char*>(buffer);
+  all_gather(bytes, bytes + world_, 1, nullptr);
+  broadcast(bytes, 1, world_ - 1, nullptr);
+  send_recv(bytes, (rank_ + 1) % world_, bytes + 2 * world_, (rank_ + world_ - 1) % world_, 1,
+            nullptr);
+  wait(nullptr, kWarmUpTimeoutS);
+  check_cuda_call(cudaFree(buffer), "cudaFree");
 }
 
 NcclComm::~NcclComm() {

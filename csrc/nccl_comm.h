@@ -44,6 +44,9 @@ class NcclComm {
 
  private:
   void check(ncclResult_t result, const char* what);
+  void warm_up();
+
+  static constexpr double kWarmUpTimeoutS = 600.0;
 
   ncclComm_t comm_ = nullptr;
   int rank_, world_;
