@@ -80,6 +80,7 @@ PYBIND11_MODULE(_C, m) {
       .def("append", &star::KVArena::append, pybind11::arg("layer"), pybind11::arg("k"),
            pybind11::arg("v"))
       .def("check_fits", &star::KVArena::check_fits, pybind11::arg("tokens"))
+      .def("advance", &star::KVArena::advance, pybind11::arg("tokens"))
       .def("clear", &star::KVArena::clear)
       .def("length", &star::KVArena::length, pybind11::arg("layer"))
       .def_property_readonly("num_layers", &star::KVArena::num_layers)

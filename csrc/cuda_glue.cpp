@@ -74,7 +74,32 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   return {o, lse};
 }
 
+void kv_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& length) {
+  // k_cache, v_cache: one layer of the arena [KV, capacity, D]; k, v: [KV, 1, D].
+  for (const at::Tensor* t : {&k_cache, &v_cache, &k, &v, &length}) check_cuda_tensor(*t, "kv_append input");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "kv_append: caches must be contiguous [KV, capacity, D]");
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == k_cache.size(0) && k.size(1) == 1 &&
+                  k.size(2) == k_cache.size(2) && v.sizes() == k.sizes() && v.strides() == k.strides() &&
+                  k.stride(2) == 1 && k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == k_cache.scalar_type(),
+              "kv_append: k and v must be one token [KV, 1, D] of the cache's dtype");
+  const int64_t row_bytes = k.size(2) * k.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * k.element_size()) % 16 == 0,
+              "kv_append: rows must be multiples of 16 bytes");
+  TORCH_CHECK(length.scalar_type() == at::kInt && length.numel() == 1, "kv_append: int32 length");
+  const c10::cuda::CUDAGuard guard(k.device());
+  kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), k_cache.data_ptr(),
+                 v_cache.data_ptr(), k_cache.size(1), length.data_ptr<int32_t>(),
+                 static_cast<int>(k.size(0)), static_cast<int>(row_bytes), current_stream(k));
+}
+
 void register_cuda_bindings(pybind11::module& m) {
+  m.def("kv_append", &kv_append, pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("length"),
+        "Writes one token's k, v [KV, 1, D] at slot length - 1 of a cache layer (length on the GPU).");
   m.def("decode_attention", &decode_attention, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"),
         "One-token attention over a KV cache: (o [H, D], lse [H]).");

@@ -76,6 +76,11 @@ void KVArena::append(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
   lengths_[layer] = start + n;
 }
 
+void KVArena::advance(int64_t tokens) {
+  check_fits(tokens);
+  for (int64_t& len : lengths_) len += tokens;
+}
+
 void KVArena::clear() { std::fill(lengths_.begin(), lengths_.end(), 0); }
 
 }  // namespace star

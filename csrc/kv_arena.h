@@ -31,6 +31,10 @@ class KVArena {
   // Copies k, v ([kv_heads, n, head_dim]) behind the layer's current length.
   void append(int64_t layer, const at::Tensor& k, const at::Tensor& v);
 
+  // Counts `tokens` more slots as written in every layer: for writes made by a kernel that
+  // reads the length from device memory (a captured decode step). Bounds-checked.
+  void advance(int64_t tokens);
+
   // Throws ArenaFullError unless every layer can take `tokens` more slots.
   void check_fits(int64_t tokens) const;
 

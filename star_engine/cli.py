@@ -51,6 +51,8 @@ def _engine_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
                         help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="one GPU per rank, or CPU tensors (default: cuda when available)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="decode eagerly instead of replaying each step from a CUDA graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +152,8 @@ class Session:
                                      self.args.anchor_mode)
         else:
             strategy = STRATEGIES[attn](self.dist, self.comm)
-        return Engine(self.model, strategy, self.comm, self.dist, self.max_tokens)
+        return Engine(self.model, strategy, self.comm, self.dist, self.max_tokens,
+                      cuda_graph=not self.args.no_cuda_graph)
 
 
 def _run(args: argparse.Namespace) -> int:

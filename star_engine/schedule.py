@@ -13,7 +13,8 @@ from torch import Tensor
 
 from . import _C
 from .attention import Strategy
-from .attention.sequence_global import sequence_global_attention
+from .attention.local import decode_kernel_fits
+from .attention.sequence_global import sequence_global_attention, sequence_global_decode
 from .comm import Communicator
 from .launch import Dist
 from .model import Transformer
@@ -46,9 +47,11 @@ class Engine:
     worst case of a request of up to `max_tokens` tokens (context + query + generated)."""
 
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
-                 max_tokens: int) -> None:
+                 max_tokens: int, cuda_graph: bool = True) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
         self.max_tokens = max_tokens
+        self.cuda_graph = cuda_graph
+        self.decoder: _Decoder | None = None
         # The query rank's context, query and generated tokens together stay within max_tokens.
         self.capacities = [max_tokens if r == dist.query_rank else strategy.context_capacity(r, max_tokens)
                            for r in range(dist.world)]
@@ -85,18 +88,23 @@ class Engine:
         self.strategy.encode_context(self.model, context_ids, self.arena)
         phase1 = self._elapsed(start)
 
+        # The query: all its tokens in one pass, then one token at a time.
         attend = sequence_global_attention(self.arena, self.comm, self.dist.is_query_rank)
-        position, ids, tokens, logits = len(context_ids), query_ids, [], []
-        while True:
-            hidden = self.model(ids, torch.arange(position, position + len(ids), device=device), attend)
-            position += len(ids)
-            token = self._next_token(hidden, logits if keep_logits else None)
-            tokens.append(token)
-            if len(tokens) == 1:
-                first = self._elapsed(start)
-            if token in eos or len(tokens) == max_new_tokens:
-                break
-            ids = torch.tensor([token], device=device)
+        position = len(context_ids) + len(query_ids)
+        hidden = self.model(query_ids, torch.arange(len(context_ids), position, device=device), attend)
+        logits: list[Tensor] = []
+        tokens = [self._next_token(hidden, logits if keep_logits else None)]
+        first = self._elapsed(start)
+        if tokens[-1] not in eos and max_new_tokens > 1:
+            decoder = self._decoder()
+            decoder.start(tokens[-1], position, self.arena.length(0) + (1 if self.dist.is_query_rank else 0))
+            while tokens[-1] not in eos and len(tokens) < max_new_tokens:
+                decoder.step()
+                tokens.append(decoder.token())
+                if keep_logits and self.dist.is_query_rank:
+                    logits.append(decoder.logits.clone())
+            if self.dist.is_query_rank:  # the steps wrote their K/V from the GPU side
+                self.arena.advance(len(tokens) - 1)
         total = self._elapsed(start)
 
         local = (phase1, _peak_memory(device), self.comm.bytes_sent - sent_before)
@@ -110,6 +118,11 @@ class Engine:
             bytes_sent=[b for _, _, b in every],
         )
         return Generation(tokens, metrics, logits)
+
+    def _decoder(self) -> "_Decoder":
+        if self.decoder is None:
+            self.decoder = _Decoder(self.model, self.arena, self.comm, self.dist, self.cuda_graph)
+        return self.decoder
 
     def _next_token(self, hidden: Tensor, keep: list[Tensor] | None) -> int:
         """Greedy choice on the query rank, broadcast so that ranks can never diverge."""
@@ -129,6 +142,57 @@ class Engine:
         if self.model.embed.weight.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+
+class _Decoder:
+    """One decode step with shapes that never change: the token, its position and the local
+    KV length live in device tensors that the step itself advances. On a GPU whose shapes
+    the decode kernel serves, the step (all layers, the collectives and the merges, the
+    choice of the next token and its broadcast) is captured once in a CUDA graph and replayed
+    for every later token and request."""
+
+    def __init__(self, model: Transformer, arena: _C.KVArena, comm: Communicator, dist: Dist,
+                 cuda_graph: bool) -> None:
+        self.model, self.comm, self.dist = model, comm, dist
+        cfg, weight = model.config, model.embed.weight
+        self.token_ids = torch.zeros(1, dtype=torch.int64, device=weight.device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=weight.device)
+        self.kv_length = torch.zeros(1, dtype=torch.int32, device=weight.device)
+        self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=weight.device)
+        self.attend = sequence_global_decode(arena, comm, dist.is_query_rank, self.kv_length)
+        self.use_graph = cuda_graph and decode_kernel_fits(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                           weight.dtype, weight.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def start(self, token: int, position: int, kv_length: int) -> None:
+        """The first token to feed, its position, and the local KV length once it is stored."""
+        self.token_ids.fill_(token)
+        self.position.fill_(position)
+        self.kv_length.fill_(kv_length)
+
+    def step(self) -> None:
+        if not self.use_graph:
+            self._step()
+        elif self.graph is None:
+            self._step()  # a real step, which also warms up what the capture records
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the next step; runs nothing
+                self._step()
+        else:
+            self.graph.replay()
+
+    def token(self) -> int:
+        self.comm.synchronize()
+        return int(self.token_ids.item())
+
+    def _step(self) -> None:
+        hidden = self.model(self.token_ids, self.position, self.attend)
+        if self.dist.is_query_rank:
+            self.logits.copy_(self.model.logits(hidden))
+            self.token_ids.copy_(self.logits[0].argmax())
+            self.kv_length += 1
+        self.comm.broadcast(self.token_ids, root=self.dist.query_rank)
+        self.position += 1
 
 
 def _reset_peak_memory(device: torch.device) -> None:

@@ -32,6 +32,13 @@ void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cac
 
 int64_t decode_workspace_floats(int heads, int head_dim, int splits);
 
+// Copies one token's k and v rows ([kv_heads] rows of row_bytes, heads src_head_stride_bytes
+// apart) into slot *length - 1 of a cache laid out [kv_heads, capacity, row]. row_bytes must
+// be a multiple of 16 and the rows 16-byte aligned.
+void kv_append_cuda(const void* k, const void* v, int64_t src_head_stride_bytes, void* k_cache,
+                    void* v_cache, int64_t capacity, const int32_t* length, int kv_heads,
+                    int row_bytes, cudaStream_t stream);
+
 // A split count for keys of up to `capacity` tokens that fills `multiprocessors` with
 // kv_heads * splits blocks.
 int decode_splits(int64_t capacity, int kv_heads, int multiprocessors);

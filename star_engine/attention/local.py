@@ -10,6 +10,8 @@ disjoint key sets be merged exactly (see comm.Communicator.gather_merge).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,10 +39,6 @@ def local_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[
     kv_heads, tk, _ = k.shape
     if tk == 0:
         return q.new_zeros(q.shape), q.new_full((heads, tq), float("-inf"), dtype=torch.float32)
-    if tq == 1 and _decode_kernel_fits(q, k):  # one new token sees every key, causal or not
-        o, lse = _C.decode_attention(q[:, 0], k, v, torch.tensor([tk], dtype=torch.int32, device=q.device),
-                                     _decode_splits(k))
-        return o[:, None], lse[:, None]
     group = heads // kv_heads
     scale = dim ** -0.5
     # Exact path: float32 arithmetic, query-chunked so the scores stay bounded.
@@ -63,14 +61,38 @@ def local_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[
     return o.reshape(heads, tq, dim).to(q.dtype), lse.reshape(heads, tq)
 
 
-def _decode_kernel_fits(q: Tensor, k: Tensor) -> bool:
-    """The extension's split-KV kernel: GPU, half precision, head_dim 64/128, up to 8 heads per kv head."""
-    return (q.is_cuda and _C.WITH_CUDA and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in (64, 128) and q.shape[0] % k.shape[0] == 0 and q.shape[0] // k.shape[0] <= 8
-            and k.stride(-1) == 1 and k.stride(-2) == q.shape[-1])
+def decode_kernel_fits(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the extension's split-KV decode kernel serves this shape."""
+    return (device.type == "cuda" and _C.WITH_CUDA and dtype in (torch.float16, torch.bfloat16)
+            and head_dim in (64, 128) and heads % kv_heads == 0 and heads // kv_heads <= 8)
 
 
-def _decode_splits(k: Tensor) -> int:
-    capacity = k.stride(0) // k.shape[-1]
-    multiprocessors = torch.cuda.get_device_properties(k.device).multi_processor_count
-    return _C.decode_splits(capacity, k.shape[0], multiprocessors)
+def append_at(cache_k: Tensor, cache_v: Tensor, k: Tensor, v: Tensor, length: Tensor) -> None:
+    """Writes one token's k, v [KV, 1, D] at slot length - 1 of a cache layer [KV, capacity, D];
+    `length` is an int32 tensor [1] on the cache's device (read there on a GPU)."""
+    if cache_k.is_cuda:
+        _C.kv_append(cache_k, cache_v, k, v, length)
+    else:
+        slot = int(length) - 1
+        cache_k[:, slot] = k[:, 0]
+        cache_v[:, slot] = v[:, 0]
+
+
+def decode_attention_at(q: Tensor, cache_k: Tensor, cache_v: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention of one token q [H, 1, D] over the first `length` keys of a cache layer
+    [KV, capacity, D]: o [H, 1, D], lse [H, 1]. On a GPU the length is read on the device, so
+    the call can be captured in a CUDA graph and replayed as the cache grows."""
+    heads, _, dim = q.shape
+    kv_heads, capacity, _ = cache_k.shape
+    if decode_kernel_fits(heads, kv_heads, dim, q.dtype, q.device):
+        splits = _decode_splits(q.device, capacity, kv_heads)
+        o, lse = _C.decode_attention(q[:, 0], cache_k, cache_v, length, splits)
+        return o[:, None], lse[:, None]
+    n = int(length)
+    return local_attention_lse(q, cache_k[:, :n], cache_v[:, :n], causal=False)
+
+
+@functools.cache
+def _decode_splits(device: torch.device, capacity: int, kv_heads: int) -> int:
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    return _C.decode_splits(capacity, kv_heads, multiprocessors)

@@ -1,4 +1,5 @@
-"""The engine on one GPU (bfloat16) against the same engine on the CPU (float32)."""
+"""The engine on one GPU (bfloat16) against the same engine on the CPU (float32), and the
+CUDA-graph decode against eager decoding."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from star_engine.launch import init_distributed
 from star_engine.schedule import Engine
 from tests.reference import make_tiny_checkpoint
 
-GPU, CPU = torch.device("cuda"), torch.device("cpu")
+GPU, CPU = torch.device("cuda", 0), torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +23,44 @@ def dist():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    # head_dim 64 so that decoding goes through the extension's kernel
+    # head_dim 64 so that decoding goes through the extension's kernel and a CUDA graph
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), hidden_size=256, num_attention_heads=4,
                                 num_key_value_heads=2, intermediate_size=512)
 
 
-def generate(dist, checkpoint, device, dtype, strategy_cls, **kwargs):
+def request(seed: int = 0, context: int = 1190):
+    ids = torch.randint(0, 300, (context + 10,), generator=torch.Generator().manual_seed(seed))
+    return ids[:context], ids[context:]
+
+
+def engine(dist, checkpoint, device, dtype, strategy_cls, cuda_graph=True, **kwargs):
     model = load_model(str(checkpoint), dtype, device)
     comm = make_communicator(dist, device)
-    engine = Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, max_tokens=2048)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 300, (1200,), generator=gen)
-    return engine.generate(ids[:1190], ids[1190:], 8, keep_logits=True)
+    return Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, max_tokens=2048, cuda_graph=cuda_graph)
 
 
 @pytest.mark.parametrize("strategy_cls,kwargs", [(DenseAttention, {}), (StarAttention, {"block_size": 300})])
 def test_bfloat16_on_the_gpu_follows_float32_on_the_cpu(dist, checkpoint, strategy_cls, kwargs):
-    gpu = generate(dist, checkpoint, GPU, torch.bfloat16, strategy_cls, **kwargs)
-    cpu = generate(dist, checkpoint, CPU, torch.float32, strategy_cls, **kwargs)
-    # Logits of the first step: bfloat16 keeps about 3 significant digits.
-    got, want = gpu.logits[0].cpu(), cpu.logits[0]
-    assert ((got - want).norm() / want.norm()).item() < 3e-2
+    gpu = engine(dist, checkpoint, GPU, torch.bfloat16, strategy_cls, **kwargs).generate(*request(), 8, keep_logits=True)
+    cpu = engine(dist, checkpoint, CPU, torch.float32, strategy_cls, **kwargs).generate(*request(), 8, keep_logits=True)
+    # Every step's logits; bfloat16 keeps about 3 significant digits. Later steps are fed
+    # each side's own tokens, so compare while the tokens agree.
+    for step, (got, want) in enumerate(zip(gpu.logits, cpu.logits)):
+        assert ((got.cpu() - want).norm() / want.norm()).item() < 3e-2, f"step {step}"
+        if gpu.tokens[step] != cpu.tokens[step]:
+            break
     assert gpu.tokens[0] == cpu.tokens[0]
     assert gpu.metrics.peak_mem_bytes[0] > 0
+
+
+def test_decode_replayed_from_a_cuda_graph_equals_eager_decoding(dist, checkpoint):
+    graphed = engine(dist, checkpoint, GPU, torch.bfloat16, DenseAttention, cuda_graph=True)
+    eager = engine(dist, checkpoint, GPU, torch.bfloat16, DenseAttention, cuda_graph=False)
+    for seed, context in [(0, 1190), (1, 700), (2, 1500)]:  # the graph is reused across requests
+        a = graphed.generate(*request(seed, context), 12, keep_logits=True)
+        b = eager.generate(*request(seed, context), 12, keep_logits=True)
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logits, b.logits):
+            torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
+    assert graphed.decoder.graph is not None and eager.decoder.graph is None
+    assert graphed.arena.length(0) == 1500 + 10 + 11
