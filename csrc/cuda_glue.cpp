@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
 void kv_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& length) {
   // k_cache, v_cache: one layer of the arena [KV, capacity, D]; k, v: [KV, 1, D].
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{  for (const at::Tensor* t : {&k_cache, &v_cache, &k, &v, &length}) check_cuda_tensor(*t, "kv_append input");k_cache, &v_cache, &k, &v, &length}) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k, &v, &length}) {
     check_cuda_tensor(*t, "kv_append input");
   }
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
