@@ -1,6 +1,7 @@
 #include "nccl_comm.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <stdexcept>
 #include <thread>
 
@@ -34,6 +35,9 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
   }
   std::copy(unique_id.begin(), unique_id.end(), id.internal);
   check_cuda_call(cudaSetDevice(device), "cudaSetDevice");
+  // Connect the collectives' peers while every rank is known to be here, not lazily at a
+  // first call that would block until a (possibly stuck) peer joins. A user's setting wins.
+  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
   // Blocking configuration: a call returns once its work is enqueued on the stream (it
   // never waits for the GPU), so enqueueing costs microseconds; wait() is where a dead
   // peer is noticed and the communicator aborted.
@@ -42,9 +46,8 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
 }
 
 void NcclComm::warm_up() {
-  // NCCL connects peers at their first collective or send, and that first call blocks until
-  // the peer joins. Connect now, while every rank is known to be here, so that later calls
-  // only enqueue and a peer that stops answering is caught by wait()'s timeout.
+  // Point-to-point peers are connected at their first send; connect the ring's now, so
+  // that later calls only enqueue and a peer that stops answering is caught by wait().
   void* buffer = nullptr;
   check_cuda_call(cudaMalloc(&buffer, 4 * static_cast<size_t>(world_)), "cudaMalloc");
   char* bytes = static_cast<char*>(buffer);
