@@ -17,7 +17,15 @@ void check_cuda_call(cudaError_t status, const char* what) {
 
 }  // namespace
 
+void NcclComm::configure_environment() {
+  // Connect the collectives' peers at start-up, while every rank is known to be here, not
+  // lazily at a first call that would block until a (possibly stuck) peer joins. NCCL reads
+  // its environment at its first call, so this comes before any. A user's setting wins.
+  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
+}
+
 std::string NcclComm::make_unique_id() {
+  configure_environment();
   ncclUniqueId id;
   const ncclResult_t result = ncclGetUniqueId(&id);
   if (result != ncclSuccess) {
@@ -35,9 +43,7 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
   }
   std::copy(unique_id.begin(), unique_id.end(), id.internal);
   check_cuda_call(cudaSetDevice(device), "cudaSetDevice");
-  // Connect the collectives' peers while every rank is known to be here, not lazily at a
-  // first call that would block until a (possibly stuck) peer joins. A user's setting wins.
-  setenv("NCCL_RUNTIME_CONNECT", "0", /*overwrite=*/0);
+  configure_environment();
   // Blocking configuration: a call returns once its work is enqueued on the stream (it
   // never waits for the GPU), so enqueueing costs microseconds; wait() is where a dead
   // peer is noticed and the communicator aborted.

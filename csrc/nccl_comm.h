@@ -43,6 +43,7 @@ class NcclComm {
   int world() const { return world_; }
 
  private:
+  static void configure_environment();
   void check(ncclResult_t result, const char* what);
   void warm_up();
 
