@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "in the output file are skipped, so an interrupted run can be started again.")
     run.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
     run.add_argument("--output", required=True, type=Path, help="results, appended one JSON object per line")
-    run.add_argument("--attn", choices=("star", "dense"), default="star",
-                     help="star: blocks over all ranks; dense: the whole context on one rank (default: star)")
+    run.add_argument("--attn", choices=("star", "ring", "dense"), default="star",
+                     help="star: blocks over all ranks, approximate; ring: exact, K/V passed around the "
+                          "ranks; dense: the whole context on one rank (default: star)")
     _engine_flags(run, max_new_tokens=64)
 
     demo = commands.add_parser(

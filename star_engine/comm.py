@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -36,6 +37,12 @@ class Communicator(ABC):
     def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
         """Sends `send` to rank dst while receiving into `recv` (contiguous) from rank src;
         both at once, so that a ring of ranks cannot deadlock. Returns recv."""
+
+    def start_send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Callable[[], Tensor]:
+        """Starts send_recv and returns the function that completes it (and returns recv), so
+        that compute can overlap the transfer. Here the transfer is done before returning."""
+        self.send_recv(send, dst, recv, src)
+        return lambda: recv
 
     def synchronize(self) -> None:
         """Waits until this rank's communication so far is done; raises, rather than hangs,
@@ -94,14 +101,22 @@ class MpiCommunicator(Communicator):
         return tensor
 
     def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Tensor:
-        host_recv = _host(recv)
+        return self.start_send_recv(send, dst, recv, src)()
+
+    def start_send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Callable[[], Tensor]:
+        host_send, host_recv = _host(send), _host(recv)
         receiving = self.comm.Irecv(_buffer(host_recv), source=src)
-        mpi_wait(self.comm.Isend(_buffer(_host(send)), dest=dst))
-        mpi_wait(receiving)
-        if host_recv is not recv:
-            recv.copy_(host_recv)
+        sending = self.comm.Isend(_buffer(host_send), dest=dst)
         self.bytes_sent += send.nbytes
-        return recv
+
+        def complete(_in_flight: Tensor = host_send) -> Tensor:  # keeps the send buffer alive
+            mpi_wait(sending)
+            mpi_wait(receiving)
+            if host_recv is not recv:
+                recv.copy_(host_recv)
+            return recv
+
+        return complete
 
 
 class NcclCommunicator(Communicator):

@@ -177,7 +177,7 @@ class DecoderLayer(nn.Module):
 
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
         """Output projection of the attention o [H, T, D], residual, and the MLP."""
-        x = x + self.wo(o.transpose(0, 1).reshape(x.shape[0], -1))
+        x = x + self.wo(o.transpose(0, 1).reshape(x.shape[0], self.num_heads * self.head_dim))
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.w_down(F.silu(gate) * up)
 

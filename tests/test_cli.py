@@ -85,17 +85,18 @@ def test_a_rerun_skips_the_ids_already_answered(tmp_path):
     assert "2 answered, 0 failed, 1 already done" in result.stderr
 
 
-def test_star_and_dense_under_mpirun(tmp_path):
+def test_star_ring_and_dense_under_mpirun(tmp_path):
     requests = write_jsonl(tmp_path / "in.jsonl", [good("a", 300), good("b", 200)])
     outputs = {}
-    for ranks, attn in [(1, "dense"), (3, "dense"), (3, "star")]:
+    for ranks, attn in [(1, "dense"), (3, "dense"), (3, "ring"), (3, "star")]:
         out = tmp_path / f"{attn}{ranks}.jsonl"
         result = star_engine(["run", "--input", str(requests), "--output", str(out), "--attn", attn,
                               "--block-size", "64", *TINY], ranks=ranks)
         assert result.returncode == 0, result.stderr
         outputs[ranks, attn] = read_jsonl(out)
-    # Dense is exact whatever the number of ranks.
-    assert [r["output"] for r in outputs[3, "dense"]] == [r["output"] for r in outputs[1, "dense"]]
+    # Dense and ring are exact whatever the number of ranks.
+    for exact in [(3, "dense"), (3, "ring")]:
+        assert [r["output"] for r in outputs[exact]] == [r["output"] for r in outputs[1, "dense"]]
     for record in outputs[3, "star"]:
         assert record["error"] is None and len(record["metrics"]["peak_mem_bytes"]) == 3
 

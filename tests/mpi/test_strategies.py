@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, StarAttention
+from star_engine.attention import DenseAttention, RingAttention, StarAttention
+from star_engine.attention.ring import zigzag_chunks
 from star_engine.checkpoint import load_model
 from star_engine.schedule import Engine
 from tests.reference import star_reference_logits
@@ -100,3 +101,29 @@ def test_kv_shares_match_the_layout(dist, comm, model):
     engine.generate(context, query, 1)
     assert engine.arena.length(0) == star.context_split(97)[dist.rank] + (len(query) if dist.is_query_rank else 0)
     assert sum(star.context_split(97)) == 97
+
+
+@pytest.mark.parametrize("context_len", [97, 64, 5])  # 5: fewer tokens than chunks on 3-4 ranks
+def test_ring_equals_dense_and_causal_attention(dist, comm, model, tiny_checkpoint, context_len):
+    context, query = request(context_len, seed=7)
+    ring = run(model, RingAttention(dist, comm), comm, dist, context, query)
+    dense = run(model, DenseAttention(dist, comm), comm, dist, context, query)
+    assert_same_tokens_on_every_rank(dist, ring.tokens)
+    assert ring.tokens == dense.tokens
+    for a, b in zip(ring.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if dist.is_query_rank:
+        want = star_reference_logits(tiny_checkpoint, context, query, ring.tokens, context_len, context_len)
+        for got, ref in zip(ring.logits, want):
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_ring_deals_each_rank_an_early_and_a_late_chunk(dist):
+    spans = zigzag_chunks(1000, dist.world)
+    chunks = sorted(c for rank_spans in spans for c in rank_spans)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # they tile the context
+    for rank, (early, late) in enumerate(spans):
+        assert early == chunks[rank] and late == chunks[2 * dist.world - 1 - rank]
+    shares = [sum(e - s for s, e in rank_spans) for rank_spans in spans]
+    assert max(shares) - min(shares) <= 2

@@ -1,0 +1,90 @@
+"""Ring Attention baseline, phase 1: exact causal attention with the context spread over
+the ranks and K/V passed around a ring.
+
+The context is cut into 2W chunks; rank r holds chunks r and 2W-1-r (the zigzag split), so
+that every rank has as much causal work as every other. At every layer each rank computes
+its tokens' q, k, v, then for W steps attends its queries over the K/V block in hand while
+that block travels on to the next rank; partial results are merged with the log-sum-exp
+merge. Each rank keeps its own tokens' K/V for phase 2, which is the same as star's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from ..model import Transformer
+from .base import Strategy
+from .local import local_attention_lse
+
+
+def zigzag_chunks(context_len: int, world: int) -> list[list[tuple[int, int]]]:
+    """[start, end) of the two chunks of each rank: chunk r and chunk 2W-1-r of 2W."""
+    bounds = [i * context_len // (2 * world) for i in range(2 * world + 1)]
+    chunk = [(bounds[i], bounds[i + 1]) for i in range(2 * world)]
+    return [[chunk[r], chunk[2 * world - 1 - r]] for r in range(world)]
+
+
+class RingAttention(Strategy):
+    name = "ring"
+
+    def context_split(self, context_len: int) -> list[int]:
+        return [sum(end - start for start, end in spans) for spans in zigzag_chunks(context_len, self.dist.world)]
+
+    def context_capacity(self, rank: int, max_context: int) -> int:
+        return 2 * -(-max_context // (2 * self.dist.world))  # two chunks, each at most c / 2W rounded up
+
+    def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:
+        if len(context_ids) == 0:
+            return
+        spans = zigzag_chunks(len(context_ids), self.dist.world)
+        positions = torch.cat([torch.arange(s, e, device=context_ids.device) for s, e in spans[self.dist.rank]])
+        x = model.embed(context_ids[positions])
+        cos, sin = model.rope(positions)
+        for layer_idx, layer in enumerate(model.layers):
+            q, k, v = layer.qkv(x, cos, sin)
+            arena.append(layer_idx, k, v)
+            x = layer.finish(x, self._ring_attention(q, k, v, spans))
+
+    def _ring_attention(self, q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, int]]]) -> Tensor:
+        rank, world = self.dist.rank, self.dist.world
+        heads, tokens, dim = q.shape
+        o = torch.zeros(heads, tokens, dim, dtype=torch.float32, device=q.device)
+        lse = torch.full((heads, tokens), float("-inf"), dtype=torch.float32, device=q.device)
+        block = torch.stack((k, v)).contiguous()  # [2, KV, tokens of its rank, D]
+        for step in range(world):
+            owner = (rank - step) % world  # whose tokens the block in hand holds
+            complete = None
+            if step < world - 1:  # pass the block on while attending over it
+                sender = (rank - step - 1) % world
+                incoming = block.new_empty(2, k.shape[0], sum(e - s for s, e in spans[sender]), dim)
+                complete = self.comm.start_send_recv(block, (rank + 1) % world, incoming, (rank - 1) % world)
+            self._attend_block(q, block, spans[rank], spans[owner], o, lse)
+            if complete is not None:
+                block = complete()
+        return o.to(q.dtype)
+
+    @staticmethod
+    def _attend_block(q: Tensor, block: Tensor, q_spans: list[tuple[int, int]],
+                      k_spans: list[tuple[int, int]], o: Tensor, lse: Tensor) -> None:
+        """Merges into (o, lse) the attention of this rank's queries over one rank's K/V,
+        chunk by chunk: a key chunk before the query chunk is seen whole, the same chunk
+        causally, a later one not at all."""
+        q_offset = 0
+        for q_start, q_end in q_spans:
+            k_offset = 0
+            rows = slice(q_offset, q_offset + q_end - q_start)
+            for k_start, k_end in k_spans:
+                keys = slice(k_offset, k_offset + k_end - k_start)
+                k_offset += k_end - k_start
+                if k_start > q_start or q_end == q_start or k_end == k_start:
+                    continue  # a later chunk (or an empty one)
+                part_o, part_lse = local_attention_lse(q[:, rows], block[0][:, keys], block[1][:, keys],
+                                                       causal=k_start == q_start)
+                merged_o, merged_lse = _C.lse_merge(
+                    torch.stack((o[:, rows], part_o.float())).flatten(1, 2),
+                    torch.stack((lse[:, rows], part_lse)).flatten(1, 2))
+                o[:, rows] = merged_o.view_as(part_o)
+                lse[:, rows] = merged_lse.view_as(part_lse)
+            q_offset += q_end - q_start
