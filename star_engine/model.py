@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+MLP_CHUNK = 8192  # tokens per MLP pass
+
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """attend(layer, q, k, v) -> o: attention output [heads, tokens, head_dim] of the new tokens."""
 
@@ -178,8 +180,13 @@ class DecoderLayer(nn.Module):
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
         """Output projection of the attention o [H, T, D], residual, and the MLP."""
         x = x + self.wo(o.transpose(0, 1).reshape(x.shape[0], self.num_heads * self.head_dim))
-        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.w_down(F.silu(gate) * up)
+        # The MLP is per token: run it MLP_CHUNK tokens at a time, so that its intermediate
+        # (2 x intermediate_size per token) stays small on blocks of 10^5 tokens.
+        for start in range(0, x.shape[0], MLP_CHUNK):
+            part = x[start:start + MLP_CHUNK]
+            gate, up = self.w_gate_up(self.mlp_norm(part)).chunk(2, dim=-1)
+            part += self.w_down(F.silu(gate) * up)
+        return x
 
 
 class Transformer(nn.Module):
