@@ -49,6 +49,7 @@ setup(
         "transformers>=4.45",
         "gguf>=0.10",
         "accelerate",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
     ext_modules=[CMakeExtension("star_engine._C")],

@@ -29,11 +29,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _engine_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _engine_flags(parser: argparse.ArgumentParser, max_new_tokens: int, model: str = DEFAULT_MODEL) -> None:
     models = ", ".join([*BUILTIN_MODELS, *PRESETS])
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    parser.add_argument("--model", default=model,
                         help=f"built-in model or shape preset ({models}), a Hugging Face checkpoint "
-                             f"directory (config.json + *.safetensors) or a .gguf file (default: {DEFAULT_MODEL})")
+                             f"directory (config.json + *.safetensors) or a .gguf file (default: {model})")
     parser.add_argument("--block-size", type=_positive, default=None,
                         help="star: context tokens per block (default: the context divided by the ranks)")
     parser.add_argument("--anchor-size", type=_positive, default=None,
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m star_engine",
         description="Long-context LLM inference over many ranks with Star Attention, beside the "
                     "dense baseline. Launch one process per GPU: mpirun -np N python -m star_engine ...")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,bench}")
 
     run = commands.add_parser(
         "run", help="answer the requests of a JSONL file",
@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="length of the document in tokens (default: 3000)")
     demo.add_argument("--seed", type=int, default=0, help="which document (default: 0)")
     _engine_flags(demo, max_new_tokens=32)
+
+    bench = commands.add_parser(
+        "bench", help="star against ring and dense: latency and memory over context lengths",
+        description="Runs each strategy at each context length on the ranks it is launched with "
+                    "(random token ids; lengths that do not fit in memory are skipped), prints a "
+                    "table, and writes JSON and a PNG plot.")
+    bench.add_argument("--attn", default="star,ring,dense", help="strategies, comma-separated (default: all)")
+    bench.add_argument("--lengths", default="32K,64K,128K,256K,512K,1M",
+                       help="context lengths in tokens, K = 1024 (default: 32K,64K,128K,256K,512K,1M)")
+    bench.add_argument("--query-tokens", type=_positive, default=64, help="query tokens (default: 64)")
+    bench.add_argument("--output", type=Path, default=None,
+                       help="JSON results (default: bench/results/e2e_<model>_<ranks>ranks.json); "
+                            "the plot goes beside it as .png")
+    bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                       help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
+    _engine_flags(bench, max_new_tokens=32, model="llama-3.1-8b")
     return parser
 
 
@@ -338,4 +354,41 @@ def _demo_table(rows: list, answer: str, world: int) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
-_COMMANDS = {"run": _run, "demo": _demo}
+def _bench(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    strategies = [a.strip() for a in args.attn.split(",") if a.strip()]
+    unknown = set(strategies) - {"star", "ring", "dense"}
+    if unknown:
+        raise ValueError(f"--attn: unknown strategies {sorted(unknown)}; expected star, ring, dense")
+    lengths = [benchmark.parse_tokens(t.strip()) for t in args.lengths.split(",") if t.strip()]
+    if args.replot is not None:
+        if not benchmark.plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):
+            raise ValueError("--replot needs matplotlib: pip install matplotlib")
+        print(f"saved {args.replot.with_suffix('.png')}")
+        return 0
+    session = Session(args)
+    session.say(f"star_engine bench: {', '.join(strategies)} at {len(lengths)} lengths on {session.dist.world} rank(s)")
+    rows = benchmark.run_benchmark(session.model, session.comm, session.dist, strategies, lengths,
+                                   args.query_tokens, args.max_new_tokens, args.block_size, args.anchor_size,
+                                   not args.no_cuda_graph, session.say)
+    if session.dist.rank == 0:
+        result = {**benchmark.environment(session.dist, session.device), "model": args.model,
+                  "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
+                  "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
+                  "rows": rows, "speedups": benchmark.speedups(rows)}
+        name = f"e2e_{args.model.replace('/', '_')}_{session.dist.world}ranks"
+        output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
+        benchmark.save(output, result)
+        print(benchmark.table(rows))
+        for s in result["speedups"]:
+            parts = [f"{k.replace('over_', 'over ')} {v:.2f}x" for k, v in s.items() if k != "context"]
+            if parts:
+                print(f"star at {s['context']} tokens: {', '.join(parts)} (time to first token)")
+        plotted = benchmark.plot(result, output.with_suffix(".png"))
+        session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
+                                         " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+_COMMANDS = {"run": _run, "demo": _demo, "bench": _bench}

@@ -72,13 +72,13 @@ class Engine:
                 raise RequestTooLarge(f"rank {rank} needs {need} KV slots, its arena holds {capacity}")
 
     def generate(self, context_ids: Tensor, query_ids: Tensor, max_new_tokens: int,
-                 keep_logits: bool = False) -> Generation:
+                 keep_logits: bool = False, stop_at_eos: bool = True) -> Generation:
         if len(query_ids) == 0 or max_new_tokens < 1:
             raise ValueError("a request needs at least one query token and max_new_tokens >= 1")
         self.check_fits(len(context_ids), len(query_ids), max_new_tokens)
         device = self.model.embed.weight.device
         context_ids, query_ids = context_ids.to(device), query_ids.to(device)
-        eos = set(self.model.config.eos_token_ids)
+        eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
         self.arena.clear()
         _reset_peak_memory(device)
         sent_before = self.comm.bytes_sent

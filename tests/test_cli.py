@@ -128,3 +128,22 @@ def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
     result = star_engine(args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_path):
+    out = tmp_path / "bench.json"
+    result = star_engine(["bench", "--model", "tiny", "--lengths", "256,1K", "--max-new-tokens", "3",
+                          "--query-tokens", "8", "--output", str(out)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["ranks"] == 2 and saved["model"] == "tiny" and saved["commit"]
+    assert [(r["attn"], r["context"]) for r in saved["rows"]] == [
+        (attn, n) for attn in ("star", "ring", "dense") for n in (256, 1024)]
+    for row in saved["rows"]:
+        assert row["output_tokens"] == 3 and row["ttft_s"] >= row["phase1_s"] > 0
+        assert len(row["peak_mem_bytes"]) == 2 and len(row["bytes_sent"]) == 2
+    ring = next(r for r in saved["rows"] if r["attn"] == "ring" and r["context"] == 1024)
+    assert min(ring["bytes_sent"]) > 0  # K/V went around the ring
+    assert [s["context"] for s in saved["speedups"]] == [256, 1024]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "star at 1024 tokens: over ring" in result.stdout

@@ -1,0 +1,157 @@
+"""Star against Ring Attention and dense, same model, same ranks, one run: time to first
+token, phase-1 time, time per output token, peak memory and bytes sent per rank, over a
+range of context lengths. Contexts are random token ids: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .attention import STRATEGIES, StarAttention
+from .comm import Communicator
+from .launch import Dist
+from .model import Transformer
+from .schedule import Engine
+
+
+def parse_tokens(text: str) -> int:
+    """'32K' -> 32768, '1M' -> 1048576, '5000' -> 5000."""
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def fits(dist: Dist, engine_bytes: int, activation_bytes: int, device: torch.device) -> bool:
+    """Whether every rank has the memory for a run (decided together, so ranks never part)."""
+    ok = True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        ok = engine_bytes + activation_bytes < free
+    return all(dist.mpi.allgather(ok))
+
+
+def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies: list[str],
+                  lengths: list[int], query_tokens: int, new_tokens: int, block_size: int | None,
+                  anchor_size: int | None, cuda_graph: bool, say: Callable[[str], None]) -> list[dict]:
+    cfg, weight = model.config, model.embed.weight
+    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * weight.element_size()
+    rows = []
+    for attn in strategies:
+        for length in lengths:
+            if attn == "star":
+                strategy = StarAttention(dist, comm, block_size, anchor_size)
+            else:
+                strategy = STRATEGIES[attn](dist, comm)
+            max_tokens = length + query_tokens + new_tokens
+            share = max(strategy.context_split(length))
+            activations = 24 * share * cfg.hidden_size * weight.element_size()
+            row = {"attn": attn, "ranks": dist.world, "context": length, "describe": strategy.describe()}
+            if not fits(dist, max_tokens * kv_bytes_per_token, activations, weight.device):
+                say(f"  {attn:5} {length:>8} tokens: skipped, does not fit in memory")
+                rows.append({**row, "skipped": "memory"})
+                continue
+            engine = Engine(model, strategy, comm, dist, max_tokens, cuda_graph=cuda_graph)
+            ids = torch.randint(0, cfg.vocab_size, (length + query_tokens,), generator=torch.Generator().manual_seed(0))
+            # Always new_tokens tokens: random weights may produce an end-of-sequence id.
+            gen = engine.generate(ids[:length], ids[length:], new_tokens, stop_at_eos=False)
+            m = gen.metrics
+            rows.append({**row, "phase1_s": m.phase1_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
+                         "peak_mem_bytes": m.peak_mem_bytes, "bytes_sent": m.bytes_sent,
+                         "output_tokens": len(gen.tokens)})
+            tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.2f} ms"
+            say(f"  {attn:5} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
+                f"per token {tpot}, peak {max(m.peak_mem_bytes) / 2**30:.2f} GiB/rank")
+            del engine
+            if weight.is_cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def environment(dist: Dist, device: torch.device) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=root).stdout.strip() or os.environ.get("STAR_ENGINE_COMMIT", "unknown")
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "ranks": dist.world,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": (f"mpirun -np {dist.world} " if dist.world > 1 else "")
+                   + " ".join(shlex.quote(a) for a in ["python", "-m", "star_engine", *sys.argv[1:]]),
+    }
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """star's time to first token against ring's and dense's at each length."""
+    by = {(r["attn"], r["context"]): r for r in rows if "ttft_s" in r}
+    out = []
+    for (attn, length), star in sorted(by.items(), key=lambda kv: kv[0][1]):
+        if attn != "star":
+            continue
+        entry = {"context": length}
+        for other in ("ring", "dense"):
+            if (other, length) in by:
+                entry[f"over_{other}"] = by[other, length]["ttft_s"] / star["ttft_s"]
+        out.append(entry)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'attn':>5} {'context':>8} {'phase1 s':>9} {'ttft s':>8} {'tpot ms':>8} {'peak GiB/rank':>13}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['attn']:>5} {r['context']:>8} {'skipped: ' + r['skipped']:>41}")
+            continue
+        tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}"
+        lines.append(f"{r['attn']:>5} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s']:>8.3f} {tpot:>8} "
+                     f"{max(r['peak_mem_bytes']) / 2**30:>13.2f}")
+    return "\n".join(lines)
+
+
+def save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def plot(result: dict, path: Path) -> bool:
+    """Time to first token against length per strategy, star's speed-up, memory per rank.
+    Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in result["rows"] if "ttft_s" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for attn in dict.fromkeys(r["attn"] for r in rows):
+        mine = [r for r in rows if r["attn"] == attn]
+        x = [r["context"] for r in mine]
+        axes[0].plot(x, [r["ttft_s"] for r in mine], marker="o", label=attn)
+        axes[2].plot(x, [max(r["peak_mem_bytes"]) / 2**30 for r in mine], marker="o", label=attn)
+    for key, label in (("over_ring", "star / ring"), ("over_dense", "star / dense")):
+        points = [(s["context"], s[key]) for s in result["speedups"] if key in s]
+        if points:
+            axes[1].plot(*zip(*points), marker="o", label=label)
+    titles = ("time to first token (s)", "star's speed-up in time to first token (x)", "peak memory, max rank (GiB)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.suptitle(f"{result['model']} on {result['ranks']} x {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
