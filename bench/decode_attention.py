@@ -13,32 +13,17 @@ import argparse
 
 import torch
 
-from results_io import save, table
+from results_io import median_ms, save, table
 from star_engine import _C
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
-
-
-def time_ms(fn, repeats: int = 50) -> float:
-    """Median of CUDA-event timings after warm-up, rotating through inputs to defeat L2."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth(nbytes: int = 4 << 30) -> float:
     """Device-to-device copy, bytes read plus written per second."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / (time_ms(lambda: dst.copy_(src)) / 1e3)
+    return 2 * src.nbytes / (median_ms(lambda: dst.copy_(src), repeats=50, warmup=5) / 1e3)
 
 
 def main() -> None:
@@ -62,7 +47,7 @@ def main() -> None:
                 cache = caches[next(turn) % len(caches)]
                 _C.decode_attention(q, cache[0], cache[1], n, splits)
 
-            ms = time_ms(step)
+            ms = median_ms(step, repeats=50, warmup=5)
             kv_bytes = 2 * kv_heads * length * dim * 2
             bandwidth = kv_bytes / (ms / 1e3)
             rows.append({"shape": name, "length": length, "splits": splits, "time_us": ms * 1e3,

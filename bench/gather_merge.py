@@ -17,27 +17,16 @@ import socket
 import torch
 import torch.distributed as torch_dist
 
-from results_io import save, table
+from results_io import median_ms, save, table
 from star_engine.comm import NcclCommunicator
 from star_engine.launch import init_distributed, select_device
 
 LAYERS = 32  # calls per captured graph: one decode step of llama-3.1-8b
 
 
-def per_call_us(fn, calls: int, repeats: int = 30) -> float:
-    """Median over repeats of (time of `calls` back-to-back calls) / calls, CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+def per_call_us(fn, calls: int) -> float:
+    """Median time of `calls` back-to-back calls (one fn()), divided by calls."""
+    return median_ms(fn, repeats=30) * 1e3 / calls
 
 
 def main() -> None:

@@ -1,36 +1,25 @@
-"""What every benchmark writes: measured rows plus where and how they were measured."""
+"""What every benchmark shares: CUDA-event timing, and the JSON of measured rows with where
+and how they were measured."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+import star_engine.benchmark
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
-    # A copy of the tree without .git (a remote machine) is told its commit by STAR_ENGINE_COMMIT.
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=RESULTS.parent).stdout.strip() or os.environ.get("STAR_ENGINE_COMMIT", "unknown")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     ranks = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
-    launcher = f"mpirun -np {ranks} " if ranks > 1 else ""
-    return {
-        "device": gpu,
-        "gpus": torch.cuda.device_count(),
-        "ranks": ranks,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": launcher + " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-        "torch": torch.__version__,
-    }
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {**star_engine.benchmark.environment(ranks, device, ["python", sys.argv[0]]),
+            "gpus": torch.cuda.device_count()}
 
 
 def save(name: str, rows: list[dict], **extra) -> Path:
@@ -52,3 +41,19 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return "-" if value is None else str(value)
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median over `repeats` runs of fn() timed with CUDA events, after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]

@@ -75,17 +75,21 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
     return rows
 
 
-def environment(dist: Dist, device: torch.device) -> dict:
+def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
+    """Where and how a result was measured: device, ranks, commit, date, the command line
+    (`program` followed by this process's arguments)."""
     root = Path(__file__).resolve().parent.parent
+    # A copy of the tree without .git (a remote machine) is told its commit by STAR_ENGINE_COMMIT.
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=root).stdout.strip() or os.environ.get("STAR_ENGINE_COMMIT", "unknown")
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "ranks": dist.world,
+        "ranks": ranks,
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": (f"mpirun -np {dist.world} " if dist.world > 1 else "")
-                   + " ".join(shlex.quote(a) for a in ["python", "-m", "star_engine", *sys.argv[1:]]),
+        "command": (f"mpirun -np {ranks} " if ranks > 1 else "")
+                   + " ".join(shlex.quote(a) for a in [*program, *sys.argv[1:]]),
+        "torch": torch.__version__,
     }
 
 

@@ -373,7 +373,8 @@ def _bench(args: argparse.Namespace) -> int:
                                    args.query_tokens, args.max_new_tokens, args.block_size, args.anchor_size,
                                    not args.no_cuda_graph, session.say)
     if session.dist.rank == 0:
-        result = {**benchmark.environment(session.dist, session.device), "model": args.model,
+        result = {**benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"]),
+                  "model": args.model,
                   "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
                   "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
                   "rows": rows, "speedups": benchmark.speedups(rows)}
