@@ -103,7 +103,7 @@ class Engine:
                 tokens.append(decoder.token())
                 if keep_logits and self.dist.is_query_rank:
                     logits.append(decoder.logits.clone())
-            if self.dist.is_query_rank:  # the steps wrote their K/V from the GPU side
+            if self.dist.is_query_rank:  # count the K/V the decode steps wrote at their own slots
                 self.arena.advance(len(tokens) - 1)
         total = self._elapsed(start)
 
