@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         resolve(args.model)
         if args.command == "run":
             _check_paths(args.input, args.output)
+        if args.command == "bench":
+            _bench_strategies(args.attn)
     except ValueError as exc:
         if env_rank() == 0:
             print(f"star_engine: {exc}", file=sys.stderr)
@@ -354,13 +356,18 @@ def _demo_table(rows: list, answer: str, world: int) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
+def _bench_strategies(attn: str) -> list[str]:
+    strategies = [a.strip() for a in attn.split(",") if a.strip()]
+    unknown = set(strategies) - {"star", "ring", "dense"}
+    if unknown or not strategies:
+        raise ValueError(f"--attn: unknown strategies {sorted(unknown)}; expected some of star, ring, dense")
+    return strategies
+
+
 def _bench(args: argparse.Namespace) -> int:
     from . import benchmark
 
-    strategies = [a.strip() for a in args.attn.split(",") if a.strip()]
-    unknown = set(strategies) - {"star", "ring", "dense"}
-    if unknown:
-        raise ValueError(f"--attn: unknown strategies {sorted(unknown)}; expected star, ring, dense")
+    strategies = _bench_strategies(args.attn)
     lengths = [benchmark.parse_tokens(t.strip()) for t in args.lengths.split(",") if t.strip()]
     if args.replot is not None:
         if not benchmark.plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):

@@ -67,11 +67,11 @@ def select_device(kind: str, dist: Dist) -> torch.device:
     """`cuda`: this rank's GPU, by node-local rank. `cpu`: the node's cores shared out."""
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: this PyTorch sees no GPU")
+            raise ValueError("--device cuda: this PyTorch sees no GPU")
         count = torch.cuda.device_count()
         if dist.local_world > count:
-            raise RuntimeError(f"{dist.local_world} ranks on this node but only {count} GPUs: "
-                               "launch one rank per GPU")
+            raise ValueError(f"{dist.local_world} ranks on this node but only {count} GPUs: "
+                             "launch one rank per GPU")
         torch.cuda.set_device(dist.local_rank)
         return torch.device("cuda", dist.local_rank)
     if kind != "cpu":

@@ -123,6 +123,7 @@ def test_help_documents_every_flag():
     (["run", "--input", "missing.jsonl", "--output", "o.jsonl"], "--input missing.jsonl: no such file"),
     (["run", "--input", "x", "--output", "o", "--model", "nope"], "--model 'nope' is neither"),
     (["demo", "--block-size", "8", "--anchor-size", "9"], "--anchor-size 9 exceeds --block-size 8"),
+    (["bench", "--model", "tiny", "--attn", "star,flash"], "--attn: unknown strategies ['flash']"),
 ])
 def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
     result = star_engine(args)
