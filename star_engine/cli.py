@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_paths(args.input, args.output)
         if args.command == "bench":
             _bench_strategies(args.attn)
+            _bench_lengths(args.lengths)
     except ValueError as exc:
         if env_rank() == 0:
             print(f"star_engine: {exc}", file=sys.stderr)
@@ -364,11 +365,23 @@ def _bench_strategies(attn: str) -> list[str]:
     return strategies
 
 
+def _bench_lengths(text: str) -> list[int]:
+    from .benchmark import parse_tokens
+
+    try:
+        lengths = [parse_tokens(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--lengths {text!r}: expected token counts such as 32K,64K,1M")
+    return lengths
+
+
 def _bench(args: argparse.Namespace) -> int:
     from . import benchmark
 
     strategies = _bench_strategies(args.attn)
-    lengths = [benchmark.parse_tokens(t.strip()) for t in args.lengths.split(",") if t.strip()]
+    lengths = _bench_lengths(args.lengths)
     if args.replot is not None:
         if not benchmark.plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):
             raise ValueError("--replot needs matplotlib: pip install matplotlib")

@@ -124,6 +124,7 @@ def test_help_documents_every_flag():
     (["run", "--input", "x", "--output", "o", "--model", "nope"], "--model 'nope' is neither"),
     (["demo", "--block-size", "8", "--anchor-size", "9"], "--anchor-size 9 exceeds --block-size 8"),
     (["bench", "--model", "tiny", "--attn", "star,flash"], "--attn: unknown strategies ['flash']"),
+    (["bench", "--model", "tiny", "--lengths", "32K,lots"], "--lengths '32K,lots': expected token counts"),
 ])
 def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
     result = star_engine(args)
