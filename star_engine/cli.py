@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "attention over all ranks and with dense attention, and prints both answers "
                     "with their timings.")
     demo.add_argument("--context-tokens", type=_positive, default=3000,
-                      help="length of the document in tokens (default: 3000)")
+                      help="length of the prompt, document and question, in tokens (default: 3000)")
     demo.add_argument("--seed", type=int, default=0, help="which document (default: 0)")
-    _engine_flags(demo, max_new_tokens=32)
+    _engine_flags(demo, max_new_tokens=12)
 
     bench = commands.add_parser(
         "bench", help="star against ring and dense: latency and memory over context lengths",
@@ -312,45 +312,43 @@ def _parse_request(line: str, default_max_new: int) -> tuple[dict | None, str | 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .tasks import needle_task
+    from .tasks import make_sample, score
 
     session = Session(args)
     dist = session.dist
-    item = None
-    if dist.rank == 0:
-        tokenizer = session.tokenizer
-        task = needle_task(lambda text: len(tokenizer.encode(text)), args.context_tokens, seed=args.seed)
-        context_ids, query_ids = tokenizer.prompt(task.context, task.query)
-        item = (task, context_ids, query_ids)
+    sample = make_sample("niah_single_1", session.tokenizer, args.context_tokens, args.seed) if dist.rank == 0 else None
     dist.sync()
-    task, context_ids, query_ids = dist.mpi.bcast(item, root=0)
-    session.say(f"\nDocument: {len(context_ids)} context tokens, {len(query_ids)} query tokens."
-                f"\nQuestion: {task.query}\nExpected: {task.answer}\n")
+    sample = dist.mpi.bcast(sample, root=0)
+    session.say(f"\nDocument: {len(sample.context_ids)} context tokens, {len(sample.query_ids)} query tokens."
+                f"\nQuestion: {sample.query}\nAnswer begins: {sample.answer_prefix}"
+                f"\nExpected: {', '.join(sample.answers)}\n")
     rows = []
     for attn in ("star", "dense"):
         engine = session.engine(attn)
         session.say(f"running {engine.strategy.describe()} ...")
-        gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), args.max_new_tokens)
+        gen = engine.generate(torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids),
+                              args.max_new_tokens)
         if dist.rank == 0:
-            rows.append((attn, session.tokenizer.decode(gen.tokens).strip(), gen.metrics))
+            text = session.tokenizer.decode(gen.tokens).strip()
+            rows.append((attn, text, score(text, sample.answers), gen.metrics))
         del engine
     if dist.rank == 0:
-        print(_demo_table(rows, task.answer, dist.world))
+        print(_demo_table(rows, dist.world))
     return 0
 
 
-def _demo_table(rows: list, answer: str, world: int) -> str:
+def _demo_table(rows: list, world: int) -> str:
     def mib(values: list[int]) -> str:
         return f"{max(values) / 2**20:.0f}"
 
-    header = ["", *(f"{attn} ({world} rank{'s' if world > 1 else ''})" for attn, _, _ in rows)]
+    header = ["", *(f"{attn} ({world} rank{'s' if world > 1 else ''})" for attn, _, _, _ in rows)]
     lines = [
-        ["answer", *(repr(text) for _, text, _ in rows)],
-        ["correct", *("yes" if answer in text else "no" for _, text, _ in rows)],
-        ["phase 1 (s)", *(f"{m.phase1_s:.3f}" for _, _, m in rows)],
-        ["first token (s)", *(f"{m.ttft_s:.3f}" for _, _, m in rows)],
-        ["per token (ms)", *("-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f}" for _, _, m in rows)],
-        ["peak memory, max rank (MiB)", *(mib(m.peak_mem_bytes) for _, _, m in rows)],
+        ["answer", *(repr(text) for _, text, _, _ in rows)],
+        ["correct", *("yes" if hit == 1 else "no" for _, _, hit, _ in rows)],
+        ["phase 1 (s)", *(f"{m.phase1_s:.3f}" for _, _, _, m in rows)],
+        ["first token (s)", *(f"{m.ttft_s:.3f}" for _, _, _, m in rows)],
+        ["per token (ms)", *("-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f}" for _, _, _, m in rows)],
+        ["peak memory, max rank (MiB)", *(mib(m.peak_mem_bytes) for _, _, _, m in rows)],
     ]
     table = [header, *lines]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

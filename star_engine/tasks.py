@@ -1,16 +1,22 @@
-"""Synthetic long-context tasks, generated deterministically from a seed.
+"""Synthetic long-context tasks in the manner of RULER (Hsieh et al., 2024, "RULER: What's
+the Real Context Size of Your Long-Context Language Models?"), written here, under RULER's
+task names, generated deterministically from a seed.
 
-A task is a long document (the context), a question about it (the query) and the
-expected answer. The haystack is plain filler prose; the fact to retrieve (the needle)
-sits at a chosen depth.
+A task is a set of facts (needles) hidden in a haystack, a question, and the strings the
+answer must contain. `make_sample` assembles the prompt from token ids so that context and
+query together are exactly the length asked for, in the model's own tokens and chat
+template: the haystack is cut to fit, the needles are kept whole, at unit boundaries.
+Score: the fraction of expected strings found in the output (RULER's string match).
 """
 
 from __future__ import annotations
 
 import random
+import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Protocol
 
+# Plain filler prose (written here), in random order: the "repeated filler" haystack.
 _FILLER = (
     "The river ran slowly past the old mill, and the morning fog lifted from the fields.",
     "Farmers in the valley planted barley in spring and harvested it before the autumn rains.",
@@ -23,33 +29,206 @@ _FILLER = (
     "The ferry crossed twice a day, carrying post, sheep and the occasional curious visitor.",
     "Old letters in the attic described storms, weddings and the price of salt in each season.",
 )
+_SYLLABLES = ("ka", "lo", "mi", "ten", "ra", "vu", "sel", "po", "dar", "ni", "qua", "bel", "tor",
+              "fi", "gan", "zo", "mer", "li", "os", "pra")
 
-_KEYS = ("amber-falcon", "silent-harbor", "copper-lantern", "northern-orchard", "velvet-compass",
-         "hollow-summit", "crimson-meadow", "distant-beacon", "quiet-glacier", "iron-willow")
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def frame(self, query: str) -> tuple[list[int], list[int]]: ...
 
 
 @dataclass(frozen=True)
 class Task:
-    context: str
+    """What one sample of a task says, before it is fitted to a length."""
+
+    needles: tuple[str, ...]  # facts, inserted in this order at increasing depths
+    haystack: Callable[[random.Random], Iterator[str]]  # endless stream of filler units
     query: str
-    answer: str
+    answers: tuple[str, ...]
+    answer_prefix: str  # the start of the answer, given to the model after the question
 
 
-def needle_task(count_tokens: Callable[[str], int], context_tokens: int, seed: int = 0,
-                depth: float = 0.5) -> Task:
-    """A document of about `context_tokens` tokens (as `count_tokens` measures) holding one
-    special number at `depth` (0 = start, 1 = end), and the question that asks for it."""
-    rng = random.Random(seed)
-    key = rng.choice(_KEYS)
-    answer = str(rng.randrange(1_000_000, 10_000_000))
-    needle = f"The special magic number for {key} is {answer}."
-    sentences: list[str] = []
-    used = count_tokens(needle)
-    while used < context_tokens:
-        sentence = rng.choice(_FILLER)
-        sentences.append(sentence)
-        used += count_tokens(" " + sentence)
-    sentences.insert(round(depth * len(sentences)), needle)
-    query = (f"What is the special magic number for {key} mentioned in the text above? "
-             "Answer with the number only.")
-    return Task(" ".join(sentences), query, answer)
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    context_ids: list[int]  # template head + document
+    query_ids: list[int]  # the question, the template's tail and the start of the answer
+    query: str
+    answer_prefix: str
+    answers: tuple[str, ...]
+
+
+def score(output: str, answers: tuple[str, ...]) -> float:
+    """Fraction of the expected strings found in the output (case-insensitive)."""
+    text = output.lower()
+    return sum(answer.lower() in text for answer in answers) / len(answers)
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    words: dict[str, None] = {}
+    while len(words) < n:
+        words[_word(rng)] = None
+    return list(words)
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _filler(rng: random.Random) -> Iterator[str]:
+    while True:
+        yield rng.choice(_FILLER)
+
+
+def _uuid_noise(rng: random.Random) -> Iterator[str]:
+    while True:
+        yield f"{_uuid(rng)}."
+
+
+def _needle(key: str, value: str) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def _needle_stream(rng: random.Random, key_of: Callable[[random.Random], str],
+                   value_of: Callable[[random.Random], str]) -> Callable[[random.Random], Iterator[str]]:
+    """A haystack made of distractor needles."""
+    def stream(r: random.Random) -> Iterator[str]:
+        while True:
+            yield _needle(key_of(r), value_of(r))
+    return stream
+
+
+def _niah(rng: random.Random, haystack, keys: list[str], values: list[list[str]], queried: list[int]) -> Task:
+    needles = [_needle(keys[i], v) for i in range(len(keys)) for v in values[i]]
+    rng.shuffle(needles)
+    answers = tuple(v for i in queried for v in values[i])
+    asked = [keys[i] for i in queried]
+    what = asked[0] if len(asked) == 1 else ", ".join(asked[:-1]) + " and " + asked[-1]
+    if len(answers) == 1:
+        query = f"What is the special magic number for {what} mentioned in the provided text?"
+        prefix = f"The special magic number for {what} mentioned in the provided text is"
+    else:
+        query = f"What are all the special magic numbers for {what} mentioned in the provided text?"
+        prefix = f"The special magic numbers for {what} mentioned in the provided text are"
+    return Task(tuple(needles), haystack, query, answers, prefix)
+
+
+def niah_single_1(rng: random.Random) -> Task:
+    return _niah(rng, _filler, [_word(rng)], [[_number(rng)]], [0])
+
+
+def niah_single_3(rng: random.Random) -> Task:
+    return _niah(rng, _uuid_noise, [_word(rng)], [[_uuid(rng)]], [0])
+
+
+def niah_multikey_1(rng: random.Random) -> Task:
+    keys = _words(rng, 4)
+    return _niah(rng, _filler, keys, [[_number(rng)] for _ in keys], [0])
+
+
+def niah_multikey_2(rng: random.Random) -> Task:
+    return _niah(rng, _needle_stream(rng, _word, _number), [_word(rng)], [[_number(rng)]], [0])
+
+
+def niah_multikey_3(rng: random.Random) -> Task:
+    return _niah(rng, _needle_stream(rng, _uuid, _uuid), [_uuid(rng)], [[_uuid(rng)]], [0])
+
+
+def niah_multivalue(rng: random.Random) -> Task:
+    return _niah(rng, _filler, [_word(rng)], [[_number(rng) for _ in range(4)]], [0])
+
+
+def niah_multiquery(rng: random.Random) -> Task:
+    keys = _words(rng, 4)
+    return _niah(rng, _filler, keys, [[_number(rng)] for _ in keys], [0, 1, 2, 3])
+
+
+def vt(rng: random.Random) -> Task:
+    """Variable tracking: a chain of assignments, each hop naming the previous variable."""
+    names = [name.upper() for name in _words(rng, 5)]
+    value = str(rng.randrange(10_000, 100_000))
+    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    query = f"Find all variables that are assigned the value {value} in the text above, directly or through other variables."
+    return Task(tuple(chain), _filler, query, tuple(names), f"The variables assigned the value {value} are:")
+
+
+def cwe(rng: random.Random) -> Task:
+    """Common words: ten words recur far more often than the rest of a long list."""
+    vocabulary = _words(rng, 400)
+    common, rare = vocabulary[:10], vocabulary[10:]
+
+    def stream(r: random.Random) -> Iterator[str]:
+        n = 0
+        while True:
+            word = r.choice(common) if r.random() < 0.3 else r.choice(rare)
+            n += 1
+            yield f"{n}. {word}"
+    query = "What are the 10 most common words in the numbered list above?"
+    return Task((), stream, query, tuple(common), "The 10 most common words in the list are:")
+
+
+def fwe(rng: random.Random) -> Task:
+    """Frequent words: words drawn from a Zipf law; the three most frequent are asked for."""
+    vocabulary = _words(rng, 200)
+    weights = [1.0 / (rank + 1) ** 1.5 for rank in range(len(vocabulary))]
+
+    def stream(r: random.Random) -> Iterator[str]:
+        while True:
+            yield " ".join(r.choices(vocabulary, weights, k=8)) + "."
+    query = "What are the 3 most frequently appearing words in the text above?"
+    return Task((), stream, query, tuple(vocabulary[:3]), "The 3 most frequent words in the text are:")
+
+
+# RULER's niah_single_2 (a haystack of natural prose) waits for prose the project can ship.
+TASKS: dict[str, Callable[[random.Random], Task]] = {
+    "niah_single_1": niah_single_1,
+    "niah_single_3": niah_single_3,
+    "niah_multikey_1": niah_multikey_1,
+    "niah_multikey_2": niah_multikey_2,
+    "niah_multikey_3": niah_multikey_3,
+    "niah_multivalue": niah_multivalue,
+    "niah_multiquery": niah_multiquery,
+    "vt": vt,
+    "cwe": cwe,
+    "fwe": fwe,
+}
+
+
+def make_sample(task_name: str, tokenizer: TextTokenizer, length: int, seed: int) -> Sample:
+    """Sample `seed` of a task, exactly `length` tokens of context + query."""
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; expected one of {', '.join(TASKS)}")
+    rng = random.Random(f"{task_name}:{seed}")
+    task = TASKS[task_name](rng)
+    head_ids, query_ids = tokenizer.frame(task.query)
+    query_ids = query_ids + tokenizer.encode(task.answer_prefix)
+    needles = [tokenizer.encode(" " + needle) for needle in task.needles]
+    budget = length - len(head_ids) - len(query_ids) - sum(map(len, needles))
+    if budget < len(needles) + 1:
+        raise ValueError(f"{task_name}: {length} tokens cannot hold the prompt and its facts")
+    # Haystack units up to the budget; the last one cut to fit exactly.
+    units: list[list[int]] = []
+    used = 0
+    stream = task.haystack(rng)
+    while used < budget:
+        ids = tokenizer.encode(" " + next(stream))
+        units.append(ids[: budget - used])
+        used += len(units[-1])
+    # Needles between units, at sorted random depths, in their own order.
+    slots = sorted(rng.choices(range(len(units) + 1), k=len(needles)))
+    body: list[int] = []
+    pending = list(zip(slots, needles))
+    for i, unit in enumerate(units + [[]]):
+        while pending and pending[0][0] == i:
+            body += pending.pop(0)[1]
+        body += unit
+    return Sample(task_name, head_ids + body, query_ids, task.query, task.answer_prefix, task.answers)

@@ -26,13 +26,28 @@ class Tokenizer:
 
     def prompt(self, context: str, query: str) -> tuple[list[int], list[int]]:
         """Token ids of (context part, query part) of the prompt."""
-        if self.hf.chat_template:
-            messages = [{"role": "user", "content": f"{context}\n\n{query}"}]
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            cut = text.index(context) + len(context) if context else text.index(query)
-            return self.encode(text[:cut]), self.encode(text[cut:])
-        bos = [self.hf.bos_token_id] if self.hf.bos_token_id is not None else []
-        return bos + self.encode(context), self.encode(f"\n\n{query}")
+        head, tail = self._frame_text(query)
+        return self._head_ids(head + context), self.encode(tail)
+
+    def frame(self, query: str) -> tuple[list[int], list[int]]:
+        """Token ids before a context (the template's head) and after it (the query and the
+        template's tail), for contexts assembled from token ids."""
+        head, tail = self._frame_text(query)
+        return self._head_ids(head), self.encode(tail)
+
+    def _frame_text(self, query: str) -> tuple[str, str]:
+        if not self.hf.chat_template:
+            return "", f"\n\n{query}"
+        marker = "@@STAR_ENGINE_CONTEXT@@"
+        messages = [{"role": "user", "content": f"{marker}\n\n{query}"}]
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        cut = text.index(marker)
+        return text[:cut], text[cut + len(marker):]
+
+    def _head_ids(self, text: str) -> list[int]:
+        # Without a chat template, the beginning-of-sequence token starts the prompt.
+        bos = [] if self.hf.chat_template or self.hf.bos_token_id is None else [self.hf.bos_token_id]
+        return bos + self.encode(text)
 
 
 class ByteTokenizer:
@@ -53,6 +68,9 @@ class ByteTokenizer:
 
     def prompt(self, context: str, query: str) -> tuple[list[int], list[int]]:
         return self.encode(context), self.encode(f"\n\n{query}")
+
+    def frame(self, query: str) -> tuple[list[int], list[int]]:
+        return [], self.encode(f"\n\n{query}")
 
 
 def load_tokenizer(spec: str, eos_token_ids: tuple[int, ...]) -> Tokenizer | ByteTokenizer:
