@@ -128,12 +128,8 @@ def save(path: Path, result: dict) -> None:
 def plot(result: dict, path: Path) -> bool:
     """Time to first token against length per strategy, star's speed-up, memory per rank.
     Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in result["rows"] if "ttft_s" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -159,3 +155,15 @@ def plot(result: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -29,24 +29,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _engine_flags(parser: argparse.ArgumentParser, max_new_tokens: int, model: str = DEFAULT_MODEL) -> None:
+def _model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL) -> None:
     models = ", ".join([*BUILTIN_MODELS, *PRESETS])
     parser.add_argument("--model", default=model,
                         help=f"built-in model or shape preset ({models}), a Hugging Face checkpoint "
                              f"directory (config.json + *.safetensors) or a .gguf file (default: {model})")
-    parser.add_argument("--block-size", type=_positive, default=None,
-                        help="star: context tokens per block (default: the context divided by the ranks)")
-    parser.add_argument("--anchor-size", type=_positive, default=None,
-                        help="star: tokens of the anchor, the start of block 0 (default: the block size)")
-    parser.add_argument("--anchor-mode", choices=("broadcast", "recompute"), default="broadcast",
-                        help="star: the anchor's K/V is computed once and broadcast layer by layer, "
-                             "or recomputed by every rank that needs it (default: broadcast)")
-    parser.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens,
-                        help=f"tokens to generate at most, unless a request says otherwise "
-                             f"(default: {max_new_tokens})")
-    parser.add_argument("--max-tokens", type=_positive, default=None,
-                        help="longest request (context + query + generated tokens) the KV cache is "
-                             "sized for; longer ones are refused (default: the model's context length)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -55,12 +42,32 @@ def _engine_flags(parser: argparse.ArgumentParser, max_new_tokens: int, model: s
                         help="decode eagerly instead of replaying each step from a CUDA graph")
 
 
+def _star_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=_positive, default=None,
+                        help="star: context tokens per block (default: the context divided by the ranks)")
+    parser.add_argument("--anchor-size", type=_positive, default=None,
+                        help="star: tokens of the anchor, the start of block 0 (default: the block size)")
+    parser.add_argument("--anchor-mode", choices=("broadcast", "recompute"), default="broadcast",
+                        help="star: the anchor's K/V is computed once and broadcast layer by layer, "
+                             "or recomputed by every rank that needs it (default: broadcast)")
+
+
+def _generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int, sized: bool = True) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens,
+                        help=f"tokens to generate at most, unless a request says otherwise "
+                             f"(default: {max_new_tokens})")
+    if sized:
+        parser.add_argument("--max-tokens", type=_positive, default=None,
+                            help="longest request (context + query + generated tokens) the KV cache is "
+                                 "sized for; longer ones are refused (default: the model's context length)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m star_engine",
         description="Long-context LLM inference over many ranks with Star Attention, beside the "
                     "dense baseline. Launch one process per GPU: mpirun -np N python -m star_engine ...")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,bench,eval}")
 
     run = commands.add_parser(
         "run", help="answer the requests of a JSONL file",
@@ -74,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attn", choices=("star", "ring", "dense"), default="star",
                      help="star: blocks over all ranks, approximate; ring: exact, K/V passed around the "
                           "ranks; dense: the whole context on one rank (default: star)")
-    _engine_flags(run, max_new_tokens=64)
+    _model_flags(run)
+    _star_flags(run)
+    _generation_flags(run, max_new_tokens=64)
 
     demo = commands.add_parser(
         "demo", help="a long document with a hidden fact: star's answer beside dense's",
@@ -84,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context-tokens", type=_positive, default=3000,
                       help="length of the prompt, document and question, in tokens (default: 3000)")
     demo.add_argument("--seed", type=int, default=0, help="which document (default: 0)")
-    _engine_flags(demo, max_new_tokens=12)
+    _model_flags(demo)
+    _star_flags(demo)
+    _generation_flags(demo, max_new_tokens=12)
 
     bench = commands.add_parser(
         "bench", help="star against ring and dense: latency and memory over context lengths",
@@ -100,7 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "the plot goes beside it as .png")
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
-    _engine_flags(bench, max_new_tokens=32, model="llama-3.1-8b")
+    _model_flags(bench, model="llama-3.1-8b")
+    _star_flags(bench)
+    _generation_flags(bench, max_new_tokens=32, sized=False)
+
+    from .tasks import TASKS
+
+    evaluate = commands.add_parser(
+        "eval", help="accuracy of star against dense on synthetic long-context tasks",
+        description="Generates RULER-style tasks from the seed at exactly the lengths asked for (in the "
+                    "model's tokens and chat template), has every method answer the same samples, "
+                    "scores them, prints a table (star's accuracy also relative to dense) and writes "
+                    "JSON and a plot.")
+    evaluate.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: all: {', '.join(TASKS)})")
+    evaluate.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens (default: 1K,2K,4K)")
+    evaluate.add_argument("--samples", type=_positive, default=10, help="samples per task and length (default: 10)")
+    evaluate.add_argument("--attn", default="star,dense", help="methods, comma-separated (default: star,dense)")
+    evaluate.add_argument("--blocks", default="4", help="star: blocks the context is cut into, comma-separated (default: 4)")
+    evaluate.add_argument("--anchor-size", default="block",
+                          help="star: anchor sizes as fractions of the block, comma-separated, e.g. 1/4,1/2,block "
+                               "(default: block)")
+    evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
+    evaluate.add_argument("--output", type=Path, default=None,
+                          help="JSON results (default: bench/results/eval_<model>.json); the plot goes beside it")
+    _model_flags(evaluate)
     return parser
 
 
@@ -111,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if env_rank() != 0:  # every rank parses the same arguments; one of them speaks
         parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
     args = parser.parse_args(argv)
-    if args.anchor_size and args.block_size and args.anchor_size > args.block_size:
-        parser.error(f"--anchor-size {args.anchor_size} exceeds --block-size {args.block_size}")
+    block, anchor = getattr(args, "block_size", None), getattr(args, "anchor_size", None)
+    if block and isinstance(anchor, int) and anchor > block:
+        parser.error(f"--anchor-size {anchor} exceeds --block-size {block}")
     try:
         resolve(args.model)
         if args.command == "run":
@@ -120,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             _bench_strategies(args.attn)
             _bench_lengths(args.lengths)
+        if args.command == "eval":
+            _eval_plan(args)
     except ValueError as exc:
         if env_rank() == 0:
             print(f"star_engine: {exc}", file=sys.stderr)
@@ -155,7 +192,6 @@ class Session:
         self.comm = make_communicator(self.dist, self.device)
         eos = self.model.config.eos_token_ids
         self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
-        self.max_tokens = args.max_tokens or self.model.config.max_position_embeddings
         self.dist.sync()
         self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s")
 
@@ -172,7 +208,8 @@ class Session:
                                      self.args.anchor_mode)
         else:
             strategy = STRATEGIES[attn](self.dist, self.comm)
-        return Engine(self.model, strategy, self.comm, self.dist, self.max_tokens,
+        max_tokens = self.args.max_tokens or self.model.config.max_position_embeddings
+        return Engine(self.model, strategy, self.comm, self.dist, max_tokens,
                       cuda_graph=not self.args.no_cuda_graph)
 
 
@@ -410,4 +447,49 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "demo": _demo, "bench": _bench}
+def _eval_plan(args: argparse.Namespace) -> tuple[list[str], list[int], list]:
+    from . import evaluation
+    from .tasks import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks: unknown {unknown}; expected some of {', '.join(TASKS)}")
+    try:
+        blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
+        anchors = [evaluation.parse_anchor(a) for a in args.anchor_size.split(",") if a.strip()]
+        methods = evaluation.methods([a.strip() for a in args.attn.split(",") if a.strip()], blocks, anchors)
+    except ValueError as exc:
+        raise ValueError(f"--attn/--blocks/--anchor-size: {exc}") from None
+    if not methods or any(b < 1 for b in blocks):
+        raise ValueError("--attn/--blocks: expected star and/or dense, and block counts >= 1")
+    return tasks, _bench_lengths(args.lengths), methods
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import evaluation
+    from .benchmark import environment
+
+    tasks, lengths, methods = _eval_plan(args)
+    session = Session(args)
+    session.say(f"star_engine eval: {len(tasks)} tasks x {len(lengths)} lengths x {args.samples} samples, "
+                f"{len(methods)} methods")
+    rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, tasks,
+                                     lengths, args.samples, methods, args.seed, session.say)
+    if session.dist.rank == 0:
+        summary = evaluation.summarise(rows)
+        result = {**environment(session.dist.world, session.device, ["python", "-m", "star_engine"]),
+                  "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
+                  "summary": summary, "rows": rows}
+        name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
+        output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1) + "\n")
+        print(evaluation.table(summary))
+        plotted = evaluation.plot(summary, f"{args.model}: accuracy, {args.samples} samples per cell",
+                                  output.with_suffix(".png"))
+        session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else ""))
+    return 0
+
+
+_COMMANDS = {"run": _run, "demo": _demo, "bench": _bench, "eval": _eval}

@@ -149,3 +149,23 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
     assert [s["context"] for s in saved["speedups"]] == [256, 1024]
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "star at 1024 tokens: over ring" in result.stdout
+
+
+def test_eval_scores_every_method_on_the_same_samples(tmp_path):
+    out = tmp_path / "eval.json"
+    result = star_engine(["eval", "--model", "tiny", "--tasks", "niah_single_1,vt", "--lengths", "600",
+                          "--samples", "2", "--blocks", "2,3", "--anchor-size", "1/2,block",
+                          "--output", str(out)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    methods = ["star 2b a=1/2", "star 2b a=1", "star 3b a=1/2", "star 3b a=1", "dense"]
+    assert len(saved["rows"]) == 2 * 2 * len(methods)
+    for task in ("niah_single_1", "vt"):
+        for sample in (0, 1):
+            answered = [r["method"] for r in saved["rows"] if r["task"] == task and r["sample"] == sample]
+            assert answered == methods
+    assert {(s["task"], s["method"]) for s in saved["summary"]} == {
+        (t, m) for t in ("niah_single_1", "vt") for m in methods}
+    assert all(s["samples"] == 2 and 0 <= s["accuracy"] <= 1 for s in saved["summary"])
+    assert out.with_suffix(".png").exists()
+    assert "dense" in result.stdout.splitlines()[0]

@@ -1,0 +1,174 @@
+"""Accuracy of Star Attention against dense attention on long-context tasks (tasks.py):
+every method answers the same samples, scored by RULER's string match."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .attention import DenseAttention, StarAttention
+from .benchmark import pyplot
+from .comm import Communicator
+from .launch import Dist
+from .model import Transformer
+from .schedule import Engine
+from .tasks import make_sample, score
+
+# Tokens each task may generate (its answers are short; lists take more).
+NEW_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "vt": 48, "cwe": 96, "fwe": 48}
+DEFAULT_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Method:
+    attn: str  # "dense" or "star"
+    blocks: int = 1  # star: the context is cut into this many blocks
+    anchor: float = 1.0  # star: anchor size as a fraction of the block
+
+    @property
+    def name(self) -> str:
+        if self.attn == "dense":
+            return "dense"
+        return f"star {self.blocks}b a={_fraction(self.anchor)}"  # e.g. 4 blocks, anchor 1/4 of a block
+
+    def strategy(self, dist: Dist, comm: Communicator, context_len: int):
+        if self.attn == "dense":
+            return DenseAttention(dist, comm)
+        block = max(1, math.ceil(context_len / self.blocks))
+        return StarAttention(dist, comm, block, max(1, round(self.anchor * block)))
+
+
+def _fraction(value: float) -> str:
+    for name, v in (("1/4", 0.25), ("1/2", 0.5), ("1", 1.0)):
+        if abs(value - v) < 1e-9:
+            return name
+    return f"{value:g}"
+
+
+def parse_anchor(text: str) -> float:
+    """'1/4', '0.5' or 'block' (= 1) as a fraction of the block."""
+    text = text.strip()
+    if text == "block":
+        return 1.0
+    if "/" in text:
+        num, den = text.split("/")
+        value = int(num) / int(den)
+    else:
+        value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"anchor size {text!r} must be a fraction of the block in (0, 1]")
+    return value
+
+
+def methods(attns: list[str], blocks: list[int], anchors: list[float]) -> list[Method]:
+    out = []
+    for attn in attns:
+        if attn == "dense":
+            out.append(Method("dense"))
+        elif attn == "star":
+            out += [Method("star", b, a) for b in blocks for a in anchors]
+        else:
+            raise ValueError(f"unknown method {attn!r}: expected star or dense")
+    return out
+
+
+def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist, tasks: list[str],
+                   lengths: list[int], samples: int, method_list: list[Method], seed: int,
+                   say: Callable[[str], None]) -> list[dict]:
+    """One row per (task, length, sample, method) on rank 0; an empty list elsewhere."""
+    rows: list[dict] = []
+    most_new = max(NEW_TOKENS.get(t, DEFAULT_NEW_TOKENS) for t in tasks)
+    total = len(tasks) * len(lengths) * samples
+    done = 0
+    for length in lengths:
+        engines = {m: Engine(model, m.strategy(dist, comm, length), comm, dist, length + most_new)
+                   for m in method_list}
+        for task in tasks:
+            hits = {m: 0.0 for m in method_list}
+            for index in range(samples):
+                sample = make_sample(task, tokenizer, length, seed + index) if dist.rank == 0 else None
+                dist.sync()
+                sample = dist.mpi.bcast(sample, root=0)
+                context, query = torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids)
+                for method, engine in engines.items():
+                    gen = engine.generate(context, query, NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS))
+                    if dist.rank == 0:
+                        output = tokenizer.decode(gen.tokens)
+                        hit = score(output, sample.answers)
+                        hits[method] += hit
+                        rows.append({"task": task, "length": length, "sample": seed + index,
+                                     "method": method.name, "score": hit, "output": output,
+                                     "answers": list(sample.answers), "ttft_s": gen.metrics.ttft_s})
+                done += 1
+            say(f"[{done}/{total}] {task} at {length} tokens: " +
+                ", ".join(f"{m.name} {hits[m] / samples:.2f}" for m in method_list))
+        del engines
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean score per (task, length, method), and star's relative to dense on the same cell."""
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        cells.setdefault((r["task"], r["length"], r["method"]), []).append(r["score"])
+    summary = []
+    for (task, length, method), scores in cells.items():
+        entry = {"task": task, "length": length, "method": method, "samples": len(scores),
+                 "accuracy": sum(scores) / len(scores)}
+        dense = cells.get((task, length, "dense"))
+        if dense is not None and method != "dense":
+            base = sum(dense) / len(dense)
+            entry["relative_to_dense"] = entry["accuracy"] / base if base > 0 else None
+        summary.append(entry)
+    return summary
+
+
+def table(summary: list[dict]) -> str:
+    methods_seen = list(dict.fromkeys(s["method"] for s in summary))
+    cells = {(s["task"], s["length"], s["method"]): s for s in summary}
+    keys = list(dict.fromkeys((s["task"], s["length"]) for s in summary))
+    width = max(len(m) for m in methods_seen) + 2
+    lines = [f"{'task':<16} {'length':>7} " + "".join(f"{m:>{width}}" for m in methods_seen)]
+    for task, length in keys:
+        parts = []
+        for m in methods_seen:
+            cell = cells.get((task, length, m))
+            if cell is None:
+                parts.append(f"{'-':>{width}}")
+                continue
+            text = f"{cell['accuracy']:.2f}"
+            if cell.get("relative_to_dense") is not None:
+                text += f" ({cell['relative_to_dense'] * 100:.0f}%)"
+            parts.append(f"{text:>{width}}")
+        lines.append(f"{task:<16} {length:>7} " + "".join(parts))
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], title: str, path: Path) -> bool:
+    """Mean accuracy over the tasks against length, one line per method."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        by_length: dict[int, list[float]] = {}
+        for s in summary:
+            if s["method"] == method:
+                by_length.setdefault(s["length"], []).append(s["accuracy"])
+        xs = sorted(by_length)
+        ax.plot(xs, [sum(by_length[x]) / len(by_length[x]) for x in xs], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("accuracy, mean over tasks")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
