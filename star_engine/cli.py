@@ -485,10 +485,13 @@ def _eval(args: argparse.Namespace) -> int:
         output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=1) + "\n")
-        print(evaluation.table(summary))
+        text = evaluation.table(summary)
+        print(text)
+        output.with_suffix(".txt").write_text(f"{result['command']}\n{args.samples} samples per cell\n\n{text}\n")
         plotted = evaluation.plot(summary, f"{args.model}: accuracy, {args.samples} samples per cell",
                                   output.with_suffix(".png"))
-        session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else ""))
+        session.say(f"saved {output}, the table as {output.with_suffix('.txt')}"
+                    + (f" and the plot as {output.with_suffix('.png')}" if plotted else ""))
     return 0
 
 

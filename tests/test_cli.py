@@ -169,3 +169,4 @@ def test_eval_scores_every_method_on_the_same_samples(tmp_path):
     assert all(s["samples"] == 2 and 0 <= s["accuracy"] <= 1 for s in saved["summary"])
     assert out.with_suffix(".png").exists()
     assert "dense" in result.stdout.splitlines()[0]
+    assert result.stdout.strip() in out.with_suffix(".txt").read_text()
