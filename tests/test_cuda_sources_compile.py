@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,15 @@ def nvcc() -> str | None:
     return shutil.which("nvcc") or next((str(p) for p in [Path("/usr/local/cuda/bin/nvcc")] if p.exists()), None)
 
 
+def nccl_headers() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.nccl") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @pytest.mark.skipif(nvcc() is None, reason="no CUDA compiler (nvcc) on this machine")
+@pytest.mark.skipif(not nccl_headers(), reason="no NCCL headers (pip install nvidia-nccl-cu13)")
 def test_cuda_and_nccl_sources_compile_for_hopper(tmp_path):
     configure = subprocess.run(
         ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-G", "Ninja", "-DSTAR_ENGINE_CUDA_CHECK=ON",
