@@ -98,12 +98,14 @@ def _needle(key: str, value: str) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
 
 
-def _needle_stream(rng: random.Random, key_of: Callable[[random.Random], str],
-                   value_of: Callable[[random.Random], str]) -> Callable[[random.Random], Iterator[str]]:
-    """A haystack made of distractor needles."""
+def _needle_stream(key_of: Callable[[random.Random], str], value_of: Callable[[random.Random], str],
+                   queried: str) -> Callable[[random.Random], Iterator[str]]:
+    """A haystack made of distractor needles, none of them for the queried key."""
     def stream(r: random.Random) -> Iterator[str]:
         while True:
-            yield _needle(key_of(r), value_of(r))
+            key = key_of(r)
+            if key != queried:
+                yield _needle(key, value_of(r))
     return stream
 
 
@@ -136,11 +138,13 @@ def niah_multikey_1(rng: random.Random) -> Task:
 
 
 def niah_multikey_2(rng: random.Random) -> Task:
-    return _niah(rng, _needle_stream(rng, _word, _number), [_word(rng)], [[_number(rng)]], [0])
+    key = _word(rng)
+    return _niah(rng, _needle_stream(_word, _number, key), [key], [[_number(rng)]], [0])
 
 
 def niah_multikey_3(rng: random.Random) -> Task:
-    return _niah(rng, _needle_stream(rng, _uuid, _uuid), [_uuid(rng)], [[_uuid(rng)]], [0])
+    key = _uuid(rng)
+    return _niah(rng, _needle_stream(_uuid, _uuid, key), [key], [[_uuid(rng)]], [0])
 
 
 def niah_multivalue(rng: random.Random) -> Task:

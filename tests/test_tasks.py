@@ -81,3 +81,12 @@ def test_score_is_the_fraction_of_expected_strings_found():
     assert score("It is 123.", ("123", "456")) == 0.5
     assert score("No idea.", ("123",)) == 0.0
     assert score("AMBER", ("amber",)) == 1.0
+
+
+@pytest.mark.parametrize("task", ["niah_multikey_2", "niah_multikey_3"])
+def test_distractor_needles_never_name_the_queried_key(tokenizer, task):
+    for seed in range(5):
+        sample = make_sample(task, tokenizer, 4096, seed)
+        document = tokenizer.decode(sample.context_ids)
+        key = re.search(r"number for (\S+) mentioned", sample.query).group(1)
+        assert document.count(f"numbers for {key} is:") == 1
