@@ -77,7 +77,8 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
 
 def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
     """Where and how a result was measured: device, ranks, commit, date, the command line
-    (`program` followed by this process's arguments)."""
+    (`program` followed by this process's arguments). Taken when a run starts, so that the
+    commit names the code that ran."""
     root = Path(__file__).resolve().parent.parent
     # A copy of the tree without .git (a remote machine) is told its commit by STAR_ENGINE_COMMIT.
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

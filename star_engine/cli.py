@@ -423,13 +423,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"saved {args.replot.with_suffix('.png')}")
         return 0
     session = Session(args)
+    measured = benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(strategies)} at {len(lengths)} lengths on {session.dist.world} rank(s)")
     rows = benchmark.run_benchmark(session.model, session.comm, session.dist, strategies, lengths,
                                    args.query_tokens, args.max_new_tokens, args.block_size, args.anchor_size,
                                    not args.no_cuda_graph, session.say)
     if session.dist.rank == 0:
-        result = {**benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"]),
-                  "model": args.model,
+        result = {**measured, "model": args.model,
                   "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
                   "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
                   "rows": rows, "speedups": benchmark.speedups(rows)}
@@ -472,14 +472,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     tasks, lengths, methods = _eval_plan(args)
     session = Session(args)
+    measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine eval: {len(tasks)} tasks x {len(lengths)} lengths x {args.samples} samples, "
                 f"{len(methods)} methods")
     rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, tasks,
                                      lengths, args.samples, methods, args.seed, session.say)
     if session.dist.rank == 0:
         summary = evaluation.summarise(rows)
-        result = {**environment(session.dist.world, session.device, ["python", "-m", "star_engine"]),
-                  "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
+        result = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
                   "summary": summary, "rows": rows}
         name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
         output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
