@@ -1,21 +1,13 @@
 #include "nccl_comm.h"
 
+#include "cuda/kernels.h"
+
 #include <chrono>
 #include <cstdlib>
 #include <stdexcept>
 #include <thread>
 
 namespace star {
-
-namespace {
-
-void check_cuda_call(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
-  }
-}
-
-}  // namespace
 
 void NcclComm::configure_environment() {
   // Connect the collectives' peers at start-up, while every rank is known to be here, not
@@ -42,7 +34,7 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
                                 " bytes");
   }
   std::copy(unique_id.begin(), unique_id.end(), id.internal);
-  check_cuda_call(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
   configure_environment();
   // Blocking configuration: a call returns once its work is enqueued on the stream (it
   // never waits for the GPU), so enqueueing costs microseconds; wait() is where a dead
@@ -55,14 +47,14 @@ void NcclComm::warm_up() {
   // Point-to-point peers are connected at their first send; connect the ring's now, so
   // that later calls only enqueue and a peer that stops answering is caught by wait().
   void* buffer = nullptr;
-  check_cuda_call(cudaMalloc(&buffer, 4 * static_cast<size_t>(world_)), "cudaMalloc");
+  check_cuda(cudaMalloc(&buffer, 4 * static_cast<size_t>(world_)), "cudaMalloc");
   char* bytes = static_cast<char*>(buffer);
   all_gather(bytes, bytes + world_, 1, nullptr);
   broadcast(bytes, 1, world_ - 1, nullptr);
   send_recv(bytes, (rank_ + 1) % world_, bytes + 2 * world_, (rank_ + world_ - 1) % world_, 1,
             nullptr);
   wait(nullptr, kWarmUpTimeoutS);
-  check_cuda_call(cudaFree(buffer), "cudaFree");
+  check_cuda(cudaFree(buffer), "cudaFree");
 }
 
 NcclComm::~NcclComm() {
@@ -98,14 +90,14 @@ void NcclComm::send_recv(const void* send, int dst, void* recv, int src, size_t 
 void NcclComm::wait(cudaStream_t stream, double timeout_s) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   cudaEvent_t done;
-  check_cuda_call(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
-  check_cuda_call(cudaEventRecord(done, stream), "cudaEventRecord");
+  check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+  check_cuda(cudaEventRecord(done, stream), "cudaEventRecord");
   while (true) {
     const cudaError_t status = cudaEventQuery(done);
     if (status == cudaSuccess) break;
     if (status != cudaErrorNotReady) {
       cudaEventDestroy(done);
-      check_cuda_call(status, "waiting for the stream");
+      check_cuda(status, "waiting for the stream");
     }
     ncclResult_t async_error = ncclSuccess;
     check(ncclCommGetAsyncError(comm_, &async_error), "ncclCommGetAsyncError");
