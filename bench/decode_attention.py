@@ -15,22 +15,16 @@ import torch
 
 from results_io import median_ms, save, table
 from star_engine import _C
+from star_engine.benchmark import copy_bandwidth
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
-
-
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy, bytes read plus written per second."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / (median_ms(lambda: dst.copy_(src), repeats=50, warmup=5) / 1e3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="4096,32768,131072,524288,1048576")
     args = parser.parse_args()
-    copy = copy_bandwidth()
+    copy = copy_bandwidth(torch.device("cuda"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for name, (heads, kv_heads, dim) in SHAPES.items():

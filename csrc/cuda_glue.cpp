@@ -63,8 +63,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor workspace = at::empty({decode_workspace_floats(heads, dim, splits)},
                                    q.options().dtype(at::kFloat));
-  at::Tensor o = at::empty({heads, dim}, q.options());
-  at::Tensor lse = at::empty({heads}, q.options().dtype(at::kFloat));
+  // o and lse share one buffer, lse right after o: the message gather_merge sends as is.
+  const int64_t o_bytes = heads * dim * q.element_size();
+  at::Tensor packed = at::empty({o_bytes + 4 * heads}, q.options().dtype(at::kByte));
+  at::Tensor o = packed.narrow(0, 0, o_bytes).view(q.scalar_type()).view({heads, dim});
+  at::Tensor lse = packed.narrow(0, o_bytes, 4 * heads).view(at::kFloat);
   decode_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0) / dim,
                         length.data_ptr<int32_t>(), static_cast<int>(heads),
                         static_cast<int>(kv_heads), static_cast<int>(dim),
@@ -109,8 +112,9 @@ void register_cuda_bindings(pybind11::module& m) {
         pybind11::arg("multiprocessors"));
 
   pybind11::class_<NcclComm>(m, "NcclComm")
-      .def(pybind11::init<const std::string&, int, int, int>(), pybind11::arg("unique_id"),
-           pybind11::arg("rank"), pybind11::arg("world"), pybind11::arg("device"))
+      .def(pybind11::init<const std::string&, int, int, int, double>(), pybind11::arg("unique_id"),
+           pybind11::arg("rank"), pybind11::arg("world"), pybind11::arg("device"),
+           pybind11::arg("timeout_s"))
       .def_static("make_unique_id",
                   [] { return pybind11::bytes(NcclComm::make_unique_id()); })
       .def("all_gather",
@@ -130,14 +134,19 @@ void register_cuda_bindings(pybind11::module& m) {
              const int64_t o_bytes = o.nbytes(), part = o_bytes + 4 * rows;
              TORCH_CHECK(o_bytes % 4 == 0, "gather_merge: o must fill whole 4-byte words");
              const cudaStream_t stream = current_stream(o);
-             at::Tensor send = at::empty({part}, o.options().dtype(at::kByte));
-             at::Tensor recv = at::empty({self.world(), part}, send.options());
-             check_cuda(cudaMemcpyAsync(send.data_ptr(), o.data_ptr(), o_bytes,
-                                        cudaMemcpyDeviceToDevice, stream), "pack o");
-             check_cuda(cudaMemcpyAsync(static_cast<char*>(send.data_ptr()) + o_bytes,
-                                        lse.data_ptr(), 4 * rows, cudaMemcpyDeviceToDevice, stream),
-                        "pack lse");
-             self.all_gather(send.data_ptr(), recv.data_ptr(), part, stream);
+             at::Tensor recv = at::empty({self.world(), part}, o.options().dtype(at::kByte));
+             // Sent as is where lse already follows o in memory (decode_attention's output).
+             const void* send = o.data_ptr();
+             if (static_cast<const char*>(lse.data_ptr()) != static_cast<const char*>(send) + o_bytes) {
+               at::Tensor packed = at::empty({part}, recv.options());
+               check_cuda(cudaMemcpyAsync(packed.data_ptr(), o.data_ptr(), o_bytes,
+                                          cudaMemcpyDeviceToDevice, stream), "pack o");
+               check_cuda(cudaMemcpyAsync(static_cast<char*>(packed.data_ptr()) + o_bytes,
+                                          lse.data_ptr(), 4 * rows, cudaMemcpyDeviceToDevice,
+                                          stream), "pack lse");
+               send = packed.data_ptr();
+             }
+             self.all_gather(send, recv.data_ptr(), part, stream);
              at::Tensor merged_o = at::empty_like(o);
              at::Tensor merged_lse = at::empty_like(lse);
              char* base = static_cast<char*>(recv.data_ptr());
@@ -161,12 +170,12 @@ void register_cuda_bindings(pybind11::module& m) {
                             current_stream(send));
            })
       .def("wait",
-           [](NcclComm& self, int device, double timeout_s) {
+           [](NcclComm& self, int device) {
              pybind11::gil_scoped_release release;
-             self.wait(at::cuda::getCurrentCUDAStream(device).stream(), timeout_s);
+             self.wait(at::cuda::getCurrentCUDAStream(device).stream());
            },
-           pybind11::arg("device"), pybind11::arg("timeout_s"))
-      .def("abort", &NcclComm::abort)
+           pybind11::arg("device"))
+      .def_property_readonly("timeout_s", &NcclComm::timeout_s)
       .def_property_readonly("rank", &NcclComm::rank)
       .def_property_readonly("world", &NcclComm::world);
 }

@@ -2,10 +2,8 @@
 
 #include "cuda/kernels.h"
 
-#include <chrono>
 #include <cstdlib>
 #include <stdexcept>
-#include <thread>
 
 namespace star {
 
@@ -26,26 +24,39 @@ std::string NcclComm::make_unique_id() {
   return std::string(id.internal, sizeof(id.internal));
 }
 
-NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device)
-    : rank_(rank), world_(world) {
+NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device,
+                   double timeout_s)
+    : rank_(rank), world_(world), device_(device), timeout_(timeout_s) {
   ncclUniqueId id;
   if (unique_id.size() != sizeof(id.internal)) {
     throw std::invalid_argument("NCCL unique id must be " + std::to_string(sizeof(id.internal)) +
                                 " bytes");
   }
+  if (!(timeout_s > 0)) throw std::invalid_argument("NCCL timeout must be > 0 s");
   std::copy(unique_id.begin(), unique_id.end(), id.internal);
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   configure_environment();
   // Blocking configuration: a call returns once its work is enqueued on the stream (it
-  // never waits for the GPU), so enqueueing costs microseconds; wait() is where a dead
-  // peer is noticed and the communicator aborted.
+  // never waits for the GPU), so enqueueing costs microseconds.
   check(ncclCommInitRank(&comm_, world, id, rank), "ncclCommInitRank");
+  watchdog_ = std::thread(&NcclComm::watch, this);
   warm_up();
+}
+
+NcclComm::~NcclComm() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  stop_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
+  for (const InFlight& op : in_flight_) cudaEventDestroy(op.done);
+  if (comm_ != nullptr && !failed_) ncclCommDestroy(comm_);
 }
 
 void NcclComm::warm_up() {
   // Point-to-point peers are connected at their first send; connect the ring's now, so
-  // that later calls only enqueue and a peer that stops answering is caught by wait().
+  // that later calls only enqueue.
   void* buffer = nullptr;
   check_cuda(cudaMalloc(&buffer, 4 * static_cast<size_t>(world_)), "cudaMalloc");
   char* bytes = static_cast<char*>(buffer);
@@ -53,74 +64,122 @@ void NcclComm::warm_up() {
   broadcast(bytes, 1, world_ - 1, nullptr);
   send_recv(bytes, (rank_ + 1) % world_, bytes + 2 * world_, (rank_ + world_ - 1) % world_, 1,
             nullptr);
-  wait(nullptr, kWarmUpTimeoutS);
+  wait(nullptr);
   check_cuda(cudaFree(buffer), "cudaFree");
-}
-
-NcclComm::~NcclComm() {
-  if (comm_ != nullptr && !aborted_) ncclCommDestroy(comm_);
 }
 
 void NcclComm::check(ncclResult_t result, const char* what) {
   if (result == ncclSuccess) return;
   std::string message = std::string(what) + ": " + ncclGetErrorString(result);
-  if (comm_ != nullptr) {
+  if (comm_ != nullptr && !failed_) {
     const char* last = ncclGetLastError(comm_);
     if (last != nullptr && *last) message += std::string(" (") + last + ")";
   }
   throw std::runtime_error(message);
 }
 
+template <typename Call>
+void NcclComm::enqueue(const char* what, cudaStream_t stream, Call call) {
+  throw_if_failed();
+  host_call_since_ = Clock::now().time_since_epoch().count();
+  const ncclResult_t result = call();
+  host_call_since_ = 0;
+  throw_if_failed();  // aborted while the host was blocked in the call
+  check(result, what);
+  cudaStreamCaptureStatus capture;
+  check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) return;  // a graph's replays are waited on by wait()
+  InFlight op{Clock::now(), nullptr};
+  check_cuda(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming), "cudaEventCreate");
+  check_cuda(cudaEventRecord(op.done, stream), "cudaEventRecord");
+  std::lock_guard<std::mutex> lock(mutex_);
+  in_flight_.push_back(op);
+}
+
 void NcclComm::all_gather(const void* send, void* recv, size_t bytes, cudaStream_t stream) {
-  check(ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream), "ncclAllGather");
+  enqueue("ncclAllGather", stream,
+          [&] { return ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream); });
 }
 
 void NcclComm::broadcast(void* buffer, size_t bytes, int root, cudaStream_t stream) {
-  check(ncclBroadcast(buffer, buffer, bytes, ncclUint8, root, comm_, stream), "ncclBroadcast");
+  enqueue("ncclBroadcast", stream,
+          [&] { return ncclBroadcast(buffer, buffer, bytes, ncclUint8, root, comm_, stream); });
 }
 
 void NcclComm::send_recv(const void* send, int dst, void* recv, int src, size_t bytes,
                          cudaStream_t stream) {
-  check(ncclGroupStart(), "ncclGroupStart");
-  check(ncclSend(send, bytes, ncclUint8, dst, comm_, stream), "ncclSend");
-  check(ncclRecv(recv, bytes, ncclUint8, src, comm_, stream), "ncclRecv");
-  check(ncclGroupEnd(), "ncclGroupEnd");
+  enqueue("ncclSend/ncclRecv", stream, [&] {
+    ncclResult_t result = ncclGroupStart();
+    if (result == ncclSuccess) result = ncclSend(send, bytes, ncclUint8, dst, comm_, stream);
+    if (result == ncclSuccess) result = ncclRecv(recv, bytes, ncclUint8, src, comm_, stream);
+    const ncclResult_t end = ncclGroupEnd();
+    return result != ncclSuccess ? result : end;
+  });
 }
 
-void NcclComm::wait(cudaStream_t stream, double timeout_s) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+void NcclComm::wait(cudaStream_t stream) {
   cudaEvent_t done;
   check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
   check_cuda(cudaEventRecord(done, stream), "cudaEventRecord");
-  while (true) {
-    const cudaError_t status = cudaEventQuery(done);
-    if (status == cudaSuccess) break;
-    if (status != cudaErrorNotReady) {
-      cudaEventDestroy(done);
-      check_cuda(status, "waiting for the stream");
-    }
-    ncclResult_t async_error = ncclSuccess;
-    check(ncclCommGetAsyncError(comm_, &async_error), "ncclCommGetAsyncError");
-    if (async_error != ncclSuccess) {
-      abort();
-      cudaEventDestroy(done);
-      check(async_error, "NCCL operation failed");
-    }
-    if (std::chrono::steady_clock::now() > deadline) {
-      abort();
-      cudaEventDestroy(done);
-      throw std::runtime_error("NCCL: no progress for " + std::to_string(timeout_s) +
-                               " s: a peer rank is dead or stuck; communicator aborted");
-    }
+  cudaError_t status;
+  while ((status = cudaEventQuery(done)) == cudaErrorNotReady && !failed_) {
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
   cudaEventDestroy(done);
+  throw_if_failed();
+  check_cuda(status, "waiting for the stream");
 }
 
-void NcclComm::abort() {
-  if (comm_ != nullptr && !aborted_) {
-    aborted_ = true;
-    ncclCommAbort(comm_);
+void NcclComm::throw_if_failed() {
+  if (!failed_) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  throw std::runtime_error(failure_);
+}
+
+void NcclComm::fail(const std::string& reason) {
+  failure_ = reason;
+  failed_ = true;
+  ncclCommAbort(comm_);  // ends this communicator's kernels; frees it
+}
+
+void NcclComm::watch() {
+  cudaSetDevice(device_);
+  // Querying events must not break a CUDA graph that another thread is capturing.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  const std::string stuck = "NCCL: no progress for " + std::to_string(timeout_.count()) +
+                            " s: a peer rank is dead or stuck; communicator aborted";
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stopping_ && !failed_) {
+    stop_.wait_for(lock, std::chrono::milliseconds(20));
+    if (stopping_) break;
+    const Clock::time_point now = Clock::now();
+    ncclResult_t async_error = ncclSuccess;
+    if (ncclCommGetAsyncError(comm_, &async_error) == ncclSuccess && async_error != ncclSuccess &&
+        async_error != ncclInProgress) {
+      fail(std::string("NCCL operation failed: ") + ncclGetErrorString(async_error) +
+           "; communicator aborted");
+      break;
+    }
+    const Clock::rep host_since = host_call_since_;
+    if (host_since != 0 && now - Clock::time_point(Clock::duration(host_since)) > timeout_) {
+      fail(stuck);
+      break;
+    }
+    while (!in_flight_.empty()) {
+      const InFlight& op = in_flight_.front();
+      const cudaError_t status = cudaEventQuery(op.done);
+      if (status == cudaErrorNotReady) {
+        if (now - op.since > timeout_) fail(stuck);
+        break;
+      }
+      cudaEventDestroy(op.done);
+      in_flight_.pop_front();
+      if (status != cudaSuccess) {
+        fail(std::string("CUDA error under an NCCL operation: ") + cudaGetErrorString(status));
+        break;
+      }
+    }
   }
 }
 

@@ -2,16 +2,27 @@
 //
 // Built from a unique id that rank 0 makes and the launcher broadcasts (over MPI). Every
 // operation is enqueued on the caller's stream and returns at once, so that a step can be
-// captured in a CUDA graph. wait() is where a dead or stuck peer is noticed: it polls the
-// stream and NCCL's asynchronous error, and past the timeout aborts the communicator (which
-// ends its kernels) and throws, instead of hanging forever.
+// captured in a CUDA graph.
+//
+// A dead or stuck peer must end the job, not hang it. A watchdog thread watches every
+// operation enqueued outside graph capture, from the moment the host enters the NCCL call
+// until its work on the GPU is done, and NCCL's asynchronous error. When one is older than
+// the timeout, or NCCL reports an error, it aborts the communicator: its kernels end, a host
+// thread blocked behind them (in NCCL or in a kernel launch that waits for them) goes on,
+// and the next call on this communicator, or wait(), throws with the reason.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
+#include <deque>
+#include <mutex>
 #include <string>
+#include <thread>
 
 namespace star {
 
@@ -20,7 +31,7 @@ class NcclComm {
   // NCCL_UNIQUE_ID_BYTES bytes, to be sent to every rank.
   static std::string make_unique_id();
 
-  NcclComm(const std::string& unique_id, int rank, int world, int device);
+  NcclComm(const std::string& unique_id, int rank, int world, int device, double timeout_s);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -32,26 +43,42 @@ class NcclComm {
   void send_recv(const void* send, int dst, void* recv, int src, size_t bytes,
                  cudaStream_t stream);
 
-  // Blocks until the work on `stream` is done; throws (after aborting the communicator)
-  // on an NCCL error or when it takes longer than timeout_s.
-  void wait(cudaStream_t stream, double timeout_s);
-
-  // Ends every operation of this communicator in flight, on this rank.
-  void abort();
+  // Blocks until the work on `stream` is done; throws if the communicator was aborted.
+  void wait(cudaStream_t stream);
 
   int rank() const { return rank_; }
   int world() const { return world_; }
+  double timeout_s() const { return timeout_.count(); }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  struct InFlight {
+    Clock::time_point since;
+    cudaEvent_t done;
+  };
+
   static void configure_environment();
   void check(ncclResult_t result, const char* what);
   void warm_up();
-
-  static constexpr double kWarmUpTimeoutS = 600.0;
+  // Runs one NCCL call under the watchdog's eye and tracks its work until it is done.
+  template <typename Call>
+  void enqueue(const char* what, cudaStream_t stream, Call call);
+  void throw_if_failed();
+  void watch();
+  void fail(const std::string& reason);  // with mutex_ held
 
   ncclComm_t comm_ = nullptr;
-  int rank_, world_;
-  bool aborted_ = false;
+  int rank_, world_, device_;
+  std::chrono::duration<double> timeout_;
+
+  std::atomic<Clock::rep> host_call_since_{0};  // 0: the host is not inside an NCCL call
+  std::atomic<bool> failed_{false};
+  std::mutex mutex_;  // guards what follows
+  std::deque<InFlight> in_flight_;
+  std::string failure_;
+  bool stopping_ = false;
+  std::condition_variable stop_;
+  std::thread watchdog_;
 };
 
 }  // namespace star

@@ -38,11 +38,77 @@ def fits(dist: Dist, engine_bytes: int, activation_bytes: int, device: torch.dev
     return all(dist.mpi.allgather(ok))
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy on one GPU: bytes read plus written per second."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = median_s(lambda: dst.copy_(src), repeats=30)
+    return 2 * src.nbytes / seconds
+
+
+def gather_merge_latency(comm: Communicator, heads: int, dim: int, dtype: torch.dtype,
+                         device: torch.device, layers: int) -> float:
+    """Seconds per gather_merge of one decode token's (o, lse), `layers` calls replayed
+    from one CUDA graph as in a decode step."""
+    o = torch.randn(heads, 1, dim, device=device, dtype=dtype)
+    lse = torch.randn(heads, 1, device=device)
+
+    def step() -> None:
+        for _ in range(layers):
+            comm.gather_merge(o, lse)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture, as CUDA graphs require
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return median_s(graph.replay, repeats=30) / layers
+
+
+def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median over `repeats` runs of fn(), timed with CUDA events, in seconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_bytes(model: Transformer) -> int:
+    """Weight bytes one decode step reads on every rank: all of them except the embedding
+    table, of which it reads one row (unless the table is also the output projection)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
+
+
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies: list[str],
                   lengths: list[int], query_tokens: int, new_tokens: int, block_size: int | None,
-                  anchor_size: int | None, cuda_graph: bool, say: Callable[[str], None]) -> list[dict]:
+                  anchor_size: int | None, cuda_graph: bool, say: Callable[[str], None]) -> tuple[list[dict], dict]:
+    """The measured rows, and the ceilings the time per output token is held against
+    (on GPUs: memory bandwidth and the collective's latency per layer, measured here)."""
     cfg, weight = model.config, model.embed.weight
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * weight.element_size()
+    ceilings = {}
+    if weight.is_cuda:
+        bandwidth = min(dist.mpi.allgather(copy_bandwidth(weight.device)))
+        latency = max(dist.mpi.allgather(gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype,
+                                                              weight.device, cfg.num_layers)))
+        ceilings = {"copy_bandwidth_Bps": bandwidth, "gather_merge_s_per_layer": latency,
+                    "decode_weight_bytes": decode_bytes(model)}
+        say(f"  ceilings: device-to-device copy {bandwidth / 1e9:.0f} GB/s, gather_merge {latency * 1e6:.1f} "
+            f"us per layer, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB of weights per token")
     rows = []
     for attn in strategies:
         for length in lengths:
@@ -63,16 +129,26 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
             # Always new_tokens tokens: random weights may produce an end-of-sequence id.
             gen = engine.generate(ids[:length], ids[length:], new_tokens, stop_at_eos=False)
             m = gen.metrics
-            rows.append({**row, "phase1_s": m.phase1_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
-                         "peak_mem_bytes": m.peak_mem_bytes, "bytes_sent": m.bytes_sent,
-                         "output_tokens": len(gen.tokens)})
+            result = {**row, "phase1_s": m.phase1_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
+                      "peak_mem_bytes": m.peak_mem_bytes, "bytes_sent": m.bytes_sent,
+                      "output_tokens": len(gen.tokens)}
+            if ceilings:
+                # Roofline of one decode step on the busiest rank: its weights and K/V (half
+                # way through the generation) read once at copy bandwidth, plus one
+                # gather_merge per layer.
+                kept = strategy.context_split(length)
+                kept[dist.query_rank] += query_tokens + new_tokens // 2
+                result["tpot_roofline_s"] = ((ceilings["decode_weight_bytes"] + max(kept) * kv_bytes_per_token)
+                                             / ceilings["copy_bandwidth_Bps"]
+                                             + cfg.num_layers * ceilings["gather_merge_s_per_layer"])
+            rows.append(result)
             tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.2f} ms"
             say(f"  {attn:5} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
                 f"per token {tpot}, peak {max(m.peak_mem_bytes) / 2**30:.2f} GiB/rank")
             del engine
             if weight.is_cuda:
                 torch.cuda.empty_cache()
-    return rows
+    return rows, ceilings
 
 
 def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
@@ -110,14 +186,19 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'attn':>5} {'context':>8} {'phase1 s':>9} {'ttft s':>8} {'tpot ms':>8} {'peak GiB/rank':>13}"]
+    """Per run: phase 1, the query pass (phase 2 up to the first token), time to first
+    token, time per output token and its ratio to the roofline, peak memory of the
+    busiest rank."""
+    lines = [f"{'attn':>5} {'context':>8} {'phase1 s':>9} {'query s':>8} {'ttft s':>8} {'tpot ms':>8} "
+             f"{'/roofline':>9} {'peak GiB/rank':>13}"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['attn']:>5} {r['context']:>8} {'skipped: ' + r['skipped']:>41}")
             continue
         tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}"
-        lines.append(f"{r['attn']:>5} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s']:>8.3f} {tpot:>8} "
-                     f"{max(r['peak_mem_bytes']) / 2**30:>13.2f}")
+        ratio = "-" if r["tpot_s"] is None or "tpot_roofline_s" not in r else f"{r['tpot_s'] / r['tpot_roofline_s']:.2f}"
+        lines.append(f"{r['attn']:>5} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s'] - r['phase1_s']:>8.3f} "
+                     f"{r['ttft_s']:>8.3f} {tpot:>8} {ratio:>9} {max(r['peak_mem_bytes']) / 2**30:>13.2f}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m star_engine {run,demo}`, one process per rank under mpirun/srun.
+"""Command line: `python -m star_engine {run,demo,bench,eval}`, one process per rank under mpirun/srun.
 
 Rank 0 reads the requests, tokenizes them, writes the results and shows progress; every
 rank holds the model and takes part in each request.
@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .attention.local import BACKENDS, backend_for, set_backend
 from .checkpoint import BUILTIN_MODELS, DEFAULT_MODEL, resolve
 from .model import PRESETS
 
@@ -40,6 +41,10 @@ def _model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL) ->
                         help="one GPU per rank, or CPU tensors (default: cuda when available)")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="decode eagerly instead of replaying each step from a CUDA graph")
+    parser.add_argument("--attn-backend", choices=BACKENDS, default="auto",
+                        help="kernels of prefill and the query pass: cudnn, flash-attn (if installed) or "
+                             "PyTorch's flash kernel on GPUs, torch (exact float32 where the log-sum-exp is "
+                             "needed) on CPUs and for float32 (default: auto, the first of these that works)")
 
 
 def _star_flags(parser: argparse.ArgumentParser) -> None:
@@ -189,11 +194,13 @@ class Session:
         self.say(f"star_engine: loading {args.model} on {self.dist.world} rank(s), {self.device.type}, {dtype}")
         start = time.perf_counter()
         self.model = load_model(args.model, dtype, self.device)
+        set_backend(args.attn_backend)
+        backend = backend_for(self.device, dtype)
         self.comm = make_communicator(self.dist, self.device)
         eos = self.model.config.eos_token_ids
         self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
         self.dist.sync()
-        self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s")
+        self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s; attention kernels: {backend}")
 
     def say(self, message: str) -> None:
         if self.dist.rank == 0:
@@ -425,14 +432,15 @@ def _bench(args: argparse.Namespace) -> int:
     session = Session(args)
     measured = benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(strategies)} at {len(lengths)} lengths on {session.dist.world} rank(s)")
-    rows = benchmark.run_benchmark(session.model, session.comm, session.dist, strategies, lengths,
-                                   args.query_tokens, args.max_new_tokens, args.block_size, args.anchor_size,
-                                   not args.no_cuda_graph, session.say)
+    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, strategies, lengths,
+                                             args.query_tokens, args.max_new_tokens, args.block_size,
+                                             args.anchor_size, not args.no_cuda_graph, session.say)
     if session.dist.rank == 0:
         result = {**measured, "model": args.model,
                   "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
+                  "attention_backend": backend_for(session.device, session.model.embed.weight.dtype),
                   "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
-                  "rows": rows, "speedups": benchmark.speedups(rows)}
+                  **ceilings, "rows": rows, "speedups": benchmark.speedups(rows)}
         name = f"e2e_{args.model.replace('/', '_')}_{session.dist.world}ranks"
         output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
         benchmark.save(output, result)

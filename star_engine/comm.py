@@ -128,11 +128,12 @@ class NcclCommunicator(Communicator):
             device = torch.device("cuda", torch.cuda.current_device())
         unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
         unique_id = dist.mpi.bcast(unique_id, root=0)
-        self.nccl = _C.NcclComm(unique_id, dist.rank, dist.world, device.index)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
+        self.nccl = _C.NcclComm(unique_id, dist.rank, dist.world, device.index, timeout_s)
         self.rank, self.world, self.device = dist.rank, dist.world, device
-        self.timeout_s = timeout_s if timeout_s is not None else float(
-            os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
         self.bytes_sent = 0
+        self._side: torch.cuda.Stream | None = None  # for transfers that overlap compute
 
     def gather_merge(self, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
         # One packed message per rank (o's rows in their own dtype, then their float32 lse),
@@ -152,5 +153,23 @@ class NcclCommunicator(Communicator):
         self.bytes_sent += send.nbytes
         return recv
 
+    def start_send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Callable[[], Tensor]:
+        # The transfer runs on a side stream, after the work that produced `send`, while
+        # the current stream goes on computing; complete() makes the current stream wait.
+        current = torch.cuda.current_stream(self.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_stream(current)
+        with torch.cuda.stream(self._side):
+            self.send_recv(send, dst, recv, src)
+        for tensor in (send, recv):  # their memory is not reused before the transfer ends
+            tensor.record_stream(self._side)
+
+        def complete() -> Tensor:
+            current.wait_stream(self._side)
+            return recv
+
+        return complete
+
     def synchronize(self) -> None:
-        self.nccl.wait(self.device.index, self.timeout_s)
+        self.nccl.wait(self.device.index)

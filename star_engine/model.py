@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MLP_CHUNK = 8192  # tokens per MLP pass
+# Tokens per pass of the per-token work (projections, RoPE, MLP): a block of 10^5 tokens
+# then needs transient memory for 8192 tokens only, beside its q, k, v and hidden states.
+PREFILL_CHUNK = 8192
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """attend(layer, q, k, v) -> o: attention output [heads, tokens, head_dim] of the new tokens."""
@@ -172,18 +174,22 @@ class DecoderLayer(nn.Module):
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections of x [tokens, hidden], RoPE applied: q [H, T, D], k and v [KV, T, D]."""
         t, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.wqkv(self.attn_norm(x)).split([h * d, kv * d, kv * d], dim=-1)
-        q = apply_rope(q.view(t, h, d), cos, sin).transpose(0, 1)
-        k = apply_rope(k.view(t, kv, d), cos, sin).transpose(0, 1)
-        return q, k, v.view(t, kv, d).transpose(0, 1)
+        qkv = x.new_empty(t, h + 2 * kv, d)
+        for start in range(0, t, PREFILL_CHUNK):
+            end = start + PREFILL_CHUNK
+            part = self.wqkv(self.attn_norm(x[start:end])).view(-1, h + 2 * kv, d)
+            qkv[start:end, :h + kv] = apply_rope(part[:, :h + kv], cos[start:end], sin[start:end])
+            qkv[start:end, h + kv:] = part[:, h + kv:]
+        q, k, v = qkv.split([h, kv, kv], dim=1)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
-        """Output projection of the attention o [H, T, D], residual, and the MLP."""
-        x = x + self.wo(o.transpose(0, 1).reshape(x.shape[0], self.num_heads * self.head_dim))
-        # The MLP is per token: run it MLP_CHUNK tokens at a time, so that its intermediate
-        # (2 x intermediate_size per token) stays small on blocks of 10^5 tokens.
-        for start in range(0, x.shape[0], MLP_CHUNK):
-            part = x[start:start + MLP_CHUNK]
+        """Output projection of the attention o [H, T, D], residual, and the MLP; updates x
+        [tokens, hidden] in place and returns it."""
+        for start in range(0, x.shape[0], PREFILL_CHUNK):
+            end = start + PREFILL_CHUNK
+            part = x[start:end]
+            part += self.wo(o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1))
             gate, up = self.w_gate_up(self.mlp_norm(part)).chunk(2, dim=-1)
             part += self.w_down(F.silu(gate) * up)
         return x

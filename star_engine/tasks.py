@@ -7,11 +7,18 @@ answer must contain. `make_sample` assembles the prompt from token ids so that c
 query together are exactly the length asked for, in the model's own tokens and chat
 template: the haystack is cut to fit, the needles are kept whole, at unit boundaries.
 Score: the fraction of expected strings found in the output (RULER's string match).
+
+Haystacks: sentences of plain filler written here (niah_single_1 and most others), English
+prose from the Python Language Reference that CPython ships (niah_single_2; PSF License),
+UUID-like noise (niah_single_3), or distractor needles (niah_multikey_2/3).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -89,6 +96,34 @@ def _filler(rng: random.Random) -> Iterator[str]:
         yield rng.choice(_FILLER)
 
 
+@functools.cache
+def _prose_sentences() -> tuple[str, ...]:
+    """Sentences of English prose, in reading order, from the Python Language Reference
+    that CPython ships in its standard library (pydoc_data.topics; Python Software
+    Foundation License): the natural-prose haystack. Code samples and paragraphs that are
+    mostly symbols are left out. The text is the running Python's, so it can differ
+    between Python versions."""
+    from pydoc_data.topics import topics
+
+    sentences: list[str] = []
+    for name in sorted(topics):
+        for paragraph in re.split(r"\n\s*\n", topics[name]):
+            if paragraph.startswith(" ") or len(paragraph) < 200:
+                continue  # code samples, grammar rules and headings are indented or short
+            text = " ".join(paragraph.split())
+            if sum(c.isalpha() or c == " " for c in text) / len(text) < 0.9:
+                continue
+            sentences += re.split(r"(?<=[.!?])\s+(?=[A-Z])", text)
+    return tuple(sentences)
+
+
+def _prose(rng: random.Random) -> Iterator[str]:
+    sentences = _prose_sentences()
+    start = rng.randrange(len(sentences))
+    for i in itertools.count(start):
+        yield sentences[i % len(sentences)]
+
+
 def _uuid_noise(rng: random.Random) -> Iterator[str]:
     while True:
         yield f"{_uuid(rng)}."
@@ -127,6 +162,9 @@ def _niah(rng: random.Random, haystack, keys: list[str], values: list[list[str]]
 def niah_single_1(rng: random.Random) -> Task:
     return _niah(rng, _filler, [_word(rng)], [[_number(rng)]], [0])
 
+
+def niah_single_2(rng: random.Random) -> Task:
+    return _niah(rng, _prose, [_word(rng)], [[_number(rng)]], [0])
 
 def niah_single_3(rng: random.Random) -> Task:
     return _niah(rng, _uuid_noise, [_word(rng)], [[_uuid(rng)]], [0])
@@ -192,9 +230,9 @@ def fwe(rng: random.Random) -> Task:
     return Task((), stream, query, tuple(vocabulary[:3]), "The 3 most frequent words in the text are:")
 
 
-# RULER's niah_single_2 (a haystack of natural prose) waits for prose the project can ship.
 TASKS: dict[str, Callable[[random.Random], Task]] = {
     "niah_single_1": niah_single_1,
+    "niah_single_2": niah_single_2,
     "niah_single_3": niah_single_3,
     "niah_multikey_1": niah_multikey_1,
     "niah_multikey_2": niah_multikey_2,

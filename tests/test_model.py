@@ -80,11 +80,11 @@ def test_unknown_models_are_a_clear_error():
         resolve("no-such-model")
 
 
-def test_the_mlp_in_chunks_equals_the_mlp_at_once(monkeypatch):
+def test_prefill_in_token_chunks_equals_prefill_at_once(monkeypatch):
     import star_engine.model as model_module
 
     model = load_model("tiny", torch.float32, CPU)
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3))
     whole = causal_logits(model, ids)
-    monkeypatch.setattr(model_module, "MLP_CHUNK", 64)
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 64)
     torch.testing.assert_close(causal_logits(model, ids), whole, atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import _C
 from ..model import Transformer
 from .base import Strategy
-from .local import local_attention_lse
+from .local import local_attention_lse, merge_into
 
 
 def zigzag_chunks(context_len: int, world: int) -> list[list[tuple[int, int]]]:
@@ -82,9 +82,5 @@ class RingAttention(Strategy):
                     continue  # a later chunk (or an empty one)
                 part_o, part_lse = local_attention_lse(q[:, rows], block[0][:, keys], block[1][:, keys],
                                                        causal=k_start == q_start)
-                merged_o, merged_lse = _C.lse_merge(
-                    torch.stack((o[:, rows], part_o.float())).flatten(1, 2),
-                    torch.stack((lse[:, rows], part_lse)).flatten(1, 2))
-                o[:, rows] = merged_o.view_as(part_o)
-                lse[:, rows] = merged_lse.view_as(part_lse)
+                lse[:, rows] = merge_into(o[:, rows], lse[:, rows], part_o, part_lse)[1]
             q_offset += q_end - q_start

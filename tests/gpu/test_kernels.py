@@ -70,3 +70,33 @@ def test_decode_kernel_reads_the_length_from_device_memory():
         else:
             want_o, want_lse = naive_attention(q[:, None].cpu(), k[:, :n].cpu(), v[:, :n].cpu())
             assert relative_error(o, want_o[:, 0]) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize("tq,tk,causal", [(300, 300, True), (64, 1000, True), (1, 777, False), (200, 700, False)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64)])
+def test_fused_attention_backends_equal_float64_softmax(backend, tq, tk, causal, heads, kv_heads, dim):
+    from star_engine.attention import local
+    from tests.reference import causal_visible
+
+    gen = torch.Generator().manual_seed(tq + tk)
+    q, k, v = (torch.randn(n, t, dim, generator=gen).bfloat16().double()
+               for n, t in ((heads, tq), (kv_heads, tk), (kv_heads, tk)))
+    want_o, want_lse = naive_attention(q, k, v, causal_visible(tq, tk) if causal else None)
+    local.set_backend(backend)
+    try:
+        o, lse = local.local_attention_lse(*(x.to(GPU, torch.bfloat16) for x in (q, k, v)), causal)
+        o_only = local.local_attention(*(x.to(GPU, torch.bfloat16) for x in (q, k, v)), causal)
+    finally:
+        local.set_backend("auto")
+    assert relative_error(o, want_o) < 1e-2
+    assert relative_error(o_only, want_o) < 1e-2
+    assert (lse.double().cpu() - want_lse).abs().max().item() < 2e-2
+
+
+def test_auto_picks_cudnn_attention_on_hopper():
+    from star_engine.attention.local import backend_for
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("Hopper and later")
+    assert backend_for(GPU, torch.bfloat16) == "cudnn"

@@ -1,4 +1,4 @@
-"""Star and dense over several GPUs (NCCL, CUDA-graph decode) against the CPU engine."""
+"""Star, ring and dense over several GPUs (NCCL, CUDA-graph decode) against the CPU engine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, StarAttention
+from star_engine.attention import DenseAttention, RingAttention, StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.comm import MpiCommunicator, NcclCommunicator
 from star_engine.launch import select_device
@@ -37,7 +37,8 @@ def run(dist, comm, model, strategy_cls, cuda_graph=True, **kwargs):
     return engine.generate(ids[:1200], ids[1200:], 10, keep_logits=True)
 
 
-@pytest.mark.parametrize("strategy_cls,kwargs", [(DenseAttention, {}), (StarAttention, {"block_size": 256}),
+@pytest.mark.parametrize("strategy_cls,kwargs", [(DenseAttention, {}), (RingAttention, {}),
+                                                 (StarAttention, {"block_size": 256}),
                                                  (StarAttention, {"block_size": 256, "anchor_mode": "recompute"})])
 def test_gpus_follow_the_cpu_engine(dist, comm: MpiCommunicator, gpu, checkpoint, strategy_cls, kwargs):
     device, nccl = gpu
