@@ -118,13 +118,17 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
                 strategy = STRATEGIES[attn](dist, comm)
             max_tokens = length + query_tokens + new_tokens
             share = max(strategy.context_split(length))
-            activations = 24 * share * cfg.hidden_size * weight.element_size()
+            # Prefill keeps about 5 hidden-sized vectors per token of a rank's share (hidden
+            # states, q, k, v, attention output; measured about 4.5), the rest goes in chunks.
+            activations = 8 * share * cfg.hidden_size * weight.element_size() + (4 << 30)
             row = {"attn": attn, "ranks": dist.world, "context": length, "describe": strategy.describe()}
-            if not fits(dist, max_tokens * kv_bytes_per_token, activations, weight.device):
+            kv_slots = max(strategy.context_capacity(r, length) for r in range(dist.world)) + query_tokens + new_tokens
+            if not fits(dist, kv_slots * kv_bytes_per_token, activations, weight.device):
                 say(f"  {attn:5} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 continue
-            engine = Engine(model, strategy, comm, dist, max_tokens, cuda_graph=cuda_graph)
+            engine = Engine(model, strategy, comm, dist, max_tokens, cuda_graph=cuda_graph,
+                            max_tail=query_tokens + new_tokens)
             ids = torch.randint(0, cfg.vocab_size, (length + query_tokens,), generator=torch.Generator().manual_seed(0))
             # Always new_tokens tokens: random weights may produce an end-of-sequence id.
             gen = engine.generate(ids[:length], ids[length:], new_tokens, stop_at_eos=False)

@@ -44,17 +44,23 @@ class Generation:
 
 class Engine:
     """Runs requests with one strategy. Sized once: every rank's KV arena holds the
-    worst case of a request of up to `max_tokens` tokens (context + query + generated)."""
+    worst case of a request of up to `max_tokens` tokens (context + query + generated), of
+    which at most `max_tail` (default: all) come after the context. The query rank keeps
+    its share of the context and the tail."""
 
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
-                 max_tokens: int, cuda_graph: bool = True) -> None:
+                 max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
         self.max_tokens = max_tokens
+        self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
         self.decoder: _Decoder | None = None
-        # The query rank's context, query and generated tokens together stay within max_tokens.
-        self.capacities = [max_tokens if r == dist.query_rank else strategy.context_capacity(r, max_tokens)
-                           for r in range(dist.world)]
+        # A shorter context leaves more room for the tail, never more slots on the query
+        # rank than max_tokens, whatever the split.
+        max_context = max_tokens - self.max_tail
+        query_share = strategy.context_capacity(dist.query_rank, max_context) if max_context else 0
+        self.capacities = [min(max_tokens, query_share + self.max_tail) if r == dist.query_rank
+                           else strategy.context_capacity(r, max_tokens) for r in range(dist.world)]
         cfg, weight = model.config, model.embed.weight
         self.arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                 self.capacities[dist.rank], weight.dtype, weight.device)
@@ -65,6 +71,9 @@ class Engine:
         if total > self.max_tokens:
             raise RequestTooLarge(f"request needs {total} tokens ({context_len} context + {query_len} "
                                   f"query + {max_new_tokens} new), the limit is {self.max_tokens}")
+        if query_len + max_new_tokens > self.max_tail:
+            raise RequestTooLarge(f"request has {query_len} query + {max_new_tokens} new tokens, the "
+                                  f"engine takes at most {self.max_tail} after the context")
         needs = self.strategy.context_split(context_len)
         needs[self.dist.query_rank] += query_len + max_new_tokens
         for rank, (need, capacity) in enumerate(zip(needs, self.capacities)):

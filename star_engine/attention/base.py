@@ -28,8 +28,8 @@ class Strategy(ABC):
 
     @abstractmethod
     def context_capacity(self, rank: int, max_context: int) -> int:
-        """The most context tokens a non-query `rank` keeps for any context of up to
-        `max_context` tokens (the query rank's arena is sized for a whole request)."""
+        """The most context tokens `rank` keeps for any context of up to `max_context`
+        tokens (the engine adds the query rank's room for the query and generated tokens)."""
 
     @abstractmethod
     def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:

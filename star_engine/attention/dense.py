@@ -22,7 +22,7 @@ class DenseAttention(Strategy):
         return [context_len if r == self.dist.query_rank else 0 for r in range(self.dist.world)]
 
     def context_capacity(self, rank: int, max_context: int) -> int:
-        return 0
+        return max_context if rank == self.dist.query_rank else 0
 
     def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:
         if not self.dist.is_query_rank or len(context_ids) == 0:

@@ -82,9 +82,9 @@ class StarAttention(Strategy):
         return split
 
     def context_capacity(self, rank: int, max_context: int) -> int:
-        if self.block_size is None:  # one block per rank: a share grows with the context
-            return self.context_split(max_context)[rank]
-        # A non-query rank never gets the last (short) block, so its blocks are all full.
+        if self.block_size is None:  # one block per rank, of ceil(context / ranks) tokens at most
+            return -(-max_context // self.dist.world)
+        # Counting every block as full bounds the query rank's short last block too.
         most_blocks = -(-max_context // self.block_size)
         world = self.dist.world
         return self.block_size * max(len(blocks_of_rank(rank, n, world)) for n in range(1, most_blocks + 1))
