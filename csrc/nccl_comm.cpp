@@ -2,6 +2,7 @@
 
 #include "cuda/kernels.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -39,6 +40,12 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
   // Blocking configuration: a call returns once its work is enqueued on the stream (it
   // never waits for the GPU), so enqueueing costs microseconds.
   check(ncclCommInitRank(&comm_, world, id, rank), "ncclCommInitRank");
+  check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&progress_), kProgressSlots * sizeof(uint64_t),
+                           cudaHostAllocMapped),
+             "cudaHostAlloc");
+  std::fill(progress_, progress_ + kProgressSlots, 0);
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&progress_on_device_), progress_, 0),
+             "cudaHostGetDevicePointer");
   watchdog_ = std::thread(&NcclComm::watch, this);
   warm_up();
 }
@@ -50,8 +57,8 @@ NcclComm::~NcclComm() {
   }
   stop_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
-  for (const InFlight& op : in_flight_) cudaEventDestroy(op.done);
   if (comm_ != nullptr && !failed_) ncclCommDestroy(comm_);
+  if (progress_ != nullptr && !failed_) cudaFreeHost(progress_);  // after a failure, kernels may still write
 }
 
 void NcclComm::warm_up() {
@@ -89,11 +96,10 @@ void NcclComm::enqueue(const char* what, cudaStream_t stream, Call call) {
   cudaStreamCaptureStatus capture;
   check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   if (capture != cudaStreamCaptureStatusNone) return;  // a graph's replays are waited on by wait()
-  InFlight op{Clock::now(), nullptr};
-  check_cuda(cudaEventCreateWithFlags(&op.done, cudaEventDisableTiming), "cudaEventCreate");
-  check_cuda(cudaEventRecord(op.done, stream), "cudaEventRecord");
+  const uint64_t sequence = ++enqueued_;
+  signal_progress_cuda(progress_on_device_ + sequence % kProgressSlots, sequence, stream);
   std::lock_guard<std::mutex> lock(mutex_);
-  in_flight_.push_back(op);
+  in_flight_.push_back({Clock::now(), sequence});
 }
 
 void NcclComm::all_gather(const void* send, void* recv, size_t bytes, cudaStream_t stream) {
@@ -143,10 +149,7 @@ void NcclComm::fail(const std::string& reason) {
 }
 
 void NcclComm::watch() {
-  cudaSetDevice(device_);
-  // Querying events must not break a CUDA graph that another thread is capturing.
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  cudaThreadExchangeStreamCaptureMode(&mode);
+  // No CUDA calls here: one could wait behind the stuck kernel (see progress_).
   const std::string stuck = "NCCL: no progress for " + std::to_string(timeout_.count()) +
                             " s: a peer rank is dead or stuck; communicator aborted";
   std::unique_lock<std::mutex> lock(mutex_);
@@ -168,15 +171,11 @@ void NcclComm::watch() {
     }
     while (!in_flight_.empty()) {
       const InFlight& op = in_flight_.front();
-      const cudaError_t status = cudaEventQuery(op.done);
-      if (status == cudaErrorNotReady) {
+      const volatile uint64_t* slot = progress_ + op.sequence % kProgressSlots;
+      if (*slot >= op.sequence) {
+        in_flight_.pop_front();
+      } else {
         if (now - op.since > timeout_) fail(stuck);
-        break;
-      }
-      cudaEventDestroy(op.done);
-      in_flight_.pop_front();
-      if (status != cudaSuccess) {
-        fail(std::string("CUDA error under an NCCL operation: ") + cudaGetErrorString(status));
         break;
       }
     }

@@ -8,8 +8,9 @@
 // operation enqueued outside graph capture, from the moment the host enters the NCCL call
 // until its work on the GPU is done, and NCCL's asynchronous error. When one is older than
 // the timeout, or NCCL reports an error, it aborts the communicator: its kernels end, a host
-// thread blocked behind them (in NCCL or in a kernel launch that waits for them) goes on,
-// and the next call on this communicator, or wait(), throws with the reason.
+// thread blocked behind them (in NCCL, or in a kernel launch that waits for them, as the
+// first launch of a lazily loaded kernel does) goes on, and the next call on this
+// communicator, or wait(), throws with the reason.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <mutex>
 #include <string>
@@ -54,8 +56,9 @@ class NcclComm {
   using Clock = std::chrono::steady_clock;
   struct InFlight {
     Clock::time_point since;
-    cudaEvent_t done;
+    uint64_t sequence;  // its progress slot reads at least this once it is done
   };
+  static constexpr uint64_t kProgressSlots = 1 << 16;
 
   static void configure_environment();
   void check(ncclResult_t result, const char* what);
@@ -71,6 +74,11 @@ class NcclComm {
   int rank_, world_, device_;
   std::chrono::duration<double> timeout_;
 
+  // Operations' completion, written by the GPU into mapped host memory: the watchdog reads
+  // it without CUDA calls, which could block behind the very kernel that is stuck.
+  uint64_t* progress_ = nullptr;
+  uint64_t* progress_on_device_ = nullptr;
+  uint64_t enqueued_ = 0;
   std::atomic<Clock::rep> host_call_since_{0};  // 0: the host is not inside an NCCL call
   std::atomic<bool> failed_{false};
   std::mutex mutex_;  // guards what follows

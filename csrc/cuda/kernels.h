@@ -43,6 +43,11 @@ void kv_append_cuda(const void* k, const void* v, int64_t src_head_stride_bytes,
 // kv_heads * splits blocks.
 int decode_splits(int64_t capacity, int kv_heads, int multiprocessors);
 
+// Writes `value` to *slot, host memory mapped into the device, once the work enqueued
+// before it on `stream` is done: a host thread can then follow the stream by reading
+// memory, without a CUDA call (which could wait behind a kernel that never ends).
+void signal_progress_cuda(uint64_t* slot, uint64_t value, cudaStream_t stream);
+
 // Throws std::runtime_error with the CUDA error's text if the last launch failed.
 void check_cuda(cudaError_t status, const char* what);
 
