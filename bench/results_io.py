@@ -45,15 +45,4 @@ def _fmt(value) -> str:
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     """Median over `repeats` runs of fn() timed with CUDA events, after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return star_engine.benchmark.median_s(fn, repeats, warmup) * 1e3
