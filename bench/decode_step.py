@@ -1,7 +1,7 @@
 """Where the time of one decode step goes: GPU kernel time per output token by kind
-(matrix products, decode attention, collective, log-sum-exp merges: the decode kernel's
-merge of its splits and gather_merge's merge of the ranks, the rest), from the PyTorch
-profiler, beside the step's roofline.
+(matrix products, decode attention with the merge of its splits, the collective,
+gather_merge's merge of the ranks, the fused norm/RoPE/SiLU kernels, the rest), from the
+PyTorch profiler, beside the step's roofline.
 
   [mpirun -np N] python bench/decode_step.py [--model llama-3.1-8b] [--context 32K]
 
@@ -25,7 +25,8 @@ from star_engine.launch import init_distributed, select_device
 from star_engine.schedule import Engine
 
 TOKENS = 64
-KINDS = (("collective", ("nccl",)), ("log-sum-exp merge", ("lse_merge",)), ("decode attention", ("decode_split",)),
+KINDS = (("collective", ("nccl",)), ("merge of the ranks", ("lse_merge",)), ("decode attention", ("decode_kernel",)),
+         ("norm, rope, silu", ("rms_norm", "rope_kernel", "silu_mul")),
          ("matrix products", ("gemm", "gemv", "nvjet", "cutlass", "splitk", "sm90_xmma")))
 
 

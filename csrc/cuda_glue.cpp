@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
+#include <mutex>
+#include <unordered_map>
 
 #include "cuda/kernels.h"
 #include "nccl_comm.h"
@@ -29,6 +31,24 @@ cudaStream_t current_stream(const at::Tensor& t) {
 
 void check_cuda_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be on a GPU");
+}
+
+// The decode kernel's split counters: zero before a launch, and left at zero by it. One
+// buffer per device, zeroed once, so that a captured decode step holds no memset per layer.
+// While a graph is being captured nothing may be allocated for good, so a capture that
+// comes before any eager call gets fresh zeros of its own.
+at::Tensor decode_counters(const at::Tensor& like, int64_t kv_heads) {
+  static std::mutex mutex;
+  static auto* by_device = new std::unordered_map<int, at::Tensor>();  // kept until exit
+  const std::lock_guard<std::mutex> lock(mutex);
+  const int device = like.device().index();
+  auto found = by_device->find(device);
+  if (found != by_device->end() && found->second.numel() >= kv_heads) return found->second;
+  const at::Tensor counters = at::zeros({std::max<int64_t>(kv_heads, 64)}, like.options().dtype(at::kInt));
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(current_stream(like), &capturing), "decode attention: capture status");
+  if (capturing == cudaStreamCaptureStatusNone) (*by_device)[device] = counters;
+  return counters;
 }
 
 }  // namespace
@@ -63,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor workspace = at::empty({decode_workspace_floats(heads, dim, splits)},
                                    q.options().dtype(at::kFloat));
+  const at::Tensor counters = decode_counters(q, kv_heads);
   // o and lse share one buffer, lse right after o: the message gather_merge sends as is.
   const int64_t o_bytes = heads * dim * q.element_size();
   at::Tensor packed = at::empty({o_bytes + 4 * heads}, q.options().dtype(at::kByte));
@@ -72,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
                         length.data_ptr<int32_t>(), static_cast<int>(heads),
                         static_cast<int>(kv_heads), static_cast<int>(dim),
                         1.0f / std::sqrt(static_cast<float>(dim)), dtype_of(q),
-                        static_cast<int>(splits), workspace.data_ptr<float>(), o.data_ptr(),
+                        static_cast<int>(splits), workspace.data_ptr<float>(),
+                        counters.data_ptr<int32_t>(), o.data_ptr(),
                         lse.data_ptr<float>(), current_stream(q));
   return {o, lse};
 }
@@ -101,7 +123,54 @@ void kv_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
                  static_cast<int>(k.size(0)), static_cast<int>(row_bytes), current_stream(k));
 }
 
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_cuda_tensor(x, "rms_norm input");
+  TORCH_CHECK(x.is_contiguous() && weight.dim() == 1 && weight.is_contiguous() &&
+                  x.size(-1) == weight.size(0) && weight.scalar_type() == x.scalar_type() &&
+                  weight.device() == x.device() && x.size(-1) % 8 == 0,
+              "rms_norm: contiguous x [..., dim] (dim a multiple of 8) and a weight [dim] of its "
+              "dtype and device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  rms_norm_cuda(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() / x.size(-1),
+                static_cast<int>(x.size(-1)), static_cast<float>(eps), dtype_of(x), current_stream(x));
+  return y;
+}
+
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &cos, &sin}) check_cuda_tensor(*t, "rope_ input");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0 &&
+                  x.size(2) <= 2048,
+              "rope_: x must be [tokens, heads, head_dim <= 2048] with contiguous heads");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.sizes() == sin.sizes() && cos.dim() == 2 &&
+                  cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              "rope_: cos and sin must be float32 [tokens, head_dim]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  rope_cuda(x.data_ptr(), x.size(0), x.stride(0), static_cast<int>(x.size(1)),
+            static_cast<int>(x.size(2)), cos.data_ptr<float>(), sin.data_ptr<float>(), dtype_of(x),
+            current_stream(x));
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_cuda_tensor(gate_up, "silu_mul input");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "silu_mul: gate_up must be contiguous [tokens, 2 * inner]");
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  const int64_t inner = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({gate_up.size(0), inner}, gate_up.options());
+  silu_mul_cuda(gate_up.data_ptr(), out.data_ptr(), gate_up.size(0), static_cast<int>(inner),
+                dtype_of(gate_up), current_stream(gate_up));
+  return out;
+}
+
 void register_cuda_bindings(pybind11::module& m) {
+  m.def("rms_norm", &rms_norm, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
+        "weight * RMSNorm(x) over the last dimension, rounding where the PyTorch ops do.");
+  m.def("rope_", &rope_, pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"),
+        "Rotates x [tokens, heads, head_dim] in place (halves convention), in float32.");
+  m.def("silu_mul", &silu_mul, pybind11::arg("gate_up"),
+        "silu(gate) * up of gate_up [tokens, 2 * inner].");
   m.def("kv_append", &kv_append, pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("length"),
         "Writes one token's k, v [KV, 1, D] at slot length - 1 of a cache layer (length on the GPU).");

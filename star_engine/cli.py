@@ -483,20 +483,26 @@ def _eval(args: argparse.Namespace) -> int:
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine eval: {len(tasks)} tasks x {len(lengths)} lengths x {args.samples} samples, "
                 f"{len(methods)} methods")
-    rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, tasks,
-                                     lengths, args.samples, methods, args.seed, session.say)
-    if session.dist.rank == 0:
+    name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
+    output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed}
+
+    def write(rows: list[dict], complete: bool) -> str:
         summary = evaluation.summarise(rows)
-        result = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
-                  "summary": summary, "rows": rows}
-        name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
-        output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
-        output.parent.mkdir(parents=True, exist_ok=True)
+        result = {**header, "complete": complete, "summary": summary, "rows": rows}
         output.write_text(json.dumps(result, indent=1) + "\n")
         text = evaluation.table(summary)
-        print(text)
-        output.with_suffix(".txt").write_text(f"{result['command']}\n{args.samples} samples per cell\n\n{text}\n")
-        plotted = evaluation.plot(summary, f"{args.model}: accuracy, {args.samples} samples per cell",
+        note = "" if complete else "incomplete: the run was stopped before every cell was measured\n"
+        output.with_suffix(".txt").write_text(f"{header['command']}\n{args.samples} samples per cell\n{note}\n{text}\n")
+        return text
+
+    rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, tasks,
+                                     lengths, args.samples, methods, args.seed, session.say,
+                                     on_cell=lambda partial: write(partial, complete=False))
+    if session.dist.rank == 0:
+        print(write(rows, complete=True))
+        plotted = evaluation.plot(evaluation.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
                                   output.with_suffix(".png"))
         session.say(f"saved {output}, the table as {output.with_suffix('.txt')}"
                     + (f" and the plot as {output.with_suffix('.png')}" if plotted else ""))

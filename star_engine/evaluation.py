@@ -78,8 +78,11 @@ def methods(attns: list[str], blocks: list[int], anchors: list[float]) -> list[M
 
 def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist, tasks: list[str],
                    lengths: list[int], samples: int, method_list: list[Method], seed: int,
-                   say: Callable[[str], None]) -> list[dict]:
-    """One row per (task, length, sample, method) on rank 0; an empty list elsewhere."""
+                   say: Callable[[str], None],
+                   on_cell: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """One row per (task, length, sample, method) on rank 0; an empty list elsewhere.
+    on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
+    keep what it has measured if it is stopped."""
     rows: list[dict] = []
     most_new = max(NEW_TOKENS.get(t, DEFAULT_NEW_TOKENS) for t in tasks)
     total = len(tasks) * len(lengths) * samples
@@ -106,6 +109,8 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                 done += 1
             say(f"[{done}/{total}] {task} at {length} tokens: " +
                 ", ".join(f"{m.name} {hits[m] / samples:.2f}" for m in method_list))
+            if dist.rank == 0:
+                on_cell(rows)
         del engines
     return rows
 

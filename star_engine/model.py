@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _C
+
 # Tokens per pass of the per-token work (projections, RoPE, MLP): a block of 10^5 tokens
 # then needs transient memory for 8192 tokens only, beside its q, k, v and hidden states.
 PREFILL_CHUNK = 8192
@@ -139,12 +141,30 @@ class Rotary:
         return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [tokens, heads, head_dim] rotated by the halves convention of Hugging Face Llama."""
+def _kernels_for(x: Tensor) -> bool:
+    """Whether the extension's fused layer kernels serve x (on GPUs they replace several
+    eager PyTorch launches each, which is what a decode step's time goes to)."""
+    return x.is_cuda and _C.WITH_CUDA
+
+
+def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Rotates x [tokens, heads, head_dim] in place by the halves convention of Hugging Face
+    Llama, in float32; cos, sin [tokens, head_dim] float32."""
+    if _kernels_for(x):
+        _C.rope_(x, cos, sin)
+        return
     half = x.shape[-1] // 2
     x32 = x.float()
     rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    x.copy_(x32 * cos[:, None] + rotated * sin[:, None])
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of the fused projection's output [tokens, 2 * intermediate]."""
+    if _kernels_for(gate_up):
+        return _C.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -154,6 +174,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _kernels_for(x) and self.weight.dtype == x.dtype and x.shape[-1] % 8 == 0:
+            return _C.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -174,24 +196,30 @@ class DecoderLayer(nn.Module):
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections of x [tokens, hidden], RoPE applied: q [H, T, D], k and v [KV, T, D]."""
         t, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = x.new_empty(t, h + 2 * kv, d)
-        for start in range(0, t, PREFILL_CHUNK):
-            end = start + PREFILL_CHUNK
-            part = self.wqkv(self.attn_norm(x[start:end])).view(-1, h + 2 * kv, d)
-            qkv[start:end, :h + kv] = apply_rope(part[:, :h + kv], cos[start:end], sin[start:end])
-            qkv[start:end, h + kv:] = part[:, h + kv:]
+        if t <= PREFILL_CHUNK:
+            qkv = self._qkv_chunk(x, cos, sin)
+        else:
+            qkv = x.new_empty(t, h + 2 * kv, d)
+            for start in range(0, t, PREFILL_CHUNK):
+                end = start + PREFILL_CHUNK
+                qkv[start:end] = self._qkv_chunk(x[start:end], cos[start:end], sin[start:end])
         q, k, v = qkv.split([h, kv, kv], dim=1)
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
+    def _qkv_chunk(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        qkv = self.wqkv(self.attn_norm(x)).view(x.shape[0], -1, self.head_dim)
+        apply_rope_(qkv[:, :self.num_heads + self.num_kv_heads], cos, sin)
+        return qkv
+
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
         """Output projection of the attention o [H, T, D], residual, and the MLP; updates x
-        [tokens, hidden] in place and returns it."""
+        [tokens, hidden] in place and returns it. The residual adds are the products' own
+        accumulation (addmm_), not separate passes."""
         for start in range(0, x.shape[0], PREFILL_CHUNK):
             end = start + PREFILL_CHUNK
             part = x[start:end]
-            part += self.wo(o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1))
-            gate, up = self.w_gate_up(self.mlp_norm(part)).chunk(2, dim=-1)
-            part += self.w_down(F.silu(gate) * up)
+            part.addmm_(o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1), self.wo.weight.t())
+            part.addmm_(silu_mul(self.w_gate_up(self.mlp_norm(part))), self.w_down.weight.t())
         return x
 
 

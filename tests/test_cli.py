@@ -159,7 +159,7 @@ def test_eval_scores_every_method_on_the_same_samples(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
     methods = ["star 2b a=1/2", "star 2b a=1", "star 3b a=1/2", "star 3b a=1", "dense"]
-    assert len(saved["rows"]) == 2 * 2 * len(methods)
+    assert saved["complete"] is True and len(saved["rows"]) == 2 * 2 * len(methods)
     for task in ("niah_single_1", "vt"):
         for sample in (0, 1):
             answered = [r["method"] for r in saved["rows"] if r["task"] == task and r["sample"] == sample]

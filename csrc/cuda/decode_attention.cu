@@ -1,10 +1,17 @@
 // Split-KV decode attention: one query token, grouped-query heads, a long KV cache read in
-// place. Memory-bound: each key and value row is read once, in 16-byte pieces streamed to
-// shared memory several tiles ahead; the G query heads that share a kv head share its loads.
+// place. The kernel is memory-bound, so everything serves keeping HBM busy:
+// - K and V stream into shared memory through cp.async, several tiles ahead, and each
+//   byte is read once for all G query heads of its kv head;
+// - the products run on tensor cores (mma.sync m16n8k16): the G heads are the rows of a
+//   16-row tile, so a tile of 16 keys costs a handful of instructions, where a dot product
+//   per key on CUDA cores (shuffles, conversions) could not keep up with the memory;
+// - the splits of a kv head are merged by whichever of its blocks finishes last, in the
+//   same launch, so a short cache does not pay for a second kernel and a serial merge.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "dtype.cuh"
 #include "kernels.h"
@@ -14,20 +21,25 @@ namespace star {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kTileKeys = 32;  // keys per pipeline stage
-constexpr int kStages = 4;     // tiles in flight per block
+constexpr int kWarpKeys = 16;                  // keys per warp per tile: one mma k-step of P V
+constexpr int kTileKeys = kWarps * kWarpKeys;  // keys per pipeline stage
+constexpr int kMaxGroup = 8;                   // query heads per kv head: rows 0..7 of the mma tile
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T>
-__device__ __forceinline__ void to_floats(const uint4& raw, float (&out)[8]) {
-  const T* values = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = to_float(values[i]);
+template <int D>
+__host__ __device__ constexpr int stages() { return D == 128 ? 3 : 6; }  // 96 KB: two blocks fit an SM
+template <typename T, int D>
+constexpr int pipeline_bytes() { return stages<D>() * 2 * kTileKeys * D * static_cast<int>(sizeof(T)); }
+
+// 16-byte pieces of a row of D elements are stored XOR-swizzled by the row's low bits, so
+// that the 8 rows an ldmatrix reads at one column fall into 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) * 8);
 }
 
 // Copies 16 bytes to shared memory in the background; with valid false it writes zeros
-// (and reads nothing), so that rows past the end can never hold a NaN that a zero weight
-// would not cancel.
+// (and reads nothing), so that rows past the end hold no NaN that a zero weight would keep.
 __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(gmem),
@@ -37,55 +49,68 @@ __device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_g
 template <int N>
 __device__ __forceinline__ void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// State of an online softmax over a subset of the keys, in log2 units: per query head of
-// the group, the running max, the sum of weights and this lane's 8 output dimensions.
-template <int G>
-struct Partial {
-  float max[G], sum[G], acc[G][8];
-};
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
 
-template <int G>
-__device__ __forceinline__ void merge_into(Partial<G>& a, const float (&max_b)[G],
-                                           const float (&sum_b)[G], const float (&acc_b)[G][8]) {
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const float m = fmaxf(a.max[g], max_b[g]);
-    if (m == -INFINITY) continue;  // both empty
-    const float ca = exp2f(a.max[g] - m), cb = exp2f(max_b[g] - m);
-    a.sum[g] = a.sum[g] * ca + sum_b[g] * cb;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) a.acc[g][i] = a.acc[g][i] * ca + acc_b[g][i] * cb;
-    a.max[g] = m;
+// c += a b for a 16x16 (rows) by 16x8 (columns) tile in float32. Rows 8..15 of a are zero
+// here (a1 = a3 = 0): only G <= 8 query heads exist.
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+  const unsigned zero = 0;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
   }
 }
 
-// Bytes of dynamic shared memory: kStages tiles of K and V.
-template <typename T, int D>
-constexpr int pipeline_bytes() {
-  return kStages * 2 * kTileKeys * D * static_cast<int>(sizeof(T));
+// Two floats as the element pair of one register, the first in the low half.
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&pair);
+  } else {
+    const __half2 pair = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&pair);
+  }
 }
 
-// grid (kv_heads, splits), kWarps warps. Tiles of kTileKeys keys stream from global to
-// shared memory through cp.async, kStages deep, so that many bytes are in flight without
-// holding registers. A key row is D / 8 lanes wide (16 bytes each); a warp takes
-// kTileKeys / kWarps keys of each tile, 32 / (D / 8) at a time.
-template <typename T, int D, int G>
+// grid (kv_heads, splits), kWarps warps. Each tile of kTileKeys keys gives every warp 16
+// keys; a warp keeps its own online softmax (one row per query head) over the keys it saw,
+// and the warps, then the splits, are merged at the end. Fragment layout of mma m16n8k16
+// (PTX ISA): lane = 4 * row + quad; a thread holds row `row` of the accumulators, columns
+// 2 * quad and 2 * quad + 1 of each 8-column tile.
+template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
-decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
-                    const T* __restrict__ v_cache, int64_t capacity,
-                    const int32_t* __restrict__ length, int heads, float scale, int splits,
-                    float* __restrict__ o_parts, float* __restrict__ lse_parts) {
-  constexpr int kLanesPerKey = D / 8;
-  constexpr int kKeysPerWarp = 32 / kLanesPerKey;        // keys a warp works on at once
-  constexpr int kWarpKeys = kTileKeys / kWarps;           // keys of a tile per warp
-  constexpr int kRounds = kWarpKeys / kKeysPerWarp;       // per tile
-  constexpr int kChunksPerTile = kTileKeys * D / 8;       // 16-byte pieces of K (or V)
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
+              const T* __restrict__ v_cache, int64_t capacity, const int32_t* __restrict__ length,
+              int group, float scale, int splits, float* __restrict__ o_parts,
+              float* __restrict__ lse_parts, int32_t* __restrict__ counters, T* __restrict__ o,
+              float* __restrict__ lse) {
+  constexpr int kChunks = D / 8;   // 16-byte pieces per row
+  constexpr int kKSteps = D / 16;  // mma k-steps of Q K^T
+  constexpr int kStages = stages<D>();
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
 
   const int kv_head = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int slot = lane % kLanesPerKey;  // which 8 elements of a row this lane holds
+  const int row = lane / 4, quad = lane % 4;
   const int64_t len = *length;
   const int64_t chunk = (len + splits - 1) / splits;
   const int64_t start = split * chunk, end = min(len, start + chunk);
@@ -98,179 +123,222 @@ decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
       T* k_stage = smem + (tile % kStages) * 2 * kTileKeys * D;
       T* v_stage = k_stage + kTileKeys * D;
       const int64_t first = start + static_cast<int64_t>(tile) * kTileKeys;
-      for (int c = threadIdx.x; c < kChunksPerTile; c += kWarps * 32) {
-        const int row = c / (D / 8), col = (c % (D / 8)) * 8;
-        const bool valid = first + row < end;
-        const int64_t src = valid ? (first + row) * D + col : 0;
-        copy16_async(k_stage + row * D + col, k_head + src, valid);
-        copy16_async(v_stage + row * D + col, v_head + src, valid);
+#pragma unroll
+      for (int c = threadIdx.x; c < kTileKeys * kChunks; c += kWarps * 32) {
+        const int key = c / kChunks, piece = c % kChunks;
+        const bool valid = first + key < end;
+        const int64_t src = valid ? (first + key) * D + piece * 8 : 0;
+        copy16_async(k_stage + swizzled<D>(key, piece), k_head + src, valid);
+        copy16_async(v_stage + swizzled<D>(key, piece), v_head + src, valid);
       }
     }
     commit_async();  // one group per tile, empty ones too, so that the counting stays simple
   };
-
-  float qv[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(kv_head) * G + g) * D + slot * 8);
-    to_floats<T>(raw, qv[g]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) qv[g][i] *= scale * kLog2e;
-  }
-  Partial<G> p;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    p.max[g] = -INFINITY;
-    p.sum[g] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) p.acc[g][i] = 0.0f;
-  }
-
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load_tile(s);
+
+  // Q as the A operand: rows are the group's heads (zero past G), unscaled so that the
+  // products are exact; the scale is applied to the float32 scores.
+  unsigned qa[kKSteps][2];
+  {
+    const bool valid = row < group;
+    const T* q_row = q + (static_cast<int64_t>(kv_head) * group + (valid ? row : 0)) * D;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      qa[ks][0] = valid ? *reinterpret_cast<const unsigned*>(q_row + ks * 16 + 2 * quad) : 0u;
+      qa[ks][1] = valid ? *reinterpret_cast<const unsigned*>(q_row + ks * 16 + 8 + 2 * quad) : 0u;
+    }
+  }
+  const float scale_log2 = scale * kLog2e;
+  float acc[D / 8][4];  // O: 8-column tiles; [0], [1] hold row `row`
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  float run_max = -INFINITY, run_sum = 0.0f;  // of row `row`, in log2 units; sum over this lane's columns
+
   for (int tile = 0; tile < tiles; ++tile) {
     wait_async<kStages - 2>();  // this tile has landed
     __syncthreads();            // for every thread; and the stage refilled next is free
     load_tile(tile + kStages - 1);
     const T* k_stage = smem + (tile % kStages) * 2 * kTileKeys * D;
     const T* v_stage = k_stage + kTileKeys * D;
-    const int64_t first = start + static_cast<int64_t>(tile) * kTileKeys;
+    const int key0 = warp * kWarpKeys;  // this warp's first key in the tile
 
-    // Scores of this lane's kRounds keys of the tile, then one rescale for all of them.
-    float score[kRounds][G];
+    // Scores S = Q K^T of 16 keys: two 8-key column tiles. ldmatrix x4 gives B fragments of
+    // two k-steps: matrices (8 keys, 8 dims) with lanes 8j..8j+7 naming the rows of matrix j.
+    float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
 #pragma unroll
-    for (int r = 0; r < kRounds; ++r) {
-      const int row = warp * kWarpKeys + r * kKeysPerWarp + lane / kLanesPerKey;
-      const bool valid = first + row < end;
-      float kf[8];
-      to_floats<T>(*reinterpret_cast<const uint4*>(k_stage + row * D + slot * 8), kf);
+    for (int n = 0; n < 2; ++n) {
+      const int key = key0 + n * 8 + lane % 8;
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dot += qv[g][i] * kf[i];
-#pragma unroll
-        for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) {
-          dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        }
-        score[r][g] = valid ? dot : -INFINITY;
+      for (int ks = 0; ks < kKSteps; ks += 2) {
+        unsigned b[4];
+        ldmatrix_x4(b, k_stage + swizzled<D>(key, 2 * ks + lane / 8));
+        mma<T>(s[n], qa[ks][0], qa[ks][1], b[0], b[1]);
+        mma<T>(s[n], qa[ks + 1][0], qa[ks + 1][1], b[2], b[3]);
       }
     }
+    // Online softmax of row `row` over these 16 keys (the 4 lanes of a quad share a row).
+    const int64_t first = start + static_cast<int64_t>(tile) * kTileKeys + key0;
+    float tile_max = -INFINITY;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float m = p.max[g];
+    for (int n = 0; n < 2; ++n) {
 #pragma unroll
-      for (int r = 0; r < kRounds; ++r) m = fmaxf(m, score[r][g]);
-      if (m == -INFINITY) continue;  // nothing valid yet
-      const float correction = exp2f(p.max[g] - m);
-      p.sum[g] *= correction;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) p.acc[g][i] *= correction;
-      p.max[g] = m;
-#pragma unroll
-      for (int r = 0; r < kRounds; ++r) score[r][g] = exp2f(score[r][g] - m);  // weights
-    }
-#pragma unroll
-    for (int r = 0; r < kRounds; ++r) {
-      const int row = warp * kWarpKeys + r * kKeysPerWarp + lane / kLanesPerKey;
-      float vf[8];
-      to_floats<T>(*reinterpret_cast<const uint4*>(v_stage + row * D + slot * 8), vf);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        if (p.max[g] == -INFINITY) continue;
-        p.sum[g] += score[r][g];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) p.acc[g][i] += score[r][g] * vf[i];
+      for (int i = 0; i < 2; ++i) {
+        const bool valid = first + n * 8 + 2 * quad + i < end;
+        s[n][i] = valid ? s[n][i] * scale_log2 : -INFINITY;
+        tile_max = fmaxf(tile_max, s[n][i]);
       }
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(run_max, tile_max);
+    const float base = new_max == -INFINITY ? 0.0f : new_max;  // no valid key yet: weights 0
+    const float correction = exp2f(run_max - base);
+    run_max = new_max;
+    float p[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) p[n][i] = exp2f(s[n][i] - base);
+    }
+    run_sum = run_sum * correction + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[n][0] *= correction;
+      acc[n][1] *= correction;
+    }
+    // O += P V: P as the A operand (keys 0-7 in a0, 8-15 in a2: the score tiles' layout),
+    // V through ldmatrix.trans: matrices (8 keys, 8 dims) give B fragments of two column tiles.
+    const unsigned pa0 = pack2<T>(p[0][0], p[0][1]), pa2 = pack2<T>(p[1][0], p[1][1]);
+    const int v_key = key0 + (lane / 8 % 2) * 8 + lane % 8;
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, v_stage + swizzled<D>(v_key, n + lane / 16));
+      mma<T>(acc[n], pa0, pa2, b[0], b[1]);
+      mma<T>(acc[n + 1], pa0, pa2, b[2], b[3]);
     }
   }
   wait_async<0>();
   __syncthreads();  // the pipeline's shared memory is reused below
 
-  // Merge the key groups of a warp (lanes kLanesPerKey apart) ...
-#pragma unroll
-  for (int offset = kLanesPerKey; offset < 32; offset *= 2) {
-    float max_b[G], sum_b[G], acc_b[G][8];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      max_b[g] = __shfl_xor_sync(0xffffffffu, p.max[g], offset);
-      sum_b[g] = __shfl_xor_sync(0xffffffffu, p.sum[g], offset);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc_b[g][i] = __shfl_xor_sync(0xffffffffu, p.acc[g][i], offset);
+  // Merge the warps: each writes its row maxima, sums and outputs; then thread t merges
+  // output elements t, t + blockDim, ... of the G x D outputs of this split.
+  run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 1);
+  run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 2);
+  float* s_max = reinterpret_cast<float*>(smem_raw);   // [kWarps][kMaxGroup]
+  float* s_sum = s_max + kWarps * kMaxGroup;           // [kWarps][kMaxGroup]
+  float* s_out = s_sum + kWarps * kMaxGroup;           // [kWarps][kMaxGroup][D]
+  if (row < group) {
+    if (quad == 0) {
+      s_max[warp * kMaxGroup + row] = run_max;
+      s_sum[warp * kMaxGroup + row] = run_sum;
     }
-    merge_into(p, max_b, sum_b, acc_b);
-  }
-  // ... then the warps, through shared memory: per warp G maxima, G sums, G x D outputs.
-  float* s_max = reinterpret_cast<float*>(smem_raw);
-  float* s_sum = s_max + kWarps * G;
-  float* s_acc = s_sum + kWarps * G;
-  if (lane < kLanesPerKey) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      if (lane == 0) {
-        s_max[warp * G + g] = p.max[g];
-        s_sum[warp * G + g] = p.sum[g];
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) s_acc[(warp * G + g) * D + slot * 8 + i] = p.acc[g][i];
+    for (int n = 0; n < D / 8; ++n) {
+      float* out = s_out + (warp * kMaxGroup + row) * D + n * 8 + 2 * quad;
+      out[0] = acc[n][0];
+      out[1] = acc[n][1];
     }
   }
   __syncthreads();
-  if (warp != 0 || lane >= kLanesPerKey) return;
-  for (int w = 1; w < kWarps; ++w) {
-    float max_b[G], sum_b[G], acc_b[G][8];
+  const int64_t head0 = static_cast<int64_t>(kv_head) * group;
+  const int64_t heads = static_cast<int64_t>(gridDim.x) * group;
+  for (int e = threadIdx.x; e < group * D; e += kWarps * 32) {
+    const int g = e / D;
+    float m = -INFINITY;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      max_b[g] = s_max[w * G + g];
-      sum_b[g] = s_sum[w * G + g];
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_max[w * kMaxGroup + g]);
+    float sum = 0.0f, out = 0.0f;
+    if (m != -INFINITY) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc_b[g][i] = s_acc[(w * G + g) * D + slot * 8 + i];
+      for (int w = 0; w < kWarps; ++w) {
+        const float c = exp2f(s_max[w * kMaxGroup + g] - m);
+        sum += c * s_sum[w * kMaxGroup + g];
+        out += c * s_out[(w * kMaxGroup + g) * D + e % D];
+      }
     }
-    merge_into(p, max_b, sum_b, acc_b);
+    const float value = m == -INFINITY ? 0.0f : out / sum;
+    // log2 units back to natural log: lse = (max + log2(sum)) * ln 2.
+    const float part_lse = m == -INFINITY ? -INFINITY : (m + log2f(sum)) / kLog2e;
+    if (splits == 1) {
+      o[(head0 + g) * D + e % D] = from_float<T>(value);
+      if (e % D == 0) lse[head0 + g] = part_lse;
+    } else {
+      o_parts[(split * heads + head0 + g) * D + e % D] = value;
+      if (e % D == 0) lse_parts[split * heads + head0 + g] = part_lse;
+    }
   }
-  const int64_t row0 = static_cast<int64_t>(split) * heads + static_cast<int64_t>(kv_head) * G;
+  if (splits == 1) return;
+
+  // The last block of this kv head to finish merges the splits (the pattern of CUDA's
+  // threadFenceReduction sample): each block publishes its part, then counts itself in.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&counters[kv_head], 1) == splits - 1;
+    if (last) counters[kv_head] = 0;  // ready for the next launch (or graph replay)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  float* s_weight = s_out;  // [group][splits]: exp(lse - max) / sum, then the merged lse
+  for (int g = warp; g < group; g += kWarps) {
+    float m = -INFINITY;
+    for (int sp = lane; sp < splits; sp += 32) m = fmaxf(m, __ldcg(&lse_parts[sp * heads + head0 + g]));
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const bool empty = p.max[g] == -INFINITY;
-    const float inv_sum = empty ? 0.0f : 1.0f / p.sum[g];
-    float* out = o_parts + (row0 + g) * D + slot * 8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = p.acc[g][i] * inv_sum;
-    if (slot == 0) {
-      // log2 units back to natural log: lse = (max + log2(sum)) * ln 2.
-      lse_parts[row0 + g] = empty ? -INFINITY : (p.max[g] + log2f(p.sum[g])) / kLog2e;
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    float sum = 0.0f;
+    for (int sp = lane; sp < splits; sp += 32) {
+      const float l = __ldcg(&lse_parts[sp * heads + head0 + g]);
+      const float w = m == -INFINITY || l == -INFINITY ? 0.0f : __expf(l - m);
+      s_weight[g * splits + sp] = w;
+      sum += w;
     }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    __syncwarp();
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int sp = lane; sp < splits; sp += 32) s_weight[g * splits + sp] *= inv;
+    if (lane == 0) lse[head0 + g] = m == -INFINITY ? -INFINITY : m + logf(sum);
+  }
+  __syncthreads();
+  // Four consecutive outputs per thread: 16-byte loads, as many in flight as unrolled.
+  for (int e = 4 * threadIdx.x; e < group * D; e += 4 * kWarps * 32) {
+    const int g = e / D;
+    const float4* part = reinterpret_cast<const float4*>(o_parts + (head0 + g) * D + e % D);
+    float4 out = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int sp = 0; sp < splits; ++sp) {
+      const float w = s_weight[g * splits + sp];  // empty splits wrote o = 0
+      const float4 x = __ldcg(part + sp * heads * D / 4);
+      out.x += w * x.x;
+      out.y += w * x.y;
+      out.z += w * x.z;
+      out.w += w * x.w;
+    }
+    T* dst = o + (head0 + g) * D + e % D;
+    dst[0] = from_float<T>(out.x);
+    dst[1] = from_float<T>(out.y);
+    dst[2] = from_float<T>(out.z);
+    dst[3] = from_float<T>(out.w);
   }
 }
 
 template <typename T, int D>
-void launch_split(int group, dim3 grid, const void* q, const void* k, const void* v,
-                  int64_t capacity, const int32_t* length, int heads, float scale, int splits,
-                  float* o_parts, float* lse_parts, cudaStream_t stream) {
-  auto launch = [&](auto g) {
-    constexpr int G = decltype(g)::value;
-    constexpr int kBytes = pipeline_bytes<T, D>();
-    static_assert(kWarps * G * (D + 2) * 4 <= kBytes, "the final merge reuses the pipeline's memory");
-    static const cudaError_t opt_in = cudaFuncSetAttribute(  // once per kernel
-        decode_split_kernel<T, D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-    check_cuda(opt_in, "decode attention: shared memory opt-in");
-    decode_split_kernel<T, D, G><<<grid, kWarps * 32, kBytes, stream>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), capacity,
-        length, heads, scale, splits, o_parts, lse_parts);
-  };
-  switch (group) {
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 3: launch(std::integral_constant<int, 3>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 5: launch(std::integral_constant<int, 5>{}); break;
-    case 6: launch(std::integral_constant<int, 6>{}); break;
-    case 7: launch(std::integral_constant<int, 7>{}); break;
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    default:
-      throw std::invalid_argument("decode attention: heads per kv head must be 1..8, got " +
-                                  std::to_string(group));
-  }
+void launch(dim3 grid, const void* q, const void* k, const void* v, int64_t capacity,
+            const int32_t* length, int group, float scale, int splits, float* o_parts,
+            float* lse_parts, int32_t* counters, void* o, float* lse, cudaStream_t stream) {
+  constexpr int kBytes = pipeline_bytes<T, D>();
+  static_assert(2 * kWarps * kMaxGroup * 4 + kWarps * kMaxGroup * D * 4 <= kBytes,
+                "the final merges reuse the pipeline's memory");
+  static const cudaError_t opt_in = cudaFuncSetAttribute(  // once per kernel
+      decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  check_cuda(opt_in, "decode attention: shared memory opt-in");
+  decode_kernel<T, D><<<grid, kWarps * 32, kBytes, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), capacity,
+      length, group, scale, splits, o_parts, lse_parts, counters, static_cast<T*>(o), lse);
 }
 
 }  // namespace
@@ -280,21 +348,26 @@ int64_t decode_workspace_floats(int heads, int head_dim, int splits) {
 }
 
 int decode_splits(int64_t capacity, int kv_heads, int multiprocessors) {
-  // One wave of three blocks per multiprocessor (what fits beside each other with their
-  // pipelines), but no split shorter than 256 keys at full capacity.
-  const int64_t wanted = std::max<int64_t>(1, 3LL * multiprocessors / kv_heads);
+  // One wave of blocks: one per multiprocessor for caches under 128K keys, two beside each
+  // other (96 KB of pipeline each) from there; no split shorter than 256 keys at full
+  // capacity; few enough splits for the last block's merge weights. Measured on H200
+  // (8 and 3 kv heads, 4K to 1M keys): one block per multiprocessor is best up to 64K
+  // keys, where the ramp and the merge weigh; two keep HBM busier on long caches.
+  const int64_t per_multiprocessor = capacity >= (128 << 10) ? 2 : 1;
+  const int64_t wanted = std::max<int64_t>(1, per_multiprocessor * multiprocessors / kv_heads);
   const int64_t most = std::max<int64_t>(1, capacity / 256);
-  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, most)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, most, 256})));
 }
 
 void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
                            int64_t capacity, const int32_t* length, int heads, int kv_heads,
                            int head_dim, float scale, DType dtype, int splits, float* workspace,
-                           void* o, float* lse, cudaStream_t stream) {
-  if (kv_heads <= 0 || heads % kv_heads != 0) {
-    throw std::invalid_argument("decode attention: heads must be a multiple of kv_heads");
+                           int32_t* counters, void* o, float* lse, cudaStream_t stream) {
+  if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > kMaxGroup) {
+    throw std::invalid_argument("decode attention: heads must be 1 to 8 times kv_heads, got " +
+                                std::to_string(heads) + " and " + std::to_string(kv_heads));
   }
-  if (splits < 1) throw std::invalid_argument("decode attention: splits must be >= 1");
+  if (splits < 1 || splits > 256) throw std::invalid_argument("decode attention: splits must be 1..256");
   const int group = heads / kv_heads;
   const dim3 grid(kv_heads, splits);
   float* o_parts = workspace;
@@ -302,11 +375,11 @@ void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cac
   auto by_dim = [&](auto t) {
     using T = decltype(t);
     if (head_dim == 64) {
-      launch_split<T, 64>(group, grid, q, k_cache, v_cache, capacity, length, heads, scale,
-                          splits, o_parts, lse_parts, stream);
+      launch<T, 64>(grid, q, k_cache, v_cache, capacity, length, group, scale, splits, o_parts,
+                    lse_parts, counters, o, lse, stream);
     } else if (head_dim == 128) {
-      launch_split<T, 128>(group, grid, q, k_cache, v_cache, capacity, length, heads, scale,
-                           splits, o_parts, lse_parts, stream);
+      launch<T, 128>(grid, q, k_cache, v_cache, capacity, length, group, scale, splits, o_parts,
+                     lse_parts, counters, o, lse, stream);
     } else {
       throw std::invalid_argument("decode attention: head_dim must be 64 or 128, got " +
                                   std::to_string(head_dim));
@@ -320,8 +393,6 @@ void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cac
     throw std::invalid_argument("decode attention: dtype must be float16 or bfloat16");
   }
   check_cuda(cudaGetLastError(), "decode attention kernel launch");
-  lse_merge_cuda(o_parts, static_cast<int64_t>(heads) * head_dim, DType::kFloat32, lse_parts,
-                 heads, splits, heads, head_dim, o, dtype, lse, stream);
 }
 
 }  // namespace star

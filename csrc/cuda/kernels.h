@@ -20,15 +20,17 @@ void lse_merge_cuda(const void* o_parts, int64_t o_part_stride, DType in_dtype,
 // Attention of one query token (all heads) over a KV cache laid out [kv_heads, capacity,
 // head_dim] per layer, of which the first *length tokens are used. `length` lives in device
 // memory, so that a captured graph replays correctly as the cache grows. Grouped-query
-// heads: query head h reads kv head h / (heads / kv_heads). The keys are split over
-// `splits` blocks per kv head whose partial results, in `workspace` (see
-// decode_workspace_floats), are merged in a second launch. Writes o [heads, head_dim]
-// (dtype) and lse [heads] (float32, natural log); no keys give o = 0, lse = -inf.
-// head_dim 64 or 128; dtype float16 or bfloat16.
+// heads: query head h reads kv head h / (heads / kv_heads), at most 8 per kv head. The
+// keys are split over `splits` blocks per kv head (1..256), whose partial results go to
+// `workspace` (see decode_workspace_floats) and are merged in the same launch by the last
+// block of each kv head; `counters` ([kv_heads] int32, zero before the first call) count
+// the finished blocks and are left at zero. Writes o [heads, head_dim] (dtype) and lse
+// [heads] (float32, natural log); no keys give o = 0, lse = -inf. head_dim 64 or 128;
+// dtype float16 or bfloat16; compute capability 8.0 or newer (tensor-core mma).
 void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
                            int64_t capacity, const int32_t* length, int heads, int kv_heads,
                            int head_dim, float scale, DType dtype, int splits, float* workspace,
-                           void* o, float* lse, cudaStream_t stream);
+                           int32_t* counters, void* o, float* lse, cudaStream_t stream);
 
 int64_t decode_workspace_floats(int heads, int head_dim, int splits);
 
@@ -38,6 +40,17 @@ int64_t decode_workspace_floats(int heads, int head_dim, int splits);
 void kv_append_cuda(const void* k, const void* v, int64_t src_head_stride_bytes, void* k_cache,
                     void* v_cache, int64_t capacity, const int32_t* length, int kv_heads,
                     int row_bytes, cudaStream_t stream);
+
+// The per-token work of a decoder layer (layer_ops.cu), on contiguous rows of dtype:
+// y [rows, dim] = weight * RMSNorm(x) (dim a multiple of 8, rows 16-byte aligned); x [tokens, heads, dim] (heads dim apart, tokens
+// token_stride apart) rotated in place by cos, sin [tokens, dim] (float32); out [tokens,
+// inner] = silu(gate) * up of gate_up [tokens, 2 * inner]. head_dim up to 2048.
+void rms_norm_cuda(const void* x, const void* weight, void* y, int64_t rows, int dim, float eps,
+                   DType dtype, cudaStream_t stream);
+void rope_cuda(void* x, int64_t tokens, int64_t token_stride, int heads, int dim, const float* cos,
+               const float* sin, DType dtype, cudaStream_t stream);
+void silu_mul_cuda(const void* gate_up, void* out, int64_t tokens, int inner, DType dtype,
+                   cudaStream_t stream);
 
 // A split count for keys of up to `capacity` tokens that fills `multiprocessors` with
 // kv_heads * splits blocks.

@@ -38,6 +38,8 @@ def sequence_global_decode(arena: _C.KVArena, comm: Communicator, is_query_rank:
         if is_query_rank:
             append_at(cache_k, cache_v, k, v, kv_length)
         o, lse = decode_attention_at(q, cache_k, cache_v, kv_length)
+        if comm.world == 1:
+            return o  # already global, and 0 where there are no keys, as a merge would give
         return comm.gather_merge(o, lse)[0]
 
     return attend

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from star_engine import _C
+from star_engine.model import PRESETS
 from tests.reference import naive_attention
 
 pytestmark = pytest.mark.skipif(not _C.WITH_CUDA, reason="extension built without CUDA")
@@ -70,6 +71,35 @@ def test_decode_kernel_reads_the_length_from_device_memory():
         else:
             want_o, want_lse = naive_attention(q[:, None].cpu(), k[:, :n].cpu(), v[:, :n].cpu())
             assert relative_error(o, want_o[:, 0]) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_layer_kernels_round_like_the_pytorch_ops_of_the_cpu_path(dtype):
+    """RMSNorm, RoPE and the SiLU-gated product: one launch each on a GPU, the eager ops on
+    the CPU; they may differ by one rounding step (a bf16 ulp is 2^-8 relative)."""
+    from star_engine.model import Rotary, RMSNorm, apply_rope_, silu_mul
+
+    gen = torch.Generator().manual_seed(0)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}[dtype]
+
+    norm = RMSNorm(4096, 1e-5)
+    norm.weight.data = torch.rand(4096, generator=gen) + 0.5
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 4096, generator=gen) * 3).to(dtype)
+    torch.testing.assert_close(norm.to(GPU)(x.to(GPU)).cpu(), norm.cpu()(x), rtol=ulp, atol=ulp)
+
+    cfg = PRESETS["llama-3.1-8b"]
+    cos, sin = Rotary(cfg, torch.device("cpu"))(torch.tensor([0, 5, 70000, 1_000_000]))
+    qkv = torch.randn(4, 48, 128, generator=gen).to(dtype)  # rotate 40 of 48 heads, as q and k of qkv
+    want = qkv.clone()
+    apply_rope_(want[:, :40], cos, sin)
+    got = qkv.to(GPU)
+    apply_rope_(got[:, :40], cos.to(GPU), sin.to(GPU))
+    torch.testing.assert_close(got.cpu(), want, rtol=ulp, atol=ulp)
+    assert torch.equal(got[:, 40:].cpu(), qkv[:, 40:])  # v untouched
+
+    gate_up = (torch.randn(5, 2 * 1000, generator=gen) * 4).to(dtype)
+    torch.testing.assert_close(silu_mul(gate_up.to(GPU)).cpu(), silu_mul(gate_up), rtol=ulp, atol=ulp)
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
