@@ -237,7 +237,8 @@ def plot(result: dict, path: Path) -> bool:
         ax.set_xlabel("context tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     axes[0].set_yscale("log")
     fig.suptitle(f"{result['model']} on {result['ranks']} x {result['device']}")
     fig.tight_layout()
