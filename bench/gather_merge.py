@@ -80,7 +80,8 @@ def main() -> None:
         row["us_per_layer"] = max(values[i] for values in every)  # the slowest rank's
     if dist.rank == 0:
         print(table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
-        print("saved", save(f"gather_merge_{dist.world}ranks", rows))
+        protocol = os.environ.get("NCCL_PROTO")  # a tuned run is kept beside the default one
+        print("saved", save(f"gather_merge_{dist.world}ranks" + (f"_{protocol}" if protocol else ""), rows))
 
 
 def _free_port() -> int:
