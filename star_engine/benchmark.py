@@ -167,15 +167,15 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
     commit = os.environ.get("STAR_ENGINE_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip() or "unknown"
     nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}  # tuning changes results
+    # The command shows the variables a user set to tune NCCL, not what every run here has.
+    tuned = [f"{k}={v}" for k, v in nccl.items() if k not in ("NCCL_NVLS_ENABLE", "NCCL_VERSION")]
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "ranks": ranks,
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(f"{k}={v}" for k, v in nccl.items() if k != "NCCL_NVLS_ENABLE")
-                   + (" " if len(nccl) > ("NCCL_NVLS_ENABLE" in nccl) else "")
-                   + (f"mpirun -np {ranks} " if ranks > 1 else "")
-                   + " ".join(shlex.quote(a) for a in [*program, *sys.argv[1:]]),
+        "command": " ".join(tuned + ([f"mpirun -np {ranks}"] if ranks > 1 else [])
+                            + [shlex.quote(a) for a in [*program, *sys.argv[1:]]]),
         "nccl_env": nccl,
         "torch": torch.__version__,
     }
