@@ -207,7 +207,7 @@ class DecoderLayer(nn.Module):
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def _qkv_chunk(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        qkv = self.wqkv(self.attn_norm(x)).view(x.shape[0], -1, self.head_dim)
+        qkv = self.wqkv(self.attn_norm(x)).view(x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         apply_rope_(qkv[:, :self.num_heads + self.num_kv_heads], cos, sin)
         return qkv
 

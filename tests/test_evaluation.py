@@ -27,3 +27,25 @@ def test_summary_averages_cells_and_relates_star_to_dense():
     text = table(list(summary.values()))
     assert "0.38 (50%)" in text and "0.75" in text
 
+
+
+def test_a_long_evaluation_hands_over_each_cell_as_soon_as_it_is_measured():
+    """So that the command line can rewrite its results file after every cell, and a stopped
+    run keeps what it measured."""
+    import torch
+
+    from star_engine.checkpoint import load_model
+    from star_engine.comm import make_communicator
+    from star_engine.evaluation import run_evaluation
+    from star_engine.launch import init_distributed
+    from star_engine.tokenizer import load_tokenizer
+
+    dist = init_distributed()
+    model = load_model("tiny", torch.float32, torch.device("cpu"))
+    tokenizer = load_tokenizer("tiny", model.config.eos_token_ids)
+    seen: list[int] = []
+    rows = run_evaluation(model, tokenizer, make_communicator(dist, torch.device("cpu")), dist,
+                          ["niah_single_1", "vt"], [300, 400], 2, methods(["star", "dense"], [2], [1.0]),
+                          seed=0, say=lambda _: None, on_cell=lambda partial: seen.append(len(partial)))
+    assert seen == [4, 8, 12, 16]  # 2 samples x 2 methods per (task, length), in order
+    assert len(rows) == 16
