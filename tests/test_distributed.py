@@ -1,4 +1,4 @@
-"""The multi-rank suite (tests/mpi) under mpirun with 1, 2, 3 and 4 ranks, and how a job
+"""The multi-rank suite (tests/mpi) under mpirun with 1, 2, 3, 4 and 8 ranks, and how a job
 ends when one of its ranks fails."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from tests.launcher import mpirun, run
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 8])
 def test_multi_rank_suite(ranks):
     result = run([*mpirun(ranks), sys.executable, "-m", "pytest", "tests/mpi", "-q", "--color=no", "-p", "no:cacheprovider"],
                  timeout=900, env={"STAR_ENGINE_MPI_TESTS": "1"})
