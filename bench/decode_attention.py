@@ -22,9 +22,22 @@ from star_engine.benchmark import copy_bandwidth
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
 
+def per_call_ms(caches: list[torch.Tensor], q: torch.Tensor, length: torch.Tensor, splits: int) -> float:
+    """One call over each cache, captured in one CUDA graph; the replay's median over calls."""
+    def calls() -> None:
+        for cache in caches:
+            _C.decode_attention(q, cache[0], cache[1], length, splits)
+
+    calls()  # warm-up outside the capture, as CUDA graphs require
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    return median_ms(graph.replay, repeats=30, warmup=3) / len(caches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="4096,32768,131072,524288,1048576")
+    parser.add_argument("--lengths", default="4096,32768,65536,131072,524288,1048576")
     args = parser.parse_args()
     copy = copy_bandwidth(torch.device("cuda"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -37,16 +50,7 @@ def main() -> None:
             q = torch.randn(heads, dim, device="cuda", dtype=torch.bfloat16)
             n = torch.tensor([length], dtype=torch.int32, device="cuda")
             splits = _C.decode_splits(length, kv_heads, sms)
-
-            def calls():
-                for cache in caches:
-                    _C.decode_attention(q, cache[0], cache[1], n, splits)
-
-            calls()  # warm-up outside the capture, as CUDA graphs require
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                calls()
-            ms = median_ms(graph.replay, repeats=30, warmup=3) / len(caches)
+            ms = per_call_ms(caches, q, n, splits)
             kv_bytes = 2 * kv_heads * length * dim * 2
             bandwidth = kv_bytes / (ms / 1e3)
             rows.append({"shape": name, "length": length, "splits": splits, "time_us": ms * 1e3,
