@@ -95,7 +95,7 @@ def decode_bytes(model: Transformer) -> int:
 
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies: list[str],
                   lengths: list[int], query_tokens: int, new_tokens: int, block_size: int | None,
-                  anchor_size: int | None, cuda_graph: bool, say: Callable[[str], None]) -> tuple[list[dict], dict]:
+                  anchor_size: int | float | None, cuda_graph: bool, say: Callable[[str], None]) -> tuple[list[dict], dict]:
     """The measured rows, and the ceilings the time per output token is held against
     (on GPUs: memory bandwidth and the collective's latency per layer, measured here)."""
     cfg, weight = model.config, model.embed.weight

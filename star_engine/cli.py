@@ -30,6 +30,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _anchor_size(text: str) -> int | float:
+    """Tokens (an integer) or a fraction of the block (1/4, 0.5, block)."""
+    if text.strip().isdigit():
+        return _positive(text)
+    from .evaluation import parse_anchor
+
+    try:
+        return parse_anchor(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL) -> None:
     models = ", ".join([*BUILTIN_MODELS, *PRESETS])
     parser.add_argument("--model", default=model,
@@ -50,8 +62,9 @@ def _model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL) ->
 def _star_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=_positive, default=None,
                         help="star: context tokens per block (default: the context divided by the ranks)")
-    parser.add_argument("--anchor-size", type=_positive, default=None,
-                        help="star: tokens of the anchor, the start of block 0 (default: the block size)")
+    parser.add_argument("--anchor-size", type=_anchor_size, default=None,
+                        help="star: the anchor, the start of block 0: tokens (4096), or a fraction of the "
+                             "block (1/4, 0.5, block) (default: the block)")
     parser.add_argument("--anchor-mode", choices=("broadcast", "recompute"), default="broadcast",
                         help="star: the anchor's K/V is computed once and broadcast layer by layer, "
                              "or recomputed by every rank that needs it (default: broadcast)")

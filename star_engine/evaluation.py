@@ -38,8 +38,7 @@ class Method:
     def strategy(self, dist: Dist, comm: Communicator, context_len: int):
         if self.attn == "dense":
             return DenseAttention(dist, comm)
-        block = max(1, math.ceil(context_len / self.blocks))
-        return StarAttention(dist, comm, block, max(1, round(self.anchor * block)))
+        return StarAttention(dist, comm, max(1, math.ceil(context_len / self.blocks)), float(self.anchor))
 
 
 def _fraction(value: float) -> str:
@@ -54,11 +53,11 @@ def parse_anchor(text: str) -> float:
     text = text.strip()
     if text == "block":
         return 1.0
-    if "/" in text:
-        num, den = text.split("/")
-        value = int(num) / int(den)
-    else:
-        value = float(text)
+    try:
+        num, _, den = text.partition("/")
+        value = int(num) / int(den) if den else float(text)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
     if not 0 < value <= 1:
         raise ValueError(f"anchor size {text!r} must be a fraction of the block in (0, 1]")
     return value

@@ -123,6 +123,7 @@ def test_help_documents_every_flag():
     (["run", "--input", "missing.jsonl", "--output", "o.jsonl"], "--input missing.jsonl: no such file"),
     (["run", "--input", "x", "--output", "o", "--model", "nope"], "--model 'nope' is neither"),
     (["demo", "--block-size", "8", "--anchor-size", "9"], "--anchor-size 9 exceeds --block-size 8"),
+    (["demo", "--anchor-size", "3/2"], "anchor size '3/2' must be a fraction of the block in (0, 1]"),
     (["bench", "--model", "tiny", "--attn", "star,flash"], "--attn: unknown strategies ['flash']"),
     (["bench", "--model", "tiny", "--lengths", "32K,lots"], "--lengths '32K,lots': expected token counts"),
 ])

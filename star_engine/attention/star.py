@@ -51,11 +51,16 @@ class StarAttention(Strategy):
     name = "star"
 
     def __init__(self, dist: Dist, comm: Communicator, block_size: int | None = None,
-                 anchor_size: int | None = None, anchor_mode: str = "broadcast") -> None:
+                 anchor_size: int | float | None = None, anchor_mode: str = "broadcast") -> None:
+        """block_size in tokens (None: the context divided by the ranks); anchor_size in
+        tokens if an int, as a fraction of the block if a float (None: the whole block)."""
         super().__init__(dist, comm)
         if block_size is not None and block_size < 1:
             raise ValueError(f"block size must be >= 1, got {block_size}")
-        if anchor_size is not None and not 1 <= anchor_size <= (block_size or anchor_size):
+        if isinstance(anchor_size, float):
+            if not 0 < anchor_size <= 1:
+                raise ValueError(f"anchor size as a fraction of the block must be in (0, 1], got {anchor_size}")
+        elif anchor_size is not None and not 1 <= anchor_size <= (block_size or anchor_size):
             raise ValueError(f"anchor size must be in [1, block size {block_size}], got {anchor_size}")
         if anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {anchor_mode!r}")
@@ -63,14 +68,17 @@ class StarAttention(Strategy):
 
     def describe(self) -> str:
         block = self.block_size or "context/ranks"
-        anchor = self.anchor_size or "block"
+        anchor = (f"{self.anchor_size:g} of the block" if isinstance(self.anchor_size, float)
+                  else self.anchor_size or "block")
         return f"star (block {block}, anchor {anchor}, anchor K/V by {self.anchor_mode})"
 
     def layout(self, context_len: int) -> StarLayout:
         """Without --block-size, one block per rank; the anchor is clipped to block 0."""
         size = self.block_size or max(1, -(-context_len // self.dist.world))
         blocks = tuple((s, min(s + size, context_len)) for s in range(0, context_len, size))
-        anchor = min(self.anchor_size or size, blocks[0][1]) if blocks else 0
+        tokens = (max(1, round(self.anchor_size * size)) if isinstance(self.anchor_size, float)
+                  else self.anchor_size or size)
+        anchor = min(tokens, blocks[0][1]) if blocks else 0
         owners = tuple(r for r in range(self.dist.world) for _ in blocks_of_rank(r, len(blocks), self.dist.world))
         return StarLayout(blocks, owners, anchor)
 

@@ -94,6 +94,18 @@ def test_with_several_blocks_star_differs_from_dense(dist, comm, model):
         assert (star.logits[0] - dense.logits[0]).abs().max() > 1e-3
 
 
+def test_an_anchor_given_as_a_fraction_of_the_block_is_that_many_tokens(dist, comm, model):
+    assert StarAttention(dist, comm, 40, 0.25).layout(200).anchor_size == 10
+    block = -(-96 // dist.world)  # without a block size: the context over the ranks
+    assert StarAttention(dist, comm, None, 0.5).layout(96).anchor_size == max(1, round(block / 2))
+    context, query = request(90, seed=5)
+    as_fraction = run(model, StarAttention(dist, comm, 30, 0.5), comm, dist, context, query)
+    as_tokens = run(model, StarAttention(dist, comm, 30, 15), comm, dist, context, query)
+    assert as_fraction.tokens == as_tokens.tokens
+    for a, b in zip(as_fraction.logits, as_tokens.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_kv_shares_match_the_layout(dist, comm, model):
     star = StarAttention(dist, comm, block_size=16)
     engine = Engine(model, star, comm, dist, max_tokens=512)
