@@ -1,6 +1,7 @@
-"""gather_merge latency per layer: one NCCL all-gather of the packed (o, lse) plus the merge
-kernel, eager and inside a CUDA graph, beside torch.distributed.all_gather_into_tensor of
-the same bytes.
+"""gather_merge latency per layer, eager and inside a CUDA graph, by both paths: one NCCL
+all-gather of the packed (o, lse) plus the merge kernel, and (ranks on one node) the one
+kernel that writes into the other GPUs' memory and merges; beside
+torch.distributed.all_gather_into_tensor of the same bytes.
 
   mpirun -np N python bench/gather_merge.py     (one rank per GPU)
 
@@ -29,20 +30,11 @@ def per_call_us(fn, calls: int) -> float:
     return median_ms(fn, repeats=30) * 1e3 / calls
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    args = parser.parse_args()
-    dist = init_distributed()
-    device = select_device("cuda", dist)
-    nccl = NcclCommunicator(dist, device)
-    o = torch.randn(args.heads, 1, args.head_dim, device=device, dtype=torch.bfloat16)
-    lse = torch.randn(args.heads, 1, device=device)
-
+def eager_and_graph_us(call, o: torch.Tensor, lse: torch.Tensor) -> tuple[float, float]:
+    """Per call: LAYERS calls issued one after another, then the same captured in a graph."""
     def layers() -> None:
         for _ in range(LAYERS):
-            nccl.gather_merge(o, lse)
+            call(o, lse)
 
     eager = per_call_us(layers, LAYERS)
     graph = torch.cuda.CUDAGraph()
@@ -53,7 +45,24 @@ def main() -> None:
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
         layers()
-    in_graph = per_call_us(graph.replay, LAYERS)
+    return eager, per_call_us(graph.replay, LAYERS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    args = parser.parse_args()
+    dist = init_distributed()
+    device = select_device("cuda", dist)
+    nccl = NcclCommunicator(dist, device, peer_gather=True)
+    o = torch.randn(args.heads, 1, args.head_dim, device=device, dtype=torch.bfloat16)
+    lse = torch.randn(args.heads, 1, device=device)
+
+    paths = {"NCCL all-gather + merge kernel": nccl.nccl.gather_merge}
+    if nccl.peer is not None:
+        paths["peer memory, one kernel"] = nccl.peer.gather_merge
+    timings = {path: eager_and_graph_us(call, o, lse) for path, call in paths.items()}
 
     # torch.distributed over NCCL, the same bytes per rank.
     port = dist.mpi.bcast(_free_port() if dist.rank == 0 else None, root=0)
@@ -69,12 +78,14 @@ def main() -> None:
     reference = per_call_us(torch_layers, LAYERS)
     torch_dist.destroy_process_group()
 
-    rows = [{"ranks": dist.world, "bytes_per_rank": packed.numel(), "what": "gather_merge eager",
-             "us_per_layer": eager},
-            {"ranks": dist.world, "bytes_per_rank": packed.numel(), "what": "gather_merge in CUDA graph",
-             "us_per_layer": in_graph},
-            {"ranks": dist.world, "bytes_per_rank": packed.numel(),
-             "what": "torch.distributed all_gather_into_tensor", "us_per_layer": reference}]
+    rows = []
+    for path, (eager, in_graph) in timings.items():
+        rows += [{"ranks": dist.world, "bytes_per_rank": packed.numel(), "what": f"gather_merge, {path}, eager",
+                  "us_per_layer": eager},
+                 {"ranks": dist.world, "bytes_per_rank": packed.numel(),
+                  "what": f"gather_merge, {path}, in CUDA graph", "us_per_layer": in_graph}]
+    rows.append({"ranks": dist.world, "bytes_per_rank": packed.numel(),
+                 "what": "torch.distributed all_gather_into_tensor", "us_per_layer": reference})
     every = dist.mpi.allgather([r["us_per_layer"] for r in rows])
     for i, row in enumerate(rows):
         row["us_per_layer"] = max(values[i] for values in every)  # the slowest rank's

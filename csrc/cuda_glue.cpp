@@ -11,6 +11,7 @@
 
 #include "cuda/kernels.h"
 #include "nccl_comm.h"
+#include "peer_exchange.h"
 
 namespace star {
 
@@ -49,6 +50,28 @@ at::Tensor decode_counters(const at::Tensor& like, int64_t kv_heads) {
   check_cuda(cudaStreamIsCapturing(current_stream(like), &capturing), "decode attention: capture status");
   if (capturing == cudaStreamCaptureStatusNone) (*by_device)[device] = counters;
   return counters;
+}
+
+// One rank's part of gather_merge: o's rows (own dtype), then their float32 lse, in one
+// buffer. Returned as is where lse already follows o (decode_attention's output); else
+// packed into `storage` by two copies on the stream.
+const void* packed_part(const at::Tensor& o, const at::Tensor& lse, at::Tensor& storage) {
+  TORCH_CHECK(o.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "gather_merge: contiguous o and float32 lse");
+  const int64_t rows = lse.numel(), o_bytes = o.nbytes();
+  TORCH_CHECK(o.numel() == rows * o.size(-1), "gather_merge: o does not match lse");
+  TORCH_CHECK(o_bytes % 4 == 0, "gather_merge: o must fill whole 4-byte words");
+  if (static_cast<const char*>(lse.data_ptr()) == static_cast<const char*>(o.data_ptr()) + o_bytes) {
+    return o.data_ptr();
+  }
+  const cudaStream_t stream = current_stream(o);
+  storage = at::empty({o_bytes + 4 * rows}, o.options().dtype(at::kByte));
+  check_cuda(cudaMemcpyAsync(storage.data_ptr(), o.data_ptr(), o_bytes, cudaMemcpyDeviceToDevice, stream),
+             "pack o");
+  check_cuda(cudaMemcpyAsync(static_cast<char*>(storage.data_ptr()) + o_bytes, lse.data_ptr(), 4 * rows,
+                             cudaMemcpyDeviceToDevice, stream),
+             "pack lse");
+  return storage.data_ptr();
 }
 
 }  // namespace
@@ -195,26 +218,13 @@ void register_cuda_bindings(pybind11::module& m) {
            })
       .def("gather_merge",
            [](NcclComm& self, const at::Tensor& o, const at::Tensor& lse) {
-             // Pack (o rows, then their float32 lse), all-gather, merge: three enqueues.
-             TORCH_CHECK(o.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == at::kFloat,
-                         "gather_merge: contiguous o and float32 lse");
-             const int64_t rows = lse.numel(), dim = o.size(-1);
-             TORCH_CHECK(o.numel() == rows * dim, "gather_merge: o does not match lse");
-             const int64_t o_bytes = o.nbytes(), part = o_bytes + 4 * rows;
-             TORCH_CHECK(o_bytes % 4 == 0, "gather_merge: o must fill whole 4-byte words");
+             // Pack (o rows, then their float32 lse), all-gather, merge.
+             at::Tensor storage;
+             const void* send = packed_part(o, lse, storage);
+             const int64_t rows = lse.numel(), dim = o.size(-1), o_bytes = o.nbytes();
+             const int64_t part = o_bytes + 4 * rows;
              const cudaStream_t stream = current_stream(o);
              at::Tensor recv = at::empty({self.world(), part}, o.options().dtype(at::kByte));
-             // Sent as is where lse already follows o in memory (decode_attention's output).
-             const void* send = o.data_ptr();
-             if (static_cast<const char*>(lse.data_ptr()) != static_cast<const char*>(send) + o_bytes) {
-               at::Tensor packed = at::empty({part}, recv.options());
-               check_cuda(cudaMemcpyAsync(packed.data_ptr(), o.data_ptr(), o_bytes,
-                                          cudaMemcpyDeviceToDevice, stream), "pack o");
-               check_cuda(cudaMemcpyAsync(static_cast<char*>(packed.data_ptr()) + o_bytes,
-                                          lse.data_ptr(), 4 * rows, cudaMemcpyDeviceToDevice,
-                                          stream), "pack lse");
-               send = packed.data_ptr();
-             }
              self.all_gather(send, recv.data_ptr(), part, stream);
              at::Tensor merged_o = at::empty_like(o);
              at::Tensor merged_lse = at::empty_like(lse);
@@ -247,6 +257,26 @@ void register_cuda_bindings(pybind11::module& m) {
       .def_property_readonly("timeout_s", &NcclComm::timeout_s)
       .def_property_readonly("rank", &NcclComm::rank)
       .def_property_readonly("world", &NcclComm::world);
+
+  pybind11::class_<PeerExchange>(m, "PeerExchange")
+      .def(pybind11::init<int, int, int, int64_t, double>(), pybind11::arg("rank"),
+           pybind11::arg("world"), pybind11::arg("device"), pybind11::arg("slot_bytes"),
+           pybind11::arg("timeout_s"))
+      .def("handle", [](const PeerExchange& self) { return pybind11::bytes(self.handle()); })
+      .def("connect", &PeerExchange::connect, pybind11::arg("handles"))
+      .def("gather_merge",
+           [](PeerExchange& self, const at::Tensor& o, const at::Tensor& lse) {
+             at::Tensor storage;
+             const void* part = packed_part(o, lse, storage);
+             at::Tensor merged_o = at::empty_like(o);
+             at::Tensor merged_lse = at::empty_like(lse);
+             self.gather_merge(part, o.nbytes() + 4 * lse.numel(), lse.numel(),
+                               static_cast<int>(o.size(-1)), dtype_of(o), merged_o.data_ptr(),
+                               merged_lse.data_ptr<float>(), current_stream(o));
+             return std::make_tuple(merged_o, merged_lse);
+           })
+      .def("check", &PeerExchange::check)
+      .def_property_readonly("slot_bytes", &PeerExchange::slot_bytes);
 }
 
 }  // namespace star

@@ -9,6 +9,7 @@ passes K/V one step around a ring.
 from __future__ import annotations
 
 import os
+import socket
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -119,11 +120,23 @@ class MpiCommunicator(Communicator):
         return complete
 
 
+# Bytes of one rank's part that the peer-memory exchange takes (a decode step's (o, lse)
+# is 8 KB for 32 heads of 128); larger gathers go through NCCL.
+PEER_SLOT_BYTES = 64 << 10
+
+
 class NcclCommunicator(Communicator):
     """NCCL between GPUs. Every call is enqueued on the current stream and returns at once,
-    so that a whole decode step can be captured in one CUDA graph."""
+    so that a whole decode step can be captured in one CUDA graph.
 
-    def __init__(self, dist: Dist, device: torch.device, timeout_s: float | None = None) -> None:
+    With peer_gather (default: STAR_ENGINE_PEER_GATHER=1; off otherwise, until it has been
+    measured on GPUs) and every rank on one node, small gather_merges (decode) go instead
+    through one kernel that writes into the other GPUs' memory (CUDA IPC over NVLink) and
+    merges, without NCCL's all-gather protocol and the second launch.
+    """
+
+    def __init__(self, dist: Dist, device: torch.device, timeout_s: float | None = None,
+                 peer_gather: bool | None = None) -> None:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
@@ -134,12 +147,17 @@ class NcclCommunicator(Communicator):
         self.rank, self.world, self.device = dist.rank, dist.world, device
         self.bytes_sent = 0
         self._side: torch.cuda.Stream | None = None  # for transfers that overlap compute
+        if peer_gather is None:
+            peer_gather = os.environ.get("STAR_ENGINE_PEER_GATHER", "0") == "1"
+        self.peer = _peer_exchange(dist, device, timeout_s) if peer_gather else None
 
     def gather_merge(self, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
         # One packed message per rank (o's rows in their own dtype, then their float32 lse),
         # one all-gather, one merge kernel: enqueued by the extension in a single call.
         o, lse = o.contiguous(), lse.float().contiguous()
         self.bytes_sent += o.nbytes + lse.nbytes
+        if self.peer is not None and o.nbytes + lse.nbytes <= PEER_SLOT_BYTES and lse.numel() <= 256:
+            return self.peer.gather_merge(o, lse)
         return self.nccl.gather_merge(o, lse)
 
     def broadcast(self, tensor: Tensor, root: int) -> Tensor:
@@ -173,3 +191,28 @@ class NcclCommunicator(Communicator):
 
     def synchronize(self) -> None:
         self.nccl.wait(self.device.index)
+        if self.peer is not None:
+            self.peer.check()
+
+
+def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float) -> "_C.PeerExchange | None":
+    """The peer-memory exchange, connected on every rank, or None on every rank: with one
+    rank, ranks on several nodes, or where any rank cannot map the others' memory."""
+    hosts = dist.mpi.allgather(socket.gethostname())
+    if dist.world == 1 or len(set(hosts)) > 1:
+        return None
+    exchange, error = None, None
+    try:
+        exchange = _C.PeerExchange(dist.rank, dist.world, device.index, PEER_SLOT_BYTES, timeout_s)
+    except RuntimeError as exc:
+        error = str(exc)
+    handles = dist.mpi.allgather(exchange.handle() if exchange is not None else None)
+    if exchange is not None and None not in handles:
+        try:
+            exchange.connect(handles)
+        except RuntimeError as exc:
+            error = str(exc)
+    errors = dist.mpi.allgather(error)
+    if any(errors):
+        return None  # NCCL carries every gather then (the reason is in `errors`)
+    return exchange

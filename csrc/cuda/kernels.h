@@ -61,6 +61,25 @@ int decode_splits(int64_t capacity, int kv_heads, int multiprocessors);
 // memory, without a CUDA call (which could wait behind a kernel that never ends).
 void signal_progress_cuda(uint64_t* slot, uint64_t value, cudaStream_t stream);
 
+// Every rank's exchange buffer, mapped into this process (own included), for the one-shot
+// gather + merge over peer memory (peer_gather.cu). A buffer holds 2 x world slots of
+// slot_bytes (two parities, one slot per rank), then 2 x world uint32 flags.
+constexpr int kMaxPeers = 8;
+constexpr int kMaxRows = 256;
+struct PeerBuffers {
+  char* base[kMaxPeers];
+};
+
+// Sends this rank's packed part (rows x dim of dtype, then rows float32 lse; at most
+// slot_bytes, kMaxRows rows) to every rank and merges everyone's into o_out, lse_out, in one
+// launch on `stream`. `epoch` (device memory, 0 at first) counts the calls and must be the
+// same on every rank; every rank makes the same calls in the same order. A rank that waits
+// longer than timeout_s for the others sets *failed (mapped host memory) and goes on.
+void peer_gather_merge_cuda(const PeerBuffers& peers, int rank, int world, int64_t slot_bytes,
+                            const void* part, int64_t part_bytes, int64_t rows, int dim,
+                            DType dtype, uint32_t* epoch, double timeout_s, int* failed,
+                            void* o_out, float* lse_out, cudaStream_t stream);
+
 // Throws std::runtime_error with the CUDA error's text if the last launch failed.
 void check_cuda(cudaError_t status, const char* what);
 

@@ -37,10 +37,14 @@ raise SystemExit(run_guarded(main))
 """
 
 
-def test_a_stuck_peer_ends_the_job_with_a_clear_message_within_the_timeout():
+@pytest.mark.parametrize("path,message", [("0", "NCCL: no progress for 10 s"),
+                                          ("1", "peer exchange: no word from a peer for 10 s")])
+def test_a_stuck_peer_ends_the_job_with_a_clear_message_within_the_timeout(path, message):
+    """Through NCCL (its watchdog aborts the communicator) and through the peer-memory
+    exchange (its kernel waits for the others until a deadline)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     result = run([*mpirun(2), sys.executable, "-c", SILENT_PEER], timeout=100,
-                 env={"STAR_ENGINE_NCCL_TIMEOUT": "10"})
+                 env={"STAR_ENGINE_NCCL_TIMEOUT": "10", "STAR_ENGINE_PEER_GATHER": path})
     assert result.returncode != 0
-    assert "rank 0: RuntimeError: NCCL: no progress for 10" in result.stderr
+    assert f"rank 0: RuntimeError: {message}" in result.stderr
