@@ -198,8 +198,10 @@ class NcclCommunicator(Communicator):
 def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float) -> "_C.PeerExchange | None":
     """The peer-memory exchange, connected on every rank, or None on every rank: with one
     rank, ranks on several nodes, or where any rank cannot map the others' memory."""
-    hosts = dist.mpi.allgather(socket.gethostname())
-    if dist.world == 1 or len(set(hosts)) > 1:
+    # One node, and one GPU per rank: two ranks' kernels on one GPU could wait for each other.
+    gpu = getattr(torch.cuda.get_device_properties(device), "uuid", device.index)
+    places = dist.mpi.allgather((socket.gethostname(), str(gpu)))
+    if dist.world == 1 or len({host for host, _ in places}) > 1 or len(set(places)) < dist.world:
         return None
     exchange, error = None, None
     try:

@@ -44,8 +44,9 @@ peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_by
   const int parity = call & 1;
   const int64_t flags_offset = 2 * world * slot_bytes;
 
-  // 1. My part into slot (parity, rank) of every rank's buffer, 16 bytes at a time.
-  const int64_t pieces = part_bytes / 16;
+  // 1. My part into slot (parity, rank) of every rank's buffer, 16 bytes at a time where
+  // the part is 16-byte aligned (slots always are), else 4.
+  const int64_t pieces = reinterpret_cast<uintptr_t>(part) % 16 == 0 ? part_bytes / 16 : 0;
   for (int r = 0; r < world; ++r) {
     char* slot = peers.base[r] + (parity * world + rank) * slot_bytes;
     for (int64_t i = threadIdx.x; i < pieces; i += kThreads) {
@@ -65,7 +66,7 @@ peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_by
     const uint64_t start = now_ns();
     while (load_acquire(mine + parity * world + threadIdx.x) != call) {
       if (now_ns() - start > timeout_ns) {
-        atomicExch(failed, 1);  // the host sees it, and ends the job
+        *reinterpret_cast<volatile int*>(failed) = 1;  // the host sees it, and ends the job
         break;
       }
     }
