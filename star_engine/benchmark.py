@@ -103,8 +103,9 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
     ceilings = {}
     if weight.is_cuda:
         bandwidth = min(dist.mpi.allgather(copy_bandwidth(weight.device)))
+        # One rank's decode step has no collective (its attention is already global).
         latency = max(dist.mpi.allgather(gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype,
-                                                              weight.device, cfg.num_layers)))
+                                                              weight.device, cfg.num_layers))) if dist.world > 1 else 0.0
         ceilings = {"copy_bandwidth_Bps": bandwidth, "gather_merge_s_per_layer": latency,
                     "decode_weight_bytes": decode_bytes(model)}
         say(f"  ceilings: device-to-device copy {bandwidth / 1e9:.0f} GB/s, gather_merge {latency * 1e6:.1f} "
