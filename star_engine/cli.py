@@ -454,7 +454,7 @@ def _bench(args: argparse.Namespace) -> int:
                   "attention_backend": backend_for(session.device, session.model.embed.weight.dtype),
                   "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
                   **ceilings, "rows": rows, "speedups": benchmark.speedups(rows)}
-        name = f"e2e_{args.model.replace('/', '_')}_{session.dist.world}ranks"
+        name = bench_name(args.model, session.dist.world, args.block_size, args.anchor_size)
         output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
         benchmark.save(output, result)
         print(benchmark.table(rows))
@@ -466,6 +466,14 @@ def _bench(args: argparse.Namespace) -> int:
         session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
                                          " (no plot: matplotlib is not installed)"))
     return 0
+
+
+def bench_name(model: str, ranks: int, block_size: int | None, anchor_size: int | float | None) -> str:
+    """The default name of a bench result; a star layout other than the default gets a name
+    of its own (e.g. ..._8ranks_anchor0.25), so that runs sit side by side."""
+    layout = "".join(f"_{flag}{value:g}" for flag, value in (("block", block_size), ("anchor", anchor_size))
+                     if value is not None)
+    return f"e2e_{model.replace('/', '_')}_{ranks}ranks{layout}"
 
 
 def _eval_plan(args: argparse.Namespace) -> tuple[list[str], list[int], list]:

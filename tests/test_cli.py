@@ -152,6 +152,14 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
     assert "star at 1024 tokens: over ring" in result.stdout
 
 
+def test_bench_results_of_other_star_layouts_get_names_of_their_own():
+    from star_engine.cli import bench_name
+
+    assert bench_name("llama-3.1-8b", 8, None, None) == "e2e_llama-3.1-8b_8ranks"
+    assert bench_name("llama-3.1-8b", 8, None, 0.25) == "e2e_llama-3.1-8b_8ranks_anchor0.25"
+    assert bench_name("tiny", 2, 4096, 1024) == "e2e_tiny_2ranks_block4096_anchor1024"
+
+
 def test_eval_scores_every_method_on_the_same_samples(tmp_path):
     out = tmp_path / "eval.json"
     result = star_engine(["eval", "--model", "tiny", "--tasks", "niah_single_1,vt", "--lengths", "600",
