@@ -15,9 +15,9 @@ import argparse
 
 import torch
 
-from results_io import median_ms, save, table
+from results_io import save, table
 from star_engine import _C
-from star_engine.benchmark import copy_bandwidth
+from star_engine.benchmark import copy_bandwidth, graph_replay_s
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
@@ -28,11 +28,7 @@ def per_call_ms(caches: list[torch.Tensor], q: torch.Tensor, length: torch.Tenso
         for cache in caches:
             _C.decode_attention(q, cache[0], cache[1], length, splits)
 
-    calls()  # warm-up outside the capture, as CUDA graphs require
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
-    return median_ms(graph.replay, repeats=30, warmup=3) / len(caches)
+    return graph_replay_s(calls, q.device) * 1e3 / len(caches)
 
 
 def main() -> None:

@@ -57,15 +57,21 @@ def gather_merge_latency(comm: Communicator, heads: int, dim: int, dtype: torch.
         for _ in range(layers):
             comm.gather_merge(o, lse)
 
+    return graph_replay_s(step, device) / layers
+
+
+def graph_replay_s(fn: Callable[[], object], device: torch.device, repeats: int = 30) -> float:
+    """Median seconds of one replay of fn() captured in a CUDA graph: the GPU's time, without
+    the host's launch cost. fn runs once first, on a side stream, as capture requires."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        step()  # warm-up outside the capture, as CUDA graphs require
+        fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    return median_s(graph.replay, repeats=30) / layers
+        fn()
+    return median_s(graph.replay, repeats=repeats)
 
 
 def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
