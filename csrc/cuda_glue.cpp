@@ -276,7 +276,11 @@ void register_cuda_bindings(pybind11::module& m) {
              return std::make_tuple(merged_o, merged_lse);
            })
       .def("check", &PeerExchange::check)
-      .def_property_readonly("slot_bytes", &PeerExchange::slot_bytes);
+      .def("fits",
+           [](const PeerExchange& self, const at::Tensor& o, const at::Tensor& lse) {
+             return self.fits(o.nbytes() + 4 * lse.numel(), lse.numel());
+           },
+           "Whether this (o, float32 lse) goes through the exchange.");
 }
 
 }  // namespace star

@@ -32,7 +32,10 @@ class PeerExchange {
   // Throws if a call waited past the timeout for a peer (that is, one is dead or stuck).
   void check() const;
 
-  int64_t slot_bytes() const { return slot_bytes_; }
+  // Whether a part of part_bytes and rows fits a slot (larger gathers go elsewhere).
+  bool fits(int64_t part_bytes, int64_t rows) const {
+    return part_bytes <= slot_bytes_ && rows <= kMaxRows;
+  }
 
  private:
   int rank_, world_, device_;

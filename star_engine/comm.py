@@ -129,8 +129,8 @@ class NcclCommunicator(Communicator):
     """NCCL between GPUs. Every call is enqueued on the current stream and returns at once,
     so that a whole decode step can be captured in one CUDA graph.
 
-    With peer_gather (default: STAR_ENGINE_PEER_GATHER=1; off otherwise, until it has been
-    measured on GPUs) and every rank on one node, small gather_merges (decode) go instead
+    With peer_gather (default: whether STAR_ENGINE_PEER_GATHER=1; off unless asked for,
+    until it has been measured on GPUs) and every rank on one node, small gather_merges (decode) go instead
     through one kernel that writes into the other GPUs' memory (CUDA IPC over NVLink) and
     merges, without NCCL's all-gather protocol and the second launch.
     """
@@ -156,7 +156,7 @@ class NcclCommunicator(Communicator):
         # one all-gather, one merge kernel: enqueued by the extension in a single call.
         o, lse = o.contiguous(), lse.float().contiguous()
         self.bytes_sent += o.nbytes + lse.nbytes
-        if self.peer is not None and o.nbytes + lse.nbytes <= PEER_SLOT_BYTES and lse.numel() <= 256:
+        if self.peer is not None and self.peer.fits(o, lse):
             return self.peer.gather_merge(o, lse)
         return self.nccl.gather_merge(o, lse)
 
