@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -196,13 +197,18 @@ class NcclCommunicator(Communicator):
 
 
 def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float) -> "_C.PeerExchange | None":
-    """The peer-memory exchange, connected on every rank, or None on every rank: with one
-    rank, ranks on several nodes, or where any rank cannot map the others' memory."""
+    """The peer-memory exchange, connected on every rank, or None on every rank (and rank 0
+    says why on stderr): with ranks on several nodes, two ranks on one GPU, or where any rank
+    cannot map the others' memory."""
     # One node, and one GPU per rank: two ranks' kernels on one GPU could wait for each other.
     gpu = getattr(torch.cuda.get_device_properties(device), "uuid", device.index)
     places = dist.mpi.allgather((socket.gethostname(), str(gpu)))
-    if dist.world == 1 or len({host for host, _ in places}) > 1 or len(set(places)) < dist.world:
-        return None
+    if dist.world == 1:
+        return None  # nothing to exchange
+    if len({host for host, _ in places}) > 1:
+        return _without_peer_exchange(dist, "the ranks are on several nodes")
+    if len(set(places)) < dist.world:
+        return _without_peer_exchange(dist, "two ranks share a GPU")
     exchange, error = None, None
     try:
         exchange = _C.PeerExchange(dist.rank, dist.world, device.index, PEER_SLOT_BYTES, timeout_s)
@@ -215,6 +221,14 @@ def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float) -> "_C.Pe
         except RuntimeError as exc:
             error = str(exc)
     errors = dist.mpi.allgather(error)
-    if any(errors):
-        return None  # NCCL carries every gather then (the reason is in `errors`)
+    failed = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error]
+    if failed:
+        return _without_peer_exchange(dist, "; ".join(failed))
     return exchange
+
+
+def _without_peer_exchange(dist: Dist, reason: str) -> None:
+    if dist.rank == 0:
+        print(f"star_engine: peer gather asked for but not used ({reason}); NCCL carries "
+              "every gather_merge", file=sys.stderr, flush=True)
+    return None

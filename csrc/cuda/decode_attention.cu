@@ -15,6 +15,7 @@
 
 #include "dtype.cuh"
 #include "kernels.h"
+#include "lse.cuh"
 
 namespace star {
 
@@ -292,7 +293,7 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
     float sum = 0.0f;
     for (int sp = lane; sp < splits; sp += 32) {
       const float l = __ldcg(&lse_parts[sp * heads + head0 + g]);
-      const float w = m == -INFINITY || l == -INFINITY ? 0.0f : __expf(l - m);
+      const float w = lse_weight(l, m);
       s_weight[g * splits + sp] = w;
       sum += w;
     }
@@ -301,7 +302,7 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
     __syncwarp();
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int sp = lane; sp < splits; sp += 32) s_weight[g * splits + sp] *= inv;
-    if (lane == 0) lse[head0 + g] = m == -INFINITY ? -INFINITY : m + logf(sum);
+    if (lane == 0) lse[head0 + g] = merged_lse(m, sum);
   }
   __syncthreads();
   // Four consecutive outputs per thread: 16-byte loads, as many in flight as unrolled.

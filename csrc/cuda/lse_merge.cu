@@ -5,6 +5,7 @@
 
 #include "dtype.cuh"
 #include "kernels.h"
+#include "lse.cuh"
 
 namespace star {
 
@@ -27,18 +28,17 @@ __global__ void lse_merge_kernel(const TIn* __restrict__ o_parts, int64_t o_part
     return;
   }
   float sum = 0.0f;
-  for (int w = 0; w < parts; ++w) sum += __expf(lse_parts[w * lse_part_stride + row] - max_lse);
+  for (int w = 0; w < parts; ++w) sum += lse_weight(lse_parts[w * lse_part_stride + row], max_lse);
   const float inv_sum = 1.0f / sum;
   for (int d = lane; d < dim; d += 32) {
     float acc = 0.0f;
     for (int w = 0; w < parts; ++w) {
-      const float lse_w = lse_parts[w * lse_part_stride + row];
-      if (lse_w == -INFINITY) continue;  // its o may be anything
-      acc += __expf(lse_w - max_lse) * to_float(o_parts[w * o_part_stride + row * dim + d]);
+      const float weight = lse_weight(lse_parts[w * lse_part_stride + row], max_lse);
+      if (weight != 0.0f) acc += weight * to_float(o_parts[w * o_part_stride + row * dim + d]);
     }
     out[d] = from_float<TOut>(acc * inv_sum);
   }
-  if (lane == 0) lse_out[row] = max_lse + logf(sum);
+  if (lane == 0) lse_out[row] = merged_lse(max_lse, sum);
 }
 
 }  // namespace

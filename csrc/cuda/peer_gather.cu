@@ -11,6 +11,7 @@
 
 #include "dtype.cuh"
 #include "kernels.h"
+#include "lse.cuh"
 
 namespace star {
 
@@ -87,11 +88,11 @@ peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_by
     }
     float sum = 0.0f;
     for (int r = 0; r < world; ++r) {
-      weights[r][row] = max_lse == -INFINITY || lse[r] == -INFINITY ? 0.0f : __expf(lse[r] - max_lse);
+      weights[r][row] = lse_weight(lse[r], max_lse);
       sum += weights[r][row];
     }
     for (int r = 0; r < world; ++r) weights[r][row] = sum > 0.0f ? weights[r][row] / sum : 0.0f;
-    lse_out[row] = max_lse == -INFINITY ? -INFINITY : max_lse + logf(sum);
+    lse_out[row] = merged_lse(max_lse, sum);
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < rows * dim; e += kThreads) {
