@@ -5,6 +5,8 @@ PyTorch profiler, beside the step's roofline.
 
   [mpirun -np N] python bench/decode_step.py [--model llama-3.1-8b] [--context 32K]
 
+With STAR_ENGINE_PEER_GATHER=1 the result is saved as decode_step_<N>ranks_peer_gather.json.
+
 Star over the ranks launched, CUDA-graph decode. The profile of a request with 1 new
 token is subtracted from one with 1 + TOKENS, so that phase 1 and the query pass cancel.
 """
@@ -25,7 +27,8 @@ from star_engine.launch import init_distributed, select_device
 from star_engine.schedule import Engine
 
 TOKENS = 64
-KINDS = (("collective", ("nccl",)), ("merge of the ranks", ("lse_merge",)), ("decode attention", ("decode_kernel",)),
+KINDS = (("collective", ("nccl",)), ("merge of the ranks", ("lse_merge",)),
+         ("peer gather + merge of the ranks", ("peer_gather",)), ("decode attention", ("decode_kernel",)),
          ("norm, rope, silu", ("rms_norm", "rope_kernel", "silu_mul")),
          ("matrix products", ("gemm", "gemv", "nvjet", "cutlass", "splitk", "sm90_xmma")))
 
@@ -80,7 +83,8 @@ def main() -> None:
                  "us_per_token": (decode_bytes(model) + kv_bytes) / bandwidth * 1e6})
     if dist.rank == 0:
         print(table(rows, ["kind", "us_per_token", "launches_per_token"]))
-        print("saved", save(f"decode_step_{dist.world}ranks", rows, model=args.model, context=context,
+        name = f"decode_step_{dist.world}ranks" + ("_peer_gather" if getattr(comm, "peer", None) else "")
+        print("saved", save(name, rows, model=args.model, context=context,
                             copy_GBps=bandwidth / 1e9))
 
 

@@ -174,8 +174,10 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
     commit = os.environ.get("STAR_ENGINE_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip() or "unknown"
     nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}  # tuning changes results
-    # The command shows the variables a user set to tune NCCL, not what every run here has.
+    # The command shows the variables a user set to tune NCCL or the engine's gather path,
+    # not what every run here has.
     tuned = [f"{k}={v}" for k, v in nccl.items() if k not in ("NCCL_NVLS_ENABLE", "NCCL_VERSION")]
+    tuned += [f"STAR_ENGINE_PEER_GATHER={v}" for v in [os.environ.get("STAR_ENGINE_PEER_GATHER")] if v]
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "ranks": ranks,
