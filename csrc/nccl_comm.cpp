@@ -3,6 +3,7 @@
 #include "cuda/kernels.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -150,7 +151,9 @@ void NcclComm::fail(const std::string& reason) {
 
 void NcclComm::watch() {
   // No CUDA calls here: one could wait behind the stuck kernel (see progress_).
-  const std::string stuck = "NCCL: no progress for " + std::to_string(timeout_.count()) +
+  char seconds[32];
+  std::snprintf(seconds, sizeof(seconds), "%g", timeout_.count());
+  const std::string stuck = std::string("NCCL: no progress for ") + seconds +
                             " s: a peer rank is dead or stuck; communicator aborted";
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_ && !failed_) {

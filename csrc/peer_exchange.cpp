@@ -13,10 +13,10 @@ PeerExchange::PeerExchange(int rank, int world, int device, int64_t slot_bytes, 
     throw std::invalid_argument("peer exchange: slots must be a positive multiple of 16 bytes");
   }
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  const size_t bytes = 2 * world * slot_bytes + 2 * world * sizeof(uint32_t);
+  const size_t bytes = 2 * world * slot_bytes;
   check_cuda(cudaMalloc(reinterpret_cast<void**>(&buffer_), bytes), "peer exchange: cudaMalloc");
   check_cuda(cudaMalloc(reinterpret_cast<void**>(&epoch_), sizeof(uint32_t)), "peer exchange: cudaMalloc");
-  check_cuda(cudaMemset(buffer_, 0, bytes), "peer exchange: cudaMemset");  // flags start at 0
+  check_cuda(cudaMemset(buffer_, 0, bytes), "peer exchange: cudaMemset");  // calls count from 1
   check_cuda(cudaMemset(epoch_, 0, sizeof(uint32_t)), "peer exchange: cudaMemset");
   check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&failed_), sizeof(int), cudaHostAllocMapped),
              "peer exchange: cudaHostAlloc");

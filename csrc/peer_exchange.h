@@ -34,7 +34,7 @@ class PeerExchange {
 
   // Whether a part of part_bytes and rows fits a slot (larger gathers go elsewhere).
   bool fits(int64_t part_bytes, int64_t rows) const {
-    return part_bytes <= slot_bytes_ && rows <= kMaxRows;
+    return 2 * part_bytes <= slot_bytes_ && rows <= kMaxRows;  // a word per 8-byte cell
   }
 
  private:

@@ -121,8 +121,8 @@ class MpiCommunicator(Communicator):
         return complete
 
 
-# Bytes of one rank's part that the peer-memory exchange takes (a decode step's (o, lse)
-# is 8 KB for 32 heads of 128); larger gathers go through NCCL.
+# Bytes of a slot of the peer-memory exchange, which takes a rank's part of up to half that
+# (a decode step's (o, lse) is 8 KB for 32 heads of 128); larger gathers go through NCCL.
 PEER_SLOT_BYTES = 64 << 10
 
 

@@ -86,16 +86,22 @@ def run_guarded(main: Callable[[], int]) -> int:
     try:
         return main()
     except KeyboardInterrupt:
-        code = 130
+        return _end_job(130)
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must take the job down
-        code = 1
         rank = env_rank()
         # Bad input (ValueError, OSError) gets one line; anything else is a bug: show where.
         expected = isinstance(exc, (ValueError, OSError))
         detail = "" if expected and not os.environ.get("STAR_ENGINE_TRACEBACK") else traceback.format_exc()
         sys.stderr.write(f"{detail}star_engine: rank {rank}: {type(exc).__name__}: {exc}\n")
+        # Still inside the handler: the exception holds main's frames, so its communicators
+        # are not yet destroyed. A clean NCCL shutdown waits for every rank, which a stuck
+        # peer never gives; the job must be aborted first.
+        return _end_job(1)
+
+
+def _end_job(code: int) -> int:
     sys.stderr.flush()
     sys.stdout.flush()
     if "mpi4py.MPI" in sys.modules:

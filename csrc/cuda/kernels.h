@@ -63,7 +63,8 @@ void signal_progress_cuda(uint64_t* slot, uint64_t value, cudaStream_t stream);
 
 // Every rank's exchange buffer, mapped into this process (own included), for the one-shot
 // gather + merge over peer memory (peer_gather.cu). A buffer holds 2 x world slots of
-// slot_bytes (two parities, one slot per rank), then 2 x world uint32 flags.
+// slot_bytes (two parities, one slot per rank); a slot holds a part of up to slot_bytes / 2
+// (each 4-byte word beside the number of the call that wrote it).
 constexpr int kMaxPeers = 8;
 constexpr int kMaxRows = 256;
 struct PeerBuffers {
@@ -71,7 +72,7 @@ struct PeerBuffers {
 };
 
 // Sends this rank's packed part (rows x dim of dtype, then rows float32 lse; at most
-// slot_bytes, kMaxRows rows) to every rank and merges everyone's into o_out, lse_out, in one
+// slot_bytes / 2, kMaxRows rows) to every rank and merges everyone's into o_out, lse_out, in one
 // launch on `stream`. `epoch` (device memory, 0 at first) counts the calls and must be the
 // same on every rank; every rank makes the same calls in the same order. A rank that waits
 // longer than timeout_s for the others sets *failed (mapped host memory) and goes on.

@@ -1,12 +1,16 @@
 // One-shot gather + merge between the GPUs of one node over their peer memory (NVLink): a
 // single small kernel per layer where NCCL's all-gather runs its protocol and a second
-// kernel merges. Each rank stores its packed (o, lse) into every rank's exchange buffer,
-// raises its flag there, waits for everyone's flag in its own buffer, and merges.
+// kernel merges. Each rank stores its packed (o, lse) into every rank's exchange buffer and
+// merges what the others stored into its own.
 //
+// No fences and no separate flags: every 4-byte word travels in an 8-byte cell with the
+// call's number beside it, written by one 8-byte store, so a reader knows a word has
+// arrived when its cell carries the current call (the "low latency" protocol of NCCL).
 // Two parities of slots: a rank can be at most one call ahead of another (it cannot finish
 // call n + 1 before every rank has sent, which each does only after finishing call n), so
-// call n + 2 may reuse call n's slots.
+// call n + 2 may reuse call n's slots, whose cells carry n, not n + 2.
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 #include "dtype.cuh"
@@ -19,13 +23,13 @@ namespace {
 
 constexpr int kThreads = 512;
 
-__device__ __forceinline__ void store_release(uint32_t* flag, uint32_t value) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
+__device__ __forceinline__ void store_cell(uint2* cell, uint32_t word, uint32_t call) {
+  asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};\n" ::"l"(cell), "r"(word), "r"(call) : "memory");
 }
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* flag) {
-  uint32_t value;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];\n" : "=r"(value) : "l"(flag) : "memory");
-  return value;
+__device__ __forceinline__ uint32_t call_of(const uint2* cell) {
+  uint2 c;  // read whole, as it was written
+  asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];\n" : "=r"(c.x), "=r"(c.y) : "l"(cell) : "memory");
+  return c.y;
 }
 __device__ __forceinline__ uint64_t now_ns() {
   uint64_t t;
@@ -33,57 +37,66 @@ __device__ __forceinline__ uint64_t now_ns() {
   return t;
 }
 
+// Element e of an array of T (2 or 4 bytes) stored as words in cells; read from L2, where
+// the peers wrote (L1 may hold these cells from two calls ago).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_bytes,
-                         const char* __restrict__ part, int64_t part_bytes, int64_t rows, int dim,
-                         uint32_t* __restrict__ epoch, uint64_t timeout_ns, int* failed,
-                         T* __restrict__ o_out, float* __restrict__ lse_out) {
-  __shared__ uint32_t call;
-  if (threadIdx.x == 0) call = *epoch + 1;
-  __syncthreads();
-  const int parity = call & 1;
-  const int64_t flags_offset = 2 * world * slot_bytes;
+__device__ __forceinline__ T element(const uint2* cells, int64_t e) {
+  const uint32_t word = __ldcg(cells + e * sizeof(T) / 4).x;
+  const uint32_t bits = sizeof(T) == 4 ? word : word >> (16 * (e & 1));
+  T value;
+  memcpy(&value, &bits, sizeof(T));  // the low bytes: little-endian
+  return value;
+}
 
-  // 1. My part into slot (parity, rank) of every rank's buffer, 16 bytes at a time where
-  // the part is 16-byte aligned (slots always are), else 4.
-  const int64_t pieces = reinterpret_cast<uintptr_t>(part) % 16 == 0 ? part_bytes / 16 : 0;
+// Waits until this thread's cells of every rank's slot carry `call`; false past the deadline.
+__device__ bool wait_for_cells(const char* slots, int64_t slot_bytes, int world, int64_t words,
+                               uint32_t call, uint64_t deadline) {
   for (int r = 0; r < world; ++r) {
-    char* slot = peers.base[r] + (parity * world + rank) * slot_bytes;
-    for (int64_t i = threadIdx.x; i < pieces; i += kThreads) {
-      reinterpret_cast<uint4*>(slot)[i] = reinterpret_cast<const uint4*>(part)[i];
-    }
-    for (int64_t i = pieces * 4 + threadIdx.x; i < part_bytes / 4; i += kThreads) {
-      reinterpret_cast<uint32_t*>(slot)[i] = reinterpret_cast<const uint32_t*>(part)[i];
-    }
-  }
-  __threadfence_system();
-  __syncthreads();
-  // 2. My flag at every rank; 3. every rank's flag here, waited for with a deadline.
-  if (threadIdx.x < world) {
-    uint32_t* flags = reinterpret_cast<uint32_t*>(peers.base[threadIdx.x] + flags_offset);
-    store_release(flags + parity * world + rank, call);
-    const uint32_t* mine = reinterpret_cast<const uint32_t*>(peers.base[rank] + flags_offset);
-    const uint64_t start = now_ns();
-    while (load_acquire(mine + parity * world + threadIdx.x) != call) {
-      if (now_ns() - start > timeout_ns) {
-        *reinterpret_cast<volatile int*>(failed) = 1;  // the host sees it, and ends the job
-        break;
+    const uint2* cells = reinterpret_cast<const uint2*>(slots + r * slot_bytes);
+    for (int64_t i = threadIdx.x; i < words; i += kThreads) {
+      while (call_of(cells + i) != call) {
+        if (now_ns() > deadline) return false;
       }
     }
   }
+  return true;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_bytes,
+                         const uint32_t* __restrict__ part, int64_t words, int64_t rows, int dim,
+                         uint32_t* __restrict__ epoch, uint64_t timeout_ns, int* failed,
+                         T* __restrict__ o_out, float* __restrict__ lse_out) {
+  __shared__ uint32_t call;
+  __shared__ uint64_t deadline;
+  if (threadIdx.x == 0) {
+    call = *epoch + 1;
+    deadline = now_ns() + timeout_ns;
+  }
+  __syncthreads();
+  const int parity = call & 1;
+
+  // 1. My part into slot (parity, rank) of every rank's buffer, a word per cell.
+  for (int r = 0; r < world; ++r) {
+    uint2* cells = reinterpret_cast<uint2*>(peers.base[r] + (parity * world + rank) * slot_bytes);
+    for (int64_t i = threadIdx.x; i < words; i += kThreads) store_cell(cells + i, part[i], call);
+  }
+  // 2. Every rank's part here, waited for with a deadline.
+  const char* slots = peers.base[rank] + parity * world * slot_bytes;
+  if (!wait_for_cells(slots, slot_bytes, world, words, call, deadline)) {
+    *reinterpret_cast<volatile int*>(failed) = 1;  // the host sees it, and ends the job
+  }
   __syncthreads();
 
-  // 4. Merge: part r is rows x dim of T, then rows float32 log-sum-exps. Weights first,
-  // one row per thread; then the outputs. Reads go to L2 (__ldcg): peers wrote there, and
-  // L1 may still hold these slots from two calls ago.
+  // 3. Merge: part r is rows x dim of T, then rows float32 log-sum-exps. Weights first,
+  // one row per thread; then the outputs.
   __shared__ float weights[kMaxPeers][kMaxRows];
-  const char* slots = peers.base[rank] + parity * world * slot_bytes;
-  const int64_t o_bytes = rows * dim * static_cast<int64_t>(sizeof(T));
+  const int64_t lse_first = rows * dim * static_cast<int64_t>(sizeof(T)) / 4;
   for (int row = threadIdx.x; row < rows; row += kThreads) {
     float lse[kMaxPeers], max_lse = -INFINITY;
     for (int r = 0; r < world; ++r) {
-      lse[r] = __ldcg(reinterpret_cast<const float*>(slots + r * slot_bytes + o_bytes) + row);
+      lse[r] = element<float>(reinterpret_cast<const uint2*>(slots + r * slot_bytes) + lse_first, row);
       max_lse = fmaxf(max_lse, lse[r]);
     }
     float sum = 0.0f;
@@ -100,11 +113,11 @@ peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_by
     float acc = 0.0f;
     for (int r = 0; r < world; ++r) {
       const float w = weights[r][row];
-      if (w != 0.0f) acc += w * to_float(__ldcg(reinterpret_cast<const T*>(slots + r * slot_bytes) + e));
+      if (w != 0.0f) acc += w * to_float(element<T>(reinterpret_cast<const uint2*>(slots + r * slot_bytes), e));
     }
     o_out[e] = from_float<T>(acc);  // a part without keys may hold anything: it is not read
   }
-  // 5. The next call's epoch (graph replays read it from here).
+  // 4. The next call's epoch (graph replays read it from here).
   if (threadIdx.x == 0) *epoch = call;
 }
 
@@ -115,16 +128,17 @@ void peer_gather_merge_cuda(const PeerBuffers& peers, int rank, int world, int64
                             DType dtype, uint32_t* epoch, double timeout_s, int* failed,
                             void* o_out, float* lse_out, cudaStream_t stream) {
   if (world < 1 || world > kMaxPeers) throw std::invalid_argument("peer gather: 1 to 8 ranks");
-  if (part_bytes > slot_bytes || part_bytes % 4 != 0 || rows > kMaxRows) {
-    throw std::invalid_argument("peer gather: the part must fit a slot, fill whole words and "
-                                "hold at most 256 rows");
+  if (2 * part_bytes > slot_bytes || part_bytes % 4 != 0 || rows > kMaxRows ||
+      reinterpret_cast<uintptr_t>(part) % 4 != 0) {
+    throw std::invalid_argument("peer gather: the part must fill whole aligned words, take at "
+                                "most half a slot (a cell per word) and hold at most 256 rows");
   }
   const uint64_t timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   dispatch_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     peer_gather_merge_kernel<T><<<1, kThreads, 0, stream>>>(
-        peers, rank, world, slot_bytes, static_cast<const char*>(part), part_bytes, rows, dim,
-        epoch, timeout_ns, failed, static_cast<T*>(o_out), lse_out);
+        peers, rank, world, slot_bytes, static_cast<const uint32_t*>(part), part_bytes / 4, rows,
+        dim, epoch, timeout_ns, failed, static_cast<T*>(o_out), lse_out);
   });
   check_cuda(cudaGetLastError(), "peer gather kernel launch");
 }

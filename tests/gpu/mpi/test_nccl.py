@@ -28,7 +28,7 @@ def test_nccl_gather_merge_equals_the_mpi_result(dist, comm: MpiCommunicator, nc
     torch.testing.assert_close(got_o.cpu().float(), want_o.float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_peer_gather_merge_equals_the_mpi_result(dist, comm: MpiCommunicator, nccl, dtype):
     if nccl.peer is None:
         pytest.skip("one rank, or ranks that cannot map each other's memory")
