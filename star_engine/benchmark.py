@@ -101,9 +101,11 @@ def decode_bytes(model: Transformer) -> int:
 
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies: list[str],
                   lengths: list[int], query_tokens: int, new_tokens: int, block_size: int | None,
-                  anchor_size: int | float | None, cuda_graph: bool, say: Callable[[str], None]) -> tuple[list[dict], dict]:
+                  anchor_size: int | float | None, cuda_graph: bool, say: Callable[[str], None],
+                  on_row: Callable[[list[dict], dict], None] = lambda rows, ceilings: None) -> tuple[list[dict], dict]:
     """The measured rows, and the ceilings the time per output token is held against
-    (on GPUs: memory bandwidth and the collective's latency per layer, measured here)."""
+    (on GPUs: memory bandwidth and the collective's latency per layer, measured here).
+    on_row(rows so far, ceilings) follows every row, so that a stopped run keeps them."""
     cfg, weight = model.config, model.embed.weight
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * weight.element_size()
     ceilings = {}
@@ -133,6 +135,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
             if not fits(dist, kv_slots * kv_bytes_per_token, activations, weight.device):
                 say(f"  {attn:5} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
+                on_row(rows, ceilings)
                 continue
             engine = Engine(model, strategy, comm, dist, max_tokens, cuda_graph=cuda_graph,
                             max_tail=query_tokens + new_tokens)
@@ -155,6 +158,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
                                              / ceilings["copy_bandwidth_Bps"]
                                              + cfg.num_layers * ceilings["gather_merge_s_per_layer"])
             rows.append(result)
+            on_row(rows, ceilings)
             tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.2f} ms"
             say(f"  {attn:5} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
                 f"per token {tpot}, peak {max(m.peak_mem_bytes) / 2**30:.2f} GiB/rank")

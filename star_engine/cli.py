@@ -445,18 +445,25 @@ def _bench(args: argparse.Namespace) -> int:
     session = Session(args)
     measured = benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(strategies)} at {len(lengths)} lengths on {session.dist.world} rank(s)")
-    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, strategies, lengths,
-                                             args.query_tokens, args.max_new_tokens, args.block_size,
-                                             args.anchor_size, not args.no_cuda_graph, session.say)
-    if session.dist.rank == 0:
+    name = bench_name(args.model, session.dist.world, args.block_size, args.anchor_size)
+    output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
+
+    def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
         result = {**measured, "model": args.model,
                   "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
                   "attention_backend": backend_for(session.device, session.model.embed.weight.dtype),
-                  "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
+                  "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens, "complete": complete,
                   **ceilings, "rows": rows, "speedups": benchmark.speedups(rows)}
-        name = bench_name(args.model, session.dist.world, args.block_size, args.anchor_size)
-        output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
-        benchmark.save(output, result)
+        if session.dist.rank == 0:
+            benchmark.save(output, result)
+        return result
+
+    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, strategies, lengths,
+                                             args.query_tokens, args.max_new_tokens, args.block_size,
+                                             args.anchor_size, not args.no_cuda_graph, session.say,
+                                             on_row=lambda rows, ceilings: write(rows, ceilings, complete=False))
+    result = write(rows, ceilings, complete=True)
+    if session.dist.rank == 0:
         print(benchmark.table(rows))
         for s in result["speedups"]:
             parts = [f"{k.replace('over_', 'over ')} {v:.2f}x" for k, v in s.items() if k != "context"]

@@ -21,15 +21,17 @@ namespace star {
 
 namespace {
 
-constexpr int kThreads = 512;
+// Enough threads that each has a cell or two of a decode step's part per rank: the loads of
+// a kernel this small are latency, so every thread issues all its ranks' loads at once.
+constexpr int kThreads = 1024;
 
 __device__ __forceinline__ void store_cell(uint2* cell, uint32_t word, uint32_t call) {
   asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};\n" ::"l"(cell), "r"(word), "r"(call) : "memory");
 }
-__device__ __forceinline__ uint32_t call_of(const uint2* cell) {
+__device__ __forceinline__ uint2 load_cell(const uint2* cell) {
   uint2 c;  // read whole, as it was written
   asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];\n" : "=r"(c.x), "=r"(c.y) : "l"(cell) : "memory");
-  return c.y;
+  return c;
 }
 __device__ __forceinline__ uint64_t now_ns() {
   uint64_t t;
@@ -37,29 +39,13 @@ __device__ __forceinline__ uint64_t now_ns() {
   return t;
 }
 
-// Element e of an array of T (2 or 4 bytes) stored as words in cells; read from L2, where
-// the peers wrote (L1 may hold these cells from two calls ago).
+// Element k of the 4 / sizeof(T) elements of type T in a word (little-endian).
 template <typename T>
-__device__ __forceinline__ T element(const uint2* cells, int64_t e) {
-  const uint32_t word = __ldcg(cells + e * sizeof(T) / 4).x;
-  const uint32_t bits = sizeof(T) == 4 ? word : word >> (16 * (e & 1));
+__device__ __forceinline__ float element(uint32_t word, int k) {
+  const uint32_t bits = sizeof(T) == 4 ? word : word >> (16 * k);
   T value;
-  memcpy(&value, &bits, sizeof(T));  // the low bytes: little-endian
-  return value;
-}
-
-// Waits until this thread's cells of every rank's slot carry `call`; false past the deadline.
-__device__ bool wait_for_cells(const char* slots, int64_t slot_bytes, int world, int64_t words,
-                               uint32_t call, uint64_t deadline) {
-  for (int r = 0; r < world; ++r) {
-    const uint2* cells = reinterpret_cast<const uint2*>(slots + r * slot_bytes);
-    for (int64_t i = threadIdx.x; i < words; i += kThreads) {
-      while (call_of(cells + i) != call) {
-        if (now_ns() > deadline) return false;
-      }
-    }
-  }
-  return true;
+  memcpy(&value, &bits, sizeof(T));
+  return to_float(value);
 }
 
 template <typename T>
@@ -70,54 +56,80 @@ peer_gather_merge_kernel(PeerBuffers peers, int rank, int world, int64_t slot_by
                          T* __restrict__ o_out, float* __restrict__ lse_out) {
   __shared__ uint32_t call;
   __shared__ uint64_t deadline;
+  __shared__ float weights[kMaxPeers][kMaxRows];  // each rank's lse, then its merge weight
   if (threadIdx.x == 0) {
     call = *epoch + 1;
     deadline = now_ns() + timeout_ns;
   }
   __syncthreads();
   const int parity = call & 1;
+  const char* slots = peers.base[rank] + parity * world * slot_bytes;
+  auto cells_of = [&](int r) { return reinterpret_cast<const uint2*>(slots + r * slot_bytes); };
+  const int64_t lse_first = rows * dim * static_cast<int64_t>(sizeof(T)) / 4;  // word index
 
   // 1. My part into slot (parity, rank) of every rank's buffer, a word per cell.
   for (int r = 0; r < world; ++r) {
     uint2* cells = reinterpret_cast<uint2*>(peers.base[r] + (parity * world + rank) * slot_bytes);
     for (int64_t i = threadIdx.x; i < words; i += kThreads) store_cell(cells + i, part[i], call);
   }
-  // 2. Every rank's part here, waited for with a deadline.
-  const char* slots = peers.base[rank] + parity * world * slot_bytes;
-  if (!wait_for_cells(slots, slot_bytes, world, words, call, deadline)) {
-    *reinterpret_cast<volatile int*>(failed) = 1;  // the host sees it, and ends the job
+  // 2. Every rank's cells of my words here, waited for with a deadline; the lse words go to
+  // shared memory.
+  bool in_time = true;
+  for (int64_t i = threadIdx.x; i < words; i += kThreads) {
+    uint2 cell[kMaxPeers];
+#pragma unroll
+    for (int r = 0; r < kMaxPeers; ++r) {
+      if (r < world) cell[r] = load_cell(cells_of(r) + i);
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxPeers; ++r) {
+      if (r < world) {
+        while (cell[r].y != call && in_time) {
+          cell[r] = load_cell(cells_of(r) + i);
+          in_time = now_ns() <= deadline;
+        }
+        if (i >= lse_first) weights[r][i - lse_first] = __uint_as_float(cell[r].x);
+      }
+    }
   }
+  if (!in_time) *reinterpret_cast<volatile int*>(failed) = 1;  // the host sees it, ends the job
   __syncthreads();
 
-  // 3. Merge: part r is rows x dim of T, then rows float32 log-sum-exps. Weights first,
-  // one row per thread; then the outputs.
-  __shared__ float weights[kMaxPeers][kMaxRows];
-  const int64_t lse_first = rows * dim * static_cast<int64_t>(sizeof(T)) / 4;
+  // 3. The merge weights, a row per thread.
   for (int row = threadIdx.x; row < rows; row += kThreads) {
-    float lse[kMaxPeers], max_lse = -INFINITY;
+    float max_lse = -INFINITY, sum = 0.0f;
+    for (int r = 0; r < world; ++r) max_lse = fmaxf(max_lse, weights[r][row]);
     for (int r = 0; r < world; ++r) {
-      lse[r] = element<float>(reinterpret_cast<const uint2*>(slots + r * slot_bytes) + lse_first, row);
-      max_lse = fmaxf(max_lse, lse[r]);
-    }
-    float sum = 0.0f;
-    for (int r = 0; r < world; ++r) {
-      weights[r][row] = lse_weight(lse[r], max_lse);
+      weights[r][row] = lse_weight(weights[r][row], max_lse);
       sum += weights[r][row];
     }
     for (int r = 0; r < world; ++r) weights[r][row] = sum > 0.0f ? weights[r][row] / sum : 0.0f;
     lse_out[row] = merged_lse(max_lse, sum);
   }
   __syncthreads();
-  for (int64_t e = threadIdx.x; e < rows * dim; e += kThreads) {
-    const int64_t row = e / dim;
-    float acc = 0.0f;
-    for (int r = 0; r < world; ++r) {
-      const float w = weights[r][row];
-      if (w != 0.0f) acc += w * to_float(element<T>(reinterpret_cast<const uint2*>(slots + r * slot_bytes), e));
+
+  // 4. The outputs of my words of o, every rank's loaded at once (from L2, where the peers
+  // wrote: L1 may hold these cells from two calls ago).
+  constexpr int kPerWord = 4 / sizeof(T);
+  for (int64_t i = threadIdx.x; i < lse_first; i += kThreads) {
+    uint32_t word[kMaxPeers];
+#pragma unroll
+    for (int r = 0; r < kMaxPeers; ++r) {
+      if (r < world) word[r] = __ldcg(cells_of(r) + i).x;
     }
-    o_out[e] = from_float<T>(acc);  // a part without keys may hold anything: it is not read
+#pragma unroll
+    for (int k = 0; k < kPerWord; ++k) {
+      const int64_t e = i * kPerWord + k, row = e / dim;
+      float acc = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kMaxPeers; ++r) {
+        // A part without keys (weight 0) may hold anything: it is not read.
+        if (r < world && weights[r][row] != 0.0f) acc += weights[r][row] * element<T>(word[r], k);
+      }
+      o_out[e] = from_float<T>(acc);
+    }
   }
-  // 4. The next call's epoch (graph replays read it from here).
+  // 5. The next call's epoch (graph replays read it from here).
   if (threadIdx.x == 0) *epoch = call;
 }
 
