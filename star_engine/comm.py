@@ -130,10 +130,11 @@ class NcclCommunicator(Communicator):
     """NCCL between GPUs. Every call is enqueued on the current stream and returns at once,
     so that a whole decode step can be captured in one CUDA graph.
 
-    With peer_gather (default: whether STAR_ENGINE_PEER_GATHER=1; off unless asked for,
-    until it has been measured on GPUs) and every rank on one node, small gather_merges (decode) go instead
-    through one kernel that writes into the other GPUs' memory (CUDA IPC over NVLink) and
-    merges, without NCCL's all-gather protocol and the second launch.
+    With peer_gather (default: whether STAR_ENGINE_PEER_GATHER=1) and every rank on one
+    node, small gather_merges (decode) go instead through one kernel that writes into the
+    other GPUs' memory (CUDA IPC over NVLink) and merges, without NCCL's all-gather protocol
+    and the second launch. Off unless asked for: faster on 2 H200s (9.0 against 11.5 µs a
+    call in a CUDA graph), not yet run on more.
     """
 
     def __init__(self, dist: Dist, device: torch.device, timeout_s: float | None = None,
