@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
     evaluate.add_argument("--output", type=Path, default=None,
                           help="JSON results (default: bench/results/eval_<model>.json); the plot goes beside it")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="keep the (task, length) cells that --output already holds whole (a stopped run's) "
+                               "and measure only the rest; the model, seed and samples must be the same")
     _model_flags(evaluate)
     return parser
 
@@ -515,6 +518,15 @@ def _eval(args: argparse.Namespace) -> int:
     output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed}
+    earlier: list[dict] = []
+    if args.resume:
+        earlier_run = _earlier_eval(output, header) if session.dist.rank == 0 else None
+        earlier_run = session.dist.mpi.bcast(earlier_run, root=0)
+        if earlier_run is not None:
+            earlier = earlier_run["rows"]
+            # Which runs measured which cells: a resumed file may hold several commits' rows.
+            header["earlier_runs"] = [*earlier_run.get("earlier_runs", []),
+                                      {k: earlier_run[k] for k in ("commit", "date", "command")}]
 
     def write(rows: list[dict], complete: bool) -> str:
         summary = evaluation.summarise(rows)
@@ -527,7 +539,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, tasks,
                                      lengths, args.samples, methods, args.seed, session.say,
-                                     on_cell=lambda partial: write(partial, complete=False))
+                                     on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
     if session.dist.rank == 0:
         print(write(rows, complete=True))
         plotted = evaluation.plot(evaluation.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
@@ -535,6 +547,22 @@ def _eval(args: argparse.Namespace) -> int:
         session.say(f"saved {output}, the table as {output.with_suffix('.txt')}"
                     + (f" and the plot as {output.with_suffix('.png')}" if plotted else ""))
     return 0
+
+
+def _earlier_eval(output: Path, header: dict) -> dict | None:
+    """The results in `output` that a resumed run may keep, or None if there are none."""
+    if not output.exists():
+        return None
+    try:
+        earlier = json.loads(output.read_text())
+        rows = earlier["rows"]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"--resume: {output} is not an eval result ({exc})") from None
+    for key in ("model", "seed", "samples_per_cell"):
+        if earlier.get(key) != header[key]:
+            raise ValueError(f"--resume: {output} has {key} {earlier.get(key)!r}, this run {header[key]!r}; "
+                             "choose another --output")
+    return {**earlier, "rows": rows}
 
 
 _COMMANDS = {"run": _run, "demo": _demo, "bench": _bench, "eval": _eval}

@@ -78,18 +78,31 @@ def methods(attns: list[str], blocks: list[int], anchors: list[float]) -> list[M
 def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist, tasks: list[str],
                    lengths: list[int], samples: int, method_list: list[Method], seed: int,
                    say: Callable[[str], None],
-                   on_cell: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+                   on_cell: Callable[[list[dict]], None] = lambda rows: None,
+                   earlier: list[dict] = ()) -> list[dict]:
     """One row per (task, length, sample, method) on rank 0; an empty list elsewhere.
     on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
-    keep what it has measured if it is stopped."""
-    rows: list[dict] = []
+    keep what it has measured if it is stopped. The (task, length) cells that `earlier`
+    (rows of a stopped run, the same on every rank) holds whole are kept, not measured again."""
+    kept = finished_cells(earlier, tasks, lengths, samples, method_list, seed)
+    wanted = {(seed + i, m.name) for i in range(samples) for m in method_list}
+    rows: list[dict] = [dict(r) for r in earlier if (r["task"], r["length"]) in kept
+                        and (r["sample"], r["method"]) in wanted] if dist.rank == 0 else []
     most_new = max(NEW_TOKENS.get(t, DEFAULT_NEW_TOKENS) for t in tasks)
     total = len(tasks) * len(lengths) * samples
     done = 0
+    if kept:
+        say(f"kept {len(kept)} (task, length) cells of the earlier run")
     for length in lengths:
+        if all((task, length) in kept for task in tasks):
+            done += len(tasks) * samples
+            continue
         engines = {m: Engine(model, m.strategy(dist, comm, length), comm, dist, length + most_new)
                    for m in method_list}
         for task in tasks:
+            if (task, length) in kept:
+                done += samples
+                continue
             hits = {m: 0.0 for m in method_list}
             for index in range(samples):
                 sample = make_sample(task, tokenizer, length, seed + index) if dist.rank == 0 else None
@@ -112,6 +125,17 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                 on_cell(rows)
         del engines
     return rows
+
+
+def finished_cells(rows: list[dict], tasks: list[str], lengths: list[int], samples: int,
+                   method_list: list[Method], seed: int) -> set[tuple[str, int]]:
+    """The (task, length) cells asked for that `rows` holds whole: every sample of the
+    seeds asked for, scored by every method."""
+    wanted = {(seed + i, m.name) for i in range(samples) for m in method_list}
+    found: dict[tuple[str, int], set] = {}
+    for r in rows:
+        found.setdefault((r["task"], r["length"]), set()).add((r["sample"], r["method"]))
+    return {(t, n) for t in tasks for n in lengths if wanted <= found.get((t, n), set())}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -179,3 +179,24 @@ def test_eval_scores_every_method_on_the_same_samples(tmp_path):
     assert out.with_suffix(".png").exists()
     assert "dense" in result.stdout.splitlines()[0]
     assert result.stdout.strip() in out.with_suffix(".txt").read_text()
+
+
+def test_a_resumed_eval_keeps_the_cells_already_measured_and_measures_the_rest(tmp_path):
+    out = tmp_path / "eval.json"
+    common = ["eval", "--model", "tiny", "--lengths", "600", "--samples", "2", "--blocks", "2", "--output", str(out)]
+    first = star_engine([*common, "--tasks", "niah_single_1"], ranks=2)
+    assert first.returncode == 0, first.stderr
+    before = json.loads(out.read_text())
+
+    resumed = star_engine([*common, "--tasks", "niah_single_1,vt", "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept 1 (task, length) cells" in resumed.stderr
+    assert "niah_single_1 at 600" not in resumed.stderr  # not measured again
+    after = json.loads(out.read_text())
+    assert after["complete"] and [r for r in after["rows"] if r["task"] == "niah_single_1"] == before["rows"]
+    assert len([r for r in after["rows"] if r["task"] == "vt"]) == 2 * 2
+    assert [run["commit"] for run in after["earlier_runs"]] == [before["commit"]]
+
+    other = star_engine([*common[:-4], "--samples", "3", "--output", str(out), "--resume"], ranks=2)
+    assert other.returncode != 0
+    assert "has samples_per_cell 2, this run 3" in other.stderr
