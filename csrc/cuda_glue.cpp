@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <mutex>
-#include <optional>
 #include <unordered_map>
 
 #include "cuda/kernels.h"
@@ -188,34 +187,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-// out = weight x (+ bias) (+ out if accumulate) for one token x; out [1, rows] or [rows].
-void gemv_(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-           const std::optional<at::Tensor>& bias, bool accumulate) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &x, &weight}) check_cuda_tensor(*t, "gemv input");
-  const int64_t rows = weight.size(0), cols = weight.dim() == 2 ? weight.size(1) : 0;
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && x.is_contiguous() && out.is_contiguous() &&
-                  x.numel() == cols && out.numel() == rows && x.scalar_type() == weight.scalar_type() &&
-                  out.scalar_type() == weight.scalar_type() && x.device() == weight.device() &&
-                  out.device() == weight.device(),
-              "gemv: contiguous weight [rows, cols], x of cols and out of rows elements, one dtype and device");
-  TORCH_CHECK(cols * weight.element_size() % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "gemv: weight rows and x must be whole, aligned 16-byte packs");
-  if (bias) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == rows && bias->scalar_type() == weight.scalar_type() &&
-                    bias->device() == weight.device(),
-                "gemv: bias of rows elements, weight's dtype and device");
-  }
-  const c10::cuda::CUDAGuard guard(weight.device());
-  gemv_cuda(weight.data_ptr(), x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(), rows,
-            static_cast<int>(cols), accumulate, dtype_of(weight), current_stream(weight));
-}
-
 void register_cuda_bindings(pybind11::module& m) {
-  m.def("gemv_", &gemv_, pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("weight"),
-        pybind11::arg("bias"), pybind11::arg("accumulate"),
-        "out = weight @ x (+ bias) (+ out if accumulate) for one token, float32 sums, one rounding.");
   m.def("rms_norm", &rms_norm, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
         "weight * RMSNorm(x) over the last dimension, rounding where the PyTorch ops do.");
   m.def("rope_", &rope_, pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"),

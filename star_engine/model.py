@@ -147,33 +147,6 @@ def _kernels_for(x: Tensor) -> bool:
     return x.is_cuda and _C.WITH_CUDA
 
 
-def _one_token_on_gpu(x: Tensor, weight: Tensor) -> bool:
-    """Whether x @ weight.T goes through the extension's matrix-vector kernel: one token of
-    a half-precision decode step on a GPU, in 16-byte packs."""
-    return (x.shape[0] == 1 and _kernels_for(x) and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.is_contiguous() and x.is_contiguous()
-            and x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [tokens, in] @ weight.T (+ bias). A decode step's single token goes through the
-    extension's matrix-vector kernel, which streams the weights closer to the memory
-    bandwidth than cuBLAS does for one row; everything else through PyTorch."""
-    if _one_token_on_gpu(x, weight):
-        out = x.new_empty(1, weight.shape[0])
-        _C.gemv_(out, x, weight, bias, False)
-        return out
-    return F.linear(x, weight, bias)
-
-
-def linear_add_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """out += x @ weight.T, the add being the product's own accumulation (one rounding)."""
-    if _one_token_on_gpu(x, weight) and out.is_contiguous():
-        _C.gemv_(out, x, weight, None, True)
-        return out
-    return out.addmm_(x, weight.t())
-
-
 def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotates x [tokens, heads, head_dim] in place by the halves convention of Hugging Face
     Llama, in float32; cos, sin [tokens, head_dim] float32."""
@@ -234,7 +207,7 @@ class DecoderLayer(nn.Module):
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def _qkv_chunk(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        qkv = linear(self.attn_norm(x), self.wqkv.weight, self.wqkv.bias).view(x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.wqkv(self.attn_norm(x)).view(x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         apply_rope_(qkv[:, :self.num_heads + self.num_kv_heads], cos, sin)
         return qkv
 
@@ -245,8 +218,8 @@ class DecoderLayer(nn.Module):
         for start in range(0, x.shape[0], PREFILL_CHUNK):
             end = start + PREFILL_CHUNK
             part = x[start:end]
-            linear_add_(part, o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1), self.wo.weight)
-            linear_add_(part, silu_mul(linear(self.mlp_norm(part), self.w_gate_up.weight)), self.w_down.weight)
+            part.addmm_(o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1), self.wo.weight.t())
+            part.addmm_(silu_mul(self.w_gate_up(self.mlp_norm(part))), self.w_down.weight.t())
         return x
 
 
@@ -277,4 +250,4 @@ class Transformer(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Next-token logits (float32) of hidden states [tokens, hidden]."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return linear(self.norm(hidden), weight).float()
+        return F.linear(self.norm(hidden), weight).float()

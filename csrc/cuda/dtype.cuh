@@ -25,13 +25,6 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// 16 bytes of elements: the unit of the streaming loads and stores.
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
-};
-
 // Calls fn(T{}) with the C++ type of `dtype`.
 template <typename Fn>
 void dispatch_dtype(DType dtype, Fn&& fn) {

@@ -52,11 +52,6 @@ void rope_cuda(void* x, int64_t tokens, int64_t token_stride, int heads, int dim
 void silu_mul_cuda(const void* gate_up, void* out, int64_t tokens, int inner, DType dtype,
                    cudaStream_t stream);
 
-// out[r] = sum_c weight[r, c] x[c] (+ bias[r]) (+ out[r] if accumulate), float32 sums, one
-// rounding; weight [rows, cols] row-major, 16-byte aligned rows; bias may be null.
-void gemv_cuda(const void* weight, const void* x, const void* bias, void* out, int64_t rows,
-               int cols, bool accumulate, DType dtype, cudaStream_t stream);
-
 // A split count for keys of up to `capacity` tokens that fills `multiprocessors` with
 // kv_heads * splits blocks.
 int decode_splits(int64_t capacity, int kv_heads, int multiprocessors);

@@ -14,6 +14,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// 16 bytes of elements: the unit of every load and store of rms_norm.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
 // One block per row: y = weight * T(x * rsqrt(mean(x^2) + eps)), the sum in float32.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
