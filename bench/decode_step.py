@@ -5,7 +5,8 @@ PyTorch profiler, beside the step's roofline.
 
   [mpirun -np N] python bench/decode_step.py [--model llama-3.1-8b] [--context 32K]
 
-With STAR_ENGINE_PEER_GATHER=1 the result is saved as decode_step_<N>ranks_peer_gather.json.
+Where gather_merge goes through NCCL (STAR_ENGINE_PEER_GATHER=0, or ranks on several nodes)
+the result is saved as decode_step_<N>ranks_nccl_gather.json.
 
 Star over the ranks launched, CUDA-graph decode. The profile of a request with 1 new
 token is subtracted from one with 1 + TOKENS, so that phase 1 and the query pass cancel.
@@ -83,7 +84,8 @@ def main() -> None:
                  "us_per_token": (decode_bytes(model) + kv_bytes) / bandwidth * 1e6})
     if dist.rank == 0:
         print(table(rows, ["kind", "us_per_token", "launches_per_token"]))
-        name = f"decode_step_{dist.world}ranks" + ("_peer_gather" if getattr(comm, "peer", None) else "")
+        nccl_gather = dist.world > 1 and getattr(comm, "peer", None) is None  # not the default path
+        name = f"decode_step_{dist.world}ranks" + ("_nccl_gather" if nccl_gather else "")
         print("saved", save(name, rows, model=args.model, context=context,
                             copy_GBps=bandwidth / 1e9))
 
