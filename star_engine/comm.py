@@ -216,7 +216,7 @@ def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float, explicit:
     exchange, error = None, None
     try:
         exchange = _C.PeerExchange(dist.rank, dist.world, device.index, PEER_SLOT_BYTES, timeout_s)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # CUDA refused, or more ranks than it serves
         error = str(exc)
     handles = dist.mpi.allgather(exchange.handle() if exchange is not None else None)
     if exchange is not None and None not in handles:
