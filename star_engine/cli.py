@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, default=None,
                           help="JSON results (default: bench/results/eval_<model>.json); the plot goes beside it")
     evaluate.add_argument("--resume", action="store_true",
-                          help="keep the (task, length) cells that --output already holds whole (a stopped run's) "
-                               "and measure only the rest; the model, seed and samples must be the same")
+                          help="keep what --output already holds (a stopped run's results) and measure only the "
+                               "(task, length) cells it lacks or holds in part; same model, seed and samples")
     _model_flags(evaluate)
     return parser
 

@@ -83,11 +83,13 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
     """One row per (task, length, sample, method) on rank 0; an empty list elsewhere.
     on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
     keep what it has measured if it is stopped. The (task, length) cells that `earlier`
-    (rows of a stopped run, the same on every rank) holds whole are kept, not measured again."""
+    (rows of a stopped run, the same on every rank) holds whole are kept, not measured again;
+    its rows of cells not asked for stay too."""
     kept = finished_cells(earlier, tasks, lengths, samples, method_list, seed)
-    wanted = {(seed + i, m.name) for i in range(samples) for m in method_list}
+    # Earlier rows stay, but for the cells asked for and not finished: those are measured anew.
+    asked = {(t, n) for t in tasks for n in lengths}
     rows: list[dict] = [dict(r) for r in earlier if (r["task"], r["length"]) in kept
-                        and (r["sample"], r["method"]) in wanted] if dist.rank == 0 else []
+                        or (r["task"], r["length"]) not in asked] if dist.rank == 0 else []
     most_new = max(NEW_TOKENS.get(t, DEFAULT_NEW_TOKENS) for t in tasks)
     total = len(tasks) * len(lengths) * samples
     done = 0

@@ -197,6 +197,11 @@ def test_a_resumed_eval_keeps_the_cells_already_measured_and_measures_the_rest(t
     assert len([r for r in after["rows"] if r["task"] == "vt"]) == 2 * 2
     assert [run["commit"] for run in after["earlier_runs"]] == [before["commit"]]
 
+    # A resumed run that asks for less keeps the rest of the file.
+    fewer = star_engine([*common, "--tasks", "vt", "--resume"], ranks=2)
+    assert fewer.returncode == 0, fewer.stderr
+    assert json.loads(out.read_text())["rows"] == after["rows"]
+
     other = star_engine([*common[:-4], "--samples", "3", "--output", str(out), "--resume"], ranks=2)
     assert other.returncode != 0
     assert "has samples_per_cell 2, this run 3" in other.stderr
