@@ -555,14 +555,15 @@ def _earlier_eval(output: Path, header: dict) -> dict | None:
         return None
     try:
         earlier = json.loads(output.read_text())
-        rows = earlier["rows"]
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"--resume: {output} is not an eval result ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"--resume: {output} is not JSON ({exc})") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
+        raise ValueError(f"--resume: {output} is not an eval result (no rows)")
     for key in ("model", "seed", "samples_per_cell"):
         if earlier.get(key) != header[key]:
             raise ValueError(f"--resume: {output} has {key} {earlier.get(key)!r}, this run {header[key]!r}; "
                              "choose another --output")
-    return {**earlier, "rows": rows}
+    return earlier
 
 
 _COMMANDS = {"run": _run, "demo": _demo, "bench": _bench, "eval": _eval}
