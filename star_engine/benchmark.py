@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -192,7 +193,18 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
                             + [shlex.quote(a) for a in [*program, *sys.argv[1:]]]),
         "nccl_env": nccl,
         "torch": torch.__version__,
+        # CPU figures depend on the processor and on how many threads torch ran.
+        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads()},
     }
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def speedups(rows: list[dict]) -> list[dict]:
