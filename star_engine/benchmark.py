@@ -193,6 +193,7 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
                             + [shlex.quote(a) for a in [*program, *sys.argv[1:]]]),
         "nccl_env": nccl,
         "torch": torch.__version__,
+        "python": platform.python_version(),  # niah_single_2's prose comes from its standard library
         # CPU figures depend on the processor and on how many threads torch ran.
         "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads()},
     }
