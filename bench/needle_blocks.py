@@ -4,7 +4,10 @@ expected value's needle lies, and counts, per block, how often each method's out
 the value and, paired with dense on the same sample, how many values star lost and gained.
 Block 0 is encoded exactly in phase 1; a later block sees only the anchor and itself.
 
-  python bench/needle_blocks.py --eval RESULT.json [...] --blocks 4 --name NAME
+  python bench/needle_blocks.py --eval RESULT.json [...] --name NAME
+
+Each star method is split by its own block count; values are counted where dense answered
+the same sample.
 
 niah_single_2 counts only where the evaluation names the Python it ran on and it is this
 one: its prose comes from the standard library, so another Python may have placed its
@@ -18,6 +21,7 @@ import json
 import math
 import platform
 import random
+import re
 from pathlib import Path
 
 from results_io import save, table
@@ -44,15 +48,21 @@ def answer_positions(task_name: str, tokenizer, length: int, seed: int, answers:
     return positions, len(ctx)
 
 
+def star_blocks(method: str) -> int | None:
+    """The block count of a star method's name (evaluation.Method.name: "star 4b a=1/4")."""
+    match = re.match(r"star (\d+)b", method)
+    return int(match[1]) if match else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation JSON(s)")
-    parser.add_argument("--blocks", type=int, default=4, help="star's block count to split by")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer made the samples")
     parser.add_argument("--name", required=True, help="bench/results/<name>.json")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model, ())
-    found: dict[tuple, dict[str, bool]] = {}  # (length, sample key, answer, block) -> method -> found
+    # (sample, value, its needle's token index, context length) -> method -> value found
+    found: dict[tuple, dict[str, bool]] = {}
     positions: dict[tuple, tuple[list[int], int]] = {}  # every method answered the same sample
     for path in args.eval:
         result = json.loads(path.read_text())
@@ -65,22 +75,39 @@ def main() -> None:
                 positions[key] = answer_positions(r["task"], tokenizer, r["length"], key[2], r["answers"])
             starts, n = positions[key]
             for answer, start in zip(r["answers"], starts):
-                block = start // math.ceil(n / args.blocks)
-                found.setdefault((r["length"], key, answer, block), {})[r["method"]] = score(r["output"], (answer,)) == 1
-    cells: dict[tuple, list[int]] = {}  # (length, method, block) -> [values, found, lost, gained]
-    for (length, _, _, block), by_method in found.items():
+                found.setdefault((key, answer, start, n), {})[r["method"]] = score(r["output"], (answer,)) == 1
+    # (length, method, block) -> [values, star found, dense found, lost, gained]
+    cells: dict[tuple, list[int]] = {}
+    for (key, _, start, n), by_method in found.items():
+        if "dense" not in by_method:
+            continue
         for method, hit in by_method.items():
-            cell = cells.setdefault((length, method, block), [0, 0, 0, 0])
-            cell[0] += 1
-            cell[1] += hit
-            if method != "dense" and "dense" in by_method:
-                cell[2] += by_method["dense"] and not hit
-                cell[3] += hit and not by_method["dense"]
+            blocks = star_blocks(method)
+            if blocks is None:
+                continue
+            cell = cells.setdefault((key[1], method, start // math.ceil(n / blocks)), [0] * 5)
+            dense = by_method["dense"]
+            for i, add in enumerate((1, hit, dense, dense and not hit, hit and not dense)):
+                cell[i] += add
     rows = [{"length": length, "method": method, "needle_block": block, "values": n, "found": round(hit / n, 3),
-             **({"lost": lost, "gained": gained} if method != "dense" else {})}
-            for (length, method, block), (n, hit, lost, gained) in sorted(cells.items())]
-    print(table(rows, ["length", "method", "needle_block", "values", "found", "lost", "gained"]))
-    print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], blocks=args.blocks))
+             "dense_found": round(dense / n, 3), "lost": lost, "gained": gained}
+            for (length, method, block), (n, hit, dense, lost, gained) in sorted(cells.items())]
+    print(table(rows, ["length", "method", "needle_block", "values", "found", "dense_found", "lost", "gained"]))
+    summary = last_block_against_the_others(rows)
+    print(table(summary, ["method", "needles_in", "values", "lost", "gained", "net"]))
+    print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], summary=summary))
+
+
+def last_block_against_the_others(rows: list[dict]) -> list[dict]:
+    """Every length together: values lost and gained in the last block and in the others."""
+    sums: dict[tuple, list[int]] = {}
+    for r in rows:
+        last = r["needle_block"] == star_blocks(r["method"]) - 1
+        cell = sums.setdefault((r["method"], "last block" if last else "other blocks"), [0, 0, 0])
+        for i, k in enumerate(("values", "lost", "gained")):
+            cell[i] += r[k]
+    return [{"method": method, "needles_in": where, "values": n, "lost": lost, "gained": gained,
+             "net": gained - lost} for (method, where), (n, lost, gained) in sorted(sums.items())]
 
 
 if __name__ == "__main__":
