@@ -4,6 +4,7 @@ every method answers the same samples, scored by RULER's string match."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,12 +80,13 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                    lengths: list[int], samples: int, method_list: list[Method], seed: int,
                    say: Callable[[str], None],
                    on_cell: Callable[[list[dict]], None] = lambda rows: None,
-                   earlier: list[dict] = ()) -> list[dict]:
+                   earlier: list[dict] = (), progress_every_s: float = 60.0) -> list[dict]:
     """One row per (task, length, sample, method) on rank 0; an empty list elsewhere.
     on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
     keep what it has measured if it is stopped. The (task, length) cells that `earlier`
     (rows of a stopped run, the same on every rank) holds whole are kept, not measured again;
-    its rows of cells not asked for stay too."""
+    its rows of cells not asked for stay too. Each cell's line says how long the rest should
+    take; inside a cell a line every `progress_every_s` seconds says where it is."""
     kept = finished_cells(earlier, tasks, lengths, samples, method_list, seed)
     # Earlier rows stay, but for the cells asked for and not finished: those are measured anew.
     asked = {(t, n) for t in tasks for n in lengths}
@@ -93,6 +95,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
     most_new = max(NEW_TOKENS.get(t, DEFAULT_NEW_TOKENS) for t in tasks)
     total = len(tasks) * len(lengths) * samples
     done = 0
+    clock = _Clock(total - len(kept) * samples)
     if kept:
         say(f"kept {len(kept)} (task, length) cells of the earlier run")
     for length in lengths:
@@ -121,12 +124,40 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                                      "method": method.name, "score": hit, "output": output,
                                      "answers": list(sample.answers), "ttft_s": gen.metrics.ttft_s})
                 done += 1
-            say(f"[{done}/{total}] {task} at {length} tokens: " +
+                clock.tick()
+                if index + 1 < samples and clock.quiet_for() >= progress_every_s:
+                    say(f"  {task} at {length} tokens: {index + 1} of {samples} samples ({clock.left()})")
+                    clock.spoke()
+            say(f"[{done}/{total}{', ' + clock.left() if done < total else ''}] {task} at {length} tokens: " +
                 ", ".join(f"{m.name} {hits[m] / samples:.2f}" for m in method_list))
+            clock.spoke()
             if dist.rank == 0:
                 on_cell(rows)
         del engines
     return rows
+
+
+class _Clock:
+    """Time left at the rate measured so far (samples of different lengths cost differently,
+    so it is a guess), and how long progress has been silent."""
+
+    def __init__(self, samples: int) -> None:
+        self.start = self.last_said = time.monotonic()
+        self.samples, self.done = samples, 0
+
+    def tick(self) -> None:
+        self.done += 1
+
+    def left(self) -> str:
+        rate = (time.monotonic() - self.start) / max(self.done, 1)
+        seconds = round(rate * (self.samples - self.done))
+        return f"about {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
+
+    def quiet_for(self) -> float:
+        return time.monotonic() - self.last_said
+
+    def spoke(self) -> None:
+        self.last_said = time.monotonic()
 
 
 def finished_cells(rows: list[dict], tasks: list[str], lengths: list[int], samples: int,

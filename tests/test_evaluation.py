@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from star_engine.evaluation import methods, parse_anchor, summarise, table
@@ -44,8 +46,18 @@ def test_a_long_evaluation_hands_over_each_cell_as_soon_as_it_is_measured():
     model = load_model("tiny", torch.float32, torch.device("cpu"))
     tokenizer = load_tokenizer("tiny", model.config.eos_token_ids)
     seen: list[int] = []
+    said: list[str] = []
     rows = run_evaluation(model, tokenizer, make_communicator(dist, torch.device("cpu")), dist,
                           ["niah_single_1", "vt"], [300, 400], 2, methods(["star", "dense"], [2], [1.0]),
-                          seed=0, say=lambda _: None, on_cell=lambda partial: seen.append(len(partial)))
+                          seed=0, say=said.append, on_cell=lambda partial: seen.append(len(partial)),
+                          progress_every_s=0)
     assert seen == [4, 8, 12, 16]  # 2 samples x 2 methods per (task, length), in order
     assert len(rows) == 16
+
+    # Progress: a line inside each cell after every sample but the last, and a line after
+    # each cell that says how long the rest should take (but after the last).
+    assert said[0].startswith("  niah_single_1 at 300 tokens: 1 of 2 samples (about ")
+    cells = [line for line in said if line.startswith("[")]
+    assert re.fullmatch(r"\[2/8, about \d+:\d\d:\d\d left\] niah_single_1 at 300 tokens: .*", cells[0])
+    assert cells[-1].startswith("[8/8] vt at 400 tokens: ")
+    assert len(cells) == 4 and len(said) == 8
