@@ -20,13 +20,12 @@ import argparse
 import json
 import math
 import platform
-import random
 import re
 from pathlib import Path
 
 from results_io import save, table
 
-from star_engine.tasks import TASKS, make_sample, score
+from star_engine.tasks import make_sample, score
 from star_engine.tokenizer import load_tokenizer
 
 NEEDLE_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
@@ -39,13 +38,8 @@ def answer_positions(task_name: str, tokenizer, length: int, seed: int, answers:
     if list(sample.answers) != answers:
         raise ValueError(f"{task_name} sample {seed} at {length}: regenerated answers {sample.answers} "
                          f"differ from the evaluation's {answers}")
-    task = TASKS[task_name](random.Random(f"{task_name}:{seed}"))  # make_sample's own first draw
-    ctx, positions = sample.context_ids, []
-    for answer in answers:
-        needle = next(n for n in task.needles if n.endswith(f": {answer}."))
-        ids = tokenizer.encode(" " + needle)  # as make_sample inserts it
-        positions.append(next(i for i in range(len(ctx) - len(ids) + 1) if ctx[i:i + len(ids)] == ids))
-    return positions, len(ctx)
+    start_of = dict(zip(sample.needles, sample.needle_starts))
+    return [next(start_of[n] for n in sample.needles if n.endswith(f": {a}.")) for a in answers], len(sample.context_ids)
 
 
 def star_blocks(method: str) -> int | None:

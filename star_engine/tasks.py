@@ -64,6 +64,8 @@ class Sample:
     query: str
     answer_prefix: str
     answers: tuple[str, ...]
+    needles: tuple[str, ...]  # the facts, in the order they stand in the context
+    needle_starts: tuple[int, ...]  # where each begins in context_ids
 
 
 def score(output: str, answers: tuple[str, ...]) -> float:
@@ -268,9 +270,12 @@ def make_sample(task_name: str, tokenizer: TextTokenizer, length: int, seed: int
     # Needles between units, at sorted random depths, in their own order.
     slots = sorted(rng.choices(range(len(units) + 1), k=len(needles)))
     body: list[int] = []
+    starts: list[int] = []
     pending = list(zip(slots, needles))
     for i, unit in enumerate(units + [[]]):
         while pending and pending[0][0] == i:
+            starts.append(len(head_ids) + len(body))
             body += pending.pop(0)[1]
         body += unit
-    return Sample(task_name, head_ids + body, query_ids, task.query, task.answer_prefix, task.answers)
+    return Sample(task_name, head_ids + body, query_ids, task.query, task.answer_prefix, task.answers,
+                  task.needles, tuple(starts))

@@ -42,6 +42,15 @@ def test_every_expected_answer_stands_in_the_document(tokenizer, task):
             assert answer in document
 
 
+@pytest.mark.parametrize("task", [t for t in TASKS if t.startswith("niah") or t == "vt"])
+def test_a_sample_knows_where_each_of_its_needles_stands(tokenizer, task):
+    sample = make_sample(task, tokenizer, 2000, seed=0)
+    assert len(sample.needle_starts) == len(sample.needles) > 0
+    assert list(sample.needle_starts) == sorted(sample.needle_starts)
+    for needle, start in zip(sample.needles, sample.needle_starts):
+        assert tokenizer.decode(sample.context_ids[start:]).lstrip().startswith(needle)
+
+
 def test_variable_tracking_chains_each_variable_to_the_previous_one(tokenizer):
     sample = make_sample("vt", tokenizer, 2000, seed=1)
     document = tokenizer.decode(sample.context_ids)
