@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import re
 from pathlib import Path
 
 from results_io import save, table
 
+from star_engine.evaluation import Method
 from star_engine.tasks import make_sample, score
 from star_engine.tokenizer import load_tokenizer
 
@@ -38,8 +38,8 @@ def answer_positions(task_name: str, tokenizer, length: int, seed: int, answers:
     if list(sample.answers) != answers:
         raise ValueError(f"{task_name} sample {seed} at {length}: regenerated answers {sample.answers} "
                          f"differ from the evaluation's {answers}")
-    start_of = dict(zip(sample.needles, sample.needle_starts))
-    return [next(start_of[n] for n in sample.needles if n.endswith(f": {a}.")) for a in answers], len(sample.context_ids)
+    starts = [next(s for n, s in zip(sample.needles, sample.needle_starts) if n.endswith(f": {a}.")) for a in answers]
+    return starts, len(sample.context_ids)
 
 
 def star_blocks(method: str) -> int | None:
@@ -79,7 +79,7 @@ def main() -> None:
             blocks = star_blocks(method)
             if blocks is None:
                 continue
-            cell = cells.setdefault((key[1], method, start // math.ceil(n / blocks)), [0] * 5)
+            cell = cells.setdefault((key[1], method, start // Method("star", blocks).block_size(n)), [0] * 5)
             dense = by_method["dense"]
             for i, add in enumerate((1, hit, dense, dense and not hit, hit and not dense)):
                 cell[i] += add

@@ -36,10 +36,14 @@ class Method:
             return "dense"
         return f"star {self.blocks}b a={_fraction(self.anchor)}"  # e.g. 4 blocks, anchor 1/4 of a block
 
+    def block_size(self, context_len: int) -> int:
+        """star: tokens per block of a context of context_len tokens (the last may be short)."""
+        return max(1, math.ceil(context_len / self.blocks))
+
     def strategy(self, dist: Dist, comm: Communicator, context_len: int):
         if self.attn == "dense":
             return DenseAttention(dist, comm)
-        return StarAttention(dist, comm, max(1, math.ceil(context_len / self.blocks)), float(self.anchor))
+        return StarAttention(dist, comm, self.block_size(context_len), float(self.anchor))
 
 
 def _fraction(value: float) -> str:
