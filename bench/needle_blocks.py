@@ -55,18 +55,27 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="bench/results/<name>.json")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model, ())
+    rows = values_by_block([json.loads(path.read_text()) for path in args.eval], tokenizer)
+    print(table(rows, ["length", "method", "needle_block", "values", "found", "dense_found", "lost", "gained"]))
+    summary = last_block_against_the_others(rows)
+    print(table(summary, ["method", "needles_in", "values", "lost", "gained", "net"]))
+    print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], summary=summary))
+
+
+def values_by_block(results: list[dict], tokenizer) -> list[dict]:
+    """Per (length, star method, block holding the needle): the expected values, how often
+    star and dense found them, and how many star lost and gained against dense."""
     # (sample, value, its needle's token index, context length) -> method -> value found
     found: dict[tuple, dict[str, bool]] = {}
     positions: dict[tuple, tuple[list[int], int]] = {}  # every method answered the same sample
-    for path in args.eval:
-        result = json.loads(path.read_text())
+    for result in results:
         tasks = [t for t in NEEDLE_TASKS if t != "niah_single_2" or result.get("python") == platform.python_version()]
         for r in result["rows"]:
             if r["task"] not in tasks:
                 continue
-            key = (r["task"], r["length"], result["seed"] + r["sample"])
+            key = (r["task"], r["length"], r["sample"])  # a row's sample is its seed
             if key not in positions:
-                positions[key] = answer_positions(r["task"], tokenizer, r["length"], key[2], r["answers"])
+                positions[key] = answer_positions(r["task"], tokenizer, r["length"], r["sample"], r["answers"])
             starts, n = positions[key]
             for answer, start in zip(r["answers"], starts):
                 found.setdefault((key, answer, start, n), {})[r["method"]] = score(r["output"], (answer,)) == 1
@@ -83,13 +92,9 @@ def main() -> None:
             dense = by_method["dense"]
             for i, add in enumerate((1, hit, dense, dense and not hit, hit and not dense)):
                 cell[i] += add
-    rows = [{"length": length, "method": method, "needle_block": block, "values": n, "found": round(hit / n, 3),
+    return [{"length": length, "method": method, "needle_block": block, "values": n, "found": round(hit / n, 3),
              "dense_found": round(dense / n, 3), "lost": lost, "gained": gained}
             for (length, method, block), (n, hit, dense, lost, gained) in sorted(cells.items())]
-    print(table(rows, ["length", "method", "needle_block", "values", "found", "dense_found", "lost", "gained"]))
-    summary = last_block_against_the_others(rows)
-    print(table(summary, ["method", "needles_in", "values", "lost", "gained", "net"]))
-    print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], summary=summary))
 
 
 def last_block_against_the_others(rows: list[dict]) -> list[dict]:
