@@ -25,7 +25,7 @@ from pathlib import Path
 from results_io import save, table
 
 from star_engine.evaluation import Method
-from star_engine.tasks import make_sample, score
+from star_engine.tasks import PYTHON_DEPENDENT, make_sample, score
 from star_engine.tokenizer import load_tokenizer
 
 NEEDLE_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
@@ -69,7 +69,7 @@ def values_by_block(results: list[dict], tokenizer) -> list[dict]:
     found: dict[tuple, dict[str, bool]] = {}
     positions: dict[tuple, tuple[list[int], int]] = {}  # every method answered the same sample
     for result in results:
-        tasks = [t for t in NEEDLE_TASKS if t != "niah_single_2" or result.get("python") == platform.python_version()]
+        tasks = [t for t in NEEDLE_TASKS if t not in PYTHON_DEPENDENT or result.get("python") == platform.python_version()]
         for r in result["rows"]:
             if r["task"] not in tasks:
                 continue

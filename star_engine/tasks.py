@@ -168,6 +168,7 @@ def niah_single_1(rng: random.Random) -> Task:
 def niah_single_2(rng: random.Random) -> Task:
     return _niah(rng, _prose, [_word(rng)], [[_number(rng)]], [0])
 
+
 def niah_single_3(rng: random.Random) -> Task:
     return _niah(rng, _uuid_noise, [_word(rng)], [[_uuid(rng)]], [0])
 
@@ -245,6 +246,10 @@ TASKS: dict[str, Callable[[random.Random], Task]] = {
     "cwe": cwe,
     "fwe": fwe,
 }
+
+# Tasks whose samples depend on the Python that made them (their prose is its standard
+# library's): runs on different Pythons answered different documents.
+PYTHON_DEPENDENT = ("niah_single_2",)
 
 
 def make_sample(task_name: str, tokenizer: TextTokenizer, length: int, seed: int) -> Sample:
