@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from compare_answers import agreement  # noqa: E402
+from compare_answers import agreement
 
 
 def result(python: str | None, answers: dict[tuple, tuple[float, str]]) -> dict:

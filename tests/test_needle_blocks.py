@@ -4,17 +4,13 @@ needle, paired with dense on the same sample."""
 from __future__ import annotations
 
 import collections
-import sys
-from pathlib import Path
 
 import pytest
+from needle_blocks import values_by_block
 
 from star_engine.evaluation import Method
 from star_engine.tasks import make_sample
 from star_engine.tokenizer import load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from needle_blocks import values_by_block  # noqa: E402
 
 
 @pytest.fixture(scope="module")
