@@ -25,11 +25,10 @@ from pathlib import Path
 from results_io import save, table
 
 from star_engine.evaluation import Method
-from star_engine.tasks import PYTHON_DEPENDENT, make_sample, score
+from star_engine.tasks import PYTHON_DEPENDENT, TASKS, make_sample, score
 from star_engine.tokenizer import load_tokenizer
 
-NEEDLE_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-                "niah_multikey_3", "niah_multivalue", "niah_multiquery")
+NEEDLE_TASKS = tuple(t for t in TASKS if t.startswith("niah"))
 
 
 def answer_positions(task_name: str, tokenizer, length: int, seed: int, answers: list[str]) -> tuple[list[int], int]:
