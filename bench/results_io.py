@@ -4,7 +4,6 @@ and how they were measured."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
-    ranks = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    from mpi4py import MPI  # every benchmark has initialised it (init_distributed)
+
+    ranks = MPI.COMM_WORLD.Get_size()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {**star_engine.benchmark.environment(ranks, device, ["python", sys.argv[0]]),
             "gpus": torch.cuda.device_count()}

@@ -19,7 +19,7 @@ import torch
 
 from .attention import STRATEGIES, StarAttention
 from .comm import Communicator
-from .launch import Dist
+from .launch import Dist, launcher_command
 from .model import Transformer
 from .schedule import Engine
 
@@ -36,7 +36,7 @@ def fits(dist: Dist, engine_bytes: int, activation_bytes: int, device: torch.dev
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         ok = engine_bytes + activation_bytes < free
-    return all(dist.mpi.allgather(ok))
+    return all(dist.allgather(ok))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -111,9 +111,9 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * weight.element_size()
     ceilings = {}
     if weight.is_cuda:
-        bandwidth = min(dist.mpi.allgather(copy_bandwidth(weight.device)))
+        bandwidth = min(dist.allgather(copy_bandwidth(weight.device)))
         # One rank's decode step has no collective (its attention is already global).
-        latency = max(dist.mpi.allgather(gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype,
+        latency = max(dist.allgather(gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype,
                                                               weight.device, cfg.num_layers))) if dist.world > 1 else 0.0
         ceilings = {"copy_bandwidth_Bps": bandwidth, "gather_merge_s_per_layer": latency,
                     "decode_weight_bytes": decode_bytes(model)}
@@ -170,9 +170,9 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
 
 
 def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
-    """Where and how a result was measured: device, ranks, commit, date, the command line
-    (`program` followed by this process's arguments). Taken when a run starts, so that the
-    commit names the code that ran."""
+    """Where and how a result was measured: device, ranks (as MPI counts them), commit, date,
+    the command line (the launcher, `program`, this process's arguments). Taken when a run
+    starts, so that the commit names the code that ran."""
     root = Path(__file__).resolve().parent.parent
     # A copy of the tree (on a remote machine, say) is told its commit by STAR_ENGINE_COMMIT:
     # its .git, if any, need not match the files.
@@ -189,7 +189,7 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
         "ranks": ranks,
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(tuned + ([f"mpirun -np {ranks}"] if ranks > 1 else [])
+        "command": " ".join(tuned + ([launcher_command(ranks)] if ranks > 1 else [])
                             + [shlex.quote(a) for a in [*program, *sys.argv[1:]]]),
         "nccl_env": nccl,
         "torch": torch.__version__,
@@ -241,8 +241,12 @@ def table(rows: list[dict]) -> str:
 
 
 def save(path: Path, result: dict) -> None:
+    """Writes result as JSON, whole or not at all (a job stopped while writing keeps the
+    earlier file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(path)
 
 
 def plot(result: dict, path: Path) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -207,7 +208,8 @@ class Session:
         self.dist = init_distributed()
         self.device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), self.dist)
         dtype = DTYPES[args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")]
-        self.say(f"star_engine: loading {args.model} on {self.dist.world} rank(s), {self.device.type}, {dtype}")
+        self.say(f"star_engine: loading {args.model} on {_plural(self.dist.world, 'rank')} "
+                 f"({_plural(self.dist.nodes, 'node')}), {self.device.type}, {dtype}")
         start = time.perf_counter()
         self.model = load_model(args.model, dtype, self.device)
         set_backend(args.attn_backend)
@@ -236,50 +238,65 @@ class Session:
                       cuda_graph=not self.args.no_cuda_graph)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
 def _run(args: argparse.Namespace) -> int:
-    session = Session(args)
-    engine = session.engine(args.attn)
-    dist = session.dist
-    session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
-    results = _Results(args.output) if dist.rank == 0 else None
-    work = _prepared_requests(args, session, engine, results) if dist.rank == 0 else None
-    answered = 0
-    while True:
-        item = next(work, None) if work is not None else None
-        dist.sync()  # the others wait here while rank 0 reads and tokenizes
-        item = dist.mpi.bcast(item, root=0)
-        if item is None:
-            break
-        number, total, rid, context_ids, query_ids, max_new = item
-        session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens ...")
-        gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), max_new)
-        answered += 1
+    from .launch import GracefulStop
+
+    with GracefulStop() as stop:
+        session = Session(args)
+        engine = session.engine(args.attn)
+        dist = session.dist
+        session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
+        results = _Results(args.output, stop.writing) if dist.rank == 0 else None
+        work = _prepared_requests(args, session, engine, results) if dist.rank == 0 else None
+        answered = 0
+        while True:
+            item = next(work, None) if work is not None else None
+            # Also where the others wait while rank 0 reads and tokenizes: a stop asked of any
+            # rank is agreed here, between requests, so that all ranks leave together.
+            if dist.any(stop.requested):
+                session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
+                            f"answered; the same command answers the rest -> {args.output}")
+                return GracefulStop.EXIT_CODE
+            item = dist.bcast(item, root=0)
+            if item is None:
+                break
+            number, total, rid, context_ids, query_ids, max_new = item
+            session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens ...")
+            gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), max_new)
+            answered += 1
+            if results is not None:
+                record = {
+                    "id": rid,
+                    "output": session.tokenizer.decode(gen.tokens),
+                    "output_tokens": len(gen.tokens),
+                    "context_tokens": len(context_ids),
+                    "query_tokens": len(query_ids),
+                    "metrics": asdict(gen.metrics),
+                    "error": None,
+                }
+                results.write(record)
+                m = gen.metrics
+                tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
+                session.say(f"[{number}/{total}] {rid}: {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, "
+                            f"first token {m.ttft_s:.2f} s, per token {tpot}")
         if results is not None:
-            record = {
-                "id": rid,
-                "output": session.tokenizer.decode(gen.tokens),
-                "output_tokens": len(gen.tokens),
-                "context_tokens": len(context_ids),
-                "query_tokens": len(query_ids),
-                "metrics": asdict(gen.metrics),
-                "error": None,
-            }
-            results.write(record)
-            m = gen.metrics
-            tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
-            session.say(f"[{number}/{total}] {rid}: {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, "
-                        f"first token {m.ttft_s:.2f} s, per token {tpot}")
-    if results is not None:
-        session.say(f"star_engine: {answered} answered, {results.errors} failed, {results.skipped} already done "
-                    f"-> {args.output}")
+            session.say(f"star_engine: {answered} answered, {results.errors} failed, {results.skipped} already done "
+                        f"-> {args.output}")
     return 0
 
 
 class _Results:
-    """The output JSONL: ids already answered, and appending that survives an interruption."""
+    """The output JSONL: ids already answered, and appending that survives an interruption
+    (a line is written whole while holding `writing`, which a stop that abandons the job
+    takes before it ends the process)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writing: threading.Lock) -> None:
         self.path = path
+        self.writing = writing
         self.done: set[Any] = set()
         self.skipped = self.errors = 0
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,8 +316,9 @@ class _Results:
         self.file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with self.writing:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
 
 def _id_key(rid: Any) -> str:
@@ -378,7 +396,7 @@ def _demo(args: argparse.Namespace) -> int:
     dist = session.dist
     sample = make_sample("niah_single_1", session.tokenizer, args.context_tokens, args.seed) if dist.rank == 0 else None
     dist.sync()
-    sample = dist.mpi.bcast(sample, root=0)
+    sample = dist.bcast(sample, root=0)
     session.say(f"\nDocument: {len(sample.context_ids)} context tokens, {len(sample.query_ids)} query tokens."
                 f"\nQuestion: {sample.query}\nAnswer begins: {sample.answer_prefix}"
                 f"\nExpected: {', '.join(sample.answers)}\n")
@@ -507,7 +525,7 @@ def _eval_plan(args: argparse.Namespace) -> tuple[list[str], list[int], list]:
 
 def _eval(args: argparse.Namespace) -> int:
     from . import evaluation
-    from .benchmark import environment
+    from .benchmark import environment, save
 
     tasks, lengths, methods = _eval_plan(args)
     session = Session(args)
@@ -521,7 +539,7 @@ def _eval(args: argparse.Namespace) -> int:
     earlier: list[dict] = []
     if args.resume:
         earlier_run = _earlier_eval(output, header) if session.dist.rank == 0 else None
-        earlier_run = session.dist.mpi.bcast(earlier_run, root=0)
+        earlier_run = session.dist.bcast(earlier_run, root=0)
         if earlier_run is not None:
             earlier = earlier_run["rows"]
             # Which runs measured which cells: a resumed file may hold several commits' rows.
@@ -531,7 +549,7 @@ def _eval(args: argparse.Namespace) -> int:
     def write(rows: list[dict], complete: bool) -> str:
         summary = evaluation.summarise(rows)
         result = {**header, "complete": complete, "summary": summary, "rows": rows}
-        output.write_text(json.dumps(result, indent=1) + "\n")
+        save(output, result)
         text = evaluation.table(summary)
         note = "" if complete else "incomplete: the run was stopped before every cell was measured\n"
         output.with_suffix(".txt").write_text(f"{header['command']}\n{args.samples} samples per cell\n{note}\n{text}\n")

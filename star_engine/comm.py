@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .launch import Dist, mpi_wait
+from .launch import Dist
 
 
 class Communicator(ABC):
@@ -55,7 +55,7 @@ def make_communicator(dist: Dist, device: torch.device) -> Communicator:
     """NCCL between GPUs when the extension has it, else MPI."""
     if device.type == "cuda" and _C.WITH_CUDA:
         return NcclCommunicator(dist, device)
-    return MpiCommunicator(dist.mpi)
+    return MpiCommunicator(dist)
 
 
 def _buffer(tensor: Tensor):
@@ -73,10 +73,9 @@ class MpiCommunicator(Communicator):
     """MPI over host memory: how the whole distributed algorithm runs without GPUs.
     Tensors on a GPU are staged through host memory (correct, not fast)."""
 
-    def __init__(self, mpi_comm) -> None:
-        self.comm = mpi_comm
-        self.rank = mpi_comm.Get_rank()
-        self.world = mpi_comm.Get_size()
+    def __init__(self, dist: Dist) -> None:
+        self.dist, self.comm = dist, dist.mpi
+        self.rank, self.world = dist.rank, dist.world
         self.bytes_sent = 0
 
     def gather_merge(self, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,7 +86,7 @@ class MpiCommunicator(Communicator):
         # One packed float32 message per rank: o's rows, then their lse.
         packed = _host(torch.cat((o.reshape(-1).float(), lse.reshape(-1).float())))
         gathered = torch.empty(self.world, packed.numel(), dtype=torch.float32)
-        mpi_wait(self.comm.Iallgather(_buffer(packed), _buffer(gathered)))
+        self.dist.wait(self.comm.Iallgather(_buffer(packed), _buffer(gathered)), "gather_merge")
         self.bytes_sent += packed.nbytes
         merged_o, merged_lse = _C.lse_merge(gathered[:, : rows * dim].view(self.world, rows, dim),
                                             gathered[:, rows * dim:])
@@ -95,7 +94,7 @@ class MpiCommunicator(Communicator):
 
     def broadcast(self, tensor: Tensor, root: int) -> Tensor:
         host = _host(tensor)
-        mpi_wait(self.comm.Ibcast(_buffer(host), root=root))
+        self.dist.wait(self.comm.Ibcast(_buffer(host), root=root), f"a broadcast from rank {root}")
         if self.rank == root:
             self.bytes_sent += tensor.nbytes
         elif host is not tensor:
@@ -112,8 +111,8 @@ class MpiCommunicator(Communicator):
         self.bytes_sent += send.nbytes
 
         def complete(_in_flight: Tensor = host_send) -> Tensor:  # keeps the send buffer alive
-            mpi_wait(sending)
-            mpi_wait(receiving)
+            self.dist.wait(sending, f"a send to rank {dst}")
+            self.dist.wait(receiving, f"a receive from rank {src}")
             if host_recv is not recv:
                 recv.copy_(host_recv)
             return recv
@@ -143,7 +142,7 @@ class NcclCommunicator(Communicator):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
-        unique_id = dist.mpi.bcast(unique_id, root=0)
+        unique_id = dist.bcast(unique_id, root=0)
         if timeout_s is None:
             timeout_s = float(os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
         self.nccl = _C.NcclComm(unique_id, dist.rank, dist.world, device.index, timeout_s)
@@ -206,7 +205,7 @@ def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float, explicit:
     ranks on one GPU, or where any rank cannot map the others' memory."""
     # One node, and one GPU per rank: two ranks' kernels on one GPU could wait for each other.
     gpu = getattr(torch.cuda.get_device_properties(device), "uuid", device.index)
-    places = dist.mpi.allgather((socket.gethostname(), str(gpu)))
+    places = dist.allgather((socket.gethostname(), str(gpu)))
     if dist.world == 1:
         return None  # nothing to exchange
     if len({host for host, _ in places}) > 1:
@@ -218,13 +217,13 @@ def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float, explicit:
         exchange = _C.PeerExchange(dist.rank, dist.world, device.index, PEER_SLOT_BYTES, timeout_s)
     except (RuntimeError, ValueError) as exc:  # CUDA refused, or more ranks than it serves
         error = str(exc)
-    handles = dist.mpi.allgather(exchange.handle() if exchange is not None else None)
+    handles = dist.allgather(exchange.handle() if exchange is not None else None)
     if exchange is not None and None not in handles:
         try:
             exchange.connect(handles)
         except RuntimeError as exc:
             error = str(exc)
-    errors = dist.mpi.allgather(error)
+    errors = dist.allgather(error)
     failed = [f"rank {rank}: {error}" for rank, error in enumerate(errors) if error]
     if failed:
         return _without_peer_exchange(dist, explicit, "; ".join(failed))

@@ -116,7 +116,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
             for index in range(samples):
                 sample = make_sample(task, tokenizer, length, seed + index) if dist.rank == 0 else None
                 dist.sync()
-                sample = dist.mpi.bcast(sample, root=0)
+                sample = dist.bcast(sample, root=0)
                 context, query = torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids)
                 for method, engine in engines.items():
                     gen = engine.generate(context, query, NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS))

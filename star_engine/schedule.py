@@ -118,7 +118,7 @@ class Engine:
 
         local = (phase1, _peak_memory(device), self.comm.bytes_sent - sent_before)
         self.dist.sync()
-        every = self.dist.mpi.allgather(local)
+        every = self.dist.allgather(local)
         metrics = Metrics(
             phase1_s=max(p for p, _, _ in every),
             ttft_s=first,

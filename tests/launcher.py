@@ -20,8 +20,19 @@ def mpirun(ranks: int) -> list[str]:
     return [exe, "--oversubscribe", "-np", str(ranks)]
 
 
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a job the tests start: this checkout importable, output unbuffered,
+    Open MPI allowed to run as root."""
+    return {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(extra or {})}
+
+
 def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **kwargs.pop("env", {})}
-    return subprocess.run(cmd, cwd=kwargs.pop("cwd", ROOT), env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(cmd, cwd=kwargs.pop("cwd", ROOT), env=job_env(kwargs.pop("env", None)),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Starts cmd like run() does, without waiting for it."""
+    return subprocess.Popen(cmd, cwd=kwargs.pop("cwd", ROOT), env=job_env(kwargs.pop("env", None)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from star_engine.cli import build_parser
-from tests.launcher import mpirun, run
+from tests.launcher import mpirun, run, start
 
 TINY = ["--model", "tiny", "--max-new-tokens", "3"]
 
@@ -83,6 +85,31 @@ def test_a_rerun_skips_the_ids_already_answered(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [r["id"] for r in read_jsonl(out)] == ["a", "b", "c"]
     assert "2 answered, 0 failed, 1 already done" in result.stderr
+
+
+@pytest.mark.parametrize("grace,ending", [("30", "stopped after"), ("0.2", "abandoned, a rerun does it")])
+def test_a_stop_signal_ends_the_job_with_nothing_lost_and_a_rerun_answers_the_rest(tmp_path, grace, ending):
+    """SIGUSR1 to mpirun reaches every rank (as Slurm's SIGTERM does under srun): the request
+    in hand is finished if the grace period allows, else abandoned; the job exits 143."""
+    ids = [f"r{i}" for i in range(5)]
+    requests = write_jsonl(tmp_path / "in.jsonl", [good(rid, 1500) for rid in ids])
+    out = tmp_path / "out.jsonl"
+    # About a second or two a request: long enough to be stopped in the middle of one.
+    args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--max-new-tokens", "600"]
+    job = start([*mpirun(3), sys.executable, "-m", "star_engine", *args], env={"STAR_ENGINE_STOP_GRACE": grace})
+    while not out.exists() or not out.read_text():
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 143, stderr
+    assert ending in stderr
+    first = [r["id"] for r in read_jsonl(out)]  # every line whole
+    assert 1 <= len(first) < len(ids)
+
+    rerun = star_engine(args, ranks=3)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(r["id"] for r in read_jsonl(out)) == ids  # each exactly once
 
 
 def test_star_ring_and_dense_under_mpirun(tmp_path):

@@ -48,3 +48,33 @@ def test_a_stuck_peer_ends_the_job_with_a_clear_message_within_the_timeout(path,
                  env={"STAR_ENGINE_NCCL_TIMEOUT": "10", "STAR_ENGINE_PEER_GATHER": path})
     assert result.returncode != 0
     assert f"rank 0: RuntimeError: {message}" in result.stderr, result.stderr[-4000:]
+
+
+ONE_GPU_EACH = """
+import torch
+from star_engine.launch import init_distributed, run_guarded, select_device
+def main():
+    dist = init_distributed()
+    device = select_device("cuda", dist)
+    print(f"rank {dist.rank} sees {torch.cuda.device_count()}: {torch.cuda.get_device_properties(device).uuid}")
+    return 0
+raise SystemExit(run_guarded(main))
+"""
+
+
+@pytest.mark.parametrize("visible", ["$OMPI_COMM_WORLD_LOCAL_RANK", "0"])
+def test_each_rank_takes_the_gpu_its_launcher_made_visible_and_never_shares_one(visible):
+    """As srun --gpus-per-task=1 does, each rank is shown one GPU (its own, or, wrongly, the
+    same one)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    result = run([*mpirun(2), "sh", "-c", f'CUDA_VISIBLE_DEVICES={visible} exec "$0" -c "$1"', sys.executable,
+                  ONE_GPU_EACH], timeout=120)
+    if visible == "0":
+        assert result.returncode != 0
+        assert "ranks 0, 1 would share one GPU" in result.stderr, result.stderr[-4000:]
+        return
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(":")[0] for line in lines] == ["rank 0 sees 1", "rank 1 sees 1"]
+    assert lines[0].split(": ")[1] != lines[1].split(": ")[1]

@@ -31,7 +31,7 @@ def dist() -> Dist:
 
 @pytest.fixture(scope="session")
 def comm(dist: Dist) -> MpiCommunicator:
-    return MpiCommunicator(dist.mpi)
+    return MpiCommunicator(dist)
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +40,4 @@ def tiny_checkpoint(dist: Dist) -> Path:
     path = None
     if dist.rank == 0:
         path = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="star_engine_test_")))
-    return dist.mpi.bcast(path, root=0)
+    return dist.bcast(path, root=0)

@@ -31,7 +31,7 @@ def run(model, strategy, comm, dist, context, query):
 
 
 def assert_same_tokens_on_every_rank(dist, tokens):
-    assert all(t == tokens for t in dist.mpi.allgather(tokens))
+    assert all(t == tokens for t in dist.allgather(tokens))
 
 
 @pytest.mark.parametrize("context_len,block,anchor,mode", [

@@ -22,7 +22,7 @@ def checkpoint(dist):
     if dist.rank == 0:  # head_dim 64: the decode kernel and the CUDA graph serve it
         path = make_tiny_checkpoint(Path(tempfile.mkdtemp()), hidden_size=256, num_attention_heads=4,
                                     num_key_value_heads=2, intermediate_size=512)
-    return dist.mpi.bcast(path, root=0)
+    return dist.bcast(path, root=0)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_gpus_follow_the_cpu_engine(dist, comm: MpiCommunicator, gpu, checkpoint
     device, nccl = gpu
     on_gpu = run(dist, nccl, load_model(str(checkpoint), torch.bfloat16, device), strategy_cls, **kwargs)
     on_cpu = run(dist, comm, load_model(str(checkpoint), torch.float32, torch.device("cpu")), strategy_cls, **kwargs)
-    assert all(t == on_gpu.tokens for t in dist.mpi.allgather(on_gpu.tokens))
+    assert all(t == on_gpu.tokens for t in dist.allgather(on_gpu.tokens))
     if dist.is_query_rank:
         for step, (got, want) in enumerate(zip(on_gpu.logits, on_cpu.logits)):
             assert ((got.cpu() - want).norm() / want.norm()).item() < 3e-2, f"step {step}"
