@@ -1,0 +1,208 @@
+"""star_engine under Slurm, on the local cluster that tests/slurm/cluster.sh starts (partition
+`one`: one node of 4 CPUs; partition `two`: two nodes of 2 CPUs on this host): srun with and
+without an MPI plugin, the job scripts of examples/slurm/ through sbatch, one node and two,
+and a job stopped by SIGTERM that goes on where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launcher import ROOT, mpirun, run, start
+from tests.test_cli import good, read_jsonl, write_jsonl
+from tests.test_distributed import FAILING_RANK
+
+CLUSTER_DIR = Path(os.environ.get("STAR_SLURM_DIR", "/tmp/star_engine-slurm"))
+SCRIPTS = ROOT / "examples" / "slurm"
+TINY = ["--model", "tiny", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def slurm() -> dict[str, str]:
+    """The environment of the local cluster's jobs, or a skip that says why there is none."""
+    env = {"SLURM_CONF": os.environ.get("SLURM_CONF") or str(CLUSTER_DIR / "slurm.conf"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           # Open MPI's PMIx client: quiet, and speaking what Slurm's PMIx server knows.
+           "PMIX_MCA_psec": "native", "PMIX_MCA_gds": "hash"}
+    start_one = "start one with `tests/slurm/cluster.sh up` (Debian, as root)"
+    if shutil.which("srun") is None:
+        pytest.skip(f"no Slurm here (no srun): {start_one}")
+    if not Path(env["SLURM_CONF"]).exists():
+        pytest.skip(f"no Slurm cluster ({env['SLURM_CONF']} does not exist): {start_one}")
+    try:
+        partitions = run(["sinfo", "-h", "-o", "%P"], timeout=10, env=env).stdout.split()
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"the Slurm cluster of {env['SLURM_CONF']} does not answer: {start_one}")
+    if not {"one*", "two"} <= set(partitions):
+        pytest.skip(f"{env['SLURM_CONF']} is not the test cluster (partitions {partitions}): {start_one}")
+    return env
+
+
+def srun(args: list[str], slurm: dict[str, str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return run(["srun", *args], timeout=timeout, env={**slurm, **env})
+
+
+def requests_file(directory: Path, count: int, context_len: int = 300) -> Path:
+    return write_jsonl(directory / "requests.jsonl", [good(f"r{i}", context_len) for i in range(count)])
+
+
+def test_srun_with_pmix_answers_as_mpirun_does(tmp_path, slurm):
+    requests = requests_file(tmp_path, 3)
+    by_mpirun = run([*mpirun(4), sys.executable, "-m", "star_engine", "run", "--input", str(requests),
+                     "--output", str(tmp_path / "mpirun.jsonl"), *TINY], timeout=300)
+    assert by_mpirun.returncode == 0, by_mpirun.stderr
+    by_srun = srun(["--mpi=pmix", "-p", "one", "-n", "4", sys.executable, "-m", "star_engine", "run", "--input",
+                    str(requests), "--output", str(tmp_path / "srun.jsonl"), *TINY], slurm)
+    assert by_srun.returncode == 0, by_srun.stderr
+    assert "on 4 ranks (1 node)" in by_srun.stderr
+    assert "find-available" not in by_srun.stderr  # PMIx's notices are silenced
+    assert _answers(tmp_path / "srun.jsonl") == _answers(tmp_path / "mpirun.jsonl")
+
+
+def test_srun_without_an_mpi_plugin_stops_every_task_with_one_message(tmp_path, slurm):
+    out = tmp_path / "out.jsonl"
+    result = srun(["-p", "one", "-n", "4", sys.executable, "-m", "star_engine", "run", "--input",
+                   str(requests_file(tmp_path, 2)), "--output", str(out), *TINY], slurm)
+    assert result.returncode != 0
+    assert result.stderr.count("srun started 4 tasks with no MPI plugin") == 1, result.stderr
+    assert "srun --mpi=pmix" in result.stderr
+    assert not out.exists()
+
+
+def test_a_rank_that_raises_ends_the_step_promptly_with_its_message(slurm):
+    begin = time.monotonic()
+    result = srun(["--mpi=pmix", "-p", "one", "-n", "4", sys.executable, "-c", FAILING_RANK], slurm, timeout=120)
+    assert result.returncode != 0
+    assert "rank 1: RuntimeError: disk on fire" in result.stderr
+    assert time.monotonic() - begin < 60
+
+
+# --- The job scripts ---------------------------------------------------------------------
+
+JOBS = {  # name: sbatch options, variables, arguments after the script
+    "run": ([], {}, TINY),
+    "run_nodes": (["-p", "two", "--ntasks-per-node=2"],
+                  # Open MPI 4's shared-memory transport fails between two "nodes" of one host.
+                  {"OMPI_MCA_btl": "self,tcp"}, TINY),
+    "run_mpirun": ([], {}, TINY),
+    "bench": ([], {"LENGTHS": "256,512", "OUTPUT": "bench.json"}, ["--query-tokens", "8", "--max-new-tokens", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every job script of examples/slurm/, submitted at once with `sbatch --wait`, each in a
+    directory of its own with the same requests: its result and its directory."""
+    waiting = {}
+    for name, (options, variables, args) in JOBS.items():
+        directory = tmp_path_factory.mktemp(name)
+        requests_file(directory, 3)
+        env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl", **variables}
+        waiting[name] = (start(["sbatch", "--wait", *options, str(SCRIPTS / f"{name}.sbatch"), *args],
+                               cwd=directory, env=env), directory)
+    done = {}
+    for name, (job, directory) in waiting.items():
+        stdout, stderr = job.communicate(timeout=600)
+        done[name] = (subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr), directory)
+    return done
+
+
+def _log(directory: Path) -> str:
+    return "".join(path.read_text() for path in sorted(directory.glob("star_engine*.out")))
+
+
+def _answers(path: Path) -> dict[str, str]:
+    records = read_jsonl(path)
+    assert all(r["error"] is None for r in records)
+    return {r["id"]: r["output"] for r in records}
+
+
+def test_the_one_node_job_script_answers_every_request(jobs):
+    result, directory = jobs["run"]
+    assert result.returncode == 0, result.stderr + _log(directory)
+    assert "on 4 ranks (1 node)" in _log(directory)
+    assert sorted(_answers(directory / "out.jsonl")) == ["r0", "r1", "r2"]
+
+
+def test_the_several_node_job_script_gives_the_one_node_answers_with_two_ranks_per_node(jobs):
+    result, directory = jobs["run_nodes"]
+    assert result.returncode == 0, result.stderr + _log(directory)
+    assert "on 4 ranks (2 nodes)" in _log(directory)
+    assert _answers(directory / "out.jsonl") == _answers(jobs["run"][1] / "out.jsonl")
+
+
+def test_the_mpirun_job_script_gives_the_srun_answers(jobs):
+    result, directory = jobs["run_mpirun"]
+    assert result.returncode == 0, result.stderr + _log(directory)
+    assert _answers(directory / "out.jsonl") == _answers(jobs["run"][1] / "out.jsonl")
+
+
+def test_the_bench_job_script_measures_star_against_ring_and_records_the_mpi_world(jobs):
+    result, directory = jobs["bench"]
+    assert result.returncode == 0, result.stderr + _log(directory)
+    saved = json.loads((directory / "bench.json").read_text())
+    assert saved["ranks"] == 4 and saved["command"].startswith("srun --mpi=pmix -n 4 python -m star_engine bench")
+    assert {(r["attn"], r["context"]) for r in saved["rows"]} == {(a, n) for a in ("star", "ring") for n in (256, 512)}
+    assert "star at 512 tokens: over ring" in _log(directory)
+
+
+# --- Stopped by Slurm, then going on -----------------------------------------------------
+
+def test_a_job_stopped_by_sigterm_goes_on_where_it_stopped_resubmitted_or_requeued(tmp_path, slurm):
+    ids = [f"r{i}" for i in range(4)]
+    write_jsonl(tmp_path / "requests.jsonl", [good(rid, 1500) for rid in ids])
+    out = tmp_path / "out.jsonl"
+    env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl"}
+    script = [str(SCRIPTS / "run.sbatch"), "--max-new-tokens", "600"]  # a second or so a request
+
+    def submit_and_stop(*options: str) -> str:
+        """Submits the job, and sends its ranks SIGTERM (as Slurm does before a time limit)
+        once it has answered one more request."""
+        answered = len(read_jsonl(out)) if out.exists() else 0
+        job = run(["sbatch", "--parsable", *options, *script], timeout=30, cwd=tmp_path, env=env)
+        assert job.returncode == 0, job.stderr
+        job_id = job.stdout.strip()
+        _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) > answered, f"job {job_id}'s answer")
+        assert run(["scancel", "--signal=TERM", job_id], timeout=30, env=slurm).returncode == 0
+        return job_id
+
+    # Not requeueable: the job ends, non-zero; the same script submitted again goes on.
+    first = submit_and_stop("--no-requeue")
+    state = _wait_for(lambda: _finished(_job(first, slurm)), f"job {first} to end")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0", state
+    stopped = [r["id"] for r in read_jsonl(out)]
+    assert 1 <= len(stopped) < len(ids) and len(set(stopped)) == len(stopped)
+    assert "SIGTERM on a rank: stopped after" in _log(tmp_path)
+
+    # Requeueable (the script's default): the job puts itself back in the queue and ends the work.
+    second = submit_and_stop()
+    _wait_for(lambda: _job(second, slurm).get("Restarts") == "1", f"job {second} to be requeued")
+    state = _wait_for(lambda: _finished(_job(second, slurm)), f"requeued job {second} to end", seconds=300)
+    assert state["JobState"] == "COMPLETED", state
+    assert sorted(r["id"] for r in read_jsonl(out)) == ids  # every id exactly once
+
+
+def _job(job_id: str, slurm: dict[str, str]) -> dict[str, str]:
+    line = run(["scontrol", "show", "job", "-o", job_id], timeout=30, env=slurm).stdout
+    return dict(field.split("=", 1) for field in line.split() if "=" in field)
+
+
+def _finished(state: dict[str, str]) -> dict[str, str] | None:
+    return state if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+
+
+def _wait_for(condition, what: str, seconds: float = 180):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"waited {seconds:g} s for {what}")
