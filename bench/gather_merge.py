@@ -3,10 +3,14 @@ all-gather of the packed (o, lse) plus the merge kernel, and (ranks on one node)
 kernel that writes into the other GPUs' memory and merges; beside
 torch.distributed.all_gather_into_tensor of the same bytes.
 
-  mpirun -np N python bench/gather_merge.py     (one rank per GPU)
+  mpirun -np N python bench/gather_merge.py [--between-us 170]    (one rank per GPU)
 
 Payload of one decode step's layer for the llama-3.1-8b shape: o [32 heads, 128] bf16
-and lse [32] float32 per rank.
+and lse [32] float32 per rank. --between-us puts that much GPU work (a busy-wait kernel)
+before each gather_merge, as a decode step's layer does (about 170 us for llama-3.1-8b on
+an H200), and subtracts it again: the collective as the engine issues it, not back to
+back. Results name the CPUs each rank may run on: NCCL's network transport needs a CPU
+thread to move every message.
 """
 
 from __future__ import annotations
@@ -31,19 +35,34 @@ def per_call_us(fn, calls: int) -> float:
     return median_ms(fn, repeats=30) * 1e3 / calls
 
 
-def eager_and_graph_us(call, o: torch.Tensor, lse: torch.Tensor) -> tuple[float, float]:
-    """Per call: LAYERS calls issued one after another, then the same captured in a graph."""
+def busy_cycles_per_us() -> float:
+    """Clock cycles of torch.cuda._sleep per microsecond on this GPU."""
+    cycles = 10_000_000
+    return cycles / (median_ms(lambda: torch.cuda._sleep(cycles), repeats=5) * 1e3)
+
+
+def eager_and_graph_us(call, o: torch.Tensor, lse: torch.Tensor, between_us: float,
+                       cycles_per_us: float) -> tuple[float, float]:
+    """Per call: LAYERS calls issued one after another, each after between_us of GPU work,
+    then the same captured in a graph; the GPU work is subtracted."""
+    cycles = int(between_us * cycles_per_us)
+
     def layers() -> None:
         for _ in range(LAYERS):
+            if cycles:
+                torch.cuda._sleep(cycles)
             call(o, lse)
 
-    return per_call_us(layers, LAYERS), graph_replay_s(layers, o.device) * 1e6 / LAYERS
+    return (per_call_us(layers, LAYERS) - between_us,
+            graph_replay_s(layers, o.device) * 1e6 / LAYERS - between_us)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--between-us", type=float, default=0.0,
+                        help="GPU work before each gather_merge, as a layer's (default: 0, back to back)")
     args = parser.parse_args()
     dist = init_distributed()
     device = select_device("cuda", dist)
@@ -54,10 +73,12 @@ def main() -> None:
     paths = {"NCCL all-gather + merge kernel": nccl.nccl.gather_merge}
     if nccl.peer is not None:
         paths["peer memory, one kernel"] = nccl.peer.gather_merge
-    timings = {path: eager_and_graph_us(call, o, lse) for path, call in paths.items()}
+    cycles_per_us = busy_cycles_per_us() if args.between_us else 0.0
+    timings = {path: eager_and_graph_us(call, o, lse, args.between_us, cycles_per_us)
+               for path, call in paths.items()}
 
     # torch.distributed over NCCL, the same bytes per rank.
-    port = dist.mpi.bcast(_free_port() if dist.rank == 0 else None, root=0)
+    port = dist.bcast(_free_port() if dist.rank == 0 else None, root=0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("nccl", rank=dist.rank, world_size=dist.world, device_id=device)
     packed = torch.empty(o.nbytes + lse.nbytes, dtype=torch.uint8, device=device)
@@ -78,13 +99,19 @@ def main() -> None:
                   "what": f"gather_merge, {path}, in CUDA graph", "us_per_layer": in_graph}]
     rows.append({"ranks": dist.world, "bytes_per_rank": packed.numel(),
                  "what": "torch.distributed all_gather_into_tensor", "us_per_layer": reference})
-    every = dist.mpi.allgather([r["us_per_layer"] for r in rows])
+    every = dist.allgather([r["us_per_layer"] for r in rows])
     for i, row in enumerate(rows):
         row["us_per_layer"] = max(values[i] for values in every)  # the slowest rank's
+    cpus = dist.allgather(len(os.sched_getaffinity(0)))  # each rank's; environment() has rank 0's
     if dist.rank == 0:
         print(table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
-        protocol = os.environ.get("NCCL_PROTO")  # a tuned run is kept beside the default one
-        print("saved", save(f"gather_merge_{dist.world}ranks" + (f"_{protocol}" if protocol else ""), rows))
+        print(f"CPUs each rank may run on: {cpus}")
+        # A tuned run, or one through NCCL's sockets (two nodes emulated), is kept beside the default.
+        protocol = os.environ.get("NCCL_PROTO")
+        sockets = os.environ.get("NCCL_P2P_DISABLE") == "1" and os.environ.get("NCCL_SHM_DISABLE") == "1"
+        name = (f"gather_merge_{dist.world}ranks" + (f"_{protocol}" if protocol else "") + ("_socket" if sockets else "")
+                + (f"_between{args.between_us:g}us" if args.between_us else ""))
+        print("saved", save(name, rows, between_us=args.between_us, cpus_per_rank=cpus))
 
 
 def _free_port() -> int:

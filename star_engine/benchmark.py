@@ -194,8 +194,9 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
         "nccl_env": nccl,
         "torch": torch.__version__,
         "python": platform.python_version(),  # niah_single_2's prose comes from its standard library
-        # CPU figures depend on the processor and on how many threads torch ran.
-        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads()},
+        # CPU figures depend on the processor and on how many threads torch ran; NCCL's network
+        # transport on how many cores a rank may use (mpirun binds 2 ranks to one core each).
+        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))},
     }
 
 
