@@ -187,15 +187,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-void wait_without_spinning(int device) {
-  // CUDA 12 and later apply the flags to the device's context also once it is initialised.
-  C10_CUDA_CHECK(cudaSetDevice(device));
-  C10_CUDA_CHECK(cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync));
-}
-
 void register_cuda_bindings(pybind11::module& m) {
-  m.def("wait_without_spinning", &wait_without_spinning, pybind11::arg("device"),
-        "Makes this process sleep, not spin, while it waits for `device` (and selects it).");
   m.def("rms_norm", &rms_norm, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
         "weight * RMSNorm(x) over the last dimension, rounding where the PyTorch ops do.");
   m.def("rope_", &rope_, pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"),

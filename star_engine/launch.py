@@ -264,12 +264,14 @@ def select_device(kind: str, dist: Dist) -> torch.device:
             raise ValueError("--device cuda: this PyTorch sees no GPU")
         device = torch.device("cuda", gpu_index(torch.cuda.device_count(), dist.local_rank, dist.local_world))
         if len(os.sched_getaffinity(0)) == 1:
-            # Bound to one core (mpirun binds each of 2 ranks to one): a host that spins while
-            # it waits for the GPU leaves NCCL's network proxy thread, which moves every message
-            # between nodes, the scheduler's leftovers: about 6 ms a collective on H200s.
-            from . import _C
-
-            _C.wait_without_spinning(device.index)
+            # Bound to one core (mpirun binds each of 2 ranks to one by default). NCCL's network
+            # transport moves every message with threads of its own, which inherit this mask and
+            # would share that core: about 6 ms a collective on H200s over sockets, 50 us with
+            # the node's cores (as far as the job's cgroup allows).
+            try:
+                os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            except OSError:
+                pass
         torch.cuda.set_device(device)
         check_gpus_not_shared(dist, _gpu_id(device))
         return device
