@@ -13,13 +13,16 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from .attention.local import BACKENDS, backend_for, set_backend
 from .checkpoint import BUILTIN_MODELS, DEFAULT_MODEL, resolve
 from .model import PRESETS
+
+if TYPE_CHECKING:
+    from .launch import GracefulStop
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -246,46 +249,51 @@ def _run(args: argparse.Namespace) -> int:
     from .launch import GracefulStop
 
     with GracefulStop() as stop:
-        session = Session(args)
-        engine = session.engine(args.attn)
-        dist = session.dist
-        session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
-        results = _Results(args.output, stop.writing) if dist.rank == 0 else None
-        work = _prepared_requests(args, session, engine, results) if dist.rank == 0 else None
-        answered = 0
-        while True:
-            item = next(work, None) if work is not None else None
-            # Also where the others wait while rank 0 reads and tokenizes: a stop asked of any
-            # rank is agreed here, between requests, so that all ranks leave together.
-            if dist.any(stop.requested):
-                session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
-                            f"answered; the same command answers the rest -> {args.output}")
-                return GracefulStop.EXIT_CODE
-            item = dist.bcast(item, root=0)
-            if item is None:
-                break
-            number, total, rid, context_ids, query_ids, max_new = item
-            session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens ...")
-            gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), max_new)
-            answered += 1
-            if results is not None:
-                record = {
-                    "id": rid,
-                    "output": session.tokenizer.decode(gen.tokens),
-                    "output_tokens": len(gen.tokens),
-                    "context_tokens": len(context_ids),
-                    "query_tokens": len(query_ids),
-                    "metrics": asdict(gen.metrics),
-                    "error": None,
-                }
-                results.write(record)
-                m = gen.metrics
-                tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
-                session.say(f"[{number}/{total}] {rid}: {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, "
-                            f"first token {m.ttft_s:.2f} s, per token {tpot}")
+        return _answer_requests(args, stop)
+
+
+def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
+    """Rank 0 reads, tokenizes and writes; every rank takes part in each request, and all
+    leave together, between requests, once a rank was asked to stop."""
+    session = Session(args)
+    engine = session.engine(args.attn)
+    dist = session.dist
+    session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
+    results = _Results(args.output, stop.writing) if dist.rank == 0 else None
+    work = _prepared_requests(args, session, engine, results) if dist.rank == 0 else None
+    answered = 0
+    while True:
+        item = next(work, None) if work is not None else None
+        # Also where the others wait while rank 0 reads and tokenizes.
+        if dist.any(stop.requested):
+            session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
+                        f"answered; the same command answers the rest -> {args.output}")
+            return stop.EXIT_CODE
+        item = dist.bcast(item, root=0)
+        if item is None:
+            break
+        number, total, rid, context_ids, query_ids, max_new = item
+        session.say(f"[{number}/{total}] {rid}: {len(context_ids)} context + {len(query_ids)} query tokens ...")
+        gen = engine.generate(torch.as_tensor(context_ids), torch.as_tensor(query_ids), max_new)
+        answered += 1
         if results is not None:
-            session.say(f"star_engine: {answered} answered, {results.errors} failed, {results.skipped} already done "
-                        f"-> {args.output}")
+            record = {
+                "id": rid,
+                "output": session.tokenizer.decode(gen.tokens),
+                "output_tokens": len(gen.tokens),
+                "context_tokens": len(context_ids),
+                "query_tokens": len(query_ids),
+                "metrics": asdict(gen.metrics),
+                "error": None,
+            }
+            results.write(record)
+            m = gen.metrics
+            tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
+            session.say(f"[{number}/{total}] {rid}: {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, "
+                        f"first token {m.ttft_s:.2f} s, per token {tpot}")
+    if results is not None:
+        session.say(f"star_engine: {answered} answered, {results.errors} failed, {results.skipped} already done "
+                    f"-> {args.output}")
     return 0
 
 
@@ -395,7 +403,6 @@ def _demo(args: argparse.Namespace) -> int:
     session = Session(args)
     dist = session.dist
     sample = make_sample("niah_single_1", session.tokenizer, args.context_tokens, args.seed) if dist.rank == 0 else None
-    dist.sync()
     sample = dist.bcast(sample, root=0)
     session.say(f"\nDocument: {len(sample.context_ids)} context tokens, {len(sample.query_ids)} query tokens."
                 f"\nQuestion: {sample.query}\nAnswer begins: {sample.answer_prefix}"

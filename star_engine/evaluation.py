@@ -115,7 +115,6 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
             hits = {m: 0.0 for m in method_list}
             for index in range(samples):
                 sample = make_sample(task, tokenizer, length, seed + index) if dist.rank == 0 else None
-                dist.sync()
                 sample = dist.bcast(sample, root=0)
                 context, query = torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids)
                 for method, engine in engines.items():

@@ -27,6 +27,7 @@ DEFAULT_STOP_GRACE_S = 20.0
 # Seconds the ranks that ran out of patience give the others to answer "are you there?".
 PING_WINDOW_S = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_PING, _PONG = 1, 2  # message tags of "are you there?" and its answer
 
 
 class LaunchError(ValueError):
@@ -152,9 +153,6 @@ class Dist:
         else:
             message = f"{waited}, while every rank answers: the ranks wait in different operations"
         raise PeerTimeout(message, speaker=answering[0] == self.rank)
-
-
-_PING, _PONG = 1, 2
 
 
 # --- Launch ------------------------------------------------------------------------------
