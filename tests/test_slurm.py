@@ -155,38 +155,57 @@ def test_the_bench_job_script_measures_star_against_ring_and_records_the_mpi_wor
 
 # --- Stopped by Slurm, then going on -----------------------------------------------------
 
-def test_a_job_stopped_by_sigterm_goes_on_where_it_stopped_resubmitted_or_requeued(tmp_path, slurm):
-    ids = [f"r{i}" for i in range(4)]
-    write_jsonl(tmp_path / "requests.jsonl", [good(rid, 1500) for rid in ids])
-    out = tmp_path / "out.jsonl"
-    env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl"}
-    script = [str(SCRIPTS / "run.sbatch"), "--max-new-tokens", "600"]  # a second or so a request
+class StoppableJob:
+    """A job script answering 4 requests of a second or so each, in `directory`, that can
+    be submitted and sent a signal, as Slurm does before a time limit, once it has answered
+    one more request."""
 
-    def submit_and_stop(*options: str) -> str:
-        """Submits the job, and sends its ranks SIGTERM (as Slurm does before a time limit)
-        once it has answered one more request."""
-        answered = len(read_jsonl(out)) if out.exists() else 0
-        job = run(["sbatch", "--parsable", *options, *script], timeout=30, cwd=tmp_path, env=env)
+    IDS = [f"r{i}" for i in range(4)]
+
+    def __init__(self, script: str, directory: Path, slurm: dict[str, str]) -> None:
+        write_jsonl(directory / "requests.jsonl", [good(rid, 1500) for rid in self.IDS])
+        self.script, self.directory, self.slurm = script, directory, slurm
+        self.out = directory / "out.jsonl"
+        self.env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl"}
+
+    def answered(self) -> list[str]:
+        return [r["id"] for r in read_jsonl(self.out)] if self.out.exists() else []
+
+    def submit_and_stop(self, scancel: list[str], *options: str) -> str:
+        before = len(self.answered())
+        job = run(["sbatch", "--parsable", *options, str(SCRIPTS / self.script), "--max-new-tokens", "600"],
+                  timeout=30, cwd=self.directory, env=self.env)
         assert job.returncode == 0, job.stderr
         job_id = job.stdout.strip()
-        _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) > answered, f"job {job_id}'s answer")
-        assert run(["scancel", "--signal=TERM", job_id], timeout=30, env=slurm).returncode == 0
+        _wait_for(lambda: len(self.answered()) > before, f"job {job_id}'s answer")
+        assert run(["scancel", *scancel, job_id], timeout=30, env=self.slurm).returncode == 0
         return job_id
 
+    def goes_on_once_requeued(self, job_id: str) -> None:
+        _wait_for(lambda: _job(job_id, self.slurm).get("Restarts") == "1", f"job {job_id} to be requeued")
+        state = _wait_for(lambda: _finished(_job(job_id, self.slurm)), f"requeued job {job_id} to end", seconds=300)
+        assert state["JobState"] == "COMPLETED", state
+        assert sorted(self.answered()) == self.IDS  # every id exactly once
+
+
+def test_a_job_stopped_by_sigterm_goes_on_where_it_stopped_resubmitted_or_requeued(tmp_path, slurm):
+    job = StoppableJob("run.sbatch", tmp_path, slurm)
     # Not requeueable: the job ends, non-zero; the same script submitted again goes on.
-    first = submit_and_stop("--no-requeue")
+    first = job.submit_and_stop(["--signal=TERM"], "--no-requeue")
     state = _wait_for(lambda: _finished(_job(first, slurm)), f"job {first} to end")
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0", state
-    stopped = [r["id"] for r in read_jsonl(out)]
-    assert 1 <= len(stopped) < len(ids) and len(set(stopped)) == len(stopped)
+    stopped = job.answered()
+    assert 1 <= len(stopped) < len(job.IDS) and len(set(stopped)) == len(stopped)
     assert "SIGTERM on a rank: stopped after" in _log(tmp_path)
-
     # Requeueable (the script's default): the job puts itself back in the queue and ends the work.
-    second = submit_and_stop()
-    _wait_for(lambda: _job(second, slurm).get("Restarts") == "1", f"job {second} to be requeued")
-    state = _wait_for(lambda: _finished(_job(second, slurm)), f"requeued job {second} to end", seconds=300)
-    assert state["JobState"] == "COMPLETED", state
-    assert sorted(r["id"] for r in read_jsonl(out)) == ids  # every id exactly once
+    job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"]))
+
+
+def test_the_mpirun_job_script_passes_the_notice_on_to_the_ranks_and_goes_on(tmp_path, slurm):
+    """Its notice goes to the batch script (--signal=B:USR1@120), which hands it to mpirun."""
+    job = StoppableJob("run_mpirun.sbatch", tmp_path, slurm)
+    job.goes_on_once_requeued(job.submit_and_stop(["--batch", "--signal=USR1"]))
+    assert "SIGUSR1 on a rank: stopped after" in _log(tmp_path)
 
 
 def _job(job_id: str, slurm: dict[str, str]) -> dict[str, str]:
