@@ -22,7 +22,7 @@ EXTENSION := star_engine/.extension-built
 .PHONY: setup demo test clean
 setup: $(EXTENSION)
 
-$(VENV)/.installed: setup.py Makefile
+$(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel cmake ninja mpi4py $(MPI_WHEEL) $(NCCL_WHEEL)

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context lengths in tokens, K = 1024 (default: 32K,64K,128K,256K,512K,1M)")
     bench.add_argument("--query-tokens", type=_positive, default=64, help="query tokens (default: 64)")
     bench.add_argument("--output", type=Path, default=None,
-                       help="JSON results (default: bench/results/e2e_<model>_<ranks>ranks.json); "
+                       help="JSON results (default: e2e_<model>_<ranks>ranks.json in the current directory); "
                             "the plot goes beside it as .png")
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: block)")
     evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
     evaluate.add_argument("--output", type=Path, default=None,
-                          help="JSON results (default: bench/results/eval_<model>.json); the plot goes beside it")
+                          help="JSON results (default: eval_<model>.json in the current directory); the plot goes beside it")
     evaluate.add_argument("--resume", action="store_true",
                           help="keep what --output already holds (a stopped run's results) and measure only the "
                                "(task, length) cells it lacks or holds in part; same model, seed and samples")
@@ -474,7 +474,7 @@ def _bench(args: argparse.Namespace) -> int:
     measured = benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(strategies)} at {len(lengths)} lengths on {session.dist.world} rank(s)")
     name = bench_name(args.model, session.dist.world, args.block_size, args.anchor_size)
-    output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
+    output = args.output or Path(f"{name}.json")
 
     def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
         result = {**measured, "model": args.model,
@@ -540,7 +540,7 @@ def _eval(args: argparse.Namespace) -> int:
     session.say(f"star_engine eval: {len(tasks)} tasks x {len(lengths)} lengths x {args.samples} samples, "
                 f"{len(methods)} methods")
     name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
-    output = args.output or Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json"
+    output = args.output or Path(f"{name}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed}
     earlier: list[dict] = []

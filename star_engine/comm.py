@@ -132,9 +132,9 @@ class NcclCommunicator(Communicator):
     With peer_gather (default: on unless STAR_ENGINE_PEER_GATHER=0) and every rank on one
     node with a GPU of its own, small gather_merges (decode) go instead through one kernel
     that writes into the other GPUs' memory (CUDA IPC over NVLink) and merges, without
-    NCCL's all-gather protocol and the second launch: on H200s 9.0 against 11.5 µs a call
-    in a CUDA graph with 2 ranks, 10.8 against 14.5 with 4. Where it cannot be set up NCCL
-    carries every gather, said on stderr only if it was asked for explicitly.
+    NCCL's all-gather protocol and the second launch (faster on 2 and 4 H200s:
+    docs/performance.md). Where it cannot be set up NCCL carries every gather, said on
+    stderr only if it was asked for explicitly.
     """
 
     def __init__(self, dist: Dist, device: torch.device, timeout_s: float | None = None,
