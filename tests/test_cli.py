@@ -181,7 +181,7 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
 
 
 def test_bench_results_of_other_star_layouts_get_names_of_their_own():
-    from star_engine.cli import bench_name
+    from star_engine.commands.bench import bench_name
 
     assert bench_name("llama-3.1-8b", 8, None, None) == "e2e_llama-3.1-8b_8ranks"
     assert bench_name("llama-3.1-8b", 8, None, 0.25) == "e2e_llama-3.1-8b_8ranks_anchor0.25"

@@ -1,0 +1,116 @@
+"""`eval`: star against dense on RULER-style tasks at exact token lengths; every method
+answers the same samples; a table, JSON and a plot, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..flags import add_model_flags, positive, token_counts
+from ..session import Session
+from ..tasks import TASKS
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="accuracy of star against dense on synthetic long-context tasks",
+        description="Generates RULER-style tasks from the seed at exactly the lengths asked for (in the "
+                    "model's tokens and chat template), has every method answer the same samples, "
+                    "scores them, prints a table (star's accuracy also relative to dense) and writes "
+                    "JSON and a plot.")
+    evaluate.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: all: {', '.join(TASKS)})")
+    evaluate.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens (default: 1K,2K,4K)")
+    evaluate.add_argument("--samples", type=positive, default=10, help="samples per task and length (default: 10)")
+    evaluate.add_argument("--attn", default="star,dense", help="methods, comma-separated (default: star,dense)")
+    evaluate.add_argument("--blocks", default="4", help="star: blocks the context is cut into, comma-separated (default: 4)")
+    evaluate.add_argument("--anchor-size", default="block",
+                          help="star: anchor sizes as fractions of the block, comma-separated, e.g. 1/4,1/2,block "
+                               "(default: block)")
+    evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
+    evaluate.add_argument("--output", type=Path, default=None,
+                          help="JSON results (default: eval_<model>.json in the current directory); the plot goes beside it")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="keep what --output already holds (a stopped run's results) and measure only the "
+                               "(task, length) cells it lacks or holds in part; same model, seed and samples")
+    add_model_flags(evaluate)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Turns --tasks and --lengths into lists, and --attn, --blocks, --anchor-size into the
+    list of methods (args.methods)."""
+    from .. import evaluation
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks: unknown {unknown}; expected some of {', '.join(TASKS)}")
+    try:
+        blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
+        anchors = [evaluation.parse_anchor(a) for a in args.anchor_size.split(",") if a.strip()]
+        methods = evaluation.methods([a.strip() for a in args.attn.split(",") if a.strip()], blocks, anchors)
+    except ValueError as exc:
+        raise ValueError(f"--attn/--blocks/--anchor-size: {exc}") from None
+    if not methods or any(b < 1 for b in blocks):
+        raise ValueError("--attn/--blocks: expected star and/or dense, and block counts >= 1")
+    args.tasks, args.lengths, args.methods = tasks, token_counts(args.lengths), methods
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import evaluation
+    from ..benchmark import environment, save
+
+    session = Session(args)
+    measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
+    session.say(f"star_engine eval: {len(args.tasks)} tasks x {len(args.lengths)} lengths x {args.samples} samples, "
+                f"{len(args.methods)} methods")
+    name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
+    output = args.output or Path(f"{name}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed}
+    earlier: list[dict] = []
+    if args.resume:
+        earlier_run = _earlier_eval(output, header) if session.dist.rank == 0 else None
+        earlier_run = session.dist.bcast(earlier_run, root=0)
+        if earlier_run is not None:
+            earlier = earlier_run["rows"]
+            # Which runs measured which cells: a resumed file may hold several commits' rows.
+            header["earlier_runs"] = [*earlier_run.get("earlier_runs", []),
+                                      {k: earlier_run[k] for k in ("commit", "date", "command")}]
+
+    def write(rows: list[dict], complete: bool) -> str:
+        summary = evaluation.summarise(rows)
+        result = {**header, "complete": complete, "summary": summary, "rows": rows}
+        save(output, result)
+        text = evaluation.table(summary)
+        note = "" if complete else "incomplete: the run was stopped before every cell was measured\n"
+        output.with_suffix(".txt").write_text(f"{header['command']}\n{args.samples} samples per cell\n{note}\n{text}\n")
+        return text
+
+    rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
+                                     args.lengths, args.samples, args.methods, args.seed, session.say,
+                                     on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
+    if session.dist.rank == 0:
+        print(write(rows, complete=True))
+        plotted = evaluation.plot(evaluation.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
+                                  output.with_suffix(".png"))
+        session.say(f"saved {output}, the table as {output.with_suffix('.txt')}"
+                    + (f" and the plot as {output.with_suffix('.png')}" if plotted else ""))
+    return 0
+
+
+def _earlier_eval(output: Path, header: dict) -> dict | None:
+    """The results in `output` that a resumed run may keep, or None if there are none."""
+    if not output.exists():
+        return None
+    try:
+        earlier = json.loads(output.read_text())
+    except ValueError as exc:
+        raise ValueError(f"--resume: {output} is not JSON ({exc})") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
+        raise ValueError(f"--resume: {output} is not an eval result (no rows)")
+    for key in ("model", "seed", "samples_per_cell"):
+        if earlier.get(key) != header[key]:
+            raise ValueError(f"--resume: {output} has {key} {earlier.get(key)!r}, this run {header[key]!r}; "
+                             "choose another --output")
+    return earlier

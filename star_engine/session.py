@@ -1,0 +1,60 @@
+"""The session of a command: this rank's place in the job, its device, the model, the
+communicator and (on rank 0) the tokenizer, shared by the engines the command builds."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .attention.local import backend_for, set_backend
+from .flags import DTYPES
+
+
+class Session:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from .checkpoint import load_model
+        from .comm import make_communicator
+        from .launch import init_distributed, select_device
+        from .tokenizer import load_tokenizer
+
+        self.args = args
+        self.dist = init_distributed()
+        self.device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), self.dist)
+        dtype = DTYPES[args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")]
+        self.say(f"star_engine: loading {args.model} on {plural(self.dist.world, 'rank')} "
+                 f"({plural(self.dist.nodes, 'node')}), {self.device.type}, {dtype}")
+        start = time.perf_counter()
+        self.model = load_model(args.model, dtype, self.device)
+        set_backend(args.attn_backend)
+        backend = backend_for(self.device, dtype)
+        self.comm = make_communicator(self.dist, self.device)
+        eos = self.model.config.eos_token_ids
+        self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
+        self.dist.sync()
+        self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s; attention kernels: {backend}")
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr, from rank 0."""
+        if self.dist.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    def engine(self, attn: str):
+        """An engine of strategy `attn` with the star layout and sizes of the command's flags."""
+        from .attention import STRATEGIES, StarAttention
+        from .schedule import Engine
+
+        if attn == "star":
+            strategy = StarAttention(self.dist, self.comm, self.args.block_size, self.args.anchor_size,
+                                     self.args.anchor_mode)
+        else:
+            strategy = STRATEGIES[attn](self.dist, self.comm)
+        max_tokens = self.args.max_tokens or self.model.config.max_position_embeddings
+        return Engine(self.model, strategy, self.comm, self.dist, max_tokens,
+                      cuda_graph=not self.args.no_cuda_graph)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
