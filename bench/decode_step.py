@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from results_io import save, table
 from star_engine.attention import StarAttention
-from star_engine.benchmark import copy_bandwidth, decode_bytes, parse_tokens
+from star_engine.benchmark import copy_bandwidth, decode_bytes
+from star_engine.flags import parse_tokens
 from star_engine.checkpoint import load_model
 from star_engine.comm import make_communicator
 from star_engine.launch import init_distributed, select_device

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from results_io import save, table
 
-from star_engine.evaluation import Method
+from star_engine.attention.star import block_tokens
 from star_engine.tasks import PYTHON_DEPENDENT, TASKS, make_sample, score
 from star_engine.tokenizer import load_tokenizer
 
@@ -42,7 +42,7 @@ def answer_positions(task_name: str, tokenizer, length: int, seed: int, answers:
 
 
 def star_blocks(method: str) -> int | None:
-    """The block count of a star method's name (evaluation.Method.name: "star 4b a=1/4")."""
+    """The block count of a star method's name (StrategySpec.label: "star 4b a=1/4")."""
     match = re.match(r"star (\d+)b", method)
     return int(match[1]) if match else None
 
@@ -87,7 +87,7 @@ def values_by_block(results: list[dict], tokenizer) -> list[dict]:
             blocks = star_blocks(method)
             if blocks is None:
                 continue
-            cell = cells.setdefault((key[1], method, start // Method("star", blocks).block_size(n)), [0] * 5)
+            cell = cells.setdefault((key[1], method, start // block_tokens(n, None, blocks)), [0] * 5)
             dense = by_method["dense"]
             for i, add in enumerate((1, hit, dense, dense and not hit, hit and not dense)):
                 cell[i] += add

@@ -20,8 +20,9 @@ import torch
 
 from results_io import save, table
 from star_engine.attention import StarAttention
-from star_engine.attention.local import backend_for, set_backend, BACKENDS
-from star_engine.benchmark import median_s, parse_tokens
+from star_engine.attention.backends import BACKENDS, backend_for, set_backend
+from star_engine.benchmark import median_s
+from star_engine.flags import parse_tokens
 from star_engine.checkpoint import load_model
 from star_engine.comm import make_communicator
 from star_engine.launch import init_distributed, select_device
@@ -58,15 +59,16 @@ def main() -> None:
           flush=True)
     rows = []
     for i, block in enumerate(map(parse_tokens, args.blocks.split(","))):
-        strategy = StarAttention(dist, comm, block, block)
+        strategy = StarAttention(dist, comm, block_size=block, anchor_tokens=block)
         engine = Engine(model, strategy, comm, dist, 2 * block)
         ids = torch.randint(0, model.config.vocab_size, (2 * block,), device=device)
+        layout = strategy.layout(len(ids))
         runs = 2 if i == 0 else 1  # the first size once more, untimed: kernel loading and tuning
         for _ in range(runs):
             engine.arena.clear()
             torch.cuda.synchronize()
             start = time.perf_counter()
-            strategy.encode_context(model, ids, engine.arena)
+            strategy.encode_context(model, ids, layout, engine.arena)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         flops = phase1_flops(model, block, block)

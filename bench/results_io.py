@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import star_engine.benchmark
+import star_engine.results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -19,7 +20,7 @@ def environment() -> dict:
 
     ranks = MPI.COMM_WORLD.Get_size()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {**star_engine.benchmark.environment(ranks, device, ["python", sys.argv[0]]),
+    return {**star_engine.results.environment(ranks, device, ["python", sys.argv[0]]),
             "gpus": torch.cuda.device_count()}
 
 

@@ -79,12 +79,17 @@ PYBIND11_MODULE(_C, m) {
       .def("values", &star::KVArena::values, pybind11::arg("layer"))
       .def("append", &star::KVArena::append, pybind11::arg("layer"), pybind11::arg("k"),
            pybind11::arg("v"))
-      .def("check_fits", &star::KVArena::check_fits, pybind11::arg("tokens"))
-      .def("advance", &star::KVArena::advance, pybind11::arg("tokens"))
+      .def("start_decoding", &star::KVArena::start_decoding)
+      .def("add_token", &star::KVArena::add_token)
+      .def("write_token", &star::KVArena::write_token, pybind11::arg("layer"), pybind11::arg("k"),
+           pybind11::arg("v"))
+      .def("finish_decoding", &star::KVArena::finish_decoding)
+      .def("slots", &star::KVArena::slots, pybind11::arg("layer"))
       .def("clear", &star::KVArena::clear)
       .def("length", &star::KVArena::length, pybind11::arg("layer"))
       .def_property_readonly("num_layers", &star::KVArena::num_layers)
       .def_property_readonly("capacity", &star::KVArena::capacity)
       .def_property_readonly("nbytes", &star::KVArena::nbytes)
-      .def_property_readonly("storage", &star::KVArena::storage);
+      .def_property_readonly("decoding", &star::KVArena::decoding)
+      .def_property_readonly("device_length", &star::KVArena::device_length);
 }

@@ -194,9 +194,6 @@ void register_cuda_bindings(pybind11::module& m) {
         "Rotates x [tokens, heads, head_dim] in place (halves convention), in float32.");
   m.def("silu_mul", &silu_mul, pybind11::arg("gate_up"),
         "silu(gate) * up of gate_up [tokens, 2 * inner].");
-  m.def("kv_append", &kv_append, pybind11::arg("k_cache"), pybind11::arg("v_cache"),
-        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("length"),
-        "Writes one token's k, v [KV, 1, D] at slot length - 1 of a cache layer (length on the GPU).");
   m.def("decode_attention", &decode_attention, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"),
         "One-token attention over a KV cache: (o [H, D], lse [H]).");
@@ -209,13 +206,6 @@ void register_cuda_bindings(pybind11::module& m) {
            pybind11::arg("timeout_s"))
       .def_static("make_unique_id",
                   [] { return pybind11::bytes(NcclComm::make_unique_id()); })
-      .def("all_gather",
-           [](NcclComm& self, const at::Tensor& send, at::Tensor& recv) {
-             TORCH_CHECK(send.is_contiguous() && recv.is_contiguous() &&
-                             recv.nbytes() == send.nbytes() * self.world(),
-                         "all_gather: contiguous buffers, recv of world x send bytes");
-             self.all_gather(send.data_ptr(), recv.data_ptr(), send.nbytes(), current_stream(send));
-           })
       .def("gather_merge",
            [](NcclComm& self, const at::Tensor& o, const at::Tensor& lse) {
              // Pack (o rows, then their float32 lse), all-gather, merge.
@@ -276,9 +266,9 @@ void register_cuda_bindings(pybind11::module& m) {
              return std::make_tuple(merged_o, merged_lse);
            })
       .def("check", &PeerExchange::check)
-      .def("fits",
+      .def("slot_holds",
            [](const PeerExchange& self, const at::Tensor& o, const at::Tensor& lse) {
-             return self.fits(o.nbytes() + 4 * lse.numel(), lse.numel());
+             return self.slot_holds(o.nbytes() + 4 * lse.numel(), lse.numel());
            },
            "Whether this (o, float32 lse) goes through the exchange.");
 }

@@ -2,7 +2,12 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <sstream>
+
+#ifdef STAR_ENGINE_WITH_CUDA
+#include "cuda_glue.h"
+#endif
 
 namespace star {
 
@@ -16,8 +21,10 @@ KVArena::KVArena(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim,
   TORCH_CHECK(num_layers > 0 && num_kv_heads > 0 && head_dim > 0,
               "KVArena: layers, kv_heads and head_dim must be positive");
   TORCH_CHECK(capacity >= 0, "KVArena: capacity must be >= 0, got ", capacity);
+  TORCH_CHECK(capacity < (int64_t{1} << 31), "KVArena: capacity must fit an int32, got ", capacity);
   storage_ = at::empty({num_layers, 2, num_kv_heads, capacity, head_dim},
                        at::TensorOptions().dtype(dtype).device(device));
+  device_length_ = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
 }
 
 void KVArena::check_layer(int64_t layer) const {
@@ -27,8 +34,14 @@ void KVArena::check_layer(int64_t layer) const {
   }
 }
 
+void KVArena::check_not_decoding(const char* what) const {
+  TORCH_CHECK(!decoding_, "KVArena.", what,
+              ": the length is on the device while decoding; call finish_decoding() first");
+}
+
 at::Tensor KVArena::view(int64_t layer, int64_t kv) const {
   check_layer(layer);
+  check_not_decoding(kv == 0 ? "keys" : "values");
   return storage_.select(0, layer).select(0, kv).narrow(1, 0, lengths_[layer]);
 }
 
@@ -37,22 +50,19 @@ at::Tensor KVArena::values(int64_t layer) const { return view(layer, 1); }
 
 int64_t KVArena::length(int64_t layer) const {
   check_layer(layer);
+  check_not_decoding("length");
   return lengths_[layer];
 }
 
-void KVArena::check_fits(int64_t tokens) const {
-  int64_t longest = 0;
-  for (int64_t len : lengths_) longest = std::max(longest, len);
-  if (tokens < 0 || longest + tokens > capacity_) {
-    std::ostringstream msg;
-    msg << "KV arena full: " << tokens << " more tokens needed, " << (capacity_ - longest)
-        << " of " << capacity_ << " slots free";
-    throw ArenaFullError(msg.str());
-  }
+std::tuple<at::Tensor, at::Tensor> KVArena::slots(int64_t layer) const {
+  check_layer(layer);
+  at::Tensor layer_kv = storage_.select(0, layer);
+  return {layer_kv.select(0, 0), layer_kv.select(0, 1)};
 }
 
 void KVArena::append(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
   check_layer(layer);
+  check_not_decoding("append");
   for (const at::Tensor* t : {&k, &v}) {
     TORCH_CHECK(t->dim() == 3 && t->size(0) == num_kv_heads_ && t->size(2) == head_dim_,
                 "KVArena.append: expected [", num_kv_heads_, ", n, ", head_dim_, "], got ",
@@ -76,11 +86,69 @@ void KVArena::append(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
   lengths_[layer] = start + n;
 }
 
-void KVArena::advance(int64_t tokens) {
-  check_fits(tokens);
-  for (int64_t& len : lengths_) len += tokens;
+void KVArena::start_decoding() {
+  check_not_decoding("start_decoding");
+  const auto [shortest, longest] = std::minmax_element(lengths_.begin(), lengths_.end());
+  TORCH_CHECK(*shortest == *longest, "KVArena.start_decoding: layers hold ", *shortest, " to ",
+              *longest, " tokens; a pass through every layer must end first");
+  device_length_.fill_(*longest);
+  decoding_ = true;
 }
 
-void KVArena::clear() { std::fill(lengths_.begin(), lengths_.end(), 0); }
+void KVArena::add_token() {
+  TORCH_CHECK(decoding_, "KVArena.add_token: call start_decoding() first");
+  device_length_.add_(1);
+}
+
+void KVArena::check_one_token(const at::Tensor& k, const at::Tensor& v) const {
+  for (const at::Tensor* t : {&k, &v}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == num_kv_heads_ && t->size(1) == 1 &&
+                    t->size(2) == head_dim_,
+                "KVArena.write_token: expected [", num_kv_heads_, ", 1, ", head_dim_, "], got ",
+                t->sizes());
+    TORCH_CHECK(t->device() == storage_.device() && t->scalar_type() == storage_.scalar_type(),
+                "KVArena.write_token: k and v must have the arena's device and dtype");
+  }
+}
+
+void KVArena::write_token(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
+  check_layer(layer);
+  TORCH_CHECK(decoding_, "KVArena.write_token: call start_decoding() first");
+  check_one_token(k, v);
+  auto [cache_k, cache_v] = slots(layer);
+#ifdef STAR_ENGINE_WITH_CUDA
+  if (storage_.is_cuda()) {  // the slot is read on the device: no host round trip
+    kv_append(cache_k, cache_v, k, v, device_length_);
+    return;
+  }
+#endif
+  TORCH_CHECK(storage_.device().is_cpu(), "KVArena.write_token: this build has no kernel for ",
+              storage_.device());
+  const int64_t slot = device_length_.item<int32_t>() - 1;
+  if (slot < 0 || slot >= capacity_) {
+    throw ArenaFullError("KV arena full: no slot " + std::to_string(slot) + " of " +
+                         std::to_string(capacity_));
+  }
+  cache_k.narrow(1, slot, 1).copy_(k);
+  cache_v.narrow(1, slot, 1).copy_(v);
+}
+
+void KVArena::finish_decoding() {
+  TORCH_CHECK(decoding_, "KVArena.finish_decoding: not decoding");
+  const int64_t length = device_length_.item<int32_t>();
+  decoding_ = false;
+  if (length > capacity_) {
+    // Decoding wrote past the end: what the plan must prevent. Nothing after it is valid.
+    std::fill(lengths_.begin(), lengths_.end(), 0);
+    throw ArenaFullError("KV arena overrun: decoding reached " + std::to_string(length) +
+                         " tokens, the arena holds " + std::to_string(capacity_));
+  }
+  std::fill(lengths_.begin(), lengths_.end(), length);
+}
+
+void KVArena::clear() {
+  std::fill(lengths_.begin(), lengths_.end(), 0);
+  decoding_ = false;
+}
 
 }  // namespace star

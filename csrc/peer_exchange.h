@@ -32,8 +32,8 @@ class PeerExchange {
   // Throws if a call waited past the timeout for a peer (that is, one is dead or stuck).
   void check() const;
 
-  // Whether a part of part_bytes and rows fits a slot (larger gathers go elsewhere).
-  bool fits(int64_t part_bytes, int64_t rows) const {
+  // Whether a slot holds a part of part_bytes and rows (larger gathers go elsewhere).
+  bool slot_holds(int64_t part_bytes, int64_t rows) const {
     return 2 * part_bytes <= slot_bytes_ && rows <= kMaxRows;  // a word per 8-byte cell
   }
 

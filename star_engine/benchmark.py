@@ -5,38 +5,17 @@ range of context lengths. Contexts are random token ids: speed does not depend o
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import shlex
-import subprocess
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .attention import STRATEGIES, StarAttention
+from .attention import StrategySpec
 from .comm import Communicator
-from .launch import Dist, launcher_command
+from .launch import Dist
+from .memory import every_rank_has_room
 from .model import Transformer
+from .plan import plan_request
 from .schedule import Engine
-
-
-def parse_tokens(text: str) -> int:
-    """'32K' -> 32768, '1M' -> 1048576, '5000' -> 5000."""
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1].upper(), 1)
-    return int(text[:-1] if scale > 1 else text) * scale
-
-
-def fits(dist: Dist, engine_bytes: int, activation_bytes: int, device: torch.device) -> bool:
-    """Whether every rank has the memory for a run (decided together, so ranks never part)."""
-    ok = True
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        ok = engine_bytes + activation_bytes < free
-    return all(dist.allgather(ok))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -100,9 +79,9 @@ def decode_bytes(model: Transformer) -> int:
     return total
 
 
-def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies: list[str],
-                  lengths: list[int], query_tokens: int, new_tokens: int, block_size: int | None,
-                  anchor_size: int | float | None, cuda_graph: bool, say: Callable[[str], None],
+def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: list[StrategySpec],
+                  lengths: list[int], query_tokens: int, new_tokens: int, cuda_graph: bool,
+                  say: Callable[[str], None],
                   on_row: Callable[[list[dict], dict], None] = lambda rows, ceilings: None) -> tuple[list[dict], dict]:
     """The measured rows, and the ceilings the time per output token is held against
     (on GPUs: memory bandwidth and the collective's latency per layer, measured here).
@@ -120,31 +99,22 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
         say(f"  ceilings: device-to-device copy {bandwidth / 1e9:.0f} GB/s, gather_merge {latency * 1e6:.1f} "
             f"us per layer, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB of weights per token")
     rows = []
-    for attn in strategies:
+    for spec in specs:
+        strategy = spec.build(dist, comm)
         for i, length in enumerate(lengths):
-            if attn == "star":
-                strategy = StarAttention(dist, comm, block_size, anchor_size)
-            else:
-                strategy = STRATEGIES[attn](dist, comm)
-            max_tokens = length + query_tokens + new_tokens
-            share = max(strategy.context_split(length))
-            # Prefill keeps about 5 hidden-sized vectors per token of a rank's share (hidden
-            # states, q, k, v, attention output; measured about 4.5), the rest goes in chunks.
-            activations = 8 * share * cfg.hidden_size * weight.element_size() + (4 << 30)
-            row = {"attn": attn, "ranks": dist.world, "context": length, "describe": strategy.describe()}
-            kv_slots = max(strategy.context_capacity(r, length) for r in range(dist.world)) + query_tokens + new_tokens
-            if not fits(dist, kv_slots * kv_bytes_per_token, activations, weight.device):
-                say(f"  {attn:5} {length:>8} tokens: skipped, does not fit in memory")
+            plan = plan_request(strategy, length, query_tokens, new_tokens)
+            row = {"attn": spec.attn, "ranks": dist.world, "context": length, "describe": strategy.describe()}
+            if not every_rank_has_room(dist, plan.memory_bytes(cfg, weight.element_size())[dist.rank], weight.device):
+                say(f"  {spec.attn:5} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)
                 continue
-            engine = Engine(model, strategy, comm, dist, max_tokens, cuda_graph=cuda_graph,
-                            max_tail=query_tokens + new_tokens)
+            engine = Engine(model, strategy, comm, dist, plan.total, cuda_graph=cuda_graph, max_tail=plan.tail)
             ids = torch.randint(0, cfg.vocab_size, (length + query_tokens,), generator=torch.Generator().manual_seed(0))
             # Always new_tokens tokens: random weights may produce an end-of-sequence id.
             if i == 0:  # once untimed: kernel loading, library heuristics, graph capture
-                engine.generate(ids[:length], ids[length:], new_tokens, stop_at_eos=False)
-            gen = engine.generate(ids[:length], ids[length:], new_tokens, stop_at_eos=False)
+                engine.generate(ids[:length], ids[length:], new_tokens, plan=plan, stop_at_eos=False)
+            gen = engine.generate(ids[:length], ids[length:], new_tokens, plan=plan, stop_at_eos=False)
             m = gen.metrics
             result = {**row, "phase1_s": m.phase1_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
                       "peak_mem_bytes": m.peak_mem_bytes, "bytes_sent": m.bytes_sent,
@@ -153,60 +123,20 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, strategies
                 # Roofline of one decode step on the busiest rank: its weights and K/V (half
                 # way through the generation) read once at copy bandwidth, plus one
                 # gather_merge per layer.
-                kept = strategy.context_split(length)
-                kept[dist.query_rank] += query_tokens + new_tokens // 2
+                kept = [slots - (new_tokens - new_tokens // 2 if r == plan.query_rank else 0)
+                        for r, slots in enumerate(plan.kv_slots)]
                 result["tpot_roofline_s"] = ((ceilings["decode_weight_bytes"] + max(kept) * kv_bytes_per_token)
                                              / ceilings["copy_bandwidth_Bps"]
                                              + cfg.num_layers * ceilings["gather_merge_s_per_layer"])
             rows.append(result)
             on_row(rows, ceilings)
             tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.2f} ms"
-            say(f"  {attn:5} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
+            say(f"  {spec.attn:5} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
                 f"per token {tpot}, peak {max(m.peak_mem_bytes) / 2**30:.2f} GiB/rank")
             del engine
             if weight.is_cuda:
                 torch.cuda.empty_cache()
     return rows, ceilings
-
-
-def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
-    """Where and how a result was measured: device, ranks (as MPI counts them), commit, date,
-    the command line (the launcher, `program`, this process's arguments). Taken when a run
-    starts, so that the commit names the code that ran."""
-    root = Path(__file__).resolve().parent.parent
-    # A copy of the tree (on a remote machine, say) is told its commit by STAR_ENGINE_COMMIT:
-    # its .git, if any, need not match the files.
-    commit = os.environ.get("STAR_ENGINE_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip() or "unknown"
-    nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}  # tuning changes results
-    # The command shows the variables a user set to tune NCCL or the engine's gather path,
-    # not what every run here has.
-    tuned = [f"{k}={v}" for k, v in nccl.items() if k not in ("NCCL_NVLS_ENABLE", "NCCL_VERSION")]
-    if os.environ.get("STAR_ENGINE_PEER_GATHER"):
-        tuned.append(f"STAR_ENGINE_PEER_GATHER={os.environ['STAR_ENGINE_PEER_GATHER']}")
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "ranks": ranks,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(tuned + ([launcher_command(ranks)] if ranks > 1 else [])
-                            + [shlex.quote(a) for a in [*program, *sys.argv[1:]]]),
-        "nccl_env": nccl,
-        "torch": torch.__version__,
-        "python": platform.python_version(),  # niah_single_2's prose comes from its standard library
-        # CPU figures depend on the processor and on how many threads torch ran; NCCL's network
-        # transport on how many cores a rank may use (mpirun binds 2 ranks to one core each).
-        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))},
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def speedups(rows: list[dict]) -> list[dict]:
@@ -241,55 +171,3 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def save(path: Path, result: dict) -> None:
-    """Writes result as JSON, whole or not at all (a job stopped while writing keeps the
-    earlier file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(path)
-
-
-def plot(result: dict, path: Path) -> bool:
-    """Time to first token against length per strategy, star's speed-up, memory per rank.
-    Returns False when matplotlib is not installed."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    rows = [r for r in result["rows"] if "ttft_s" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for attn in dict.fromkeys(r["attn"] for r in rows):
-        mine = [r for r in rows if r["attn"] == attn]
-        x = [r["context"] for r in mine]
-        axes[0].plot(x, [r["ttft_s"] for r in mine], marker="o", label=attn)
-        axes[2].plot(x, [max(r["peak_mem_bytes"]) / 2**30 for r in mine], marker="o", label=attn)
-    for key, label in (("over_ring", "star / ring"), ("over_dense", "star / dense")):
-        points = [(s["context"], s[key]) for s in result["speedups"] if key in s]
-        if points:
-            axes[1].plot(*zip(*points), marker="o", label=label)
-    titles = ("time to first token (s)", "star's speed-up in time to first token (x)", "peak memory, max rank (GiB)")
-    for ax, title in zip(axes, titles):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context tokens")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    axes[0].set_yscale("log")
-    fig.suptitle(f"{result['model']} on {result['ranks']} x {result['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def pyplot():
-    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt

@@ -9,7 +9,6 @@ passes K/V one step around a ring.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .launch import Dist
+from .launch import Dist, gpu_id
 
 
 class Communicator(ABC):
@@ -160,7 +159,7 @@ class NcclCommunicator(Communicator):
         # one all-gather, one merge kernel: enqueued by the extension in a single call.
         o, lse = o.contiguous(), lse.float().contiguous()
         self.bytes_sent += o.nbytes + lse.nbytes
-        if self.peer is not None and self.peer.fits(o, lse):
+        if self.peer is not None and self.peer.slot_holds(o, lse):
             return self.peer.gather_merge(o, lse)
         return self.nccl.gather_merge(o, lse)
 
@@ -204,11 +203,10 @@ def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float, explicit:
     says why on stderr if it was asked for explicitly): with ranks on several nodes, two
     ranks on one GPU, or where any rank cannot map the others' memory."""
     # One node, and one GPU per rank: two ranks' kernels on one GPU could wait for each other.
-    gpu = getattr(torch.cuda.get_device_properties(device), "uuid", device.index)
-    places = dist.allgather((socket.gethostname(), str(gpu)))
+    places = dist.allgather(gpu_id(device))  # "node:GPU"
     if dist.world == 1:
         return None  # nothing to exchange
-    if len({host for host, _ in places}) > 1:
+    if len({place.split(":", 1)[0] for place in places}) > 1:
         return _without_peer_exchange(dist, explicit, "the ranks are on several nodes")
     if len(set(places)) < dist.world:
         return _without_peer_exchange(dist, explicit, "two ranks share a GPU")

@@ -3,16 +3,12 @@ every method answers the same samples, scored by RULER's string match."""
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .attention import DenseAttention, StarAttention
-from .benchmark import pyplot
+from .attention import StrategySpec
 from .comm import Communicator
 from .launch import Dist
 from .model import Transformer
@@ -24,74 +20,19 @@ NEW_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "vt": 48, "cwe": 96,
 DEFAULT_NEW_TOKENS = 32
 
 
-@dataclass(frozen=True)
-class Method:
-    attn: str  # "dense" or "star"
-    blocks: int = 1  # star: the context is cut into this many blocks
-    anchor: float = 1.0  # star: anchor size as a fraction of the block
-
-    @property
-    def name(self) -> str:
-        if self.attn == "dense":
-            return "dense"
-        return f"star {self.blocks}b a={_fraction(self.anchor)}"  # e.g. 4 blocks, anchor 1/4 of a block
-
-    def block_size(self, context_len: int) -> int:
-        """star: tokens per block of a context of context_len tokens (the last may be short)."""
-        return max(1, math.ceil(context_len / self.blocks))
-
-    def strategy(self, dist: Dist, comm: Communicator, context_len: int):
-        if self.attn == "dense":
-            return DenseAttention(dist, comm)
-        return StarAttention(dist, comm, self.block_size(context_len), float(self.anchor))
-
-
-def _fraction(value: float) -> str:
-    for name, v in (("1/4", 0.25), ("1/2", 0.5), ("1", 1.0)):
-        if abs(value - v) < 1e-9:
-            return name
-    return f"{value:g}"
-
-
-def parse_anchor(text: str) -> float:
-    """'1/4', '0.5' or 'block' (= 1) as a fraction of the block."""
-    text = text.strip()
-    if text == "block":
-        return 1.0
-    try:
-        num, _, den = text.partition("/")
-        value = int(num) / int(den) if den else float(text)
-    except (ValueError, ZeroDivisionError):
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise ValueError(f"anchor size {text!r} must be a fraction of the block in (0, 1]")
-    return value
-
-
-def methods(attns: list[str], blocks: list[int], anchors: list[float]) -> list[Method]:
-    out = []
-    for attn in attns:
-        if attn == "dense":
-            out.append(Method("dense"))
-        elif attn == "star":
-            out += [Method("star", b, a) for b in blocks for a in anchors]
-        else:
-            raise ValueError(f"unknown method {attn!r}: expected star or dense")
-    return out
-
-
 def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist, tasks: list[str],
-                   lengths: list[int], samples: int, method_list: list[Method], seed: int,
+                   lengths: list[int], samples: int, specs: list[StrategySpec], seed: int,
                    say: Callable[[str], None],
                    on_cell: Callable[[list[dict]], None] = lambda rows: None,
                    earlier: list[dict] = (), progress_every_s: float = 60.0) -> list[dict]:
-    """One row per (task, length, sample, method) on rank 0; an empty list elsewhere.
+    """One row per (task, length, sample, method) on rank 0, the method named by its
+    spec's label; an empty list elsewhere.
     on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
     keep what it has measured if it is stopped. The (task, length) cells that `earlier`
     (rows of a stopped run, the same on every rank) holds whole are kept, not measured again;
     its rows of cells not asked for stay too. Each cell's line says how long the rest should
     take; inside a cell a line every `progress_every_s` seconds says where it is."""
-    kept = finished_cells(earlier, tasks, lengths, samples, method_list, seed)
+    kept = finished_cells(earlier, tasks, lengths, samples, [spec.label for spec in specs], seed)
     # Earlier rows stay, but for the cells asked for and not finished: those are measured anew.
     asked = {(t, n) for t in tasks for n in lengths}
     rows: list[dict] = [dict(r) for r in earlier if (r["task"], r["length"]) in kept
@@ -106,13 +47,13 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
         if all((task, length) in kept for task in tasks):
             done += len(tasks) * samples
             continue
-        engines = {m: Engine(model, m.strategy(dist, comm, length), comm, dist, length + most_new)
-                   for m in method_list}
+        engines = {spec.label: Engine(model, spec.build(dist, comm), comm, dist, length + most_new)
+                   for spec in specs}
         for task in tasks:
             if (task, length) in kept:
                 done += samples
                 continue
-            hits = {m: 0.0 for m in method_list}
+            hits = {label: 0.0 for label in engines}
             for index in range(samples):
                 sample = make_sample(task, tokenizer, length, seed + index) if dist.rank == 0 else None
                 sample = dist.bcast(sample, root=0)
@@ -124,7 +65,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                         hit = score(output, sample.answers)
                         hits[method] += hit
                         rows.append({"task": task, "length": length, "sample": seed + index,
-                                     "method": method.name, "score": hit, "output": output,
+                                     "method": method, "score": hit, "output": output,
                                      "answers": list(sample.answers), "ttft_s": gen.metrics.ttft_s})
                 done += 1
                 clock.tick()
@@ -132,7 +73,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                     say(f"  {task} at {length} tokens: {index + 1} of {samples} samples ({clock.left()})")
                     clock.spoke()
             say(f"[{done}/{total}{', ' + clock.left() if done < total else ''}] {task} at {length} tokens: " +
-                ", ".join(f"{m.name} {hits[m] / samples:.2f}" for m in method_list))
+                ", ".join(f"{label} {hits[label] / samples:.2f}" for label in engines))
             clock.spoke()
             if dist.rank == 0:
                 on_cell(rows)
@@ -164,10 +105,10 @@ class _Clock:
 
 
 def finished_cells(rows: list[dict], tasks: list[str], lengths: list[int], samples: int,
-                   method_list: list[Method], seed: int) -> set[tuple[str, int]]:
+                   methods: list[str], seed: int) -> set[tuple[str, int]]:
     """The (task, length) cells asked for that `rows` holds whole: every sample of the
-    seeds asked for, scored by every method."""
-    wanted = {(seed + i, m.name) for i in range(samples) for m in method_list}
+    seeds asked for, scored by every method (named by label)."""
+    wanted = {(seed + i, m) for i in range(samples) for m in methods}
     found: dict[tuple[str, int], set] = {}
     for r in rows:
         found.setdefault((r["task"], r["length"]), set()).add((r["sample"], r["method"]))
@@ -210,29 +151,3 @@ def table(summary: list[dict]) -> str:
             parts.append(f"{text:>{width}}")
         lines.append(f"{task:<16} {length:>7} " + "".join(parts))
     return "\n".join(lines)
-
-
-def plot(summary: list[dict], title: str, path: Path) -> bool:
-    """Mean accuracy over the tasks against length, one line per method."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(s["method"] for s in summary):
-        by_length: dict[int, list[float]] = {}
-        for s in summary:
-            if s["method"] == method:
-                by_length.setdefault(s["length"], []).append(s["accuracy"])
-        xs = sorted(by_length)
-        ax.plot(xs, [sum(by_length[x]) / len(by_length[x]) for x in xs], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("accuracy, mean over tasks")
-    ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

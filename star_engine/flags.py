@@ -1,11 +1,21 @@
-"""The flags the commands share, defined once: what each means, its default, its check."""
+"""The flags the commands share, defined once: what each means, its default, its check.
+
+Star's layout has one set of flags in every command: --blocks (a count) or --block-size
+(tokens), --anchor-tokens or --anchor-fraction (of a block), --anchor-mode. eval takes
+comma-separated lists of them, a grid; the others one value each."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
+from typing import Callable
+
 import torch
 
-from .attention.local import BACKENDS
+from .attention.backends import BACKENDS
+from .attention.spec import STRATEGIES, StrategySpec, parse_fraction
+from .attention.star import ANCHOR_MODES
 from .checkpoint import BUILTIN_MODELS, DEFAULT_MODEL
 from .model import PRESETS
 
@@ -13,28 +23,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def anchor_size(text: str) -> int | float:
-    """Tokens (an integer) or a fraction of the block (1/4, 0.5, block)."""
-    if text.strip().isdigit():
-        return positive(text)
-    from .evaluation import parse_anchor
-
+def fraction(text: str) -> float:
     try:
-        return parse_anchor(text)
+        return parse_fraction(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_tokens(text: str) -> int:
+    """'32K' -> 32768, '1M' -> 1048576, '5000' -> 5000."""
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
 def token_counts(text: str, flag: str = "--lengths") -> list[int]:
     """'32K,64K,1M' -> [32768, 65536, 1048576] (K = 1024)."""
-    from .benchmark import parse_tokens
-
     try:
         counts = [parse_tokens(t.strip()) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -42,6 +54,15 @@ def token_counts(text: str, flag: str = "--lengths") -> list[int]:
     if not counts or min(counts) < 1:
         raise ValueError(f"{flag} {text!r}: expected token counts such as 32K,64K,1M")
     return counts
+
+
+def strategy_names(text: str) -> list[str]:
+    """'star,ring' -> ['star', 'ring']."""
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown strategies {unknown}; expected some of {', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL) -> None:
@@ -61,20 +82,80 @@ def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL)
                              "needed) on CPUs and for float32 (default: auto, the first of these that works)")
 
 
-def add_star_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--block-size", type=positive, default=None,
-                        help="star: context tokens per block (default: the context divided by the ranks)")
-    parser.add_argument("--anchor-size", type=anchor_size, default=None,
-                        help="star: the anchor, the start of block 0: tokens (4096), or a fraction of the "
-                             "block (1/4, 0.5, block) (default: the block)")
-    parser.add_argument("--anchor-mode", choices=("broadcast", "recompute"), default="broadcast",
-                        help="star: the anchor's K/V is computed once and broadcast layer by layer, "
-                             "or recomputed by every rank that needs it (default: broadcast)")
+def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
+    """Star's layout. With grid, each flag takes a comma-separated list."""
+    def kind(parse: Callable[[str], object]) -> Callable[[str], object]:
+        return (lambda text: [parse(t) for t in text.split(",") if t.strip()]) if grid else parse
+
+    each = "; comma-separated for a grid" if grid else ""
+    group = parser.add_argument_group("star's layout (other strategies ignore it)")
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--blocks", type=kind(positive), default=None, metavar="N",
+                      help=f"cut the context into N blocks of equal size{each} (default: one per rank)")
+    size.add_argument("--block-size", type=kind(positive), default=None, metavar="TOKENS",
+                      help=f"or into blocks of TOKENS tokens, the last one shorter{each}")
+    anchor = group.add_mutually_exclusive_group()
+    anchor.add_argument("--anchor-tokens", type=kind(positive), default=None, metavar="TOKENS",
+                        help=f"the anchor: the first TOKENS tokens of the context{each} (default: a whole block)")
+    anchor.add_argument("--anchor-fraction", type=kind(fraction), default=None, metavar="F",
+                        help=f"or the anchor as a fraction of a block: 1/4, 0.5, 1{each}")
+    # The spelling of earlier versions, where the way a number was written chose its unit.
+    anchor.add_argument("--anchor-size", dest="old_anchor_size", default=None, help=argparse.SUPPRESS)
+    group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default="broadcast",
+                       help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
+                            "by every rank that needs it (default: broadcast)")
+    parser.set_defaults(star_grid=grid)
 
 
-def check_star_flags(args: argparse.Namespace) -> None:
-    if args.block_size and isinstance(args.anchor_size, int) and args.anchor_size > args.block_size:
-        raise ValueError(f"--anchor-size {args.anchor_size} exceeds --block-size {args.block_size}")
+def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[StrategySpec]:
+    """The specs of the strategies asked for, star's from the layout flags (every
+    combination of them with a grid). Raises ValueError naming the flag."""
+    _translate_old_anchor_size(args)
+    listed = (lambda v: [None] if v is None else v) if args.star_grid else (lambda v: [v])
+    sizes = [("block_size", v) for v in listed(args.block_size)] if args.block_size is not None else \
+        [("blocks", v) for v in listed(args.blocks)]
+    anchors = [("anchor_tokens", v) for v in listed(args.anchor_tokens)] if args.anchor_tokens is not None else \
+        [("anchor_fraction", v) for v in listed(args.anchor_fraction)]
+    specs = []
+    for attn in strategies:
+        if attn != "star":
+            specs.append(StrategySpec(attn))
+            continue
+        for (size_key, size), (anchor_key, anchor) in itertools.product(sizes, anchors):
+            try:
+                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, **{size_key: size, anchor_key: anchor}))
+            except ValueError as exc:
+                raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None
+    return specs
+
+
+def _translate_old_anchor_size(args: argparse.Namespace) -> None:
+    """--anchor-size as earlier versions read it, with a note that names the new flag: in
+    eval a fraction of the block (list), elsewhere tokens when written as an integer."""
+    from .launch import env_rank
+
+    text = getattr(args, "old_anchor_size", None)
+    if text is None:
+        return
+    args.old_anchor_size = None
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    as_tokens = not args.star_grid and len(values) == 1 and values[0].isdigit()
+    try:
+        if as_tokens:
+            args.anchor_tokens, new = int(values[0]), f"--anchor-tokens {values[0]}"
+            if args.anchor_tokens < 1:
+                raise ValueError(f"{text!r} is not a number of tokens >= 1")
+        else:
+            parsed = [parse_fraction(v) for v in values]
+            if not args.star_grid and len(parsed) != 1:
+                raise ValueError(f"{text!r}: one value")
+            args.anchor_fraction = parsed if args.star_grid else parsed[0]
+            new = f"--anchor-fraction {','.join(values)}"
+    except ValueError as exc:
+        raise ValueError(f"--anchor-size (now --anchor-tokens or --anchor-fraction): {exc}") from None
+    if env_rank() == 0:
+        print(f"star_engine: note: --anchor-size is renamed; --anchor-size {text} is read as {new}, "
+              "which is how to write it from now on", file=sys.stderr)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int, sized: bool = True) -> None:

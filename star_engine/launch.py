@@ -271,7 +271,7 @@ def select_device(kind: str, dist: Dist) -> torch.device:
             except OSError:
                 pass
         torch.cuda.set_device(device)
-        check_gpus_not_shared(dist, _gpu_id(device))
+        check_gpus_not_shared(dist, gpu_id(device))
         return device
     if kind != "cpu":
         raise ValueError(f"unknown device {kind!r}: expected cpu or cuda")
@@ -290,7 +290,7 @@ def gpu_index(visible: int, local_rank: int, local_world: int) -> int:
                      "(srun --ntasks-per-node=<GPUs per node>, or --gpus-per-task=1)")
 
 
-def _gpu_id(device: torch.device) -> str:
+def gpu_id(device: torch.device) -> str:
     """The physical GPU behind `device`: its node and UUID (or, lacking one, its index
     before CUDA_VISIBLE_DEVICES renumbered them)."""
     import socket

@@ -13,15 +13,13 @@ from torch import Tensor
 
 from . import _C
 from .attention import Strategy
-from .attention.local import decode_kernel_fits
-from .attention.sequence_global import sequence_global_attention, sequence_global_decode
+from .attention.decode import decode_kernel_serves
+from .attention.phase2 import query_attention, token_attention
 from .comm import Communicator
 from .launch import Dist
+from .memory import peak_memory, reset_peak_memory
 from .model import Transformer
-
-
-class RequestTooLarge(ValueError):
-    """The request needs more tokens than the engine was sized for; nothing was computed."""
+from .plan import RequestPlan, RequestTooLarge, plan_request
 
 
 @dataclass
@@ -65,40 +63,43 @@ class Engine:
         self.arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                 self.capacities[dist.rank], weight.dtype, weight.device)
 
-    def check_fits(self, context_len: int, query_len: int, max_new_tokens: int) -> None:
-        """Raises RequestTooLarge, the same on every rank, if the request cannot be run."""
-        total = context_len + query_len + max_new_tokens
-        if total > self.max_tokens:
-            raise RequestTooLarge(f"request needs {total} tokens ({context_len} context + {query_len} "
+    def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
+        """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""
+        plan = plan_request(self.strategy, context_len, query_len, max_new_tokens)
+        if plan.total > self.max_tokens:
+            raise RequestTooLarge(f"request needs {plan.total} tokens ({context_len} context + {query_len} "
                                   f"query + {max_new_tokens} new), the limit is {self.max_tokens}")
-        if query_len + max_new_tokens > self.max_tail:
+        if plan.tail > self.max_tail:
             raise RequestTooLarge(f"request has {query_len} query + {max_new_tokens} new tokens, the "
                                   f"engine takes at most {self.max_tail} after the context")
-        needs = self.strategy.context_split(context_len)
-        needs[self.dist.query_rank] += query_len + max_new_tokens
-        for rank, (need, capacity) in enumerate(zip(needs, self.capacities)):
+        for rank, (need, capacity) in enumerate(zip(plan.kv_slots, self.capacities)):
             if need > capacity:
                 raise RequestTooLarge(f"rank {rank} needs {need} KV slots, its arena holds {capacity}")
+        return plan
 
-    def generate(self, context_ids: Tensor, query_ids: Tensor, max_new_tokens: int,
-                 keep_logits: bool = False, stop_at_eos: bool = True) -> Generation:
-        if len(query_ids) == 0 or max_new_tokens < 1:
-            raise ValueError("a request needs at least one query token and max_new_tokens >= 1")
-        self.check_fits(len(context_ids), len(query_ids), max_new_tokens)
+    def generate(self, context_ids: Tensor, query_ids: Tensor, max_new_tokens: int, *,
+                 plan: RequestPlan | None = None, keep_logits: bool = False,
+                 stop_at_eos: bool = True) -> Generation:
+        """Answers one request: phase 1, the query, then one token at a time. `plan`: its
+        plan, where the caller has made it already (by self.plan)."""
+        if plan is None:
+            plan = self.plan(len(context_ids), len(query_ids), max_new_tokens)
+        if (plan.context_len, plan.query_len, plan.max_new_tokens) != (len(context_ids), len(query_ids), max_new_tokens):
+            raise ValueError("the plan is another request's")
         device = self.model.embed.weight.device
         context_ids, query_ids = context_ids.to(device), query_ids.to(device)
         eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
         self.arena.clear()
-        _reset_peak_memory(device)
+        reset_peak_memory(device)
         sent_before = self.comm.bytes_sent
 
         self.dist.sync()
         start = time.perf_counter()
-        self.strategy.encode_context(self.model, context_ids, self.arena)
+        self.strategy.encode_context(self.model, context_ids, plan.layout, self.arena)
         phase1 = self._elapsed(start)
 
         # The query: all its tokens in one pass, then one token at a time.
-        attend = sequence_global_attention(self.arena, self.comm, self.dist.is_query_rank)
+        attend = query_attention(self.arena, self.comm, self.dist.is_query_rank)
         position = len(context_ids) + len(query_ids)
         hidden = self.model(query_ids, torch.arange(len(context_ids), position, device=device), attend)
         logits: list[Tensor] = []
@@ -106,17 +107,17 @@ class Engine:
         first = self._elapsed(start)
         if tokens[-1] not in eos and max_new_tokens > 1:
             decoder = self._decoder()
-            decoder.start(tokens[-1], position, self.arena.length(0) + (1 if self.dist.is_query_rank else 0))
+            self.arena.start_decoding()
+            decoder.start(tokens[-1], position)
             while tokens[-1] not in eos and len(tokens) < max_new_tokens:
                 decoder.step()
                 tokens.append(decoder.token())
                 if keep_logits and self.dist.is_query_rank:
                     logits.append(decoder.logits.clone())
-            if self.dist.is_query_rank:  # count the K/V the decode steps wrote at their own slots
-                self.arena.advance(len(tokens) - 1)
+            self.arena.finish_decoding()
         total = self._elapsed(start)
 
-        local = (phase1, _peak_memory(device), self.comm.bytes_sent - sent_before)
+        local = (phase1, peak_memory(device), self.comm.bytes_sent - sent_before)
         self.dist.sync()
         every = self.dist.allgather(local)
         metrics = Metrics(
@@ -154,30 +155,29 @@ class Engine:
 
 
 class _Decoder:
-    """One decode step with shapes that never change: the token, its position and the local
-    KV length live in device tensors that the step itself advances. On a GPU whose shapes
-    the decode kernel serves, the step (all layers, the collectives and the merges, the
-    choice of the next token and its broadcast) is captured once in a CUDA graph and replayed
-    for every later token and request."""
+    """One decode step with shapes that never change: the token and its position live in
+    device tensors that the step itself advances, and the KV length in the arena's (the
+    query rank counts each new token's slot there). On a GPU whose shapes the decode kernel
+    serves, the step (all layers, the collectives and the merges, the choice of the next
+    token and its broadcast) is captured once in a CUDA graph and replayed for every later
+    token and request."""
 
     def __init__(self, model: Transformer, arena: _C.KVArena, comm: Communicator, dist: Dist,
                  cuda_graph: bool) -> None:
-        self.model, self.comm, self.dist = model, comm, dist
+        self.model, self.arena, self.comm, self.dist = model, arena, comm, dist
         cfg, weight = model.config, model.embed.weight
         self.token_ids = torch.zeros(1, dtype=torch.int64, device=weight.device)
         self.position = torch.zeros(1, dtype=torch.int64, device=weight.device)
-        self.kv_length = torch.zeros(1, dtype=torch.int32, device=weight.device)
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=weight.device)
-        self.attend = sequence_global_decode(arena, comm, dist.is_query_rank, self.kv_length)
-        self.use_graph = cuda_graph and decode_kernel_fits(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                           weight.dtype, weight.device)
+        self.attend = token_attention(arena, comm, dist.is_query_rank)
+        self.use_graph = cuda_graph and decode_kernel_serves(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                             weight.dtype, weight.device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def start(self, token: int, position: int, kv_length: int) -> None:
-        """The first token to feed, its position, and the local KV length once it is stored."""
+    def start(self, token: int, position: int) -> None:
+        """The first token to feed and its position (the arena is decoding already)."""
         self.token_ids.fill_(token)
         self.position.fill_(position)
-        self.kv_length.fill_(kv_length)
 
     def step(self) -> None:
         if not self.use_graph:
@@ -195,36 +195,11 @@ class _Decoder:
         return int(self.token_ids.item())
 
     def _step(self) -> None:
+        if self.dist.is_query_rank:
+            self.arena.add_token()  # the slot of the token fed now, which every layer writes
         hidden = self.model(self.token_ids, self.position, self.attend)
         if self.dist.is_query_rank:
             self.logits.copy_(self.model.logits(hidden))
             self.token_ids.copy_(self.logits[0].argmax())
-            self.kv_length += 1
         self.comm.broadcast(self.token_ids, root=self.dist.query_rank)
         self.position += 1
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the peak is the process's since its start
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -6,11 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from .attention.local import backend_for, set_backend
+from .attention.backends import backend_for, set_backend
+from .attention.spec import StrategySpec
 from .flags import DTYPES
+
+if TYPE_CHECKING:
+    from .schedule import Engine
 
 
 class Session:
@@ -41,19 +46,15 @@ class Session:
         if self.dist.rank == 0:
             print(message, file=sys.stderr, flush=True)
 
-    def engine(self, attn: str):
-        """An engine of strategy `attn` with the star layout and sizes of the command's flags."""
-        from .attention import STRATEGIES, StarAttention
+    def engine(self, spec: StrategySpec, max_tokens: int | None = None, max_tail: int | None = None) -> Engine:
+        """An engine of the strategy `spec` names, sized for requests of up to max_tokens
+        (default: --max-tokens, else the model's context length), of which at most
+        max_tail come after the context."""
         from .schedule import Engine
 
-        if attn == "star":
-            strategy = StarAttention(self.dist, self.comm, self.args.block_size, self.args.anchor_size,
-                                     self.args.anchor_mode)
-        else:
-            strategy = STRATEGIES[attn](self.dist, self.comm)
-        max_tokens = self.args.max_tokens or self.model.config.max_position_embeddings
-        return Engine(self.model, strategy, self.comm, self.dist, max_tokens,
-                      cuda_graph=not self.args.no_cuda_graph)
+        max_tokens = max_tokens or getattr(self.args, "max_tokens", None) or self.model.config.max_position_embeddings
+        return Engine(self.model, spec.build(self.dist, self.comm), self.comm, self.dist, max_tokens,
+                      cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail)
 
 
 def plural(count: int, noun: str) -> str:

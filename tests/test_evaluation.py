@@ -6,18 +6,8 @@ import re
 
 import pytest
 
-from star_engine.evaluation import methods, parse_anchor, summarise, table
-
-
-def test_methods_cross_blocks_and_anchors_and_name_themselves():
-    listed = methods(["star", "dense"], [2, 4], [0.25, 1.0])
-    assert [m.name for m in listed] == ["star 2b a=1/4", "star 2b a=1", "star 4b a=1/4", "star 4b a=1", "dense"]
-
-
-def test_anchor_sizes_are_fractions_of_the_block():
-    assert [parse_anchor(t) for t in ("1/4", "0.5", "block")] == [0.25, 0.5, 1.0]
-    with pytest.raises(ValueError):
-        parse_anchor("3/2")
+from star_engine.attention import StrategySpec
+from star_engine.evaluation import summarise, table
 
 
 def test_summary_averages_cells_and_relates_star_to_dense():
@@ -48,7 +38,7 @@ def test_a_long_evaluation_hands_over_each_cell_as_soon_as_it_is_measured():
     seen: list[int] = []
     said: list[str] = []
     rows = run_evaluation(model, tokenizer, make_communicator(dist, torch.device("cpu")), dist,
-                          ["niah_single_1", "vt"], [300, 400], 2, methods(["star", "dense"], [2], [1.0]),
+                          ["niah_single_1", "vt"], [300, 400], 2, [StrategySpec(blocks=2), StrategySpec("dense")],
                           seed=0, say=said.append, on_cell=lambda partial: seen.append(len(partial)),
                           progress_every_s=0)
     assert seen == [4, 8, 12, 16]  # 2 samples x 2 methods per (task, length), in order

@@ -8,7 +8,7 @@ import collections
 import pytest
 from needle_blocks import values_by_block
 
-from star_engine.evaluation import Method
+from star_engine.attention.star import block_tokens
 from star_engine.tasks import make_sample
 from star_engine.tokenizer import load_tokenizer
 
@@ -31,7 +31,7 @@ def test_values_are_counted_in_the_block_of_their_needle_as_lost_or_gained_again
                                   row(sample, seed, "star 4b a=1", first)]}
     rows = values_by_block([result], tokenizer)
 
-    block_size = Method("star", 4).block_size(len(sample.context_ids))
+    block_size = block_tokens(len(sample.context_ids), None, 4)
     blocks = [start // block_size for start in sample.needle_starts]
     expected = collections.Counter()
     for needle, block in zip(sample.needles, blocks):

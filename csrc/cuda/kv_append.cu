@@ -11,10 +11,12 @@ __global__ void kv_append_kernel(const char* __restrict__ k, const char* __restr
                                  int64_t src_head_stride_bytes, char* __restrict__ k_cache,
                                  char* __restrict__ v_cache, int64_t capacity,
                                  const int32_t* __restrict__ length, int row_bytes) {
+  const int64_t slot = *length - 1;
+  if (slot < 0 || slot >= capacity) return;  // an overrun, which the arena reports on the host
   const int head = blockIdx.x;
   const char* src = (blockIdx.y == 0 ? k : v) + head * src_head_stride_bytes;
   char* dst = (blockIdx.y == 0 ? k_cache : v_cache) +
-              (static_cast<int64_t>(head) * capacity + (*length - 1)) * row_bytes;
+              (static_cast<int64_t>(head) * capacity + slot) * row_bytes;
   for (int i = threadIdx.x; i < row_bytes / 16; i += blockDim.x) {
     reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
   }

@@ -1,14 +1,15 @@
 """Attention strategies: how the context is laid out over ranks and encoded (phase 1):
 star (block-local with an anchor), ring (exact, K/V around a ring), dense (one rank).
+A StrategySpec names one and builds it.
 
-Phase 2, the same for all, is sequence_global.sequence_global_attention.
+Phase 2, the same for all, is phase2.py.
 """
 
-from .base import Strategy
+from .base import ContextLayout, Strategy
 from .dense import DenseAttention
 from .ring import RingAttention
+from .spec import STRATEGIES, StrategySpec
 from .star import ANCHOR_MODES, StarAttention
 
-STRATEGIES = {"star": StarAttention, "ring": RingAttention, "dense": DenseAttention}
-
-__all__ = ["ANCHOR_MODES", "STRATEGIES", "DenseAttention", "RingAttention", "StarAttention", "Strategy"]
+__all__ = ["ANCHOR_MODES", "STRATEGIES", "ContextLayout", "DenseAttention", "RingAttention", "StarAttention",
+           "Strategy", "StrategySpec"]

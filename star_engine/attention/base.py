@@ -1,12 +1,13 @@
 """What an attention strategy is: how the context is laid out over the ranks and encoded.
 
 Phase 1 (context encoding) is the strategy's own; phase 2 (query and generation) is the
-same for all of them: see sequence_global.py.
+same for all of them: see phase2.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -16,6 +17,16 @@ from ..launch import Dist
 from ..model import Transformer
 
 
+@dataclass(frozen=True)
+class ContextLayout:
+    """A strategy's layout of one context over the ranks: what each rank encodes in phase 1
+    and keeps for phase 2. Strategies extend it with the details they encode from."""
+
+    context_len: int
+    kept: tuple[int, ...]  # by rank: context tokens whose K/V the rank keeps after phase 1
+    encoded: tuple[int, ...]  # by rank: tokens it runs through the layers in phase 1
+
+
 class Strategy(ABC):
     name: str
 
@@ -23,17 +34,19 @@ class Strategy(ABC):
         self.dist, self.comm = dist, comm
 
     @abstractmethod
-    def context_split(self, context_len: int) -> list[int]:
-        """How many context tokens' K/V each rank keeps after phase 1, by rank."""
+    def layout(self, context_len: int) -> ContextLayout:
+        """The layout of a context of context_len tokens: the one place it is worked out."""
 
     @abstractmethod
     def context_capacity(self, rank: int, max_context: int) -> int:
         """The most context tokens `rank` keeps for any context of up to `max_context`
-        tokens (the engine adds the query rank's room for the query and generated tokens)."""
+        tokens: the largest layout(n).kept[rank] for n <= max_context, in closed form."""
 
     @abstractmethod
-    def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:
-        """Phase 1: fills this rank's arena with the K/V of its share of the context."""
+    def encode_context(self, model: Transformer, context_ids: Tensor, layout: ContextLayout,
+                       arena: _C.KVArena) -> None:
+        """Phase 1: fills this rank's arena with the K/V of its share of the context, as
+        `layout` (this strategy's layout of context_ids) says."""
 
     def describe(self) -> str:
         return self.name

@@ -11,20 +11,22 @@ from torch import Tensor
 
 from .. import _C
 from ..model import Transformer
-from .base import Strategy
+from .base import ContextLayout, Strategy
 from .local import local_attention
 
 
 class DenseAttention(Strategy):
     name = "dense"
 
-    def context_split(self, context_len: int) -> list[int]:
-        return [context_len if r == self.dist.query_rank else 0 for r in range(self.dist.world)]
+    def layout(self, context_len: int) -> ContextLayout:
+        kept = tuple(context_len if r == self.dist.query_rank else 0 for r in range(self.dist.world))
+        return ContextLayout(context_len, kept=kept, encoded=kept)
 
     def context_capacity(self, rank: int, max_context: int) -> int:
         return max_context if rank == self.dist.query_rank else 0
 
-    def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:
+    def encode_context(self, model: Transformer, context_ids: Tensor, layout: ContextLayout,
+                       arena: _C.KVArena) -> None:
         if not self.dist.is_query_rank or len(context_ids) == 0:
             return
 

@@ -10,13 +10,16 @@ merge. Each rank keeps its own tokens' K/V for phase 2, which is the same as sta
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .. import _C
 from ..model import Transformer
-from .base import Strategy
-from .local import local_attention_lse, merge_into
+from .base import ContextLayout, Strategy
+from .local import local_attention_lse
+from .merge import merge_into
 
 
 def zigzag_chunks(context_len: int, world: int) -> list[list[tuple[int, int]]]:
@@ -26,19 +29,27 @@ def zigzag_chunks(context_len: int, world: int) -> list[list[tuple[int, int]]]:
     return [[chunk[r], chunk[2 * world - 1 - r]] for r in range(world)]
 
 
+@dataclass(frozen=True)
+class RingLayout(ContextLayout):
+    spans: tuple[tuple[tuple[int, int], ...], ...]  # by rank: [start, end) of its two chunks
+
+
 class RingAttention(Strategy):
     name = "ring"
 
-    def context_split(self, context_len: int) -> list[int]:
-        return [sum(end - start for start, end in spans) for spans in zigzag_chunks(context_len, self.dist.world)]
+    def layout(self, context_len: int) -> RingLayout:
+        spans = tuple(tuple(pair) for pair in zigzag_chunks(context_len, self.dist.world))
+        kept = tuple(sum(end - start for start, end in pair) for pair in spans)
+        return RingLayout(context_len, kept=kept, encoded=kept, spans=spans)
 
     def context_capacity(self, rank: int, max_context: int) -> int:
         return 2 * -(-max_context // (2 * self.dist.world))  # two chunks, each at most c / 2W rounded up
 
-    def encode_context(self, model: Transformer, context_ids: Tensor, arena: _C.KVArena) -> None:
+    def encode_context(self, model: Transformer, context_ids: Tensor, layout: RingLayout,
+                       arena: _C.KVArena) -> None:
         if len(context_ids) == 0:
             return
-        spans = zigzag_chunks(len(context_ids), self.dist.world)
+        spans = layout.spans
         positions = torch.cat([torch.arange(s, e, device=context_ids.device) for s, e in spans[self.dist.rank]])
         x = model.embed(context_ids[positions])
         cos, sin = model.rope(positions)
@@ -47,7 +58,7 @@ class RingAttention(Strategy):
             arena.append(layer_idx, k, v)
             x = layer.finish(x, self._ring_attention(q, k, v, spans))
 
-    def _ring_attention(self, q: Tensor, k: Tensor, v: Tensor, spans: list[list[tuple[int, int]]]) -> Tensor:
+    def _ring_attention(self, q: Tensor, k: Tensor, v: Tensor, spans: tuple) -> Tensor:
         rank, world = self.dist.rank, self.dist.world
         heads, tokens, dim = q.shape
         o = torch.zeros(heads, tokens, dim, dtype=torch.float32, device=q.device)
@@ -66,8 +77,7 @@ class RingAttention(Strategy):
         return o.to(q.dtype)
 
     @staticmethod
-    def _attend_block(q: Tensor, block: Tensor, q_spans: list[tuple[int, int]],
-                      k_spans: list[tuple[int, int]], o: Tensor, lse: Tensor) -> None:
+    def _attend_block(q: Tensor, block: Tensor, q_spans: tuple, k_spans: tuple, o: Tensor, lse: Tensor) -> None:
         """Merges into (o, lse) the attention of this rank's queries over one rank's K/V,
         chunk by chunk: a key chunk before the query chunk is seen whole, the same chunk
         causally, a later one not at all."""

@@ -7,11 +7,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ..attention.local import backend_for
-from ..flags import add_generation_flags, add_model_flags, add_star_flags, check_star_flags, positive, token_counts
+from ..attention import StrategySpec
+from ..attention.backends import backend_for
+from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
+                     token_counts)
 from ..session import Session
-
-STRATEGIES = ("star", "ring", "dense")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,7 +20,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Runs each strategy at each context length on the ranks it is launched with "
                     "(random token ids; lengths that do not fit in memory are skipped), prints a "
                     "table, and writes JSON and a PNG plot.")
-    bench.add_argument("--attn", default="star,ring,dense", help="strategies, comma-separated (default: all)")
+    bench.add_argument("--attn", type=strategy_names, default="star,ring,dense",
+                       help="strategies, comma-separated (default: all)")
     bench.add_argument("--lengths", default="32K,64K,128K,256K,512K,1M",
                        help="context lengths in tokens, K = 1024 (default: 32K,64K,128K,256K,512K,1M)")
     bench.add_argument("--query-tokens", type=positive, default=64, help="query tokens (default: 64)")
@@ -35,43 +36,41 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --attn and --lengths into lists."""
-    check_star_flags(args)
-    strategies = [a.strip() for a in args.attn.split(",") if a.strip()]
-    unknown = set(strategies) - set(STRATEGIES)
-    if unknown or not strategies:
-        raise ValueError(f"--attn: unknown strategies {sorted(unknown)}; expected some of {', '.join(STRATEGIES)}")
-    args.attn, args.lengths = strategies, token_counts(args.lengths)
+    """Turns --lengths into a list, and makes args.specs, the strategies to measure."""
+    args.specs, args.lengths = star_specs(args, args.attn), token_counts(args.lengths)
 
 
 def main(args: argparse.Namespace) -> int:
     from .. import benchmark
+    from ..plots import plot_bench
+    from ..results import environment, save
 
     if args.replot is not None:
-        if not benchmark.plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):
+        if not plot_bench(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):
             raise ValueError("--replot needs matplotlib: pip install matplotlib")
         print(f"saved {args.replot.with_suffix('.png')}")
         return 0
     session = Session(args)
-    measured = benchmark.environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
+    measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
                 f"{session.dist.world} rank(s)")
-    name = bench_name(args.model, session.dist.world, args.block_size, args.anchor_size)
+    star = next((spec for spec in args.specs if spec.attn == "star"), None)
+    name = bench_name(args.model, session.dist.world, star)
     output = args.output or Path(f"{name}.json")
 
     def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
         result = {**measured, "model": args.model,
                   "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
                   "attention_backend": backend_for(session.device, session.model.embed.weight.dtype),
-                  "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens, "complete": complete,
+                  "strategies": [spec.as_dict() for spec in args.specs], "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens, "complete": complete,
                   **ceilings, "rows": rows, "speedups": benchmark.speedups(rows)}
         if session.dist.rank == 0:
-            benchmark.save(output, result)
+            save(output, result)
         return result
 
-    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, args.attn, args.lengths,
-                                             args.query_tokens, args.max_new_tokens, args.block_size,
-                                             args.anchor_size, not args.no_cuda_graph, session.say,
+    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, args.specs, args.lengths,
+                                             args.query_tokens, args.max_new_tokens, not args.no_cuda_graph,
+                                             session.say,
                                              on_row=lambda rows, ceilings: write(rows, ceilings, complete=False))
     result = write(rows, ceilings, complete=True)
     if session.dist.rank == 0:
@@ -80,15 +79,16 @@ def main(args: argparse.Namespace) -> int:
             parts = [f"{k.replace('over_', 'over ')} {v:.2f}x" for k, v in s.items() if k != "context"]
             if parts:
                 print(f"star at {s['context']} tokens: {', '.join(parts)} (time to first token)")
-        plotted = benchmark.plot(result, output.with_suffix(".png"))
+        plotted = plot_bench(result, output.with_suffix(".png"))
         session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
                                          " (no plot: matplotlib is not installed)"))
     return 0
 
 
-def bench_name(model: str, ranks: int, block_size: int | None, anchor_size: int | float | None) -> str:
+def bench_name(model: str, ranks: int, star: StrategySpec | None) -> str:
     """The default name of a bench result; a star layout other than the default gets a name
     of its own (e.g. ..._8ranks_anchor0.25), so that runs sit side by side."""
-    layout = "".join(f"_{flag}{value:g}" for flag, value in (("block", block_size), ("anchor", anchor_size))
-                     if value is not None)
+    settings = () if star is None else (("block", star.block_size), ("blocks", star.blocks),
+                                        ("anchor", star.anchor_fraction), ("anchortokens", star.anchor_tokens))
+    layout = "".join(f"_{key}{value:g}" for key, value in settings if value is not None)
     return f"e2e_{model.replace('/', '_')}_{ranks}ranks{layout}"

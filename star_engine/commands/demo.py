@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..flags import add_generation_flags, add_model_flags, add_star_flags, check_star_flags, positive
+from ..flags import add_generation_flags, add_model_flags, add_star_flags, positive, star_specs
 from ..session import Session
 
 
@@ -24,7 +24,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_generation_flags(demo, max_new_tokens=12)
 
 
-check = check_star_flags
+def check(args: argparse.Namespace) -> None:
+    """Also makes args.specs: star as the flags lay it out, and dense."""
+    args.specs = star_specs(args, ["star", "dense"])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,14 +40,14 @@ def main(args: argparse.Namespace) -> int:
                 f"\nQuestion: {sample.query}\nAnswer begins: {sample.answer_prefix}"
                 f"\nExpected: {', '.join(sample.answers)}\n")
     rows = []
-    for attn in ("star", "dense"):
-        engine = session.engine(attn)
+    for spec in args.specs:
+        engine = session.engine(spec)
         session.say(f"running {engine.strategy.describe()} ...")
         gen = engine.generate(torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids),
                               args.max_new_tokens)
         if dist.rank == 0:
             text = session.tokenizer.decode(gen.tokens).strip()
-            rows.append((attn, text, score(text, sample.answers), gen.metrics))
+            rows.append((spec.attn, text, score(text, sample.answers), gen.metrics))
         del engine
     if dist.rank == 0:
         print(_table(rows, dist.world))

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..flags import add_model_flags, positive, token_counts
+from ..flags import add_model_flags, add_star_flags, positive, star_specs, strategy_names, token_counts
 from ..session import Session
 from ..tasks import TASKS
 
@@ -22,11 +22,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: all: {', '.join(TASKS)})")
     evaluate.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens (default: 1K,2K,4K)")
     evaluate.add_argument("--samples", type=positive, default=10, help="samples per task and length (default: 10)")
-    evaluate.add_argument("--attn", default="star,dense", help="methods, comma-separated (default: star,dense)")
-    evaluate.add_argument("--blocks", default="4", help="star: blocks the context is cut into, comma-separated (default: 4)")
-    evaluate.add_argument("--anchor-size", default="block",
-                          help="star: anchor sizes as fractions of the block, comma-separated, e.g. 1/4,1/2,block "
-                               "(default: block)")
+    evaluate.add_argument("--attn", type=strategy_names, default="star,dense",
+                          help="strategies, comma-separated; star once for each layout of the grid its flags "
+                               "give (default: star,dense)")
     evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
     evaluate.add_argument("--output", type=Path, default=None,
                           help="JSON results (default: eval_<model>.json in the current directory); the plot goes beside it")
@@ -34,36 +32,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                           help="keep what --output already holds (a stopped run's results) and measure only the "
                                "(task, length) cells it lacks or holds in part; same model, seed and samples")
     add_model_flags(evaluate)
+    add_star_flags(evaluate, grid=True)
+    evaluate.set_defaults(blocks=[4])
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --tasks and --lengths into lists, and --attn, --blocks, --anchor-size into the
-    list of methods (args.methods)."""
-    from .. import evaluation
-
+    """Turns --tasks and --lengths into lists, and makes args.specs, the methods."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"--tasks: unknown {unknown}; expected some of {', '.join(TASKS)}")
-    try:
-        blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
-        anchors = [evaluation.parse_anchor(a) for a in args.anchor_size.split(",") if a.strip()]
-        methods = evaluation.methods([a.strip() for a in args.attn.split(",") if a.strip()], blocks, anchors)
-    except ValueError as exc:
-        raise ValueError(f"--attn/--blocks/--anchor-size: {exc}") from None
-    if not methods or any(b < 1 for b in blocks):
-        raise ValueError("--attn/--blocks: expected star and/or dense, and block counts >= 1")
-    args.tasks, args.lengths, args.methods = tasks, token_counts(args.lengths), methods
+    args.tasks, args.lengths, args.specs = tasks, token_counts(args.lengths), star_specs(args, args.attn)
 
 
 def main(args: argparse.Namespace) -> int:
     from .. import evaluation
-    from ..benchmark import environment, save
+    from ..plots import plot_eval
+    from ..results import environment, save
 
     session = Session(args)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine eval: {len(args.tasks)} tasks x {len(args.lengths)} lengths x {args.samples} samples, "
-                f"{len(args.methods)} methods")
+                f"{len(args.specs)} methods")
     name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
     output = args.output or Path(f"{name}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -88,11 +78,11 @@ def main(args: argparse.Namespace) -> int:
         return text
 
     rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
-                                     args.lengths, args.samples, args.methods, args.seed, session.say,
+                                     args.lengths, args.samples, args.specs, args.seed, session.say,
                                      on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
     if session.dist.rank == 0:
         print(write(rows, complete=True))
-        plotted = evaluation.plot(evaluation.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
+        plotted = plot_eval(evaluation.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
                                   output.with_suffix(".png"))
         session.say(f"saved {output}, the table as {output.with_suffix('.txt')}"
                     + (f" and the plot as {output.with_suffix('.png')}" if plotted else ""))

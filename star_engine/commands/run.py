@@ -8,13 +8,18 @@ import json
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ..flags import add_generation_flags, add_model_flags, add_star_flags, check_star_flags
+from ..attention import STRATEGIES
+from ..flags import add_generation_flags, add_model_flags, add_star_flags, star_specs
 from ..launch import GracefulStop
+from ..plan import RequestPlan, RequestTooLarge
 from ..session import Session
+
+if TYPE_CHECKING:
+    from ..schedule import Engine
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -27,7 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "in the output file are skipped, so an interrupted run can be started again.")
     run.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
     run.add_argument("--output", required=True, type=Path, help="results, appended one JSON object per line")
-    run.add_argument("--attn", choices=("star", "ring", "dense"), default="star",
+    run.add_argument("--attn", choices=STRATEGIES, default="star",
                      help="star: blocks over all ranks, approximate; ring: exact, K/V passed around the "
                           "ranks; dense: the whole context on one rank (default: star)")
     add_model_flags(run)
@@ -36,7 +41,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    check_star_flags(args)
+    """Also makes args.spec, the strategy to run."""
+    [args.spec] = star_specs(args, [args.attn])
     if not args.input.is_file():
         raise ValueError(f"--input {args.input}: no such file")
     if args.output.exists() and args.output.resolve() == args.input.resolve():
@@ -53,7 +59,7 @@ class PreparedRequest:
     rid: Any  # its id, as the file gives it
     context_ids: list[int]
     query_ids: list[int]
-    max_new_tokens: int
+    plan: RequestPlan
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,7 +71,7 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     """Rank 0 reads, tokenizes and writes; every rank takes part in each request, and all
     leave together, between requests, once a rank was asked to stop."""
     session = Session(args)
-    engine = session.engine(args.attn)
+    engine = session.engine(args.spec)
     dist = session.dist
     session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
     results = _Results(args.output, stop.writing) if dist.rank == 0 else None
@@ -84,7 +90,7 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
         where = f"[{request.number}/{request.total}] {request.rid}"
         session.say(f"{where}: {len(request.context_ids)} context + {len(request.query_ids)} query tokens ...")
         gen = engine.generate(torch.as_tensor(request.context_ids), torch.as_tensor(request.query_ids),
-                              request.max_new_tokens)
+                              request.plan.max_new_tokens, plan=request.plan)
         answered += 1
         if results is not None:
             results.write({
@@ -150,11 +156,9 @@ def _error_record(rid: Any, line: int | None, error: str) -> dict[str, Any]:
     return record
 
 
-def _prepared_requests(args: argparse.Namespace, session: Session, engine, results: _Results
+def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, results: _Results
                        ) -> Iterator[PreparedRequest]:
     """Rank 0: valid, tokenized requests that fit; the others become error lines here."""
-    from ..schedule import RequestTooLarge
-
     with args.input.open(encoding="utf-8", errors="replace") as f:
         lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
     seen: set[str] = set()
@@ -171,9 +175,8 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine, resul
                 continue
         if error is None:
             context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
-            max_new = request["max_new_tokens"]
             try:
-                engine.check_fits(len(context_ids), len(query_ids), max_new)
+                plan = engine.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
             except RequestTooLarge as exc:
                 error = f"{exc} (--max-tokens)"
         if error is not None:
@@ -181,7 +184,7 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine, resul
             results.write(_error_record(rid, line_no, error))
             session.say(f"[{number}/{len(lines)}] line {line_no}: {error}")
             continue
-        yield PreparedRequest(number, len(lines), rid, context_ids, query_ids, max_new)
+        yield PreparedRequest(number, len(lines), rid, context_ids, query_ids, plan)
 
 
 def _parse_request(line: str, default_max_new: int) -> tuple[dict | None, str | None]:

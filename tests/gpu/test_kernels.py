@@ -57,6 +57,42 @@ def test_decode_kernel_equals_float64_softmax(dtype, dim, heads, kv_heads, lengt
     torch.testing.assert_close(lse.cpu().double(), want_lse[:, 0], atol=2e-3, rtol=1e-4)
 
 
+def test_arena_decoding_on_the_gpu_writes_where_the_device_length_says_even_when_replayed():
+    def decoded(device: torch.device) -> _C.KVArena:
+        arena = _C.KVArena(2, 3, 64, 8, torch.bfloat16, device)
+        gen = torch.Generator().manual_seed(0)
+        for layer in range(2):
+            arena.append(layer, *(torch.randn(3, 4, 64, generator=gen).bfloat16().to(device) for _ in "kv"))
+        tokens = [[torch.randn(3, 1, 64, generator=gen).bfloat16().to(device) for _ in "kv"] for _ in range(3)]
+        arena.start_decoding()
+        step_kv = [torch.empty_like(t) for t in tokens[0]]
+
+        def step() -> None:
+            arena.add_token()
+            for layer in range(2):
+                arena.write_token(layer, *step_kv)
+
+        graph = None
+        for k, v in tokens:
+            step_kv[0].copy_(k), step_kv[1].copy_(v)
+            if device.type != "cuda" or graph is None:
+                step()
+                if device.type == "cuda":
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):  # records a step; runs nothing
+                        step()
+            else:
+                graph.replay()
+        arena.finish_decoding()
+        return arena
+
+    gpu, cpu = decoded(GPU), decoded(torch.device("cpu"))
+    assert gpu.length(1) == cpu.length(1) == 7
+    for layer in range(2):
+        assert torch.equal(gpu.keys(layer).cpu(), cpu.keys(layer))
+        assert torch.equal(gpu.values(layer).cpu(), cpu.values(layer))
+
+
 def test_decode_kernel_reads_the_length_from_device_memory():
     """A captured graph replays with the length of the moment."""
     k = torch.randn(2, 1000, 64, device=GPU, dtype=torch.bfloat16)
@@ -106,26 +142,26 @@ def test_layer_kernels_round_like_the_pytorch_ops_of_the_cpu_path(dtype):
 @pytest.mark.parametrize("tq,tk,causal", [(300, 300, True), (64, 1000, True), (1, 777, False), (200, 700, False)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64)])
 def test_fused_attention_backends_equal_float64_softmax(backend, tq, tk, causal, heads, kv_heads, dim):
-    from star_engine.attention import local
+    from star_engine.attention import backends, local
     from tests.reference import causal_visible
 
     gen = torch.Generator().manual_seed(tq + tk)
     q, k, v = (torch.randn(n, t, dim, generator=gen).bfloat16().double()
                for n, t in ((heads, tq), (kv_heads, tk), (kv_heads, tk)))
     want_o, want_lse = naive_attention(q, k, v, causal_visible(tq, tk) if causal else None)
-    local.set_backend(backend)
+    backends.set_backend(backend)
     try:
         o, lse = local.local_attention_lse(*(x.to(GPU, torch.bfloat16) for x in (q, k, v)), causal)
         o_only = local.local_attention(*(x.to(GPU, torch.bfloat16) for x in (q, k, v)), causal)
     finally:
-        local.set_backend("auto")
+        backends.set_backend("auto")
     assert relative_error(o, want_o) < 1e-2
     assert relative_error(o_only, want_o) < 1e-2
     assert (lse.double().cpu() - want_lse).abs().max().item() < 2e-2
 
 
 def test_auto_picks_cudnn_attention_on_hopper():
-    from star_engine.attention.local import backend_for
+    from star_engine.attention.backends import backend_for
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("Hopper and later")

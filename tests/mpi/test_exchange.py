@@ -7,7 +7,7 @@ import torch
 
 from star_engine import _C
 from star_engine.attention.local import local_attention_lse
-from star_engine.attention.sequence_global import sequence_global_attention
+from star_engine.attention.phase2 import query_attention
 from tests.reference import causal_visible, naive_attention
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
@@ -66,7 +66,7 @@ def test_phase2_query_tokens_see_every_context_token_of_every_rank(dist, comm, q
     k_new = torch.randn(KV_HEADS, query_len, DIM, generator=gen)
     v_new = torch.randn(KV_HEADS, query_len, DIM, generator=gen)
 
-    attend = sequence_global_attention(arena, comm, dist.is_query_rank)
+    attend = query_attention(arena, comm, dist.is_query_rank)
     o = attend(0, q, k_new, v_new)
 
     all_k, all_v = zip(*(rank_keys(r, n) for r, n in enumerate(lengths)))

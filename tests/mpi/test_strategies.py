@@ -46,7 +46,8 @@ def assert_same_tokens_on_every_rank(dist, tokens):
 def test_distributed_star_equals_single_process_block_sparse_reference(
         dist, comm, model, tiny_checkpoint, context_len, block, anchor, mode):
     context, query = request(context_len)
-    gen = run(model, StarAttention(dist, comm, block, anchor, mode), comm, dist, context, query)
+    gen = run(model, StarAttention(dist, comm, block_size=block, anchor_tokens=anchor, anchor_mode=mode),
+              comm, dist, context, query)
 
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if dist.is_query_rank:
@@ -78,7 +79,7 @@ def test_dense_on_any_number_of_ranks_equals_causal_attention(dist, comm, model,
 
 def test_anchor_recompute_and_broadcast_give_the_same_outputs(dist, comm, model):
     context, query = request(120, seed=3)
-    outputs = [run(model, StarAttention(dist, comm, 20, 20, mode), comm, dist, context, query)
+    outputs = [run(model, StarAttention(dist, comm, block_size=20, anchor_mode=mode), comm, dist, context, query)
                for mode in ("recompute", "broadcast")]
     assert outputs[0].tokens == outputs[1].tokens
     for a, b in zip(outputs[0].logits, outputs[1].logits):
@@ -88,31 +89,65 @@ def test_anchor_recompute_and_broadcast_give_the_same_outputs(dist, comm, model)
 def test_with_several_blocks_star_differs_from_dense(dist, comm, model):
     """The approximation is real from three blocks on (so the tests above can fail)."""
     context, query = request(90, seed=5)
-    star = run(model, StarAttention(dist, comm, 30, 30), comm, dist, context, query)
+    star = run(model, StarAttention(dist, comm, block_size=30), comm, dist, context, query)
     dense = run(model, DenseAttention(dist, comm), comm, dist, context, query)
     if dist.is_query_rank:
         assert (star.logits[0] - dense.logits[0]).abs().max() > 1e-3
 
 
 def test_an_anchor_given_as_a_fraction_of_the_block_is_that_many_tokens(dist, comm, model):
-    assert StarAttention(dist, comm, 40, 0.25).layout(200).anchor_size == 10
+    assert StarAttention(dist, comm, block_size=40, anchor_fraction=0.25).layout(200).anchor_size == 10
     block = -(-96 // dist.world)  # without a block size: the context over the ranks
-    assert StarAttention(dist, comm, None, 0.5).layout(96).anchor_size == max(1, round(block / 2))
+    assert StarAttention(dist, comm, anchor_fraction=0.5).layout(96).anchor_size == max(1, round(block / 2))
     context, query = request(90, seed=5)
-    as_fraction = run(model, StarAttention(dist, comm, 30, 0.5), comm, dist, context, query)
-    as_tokens = run(model, StarAttention(dist, comm, 30, 15), comm, dist, context, query)
+    as_fraction = run(model, StarAttention(dist, comm, block_size=30, anchor_fraction=0.5), comm, dist, context, query)
+    as_tokens = run(model, StarAttention(dist, comm, block_size=30, anchor_tokens=15), comm, dist, context, query)
     assert as_fraction.tokens == as_tokens.tokens
     for a, b in zip(as_fraction.logits, as_tokens.logits):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_kv_shares_match_the_layout(dist, comm, model):
-    star = StarAttention(dist, comm, block_size=16)
+def test_a_number_of_blocks_cuts_the_context_into_that_many_equal_blocks(dist, comm, model):
+    layout = StarAttention(dist, comm, blocks=3).layout(90)
+    assert layout.blocks == ((0, 30), (30, 60), (60, 90)) and layout.anchor_size == 30
+    context, query = request(90, seed=5)
+    by_count = run(model, StarAttention(dist, comm, blocks=3), comm, dist, context, query)
+    by_size = run(model, StarAttention(dist, comm, block_size=30), comm, dist, context, query)
+    assert by_count.tokens == by_size.tokens
+    for a, b in zip(by_count.logits, by_size.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("settings", [dict(block_size=16), dict(blocks=5), dict(blocks=2, anchor_mode="recompute"),
+                                      dict(block_size=7, anchor_tokens=3, anchor_mode="recompute"), {}])
+def test_the_request_plan_is_what_the_ranks_store_and_the_arenas_hold(dist, comm, model, settings):
+    star = StarAttention(dist, comm, **settings)
     engine = Engine(model, star, comm, dist, max_tokens=512)
     context, query = request(97)
-    engine.generate(context, query, 1)
-    assert engine.arena.length(0) == star.context_split(97)[dist.rank] + (len(query) if dist.is_query_rank else 0)
-    assert sum(star.context_split(97)) == 97
+    plan = engine.plan(97, len(query), 3)
+    assert sum(plan.layout.kept) == 97 and plan.kv_slots[dist.query_rank] == plan.layout.kept[dist.query_rank] + len(query) + 3
+    gen = engine.generate(context, query, 3, plan=plan, stop_at_eos=False)
+    assert engine.arena.length(0) == plan.kv_slots[dist.rank] - (1 if dist.is_query_rank else 0)  # the last token is not fed
+    assert len(gen.tokens) == 3
+    for rank in range(dist.world):  # the closed-form bound of the sizing holds every shorter context
+        assert max(star.layout(n).kept[rank] for n in range(0, 498)) <= star.context_capacity(rank, 497)
+    # A recomputed anchor is encoded, not kept, by every rank with blocks but not block 0.
+    for rank, (kept, encoded) in enumerate(zip(plan.layout.kept, plan.layout.encoded)):
+        mine = plan.layout.blocks_of(rank)
+        recomputes = star.anchor_mode == "recompute" and mine and 0 not in mine
+        assert encoded == kept + (plan.layout.anchor_size if recomputes else 0)
+
+
+def test_a_request_that_does_not_fit_is_refused_by_its_plan_before_any_compute(dist, comm, model):
+    from star_engine.plan import RequestTooLarge
+
+    engine = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=100, max_tail=20)
+    with pytest.raises(RequestTooLarge, match="request needs 101 tokens"):
+        engine.plan(90, 5, 6)
+    with pytest.raises(RequestTooLarge, match="at most 20 after the context"):
+        engine.plan(10, 5, 16)
+    with pytest.raises(ValueError, match="another request's"):
+        engine.generate(*request(50), 4, plan=engine.plan(50, 5, 3))
 
 
 @pytest.mark.parametrize("context_len", [97, 64, 5])  # 5: fewer tokens than chunks on 3-4 ranks

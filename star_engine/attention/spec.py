@@ -1,0 +1,91 @@
+"""One description of a strategy, and the one factory that builds it: what every command
+turns its flags into, what results files record, what the evaluation's rows are named by."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..comm import Communicator
+from ..launch import Dist
+from .base import Strategy
+from .dense import DenseAttention
+from .ring import RingAttention
+from .star import StarAttention, check_star_settings
+
+STRATEGIES = {"star": StarAttention, "ring": RingAttention, "dense": DenseAttention}
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A strategy and, for star, its layout: blocks of block_size tokens or `blocks` of them
+    (default: one per rank); an anchor of anchor_tokens or anchor_fraction of a block
+    (default: the whole block); the anchor's K/V broadcast or recomputed."""
+
+    attn: str = "star"
+    block_size: int | None = None
+    blocks: int | None = None
+    anchor_tokens: int | None = None
+    anchor_fraction: float | None = None
+    anchor_mode: str = "broadcast"
+
+    def __post_init__(self) -> None:
+        if self.attn not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.attn!r}: expected one of {', '.join(STRATEGIES)}")
+        star_settings = (self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction)
+        if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != "broadcast"):
+            raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
+        check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
+                            self.anchor_mode)
+
+    def build(self, dist: Dist, comm: Communicator) -> Strategy:
+        if self.attn != "star":
+            return STRATEGIES[self.attn](dist, comm)
+        return StarAttention(dist, comm, block_size=self.block_size, blocks=self.blocks,
+                             anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
+                             anchor_mode=self.anchor_mode)
+
+    @property
+    def label(self) -> str:
+        """Short and unique among specs: "dense", "ring", "star", "star 4b a=1/4",
+        "star block=4096 a=512t"."""
+        if self.attn != "star":
+            return self.attn
+        parts = ["star"]
+        if self.blocks is not None:
+            parts.append(f"{self.blocks}b")
+        if self.block_size is not None:
+            parts.append(f"block={self.block_size}")
+        if self.anchor_tokens is not None:
+            parts.append(f"a={self.anchor_tokens}t")
+        elif self.anchor_fraction is not None or len(parts) > 1:
+            parts.append(f"a={fraction_text(self.anchor_fraction or 1.0)}")
+        if self.anchor_mode != "broadcast":
+            parts.append(self.anchor_mode)
+        return " ".join(parts)
+
+    def as_dict(self) -> dict:
+        """The settings that differ from the defaults, for results files."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(StrategySpec, k, None) or k == "attn"}
+
+
+def fraction_text(value: float) -> str:
+    """0.25 -> '1/4', 1.0 -> '1', else as %g."""
+    for name, v in (("1/4", 0.25), ("1/2", 0.5), ("1", 1.0)):
+        if abs(value - v) < 1e-9:
+            return name
+    return f"{value:g}"
+
+
+def parse_fraction(text: str) -> float:
+    """'1/4', '0.5', '1' or 'block' (= 1): a fraction of the block, in (0, 1]."""
+    text = text.strip()
+    if text == "block":
+        return 1.0
+    try:
+        num, _, den = text.partition("/")
+        value = int(num) / int(den) if den else float(text)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ValueError(f"{text!r} is not a fraction of the block in (0, 1] (such as 1/4, 0.5, 1)")
+    return value

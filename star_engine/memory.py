@@ -1,0 +1,44 @@
+"""Memory of this rank: the peak of a request (GPU memory allocated, or the process's
+resident memory on a CPU), and whether the ranks have room for a run."""
+
+from __future__ import annotations
+
+import torch
+
+from .launch import Dist
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak is the process's since its start
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def every_rank_has_room(dist: Dist, needed_bytes: int, device: torch.device) -> bool:
+    """Whether every rank's GPU has needed_bytes (its own need) free; decided together,
+    so that ranks never part. CPU memory is not checked."""
+    ok = True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        ok = needed_bytes < free
+    return all(dist.allgather(ok))

@@ -1,0 +1,77 @@
+"""Figures of bench and eval results, drawn with matplotlib where it is installed (the
+`plots` extra); without it, the functions say so and draw nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_bench(result: dict, path: Path) -> bool:
+    """Time to first token against length per strategy, star's speed-up, memory per rank.
+    Returns False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = [r for r in result["rows"] if "ttft_s" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for attn in dict.fromkeys(r["attn"] for r in rows):
+        mine = [r for r in rows if r["attn"] == attn]
+        x = [r["context"] for r in mine]
+        axes[0].plot(x, [r["ttft_s"] for r in mine], marker="o", label=attn)
+        axes[2].plot(x, [max(r["peak_mem_bytes"]) / 2**30 for r in mine], marker="o", label=attn)
+    for key, label in (("over_ring", "star / ring"), ("over_dense", "star / dense")):
+        points = [(s["context"], s[key]) for s in result["speedups"] if key in s]
+        if points:
+            axes[1].plot(*zip(*points), marker="o", label=label)
+    titles = ("time to first token (s)", "star's speed-up in time to first token (x)", "peak memory, max rank (GiB)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    axes[0].set_yscale("log")
+    fig.suptitle(f"{result['model']} on {result['ranks']} x {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_eval(summary: list[dict], title: str, path: Path) -> bool:
+    """Mean accuracy over the tasks against length, one line per method."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        by_length: dict[int, list[float]] = {}
+        for s in summary:
+            if s["method"] == method:
+                by_length.setdefault(s["length"], []).append(s["accuracy"])
+        xs = sorted(by_length)
+        ax.plot(xs, [sum(by_length[x]) / len(by_length[x]) for x in xs], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("accuracy, mean over tasks")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,66 @@
+"""Results files: where and how a figure was measured (device, ranks, commit, date, the
+command), and writing them whole."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .launch import launcher_command
+
+
+def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
+    """Where and how a result was measured: device, ranks (as MPI counts them), commit, date,
+    the command line (the launcher, `program`, this process's arguments). Taken when a run
+    starts, so that the commit names the code that ran."""
+    root = Path(__file__).resolve().parent.parent
+    # A copy of the tree (on a remote machine, say) is told its commit by STAR_ENGINE_COMMIT:
+    # its .git, if any, need not match the files.
+    commit = os.environ.get("STAR_ENGINE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip() or "unknown"
+    nccl = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}  # tuning changes results
+    # The command shows the variables a user set to tune NCCL or the engine's gather path,
+    # not what every run here has.
+    tuned = [f"{k}={v}" for k, v in nccl.items() if k not in ("NCCL_NVLS_ENABLE", "NCCL_VERSION")]
+    if os.environ.get("STAR_ENGINE_PEER_GATHER"):
+        tuned.append(f"STAR_ENGINE_PEER_GATHER={os.environ['STAR_ENGINE_PEER_GATHER']}")
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "ranks": ranks,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(tuned + ([launcher_command(ranks)] if ranks > 1 else [])
+                            + [shlex.quote(a) for a in [*program, *sys.argv[1:]]]),
+        "nccl_env": nccl,
+        "torch": torch.__version__,
+        "python": platform.python_version(),  # niah_single_2's prose comes from its standard library
+        # CPU figures depend on the processor and on how many threads torch ran; NCCL's network
+        # transport on how many cores a rank may use (mpirun binds 2 ranks to one core each).
+        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def save(path: Path, result: dict) -> None:
+    """Writes result as JSON, whole or not at all (a job stopped while writing keeps the
+    earlier file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(path)

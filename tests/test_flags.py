@@ -1,0 +1,79 @@
+"""Flags mean the same in every command, whatever the spelling of their numbers; each
+command turns them into strategy specs, the one description the factory builds from."""
+
+from __future__ import annotations
+
+import pytest
+
+from star_engine.attention import StrategySpec
+from star_engine.attention.spec import parse_fraction
+from star_engine.cli import build_parser
+from star_engine.commands import COMMANDS
+from star_engine.flags import star_specs
+
+REQUIRED = {"run": ["--input", "in.jsonl", "--output", "out.jsonl"]}
+
+
+def specs(command: str, *flags: str) -> list[StrategySpec]:
+    args = build_parser().parse_args([command, *REQUIRED.get(command, []), *flags])
+    if command == "run":  # its check also wants the input file
+        return star_specs(args, [args.attn])
+    COMMANDS[command].check(args)
+    return args.specs
+
+
+def star(command: str, *flags: str) -> StrategySpec:
+    return next(spec for spec in specs(command, *flags) if spec.attn == "star")
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "bench", "eval"])
+def test_star_layout_flags_mean_the_same_in_every_command(command):
+    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4") == StrategySpec(blocks=3, anchor_fraction=0.25)
+    assert star(command, "--block-size", "4096", "--anchor-tokens", "1024", "--anchor-mode", "recompute") == \
+        StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
+
+
+def test_how_a_number_is_written_never_changes_its_unit():
+    assert star("demo", "--anchor-tokens", "1").anchor_tokens == 1  # one token
+    assert star("demo", "--anchor-fraction", "1").anchor_fraction == 1.0  # the whole block
+    assert star("demo", "--anchor-fraction", "1.0").anchor_fraction == 1.0
+    with pytest.raises(SystemExit):  # tokens are whole numbers
+        star("demo", "--anchor-tokens", "1.0")
+    assert [parse_fraction(t) for t in ("1/4", "0.5", "1", "block")] == [0.25, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        parse_fraction("3/2")
+
+
+def test_blocks_and_block_size_exclude_each_other_as_do_the_anchor_units():
+    for flags in (["--blocks", "2", "--block-size", "8"], ["--anchor-tokens", "2", "--anchor-fraction", "1/2"]):
+        with pytest.raises(SystemExit):
+            star("demo", *flags)
+
+
+def test_eval_crosses_its_lists_into_one_method_each_named_by_its_label():
+    labels = [spec.label for spec in specs("eval", "--attn", "star,dense", "--blocks", "2,4",
+                                           "--anchor-fraction", "1/4,1")]
+    assert labels == ["star 2b a=1/4", "star 2b a=1", "star 4b a=1/4", "star 4b a=1", "dense"]
+    assert [spec.label for spec in specs("eval")] == ["star 4b a=1", "dense"]  # by default 4 blocks
+
+
+def test_the_other_strategies_take_no_star_settings():
+    assert specs("bench", "--attn", "ring,dense", "--blocks", "4") == [StrategySpec("ring"), StrategySpec("dense")]
+    with pytest.raises(ValueError, match="ring takes no block or anchor settings"):
+        StrategySpec("ring", blocks=4)
+
+
+@pytest.mark.parametrize("command,old,new", [
+    ("run", "4096", StrategySpec(anchor_tokens=4096)),  # an integer was tokens
+    ("demo", "0.5", StrategySpec(anchor_fraction=0.5)),  # anything else a fraction
+    ("bench", "block", StrategySpec(anchor_fraction=1.0)),
+])
+def test_the_earlier_anchor_size_spelling_keeps_its_meaning_with_a_note_naming_the_new_flag(command, old, new, capsys):
+    assert star(command, "--anchor-size", old) == new
+    flag = "--anchor-tokens" if new.anchor_tokens else "--anchor-fraction"
+    assert f"--anchor-size {old} is read as {flag} {old}" in capsys.readouterr().err
+
+
+def test_eval_read_the_earlier_anchor_size_as_fractions_of_the_block(capsys):
+    assert [s.anchor_fraction for s in specs("eval", "--attn", "star", "--anchor-size", "1/4,1")] == [0.25, 1.0]
+    assert "is read as --anchor-fraction 1/4,1" in capsys.readouterr().err
