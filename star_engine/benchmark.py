@@ -100,12 +100,13 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             f"us per layer, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB of weights per token")
     rows = []
     for spec in specs:
-        strategy = spec.build(dist, comm)
+        strategy = spec.build(dist, comm, cfg)
         for i, length in enumerate(lengths):
             plan = plan_request(strategy, length, query_tokens, new_tokens)
-            row = {"attn": spec.attn, "ranks": dist.world, "context": length, "describe": strategy.describe()}
+            row = {"attn": spec.attn, "label": spec.label, "ranks": dist.world, "context": length,
+                   "describe": strategy.describe()}
             if not every_rank_has_room(dist, plan.memory_bytes(cfg, weight.element_size())[dist.rank], weight.device):
-                say(f"  {spec.attn:5} {length:>8} tokens: skipped, does not fit in memory")
+                say(f"  {spec.label} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)
                 continue
@@ -131,7 +132,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             rows.append(result)
             on_row(rows, ceilings)
             tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.2f} ms"
-            say(f"  {spec.attn:5} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
+            say(f"  {spec.label} {length:>8} tokens: phase 1 {m.phase1_s:.3f} s, first token {m.ttft_s:.3f} s, "
                 f"per token {tpot}, peak {max(m.peak_mem_bytes) / 2**30:.2f} GiB/rank")
             del engine
             if weight.is_cuda:
@@ -140,13 +141,13 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """star's time to first token against ring's and dense's at each length."""
-    by = {(r["attn"], r["context"]): r for r in rows if "ttft_s" in r}
+    """Each star layout's time to first token against ring's and dense's at each length."""
+    by = {(label(r), r["context"]): r for r in rows if "ttft_s" in r}
     out = []
-    for (attn, length), star in sorted(by.items(), key=lambda kv: kv[0][1]):
-        if attn != "star":
+    for (name, length), star in sorted(by.items(), key=lambda kv: kv[0][1]):
+        if star["attn"] != "star":
             continue
-        entry = {"context": length}
+        entry = {"context": length, "star": name}
         for other in ("ring", "dense"):
             if (other, length) in by:
                 entry[f"over_{other}"] = by[other, length]["ttft_s"] / star["ttft_s"]
@@ -154,19 +155,25 @@ def speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
+def label(row: dict) -> str:
+    """A row's strategy as its spec labels it (rows of earlier versions: its name)."""
+    return row.get("label", row["attn"])
+
+
 def table(rows: list[dict]) -> str:
     """Per run: phase 1, the query pass (phase 2 up to the first token), time to first
     token, time per output token and its ratio to the roofline, peak memory of the
     busiest rank."""
-    lines = [f"{'attn':>5} {'context':>8} {'phase1 s':>9} {'query s':>8} {'ttft s':>8} {'tpot ms':>8} "
+    width = max([len(label(r)) for r in rows] + [5])
+    lines = [f"{'attn':>{width}} {'context':>8} {'phase1 s':>9} {'query s':>8} {'ttft s':>8} {'tpot ms':>8} "
              f"{'/roofline':>9} {'peak GiB/rank':>13}"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['attn']:>5} {r['context']:>8} {'skipped: ' + r['skipped']:>41}")
+            lines.append(f"{label(r):>{width}} {r['context']:>8} {'skipped: ' + r['skipped']:>41}")
             continue
         tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}"
         ratio = "-" if r["tpot_s"] is None or "tpot_roofline_s" not in r else f"{r['tpot_s'] / r['tpot_roofline_s']:.2f}"
-        lines.append(f"{r['attn']:>5} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s'] - r['phase1_s']:>8.3f} "
+        lines.append(f"{label(r):>{width}} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s'] - r['phase1_s']:>8.3f} "
                      f"{r['ttft_s']:>8.3f} {tpot:>8} {ratio:>9} {max(r['peak_mem_bytes']) / 2**30:>13.2f}")
     return "\n".join(lines)
 

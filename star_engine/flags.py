@@ -15,7 +15,7 @@ import torch
 
 from .attention.backends import BACKENDS
 from .attention.spec import STRATEGIES, StrategySpec, parse_fraction
-from .attention.star import ANCHOR_MODES
+from .attention.star import ANCHOR_MODES, LAYOUTS
 from .checkpoint import BUILTIN_MODELS, DEFAULT_MODEL
 from .model import PRESETS
 
@@ -54,6 +54,12 @@ def token_counts(text: str, flag: str = "--lengths") -> list[int]:
     if not counts or min(counts) < 1:
         raise ValueError(f"{flag} {text!r}: expected token counts such as 32K,64K,1M")
     return counts
+
+
+def layout_name(text: str) -> str:
+    if text not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LAYOUTS)}, got {text!r}")
+    return text
 
 
 def strategy_names(text: str) -> list[str]:
@@ -101,6 +107,9 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
                         help=f"or the anchor as a fraction of a block: 1/4, 0.5, 1{each}")
     # The spelling of earlier versions, where the way a number was written chose its unit.
     anchor.add_argument("--anchor-size", dest="old_anchor_size", default=None, help=argparse.SUPPRESS)
+    group.add_argument("--layout", type=kind(layout_name), default=None, metavar="uniform|balanced",
+                       help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
+                            f"same work, weighed by the device's measured rates{each} (default: uniform)")
     group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default="broadcast",
                        help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
                             "by every rank that needs it (default: broadcast)")
@@ -116,14 +125,16 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
         [("blocks", v) for v in listed(args.blocks)]
     anchors = [("anchor_tokens", v) for v in listed(args.anchor_tokens)] if args.anchor_tokens is not None else \
         [("anchor_fraction", v) for v in listed(args.anchor_fraction)]
+    layouts = listed(args.layout) if args.layout is not None else ["uniform"]
     specs = []
     for attn in strategies:
         if attn != "star":
             specs.append(StrategySpec(attn))
             continue
-        for (size_key, size), (anchor_key, anchor) in itertools.product(sizes, anchors):
+        for (size_key, size), (anchor_key, anchor), layout in itertools.product(sizes, anchors, layouts):
             try:
-                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, **{size_key: size, anchor_key: anchor}))
+                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout,
+                                          **{size_key: size, anchor_key: anchor}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None
     return specs

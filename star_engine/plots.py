@@ -26,15 +26,17 @@ def plot_bench(result: dict, path: Path) -> bool:
         return False
     rows = [r for r in result["rows"] if "ttft_s" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for attn in dict.fromkeys(r["attn"] for r in rows):
-        mine = [r for r in rows if r["attn"] == attn]
+    for attn in dict.fromkeys(r.get("label", r["attn"]) for r in rows):
+        mine = [r for r in rows if r.get("label", r["attn"]) == attn]
         x = [r["context"] for r in mine]
         axes[0].plot(x, [r["ttft_s"] for r in mine], marker="o", label=attn)
         axes[2].plot(x, [max(r["peak_mem_bytes"]) / 2**30 for r in mine], marker="o", label=attn)
-    for key, label in (("over_ring", "star / ring"), ("over_dense", "star / dense")):
-        points = [(s["context"], s[key]) for s in result["speedups"] if key in s]
-        if points:
-            axes[1].plot(*zip(*points), marker="o", label=label)
+    stars = dict.fromkeys(s.get("star", "star") for s in result["speedups"])
+    for star in stars:
+        for key, other in (("over_ring", "ring"), ("over_dense", "dense")):
+            points = [(s["context"], s[key]) for s in result["speedups"] if key in s and s.get("star", "star") == star]
+            if points:
+                axes[1].plot(*zip(*points), marker="o", label=f"{star} / {other}")
     titles = ("time to first token (s)", "star's speed-up in time to first token (x)", "peak memory, max rank (GiB)")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)

@@ -53,7 +53,7 @@ class Session:
         from .schedule import Engine
 
         max_tokens = max_tokens or getattr(self.args, "max_tokens", None) or self.model.config.max_position_embeddings
-        return Engine(self.model, spec.build(self.dist, self.comm), self.comm, self.dist, max_tokens,
+        return Engine(self.model, spec.build(self.dist, self.comm, self.model.config), self.comm, self.dist, max_tokens,
                       cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail)
 
 

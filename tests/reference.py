@@ -48,8 +48,13 @@ def make_tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, *
     return path
 
 
+def uniform_blocks(context_len: int, block_size: int) -> list[tuple[int, int]]:
+    """[start, end) of blocks of block_size tokens, the last one shorter."""
+    return [(s, min(s + block_size, context_len)) for s in range(0, context_len, block_size)]
+
+
 def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, generated: list[int],
-                          block_size: int, anchor_size: int) -> list[Tensor]:
+                          blocks: list[tuple[int, int]], anchor_size: int) -> list[Tensor]:
     """Star Attention through transformers, in one process: each block's K/V computed from
     [anchor ; block] (anchor at positions 0.., block at its own), block 0 alone; then the query
     and the generated tokens (teacher-forced) attend to all of it. Returns the logits of each
@@ -62,8 +67,8 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
     values: list[list[Tensor]] = [[] for _ in range(n_layers)]
     anchor = context[:anchor_size]
     with torch.no_grad():
-        for start in range(0, len(context), block_size):
-            block = context[start:start + block_size]
+        for start, end in blocks:
+            block = context[start:end]
             cache = DynamicCache()
             skip = 0
             if start > 0:  # the anchor first, through the cache: transformers then masks causally

@@ -190,12 +190,28 @@ def test_bench_results_of_other_star_layouts_get_names_of_their_own():
     from star_engine.attention import StrategySpec
     from star_engine.commands.bench import bench_name
 
-    assert bench_name("llama-3.1-8b", 8, None) == "e2e_llama-3.1-8b_8ranks"
-    assert bench_name("llama-3.1-8b", 8, StrategySpec()) == "e2e_llama-3.1-8b_8ranks"
-    assert bench_name("llama-3.1-8b", 8, StrategySpec(anchor_fraction=0.25)) == "e2e_llama-3.1-8b_8ranks_anchor0.25"
-    assert (bench_name("tiny", 2, StrategySpec(block_size=4096, anchor_tokens=1024))
+    assert bench_name("llama-3.1-8b", 8, []) == "e2e_llama-3.1-8b_8ranks"
+    assert bench_name("llama-3.1-8b", 8, [StrategySpec()]) == "e2e_llama-3.1-8b_8ranks"
+    assert bench_name("llama-3.1-8b", 8, [StrategySpec(anchor_fraction=0.25)]) == "e2e_llama-3.1-8b_8ranks_anchor0.25"
+    assert (bench_name("tiny", 2, [StrategySpec(block_size=4096, anchor_tokens=1024)])
             == "e2e_tiny_2ranks_block4096_anchortokens1024")
-    assert bench_name("tiny", 2, StrategySpec(blocks=8)) == "e2e_tiny_2ranks_blocks8"
+    assert bench_name("tiny", 2, [StrategySpec(blocks=8)]) == "e2e_tiny_2ranks_blocks8"
+    assert bench_name("tiny", 2, [StrategySpec(layout="balanced")]) == "e2e_tiny_2ranks_balanced"
+    assert bench_name("tiny", 2, [StrategySpec(), StrategySpec(layout="balanced")]) == "e2e_tiny_2ranks_layouts"
+
+
+def test_bench_measures_several_star_layouts_against_ring_in_one_run(tmp_path):
+    out = tmp_path / "bench.json"
+    result = star_engine(["bench", "--model", "tiny", "--attn", "star,ring", "--layout", "uniform,balanced",
+                          "--lengths", "512", "--max-new-tokens", "2", "--query-tokens", "4", "--output", str(out)],
+                         ranks=2)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert [r["label"] for r in saved["rows"]] == ["star", "star balanced", "ring"]
+    balanced = saved["rows"][1]
+    assert balanced["describe"].startswith("star (block context/ranks, block 0 balanced")
+    assert [s["star"] for s in saved["speedups"]] == ["star", "star balanced"]
+    assert "star balanced at 512 tokens: over ring" in result.stdout
 
 
 def test_eval_scores_every_method_on_the_same_samples(tmp_path):

@@ -33,6 +33,14 @@ def test_star_layout_flags_mean_the_same_in_every_command(command):
         StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
 
 
+def test_the_balanced_layout_is_asked_for_by_name_and_eval_can_cross_it_with_the_uniform_one():
+    assert star("run", "--layout", "balanced") == StrategySpec(layout="balanced")
+    labels = [spec.label for spec in specs("eval", "--attn", "star", "--blocks", "4", "--layout", "uniform,balanced")]
+    assert labels == ["star 4b a=1", "star 4b a=1 balanced"]
+    with pytest.raises(SystemExit):
+        star("demo", "--layout", "lopsided")
+
+
 def test_how_a_number_is_written_never_changes_its_unit():
     assert star("demo", "--anchor-tokens", "1").anchor_tokens == 1  # one token
     assert star("demo", "--anchor-fraction", "1").anchor_fraction == 1.0  # the whole block

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..comm import Communicator
+from ..costs import Calibration, token_weight
 from ..launch import Dist
+from ..model import ModelConfig
 from .base import Strategy
 from .dense import DenseAttention
 from .ring import RingAttention
@@ -19,7 +21,8 @@ STRATEGIES = {"star": StarAttention, "ring": RingAttention, "dense": DenseAttent
 class StrategySpec:
     """A strategy and, for star, its layout: blocks of block_size tokens or `blocks` of them
     (default: one per rank); an anchor of anchor_tokens or anchor_fraction of a block
-    (default: the whole block); the anchor's K/V broadcast or recomputed."""
+    (default: the whole block); the anchor's K/V broadcast or recomputed; blocks of equal
+    size (uniform) or a longer block 0 that makes their work equal (balanced)."""
 
     attn: str = "star"
     block_size: int | None = None
@@ -27,22 +30,27 @@ class StrategySpec:
     anchor_tokens: int | None = None
     anchor_fraction: float | None = None
     anchor_mode: str = "broadcast"
+    layout: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.attn not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.attn!r}: expected one of {', '.join(STRATEGIES)}")
         star_settings = (self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction)
-        if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != "broadcast"):
+        if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != "broadcast"
+                                    or self.layout != "uniform"):
             raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
-                            self.anchor_mode)
+                            self.anchor_mode, self.layout)
 
-    def build(self, dist: Dist, comm: Communicator) -> Strategy:
+    def build(self, dist: Dist, comm: Communicator, config: ModelConfig) -> Strategy:
+        """The strategy, for a model of this shape (a balanced layout weighs its blocks by
+        the model's work on the calibrated device)."""
         if self.attn != "star":
             return STRATEGIES[self.attn](dist, comm)
+        weight = token_weight(config, Calibration.load()) if self.layout == "balanced" else 0.0
         return StarAttention(dist, comm, block_size=self.block_size, blocks=self.blocks,
                              anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
-                             anchor_mode=self.anchor_mode)
+                             anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight)
 
     @property
     def label(self) -> str:
@@ -61,6 +69,8 @@ class StrategySpec:
             parts.append(f"a={fraction_text(self.anchor_fraction or 1.0)}")
         if self.anchor_mode != "broadcast":
             parts.append(self.anchor_mode)
+        if self.layout != "uniform":
+            parts.append(self.layout)
         return " ".join(parts)
 
     def as_dict(self) -> dict:

@@ -8,6 +8,12 @@ tokens of block 0, `anchor_tokens` of them or `anchor_fraction` of a block; defa
 whole block) keeps positions 0.., the block its true global positions, and only the
 block's own K/V is kept.
 
+With layout "balanced" the blocks other than block 0 are equal and block 0 is longer, as
+long as it takes for its work (its causal square and per-token work, weighed by the
+device's measured rates: costs.py) to equal that of another block (which also attends the
+anchor); blocks of equal work, dealt in equal numbers, keep every rank equally busy. The
+anchor is then measured in the other blocks' size.
+
 The anchor's K/V depends on the anchor tokens alone, so it is the same on every rank and
 equal to the start of block 0's K/V. anchor_mode says where it comes from: "recompute"
 (each rank that needs it computes it, once for all of its blocks) or "broadcast" (the owner
@@ -17,6 +23,7 @@ whole block). Both give the same numbers within float tolerance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +37,7 @@ from .base import ContextLayout, Strategy
 from .local import local_attention
 
 ANCHOR_MODES = ("recompute", "broadcast")
+LAYOUTS = ("uniform", "balanced")
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class StarLayout(ContextLayout):
 
 
 def check_star_settings(block_size: int | None, blocks: int | None, anchor_tokens: int | None,
-                        anchor_fraction: float | None, anchor_mode: str) -> None:
+                        anchor_fraction: float | None, anchor_mode: str, layout: str = "uniform") -> None:
     """Raises ValueError, naming the setting, unless the settings make a layout."""
     if block_size is not None and blocks is not None:
         raise ValueError("give the block size in tokens or the number of blocks, not both")
@@ -58,12 +66,31 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
         raise ValueError(f"anchor of {anchor_tokens} tokens exceeds the block size {block_size}")
     if anchor_mode not in ANCHOR_MODES:
         raise ValueError(f"anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {anchor_mode!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"star layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
 def block_tokens(context_len: int, block_size: int | None, blocks: int) -> int:
     """Tokens per block (the last may be shorter): block_size, else the context cut into
     `blocks` blocks."""
     return block_size or max(1, -(-context_len // blocks))
+
+
+def block_work(tokens: int, anchor: int, token_weight: float) -> float:
+    """Phase-1 work of a block, in attention pairs: its causal square, the anchor's keys for
+    each of its tokens (anchor 0 for block 0), and its tokens' per-token work."""
+    return tokens * (tokens + 1) / 2 + tokens * anchor + token_weight * tokens
+
+
+def first_block_tokens(work: float, token_weight: float) -> int:
+    """The fewest tokens block 0 needs for at least `work` (block_work(x, 0, w) >= work)."""
+    slope = 1 + 2 * token_weight  # x^2 + slope x - 2 work >= 0
+    x = max(1, math.ceil((-slope + math.sqrt(slope * slope + 8 * work)) / 2))
+    while x > 1 and block_work(x - 1, 0, token_weight) >= work:  # float rounding, either way
+        x -= 1
+    while block_work(x, 0, token_weight) < work:
+        x += 1
+    return x
 
 
 def blocks_of_rank(rank: int, num_blocks: int, world: int) -> range:
@@ -76,28 +103,59 @@ class StarAttention(Strategy):
 
     def __init__(self, dist: Dist, comm: Communicator, *, block_size: int | None = None,
                  blocks: int | None = None, anchor_tokens: int | None = None,
-                 anchor_fraction: float | None = None, anchor_mode: str = "broadcast") -> None:
+                 anchor_fraction: float | None = None, anchor_mode: str = "broadcast",
+                 layout: str = "uniform", token_weight: float = 0.0) -> None:
         """At most one of block_size (tokens) and blocks (a count); at most one of
-        anchor_tokens and anchor_fraction (of a block, in (0, 1])."""
+        anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
+        pairs as costly as one token's per-token work (costs.token_weight), which the
+        balanced layout weighs block 0 with."""
         super().__init__(dist, comm)
-        check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode)
+        check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout)
         self.block_size, self.blocks = block_size, blocks
         self.anchor_tokens, self.anchor_fraction, self.anchor_mode = anchor_tokens, anchor_fraction, anchor_mode
+        self.balanced, self.token_weight = layout == "balanced", token_weight
 
     def describe(self) -> str:
         block = (f"{self.block_size} tokens" if self.block_size else
                  f"context/{self.blocks}" if self.blocks else "context/ranks")
         anchor = (f"{self.anchor_tokens} tokens" if self.anchor_tokens else
                   f"{self.anchor_fraction:g} of the block" if self.anchor_fraction else "the block")
-        return f"star (block {block}, anchor {anchor}, anchor K/V by {self.anchor_mode})"
+        layout = ", block 0 balanced" if self.balanced else ""
+        return f"star (block {block}{layout}, anchor {anchor}, anchor K/V by {self.anchor_mode})"
+
+    def _anchor_for(self, block: int) -> int:
+        """The anchor's tokens when the blocks (other than a balanced block 0) have `block` tokens."""
+        return self.anchor_tokens or (max(1, round(self.anchor_fraction * block)) if self.anchor_fraction else block)
+
+    def _block_sizes(self, context_len: int) -> tuple[list[int], int]:
+        """The tokens of each block, and the size the anchor is measured in: the blocks'
+        (uniform) or the blocks' other than block 0 (balanced)."""
+        count, w = self.blocks or self.dist.world, self.token_weight
+        if self.balanced and self.block_size is not None:
+            size = self.block_size
+            first = min(context_len, first_block_tokens(block_work(size, self._anchor_for(size), w), w))
+            return [first] + [min(size, context_len - start) for start in range(first, context_len, size)], size
+        if not self.balanced or context_len < 2 * count:
+            size = block_tokens(context_len, self.block_size, count)
+            return [min(size, context_len - start) for start in range(0, context_len, size)], size
+        # The largest size of the other blocks that leaves block 0 at least as much work.
+        low, high = 1, context_len // count
+        while low < high:
+            size = (low + high + 1) // 2
+            first = context_len - (count - 1) * size
+            if block_work(first, 0, w) >= block_work(size, min(self._anchor_for(size), first), w):
+                low = size
+            else:
+                high = size - 1
+        return [context_len - (count - 1) * low] + [low] * (count - 1), low
 
     def layout(self, context_len: int) -> StarLayout:
         """The anchor is clipped to block 0."""
         world = self.dist.world
-        size = block_tokens(context_len, self.block_size, self.blocks or world)
-        blocks = tuple((s, min(s + size, context_len)) for s in range(0, context_len, size))
-        tokens = self.anchor_tokens or (max(1, round(self.anchor_fraction * size)) if self.anchor_fraction else size)
-        anchor = min(tokens, blocks[0][1]) if blocks else 0
+        sizes, nominal = self._block_sizes(context_len)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        blocks = tuple((start, start + size) for start, size in zip(starts, sizes))
+        anchor = min(self._anchor_for(nominal), sizes[0]) if sizes else 0
         owners = tuple(r for r in range(world) for _ in blocks_of_rank(r, len(blocks), world))
         kept, encoded = [0] * world, [0] * world
         for (start, end), owner in zip(blocks, owners):
@@ -115,12 +173,18 @@ class StarAttention(Strategy):
 
     def context_capacity(self, rank: int, max_context: int) -> int:
         world = self.dist.world
+        if self.balanced and self.block_size is None:
+            # With a fixed number of blocks every size grows with the context, but for block
+            # 0 taking the others' rounding (fewer than 2 tokens per block).
+            return self.layout(max_context).kept[rank] + 2 * (self.blocks or world)
         if self.block_size is None:  # n blocks (at most) of ceil(context / n) tokens at most
             n = self.blocks or world
-            size, most_blocks = -(-max_context // n), n
+            size, most_blocks, extra = -(-max_context // n), n, 0
         else:  # counting every block as full bounds the query rank's short last block too
             size, most_blocks = self.block_size, -(-max_context // self.block_size)
-        return size * max(len(blocks_of_rank(rank, n, world)) for n in range(1, most_blocks + 1))
+            extra = self._block_sizes(max_context)[0][0] - size if self.balanced and max_context > size else 0
+        return max(size * len(mine) + (extra if 0 in mine else 0)
+                   for n in range(1, most_blocks + 1) for mine in [blocks_of_rank(rank, n, world)])
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: StarLayout,
                        arena: _C.KVArena) -> None:
@@ -130,8 +194,8 @@ class StarAttention(Strategy):
         mine = layout.blocks_of(self.dist.rank)
         broadcast = not self._recomputes_anchor(len(layout.blocks))
 
-        # Sequences this rank runs through the layers, block 0 (or the anchor) first so
-        # that the anchor's K/V of a layer is known before the anchored blocks need it.
+        # Sequences this rank runs through the layers: its blocks, and the anchor where it
+        # recomputes it.
         seqs = [_Sequence(context_ids[s:e], torch.arange(s, e, device=device), stored=True, anchored=b != 0)
                 for b in mine for s, e in [layout.blocks[b]]]
         needs_anchor = any(seq.anchored for seq in seqs)
@@ -143,26 +207,26 @@ class StarAttention(Strategy):
         hidden = [model.embed(seq.ids) for seq in seqs]
         ropes = [model.rope(seq.positions) for seq in seqs]
         for layer_idx, layer in enumerate(model.layers):
-            anchor_kv = None
+            # Every sequence's q, k, v first: the owner of block 0 then sends the anchor's
+            # K/V of this layer before its attention and MLP, and the others have theirs
+            # ready when it arrives, so that no rank waits longer than it must.
+            anchor_kv, qkv = None, []
             for i, seq in enumerate(seqs):
-                if seq.anchored:
-                    continue
                 q, k, v = layer.qkv(hidden[i], *ropes[i])
                 if seq.stored:
                     arena.append(layer_idx, k, v)
-                anchor_kv = torch.stack((k[:, :anchor], v[:, :anchor]))
-                hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True))
+                if not seq.anchored:
+                    anchor_kv = torch.stack((k[:, :anchor], v[:, :anchor]))
+                qkv.append((q, k, v))
             if broadcast:
                 if anchor_kv is None:
                     anchor_kv = torch.empty(anchor_shape, dtype=model.embed.weight.dtype, device=device)
                 anchor_kv = self.comm.broadcast(anchor_kv.contiguous(), root=layout.owners[0])
-            for i, seq in enumerate(seqs):
-                if not seq.anchored:
-                    continue
-                q, k, v = layer.qkv(hidden[i], *ropes[i])
-                arena.append(layer_idx, k, v)
-                keys, values = torch.cat((anchor_kv[0], k), dim=1), torch.cat((anchor_kv[1], v), dim=1)
-                hidden[i] = layer.finish(hidden[i], local_attention(q, keys, values, causal=True))
+            for i, (seq, (q, k, v)) in enumerate(zip(seqs, qkv)):
+                if seq.anchored:
+                    k, v = torch.cat((anchor_kv[0], k), dim=1), torch.cat((anchor_kv[1], v), dim=1)
+                hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True))
+            del qkv
 
 
 @dataclass(frozen=True)

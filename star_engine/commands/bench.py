@@ -31,7 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
     add_model_flags(bench, model="llama-3.1-8b")
-    add_star_flags(bench)
+    add_star_flags(bench, grid=True)
     add_generation_flags(bench, max_new_tokens=32, sized=False)
 
 
@@ -54,8 +54,7 @@ def main(args: argparse.Namespace) -> int:
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
                 f"{session.dist.world} rank(s)")
-    star = next((spec for spec in args.specs if spec.attn == "star"), None)
-    name = bench_name(args.model, session.dist.world, star)
+    name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"])
     output = args.output or Path(f"{name}.json")
 
     def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
@@ -76,19 +75,27 @@ def main(args: argparse.Namespace) -> int:
     if session.dist.rank == 0:
         print(benchmark.table(rows))
         for s in result["speedups"]:
-            parts = [f"{k.replace('over_', 'over ')} {v:.2f}x" for k, v in s.items() if k != "context"]
+            parts = [f"{k.replace('over_', 'over ')} {v:.2f}x" for k, v in s.items() if k.startswith("over_")]
             if parts:
-                print(f"star at {s['context']} tokens: {', '.join(parts)} (time to first token)")
+                print(f"{s['star']} at {s['context']} tokens: {', '.join(parts)} (time to first token)")
         plotted = plot_bench(result, output.with_suffix(".png"))
         session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
                                          " (no plot: matplotlib is not installed)"))
     return 0
 
 
-def bench_name(model: str, ranks: int, star: StrategySpec | None) -> str:
+def bench_name(model: str, ranks: int, stars: list[StrategySpec]) -> str:
     """The default name of a bench result; a star layout other than the default gets a name
-    of its own (e.g. ..._8ranks_anchor0.25), so that runs sit side by side."""
-    settings = () if star is None else (("block", star.block_size), ("blocks", star.blocks),
-                                        ("anchor", star.anchor_fraction), ("anchortokens", star.anchor_tokens))
-    layout = "".join(f"_{key}{value:g}" for key, value in settings if value is not None)
+    of its own (e.g. ..._8ranks_anchor0.25), so that runs sit side by side; several star
+    layouts measured together, ..._layouts."""
+    layout = ""
+    if len(stars) > 1:
+        layout = "_layouts"
+    elif stars:
+        star = stars[0]
+        settings = (("block", star.block_size), ("blocks", star.blocks), ("anchor", star.anchor_fraction),
+                    ("anchortokens", star.anchor_tokens))
+        layout = "".join(f"_{key}{value:g}" for key, value in settings if value is not None)
+        if star.layout != "uniform":
+            layout += f"_{star.layout}"
     return f"e2e_{model.replace('/', '_')}_{ranks}ranks{layout}"

@@ -9,7 +9,7 @@ from star_engine.attention import DenseAttention, RingAttention, StarAttention
 from star_engine.attention.ring import zigzag_chunks
 from star_engine.checkpoint import load_model
 from star_engine.schedule import Engine
-from tests.reference import star_reference_logits
+from tests.reference import star_reference_logits, uniform_blocks
 
 NEW_TOKENS = 4
 
@@ -51,11 +51,33 @@ def test_distributed_star_equals_single_process_block_sparse_reference(
 
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if dist.is_query_rank:
-        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, block, anchor)
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(context_len, block),
+                                     anchor)
         assert len(gen.logits) == len(want) == NEW_TOKENS
         for got, ref in zip(gen.logits, want):
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
         assert gen.tokens == [int(step[-1].argmax()) for step in want]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),                                                    # one block per rank
+    dict(blocks=6, anchor_fraction=0.5),                       # several blocks per rank
+    dict(blocks=5, anchor_mode="recompute", token_weight=3.0),  # per-token work counted too
+    dict(block_size=12, anchor_tokens=5),                      # the others of 12 tokens
+])
+def test_distributed_balanced_star_equals_the_single_process_reference_of_its_blocks(
+        dist, comm, model, tiny_checkpoint, settings):
+    star = StarAttention(dist, comm, layout="balanced", **settings)
+    context, query = request(131, seed=2)
+    layout = star.layout(len(context))
+    gen = run(model, star, comm, dist, context, query)
+
+    assert_same_tokens_on_every_rank(dist, gen.tokens)
+    if dist.is_query_rank:
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, list(layout.blocks),
+                                     layout.anchor_size)
+        for got, ref in zip(gen.logits, want):
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
 
 def test_star_with_one_block_equals_dense(dist, comm, model):
@@ -72,7 +94,7 @@ def test_dense_on_any_number_of_ranks_equals_causal_attention(dist, comm, model,
     gen = run(model, DenseAttention(dist, comm), comm, dist, context, query)
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if dist.is_query_rank:  # dense is star with one block: the reference's one-block case
-        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, 70, 70)
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, [(0, 70)], 70)
         for got, ref in zip(gen.logits, want):
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
@@ -160,7 +182,7 @@ def test_ring_equals_dense_and_causal_attention(dist, comm, model, tiny_checkpoi
     for a, b in zip(ring.logits, dense.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     if dist.is_query_rank:
-        want = star_reference_logits(tiny_checkpoint, context, query, ring.tokens, context_len, context_len)
+        want = star_reference_logits(tiny_checkpoint, context, query, ring.tokens, [(0, context_len)], context_len)
         for got, ref in zip(ring.logits, want):
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 

@@ -1,0 +1,92 @@
+"""Star's block layouts, uniform and balanced: which tokens each block holds, which rank
+encodes it, and how much work that is. Pure arithmetic, one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from star_engine.attention.star import StarAttention, block_work, first_block_tokens
+from star_engine.costs import Calibration, token_weight
+from star_engine.model import PRESETS
+
+
+class FakeDist:
+    def __init__(self, world: int) -> None:
+        self.rank, self.world, self.query_rank = 0, world, world - 1
+
+
+def star(world: int, **settings) -> StarAttention:
+    return StarAttention(FakeDist(world), comm=None, **settings)
+
+
+def rank_work(layout, rank: int, weight: float) -> float:
+    anchor = layout.anchor_size
+    return sum(block_work(end - start, anchor if b else 0, weight)
+               for b, (start, end) in enumerate(layout.blocks) if layout.owners[b] == rank)
+
+
+def test_without_per_token_work_block_0_is_sqrt3_times_the_others_when_the_anchor_is_a_block():
+    layout = star(4, layout="balanced").layout(100_000)
+    first, other = (end - start for start, end in layout.blocks[:2])
+    assert all(end - start == other for start, end in layout.blocks[1:])
+    assert first / other == pytest.approx(math.sqrt(3), rel=1e-3)
+    assert layout.anchor_size == other  # the anchor is measured in the other blocks
+
+
+@pytest.mark.parametrize("world,settings", [(2, {}), (4, {}), (8, dict(anchor_fraction=0.25)),
+                                            (3, dict(blocks=9)), (4, dict(block_size=5000, anchor_tokens=1000))])
+def test_balanced_blocks_give_every_rank_the_same_work(world, settings):
+    weight = 20_000.0  # per-token work as heavy as 20K attention pairs, about an 8B model's
+    layout = star(world, layout="balanced", token_weight=weight, **settings).layout(200_000)
+    blocks = [end - start for start, end in layout.blocks]
+    assert sum(blocks) == 200_000 and layout.blocks[0][0] == 0
+    assert all(a[1] == b[0] for a, b in zip(layout.blocks, layout.blocks[1:]))
+    per_rank = [rank_work(layout, r, weight) for r in range(world)]
+    per_block = block_work(blocks[1], layout.anchor_size, weight)
+    if len(blocks) % world == 0 and "block_size" not in settings:
+        assert max(per_rank) / min(per_rank) < 1.001  # equal but for rounding to whole tokens
+    else:  # the blocks, of equal work, are dealt in numbers that differ by one at most
+        assert max(per_rank) - min(per_rank) <= per_block * 1.001
+    uniform = star(world, token_weight=weight, **settings).layout(200_000)
+    uniform_busiest = max(rank_work(uniform, r, weight) for r in range(world))
+    if "block_size" in settings:  # ten blocks a rank: a heavier block 0 changes little
+        assert max(per_rank) <= uniform_busiest * 1.001
+    else:  # most where each rank has one block and the anchor is a whole one
+        assert max(per_rank) < uniform_busiest * (0.9 if not settings else 1)
+
+
+def test_per_token_work_brings_block_0_back_towards_the_others():
+    light, heavy = (star(2, layout="balanced", token_weight=w).layout(131_072) for w in (0.0, 30_000.0))
+    first = [layout.blocks[0][1] for layout in (light, heavy)]
+    assert first[0] > first[1] > 131_072 // 2
+
+
+def test_first_block_tokens_is_the_fewest_that_do_the_work():
+    for work, weight in ((1.0, 0.0), (1e6, 0.0), (1e9, 30_000.0), (12345.6, 7.5)):
+        x = first_block_tokens(work, weight)
+        assert block_work(x, 0, weight) >= work and (x == 1 or block_work(x - 1, 0, weight) < work)
+
+
+@pytest.mark.parametrize("settings", [dict(layout="balanced"), dict(layout="balanced", blocks=7),
+                                      dict(layout="balanced", block_size=9, anchor_tokens=4),
+                                      dict(layout="balanced", token_weight=40.0, anchor_fraction=0.25),
+                                      dict(blocks=5), dict(block_size=11)])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_the_arena_sizing_bound_holds_every_shorter_context(world, settings):
+    strategy = star(world, **settings)
+    for rank in range(world):
+        capacity = strategy.context_capacity(rank, 400)
+        assert max(strategy.layout(n).kept[rank] for n in range(401)) <= capacity
+
+
+def test_a_small_context_still_has_a_layout():
+    for n in range(0, 12):
+        layout = star(4, layout="balanced", token_weight=100.0).layout(n)
+        assert sum(end - start for start, end in layout.blocks) == n
+
+
+def test_the_shipped_calibration_weighs_a_token_of_an_8b_model_as_tens_of_thousands_of_pairs():
+    weight = token_weight(PRESETS["llama-3.1-8b"], Calibration.load())
+    assert 10_000 < weight < 60_000
