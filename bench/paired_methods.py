@@ -1,0 +1,63 @@
+"""Two methods of an evaluation, sample by sample: on how many samples each scores higher,
+and the two-sided exact sign test of whether they differ (McNemar's exact test where scores
+are 0 or 1), per length and over all. Samples whose prose depends on the Python version
+(niah_single_2) count only where the evaluation ran on this one.
+
+  python bench/paired_methods.py --eval EVAL.json [...] --a "star 4b a=1" --b "star 4b a=1 balanced" --name NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from pathlib import Path
+
+from results_io import save, table
+
+from star_engine.tasks import PYTHON_DEPENDENT
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact p-value that wins and losses (ties dropped) come from a fair coin."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired(results: list[dict], a: str, b: str) -> list[dict]:
+    """Per length, then over all: the samples both methods answered and how they compare."""
+    scores: dict[tuple, dict[str, float]] = {}
+    for result in results:
+        same_python = result.get("python") == platform.python_version()
+        for r in result["rows"]:
+            if r["method"] in (a, b) and (r["task"] not in PYTHON_DEPENDENT or same_python):
+                scores.setdefault((r["task"], r["length"], r["sample"]), {})[r["method"]] = r["score"]
+    pairs = [(key[1], s[a], s[b]) for key, s in sorted(scores.items()) if a in s and b in s]
+    rows = []
+    for length in [*sorted({p[0] for p in pairs}), "all"]:
+        mine = [(x, y) for n, x, y in pairs if length in (n, "all")]
+        wins_a, wins_b = sum(x > y for x, y in mine), sum(y > x for x, y in mine)
+        rows.append({"length": length, "samples": len(mine), "mean_a": sum(x for x, _ in mine) / len(mine),
+                     "mean_b": sum(y for _, y in mine) / len(mine), "a_higher": wins_a, "b_higher": wins_b,
+                     "ties": len(mine) - wins_a - wins_b, "p_value": sign_test(wins_a, wins_b)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval", type=Path, nargs="+", required=True, help="evaluation JSON(s)")
+    parser.add_argument("--a", required=True, help="one method's label")
+    parser.add_argument("--b", required=True, help="the other's")
+    parser.add_argument("--name", required=True, help="bench/results/<name>.json")
+    args = parser.parse_args()
+    rows = paired([json.loads(p.read_text()) for p in args.eval], args.a, args.b)
+    print(f"a = {args.a}, b = {args.b}")
+    print(table(rows, ["length", "samples", "mean_a", "mean_b", "a_higher", "b_higher", "ties", "p_value"]))
+    print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], a=args.a, b=args.b))
+
+
+if __name__ == "__main__":
+    main()
