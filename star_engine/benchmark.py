@@ -11,6 +11,7 @@ import torch
 
 from .attention import StrategySpec
 from .comm import Communicator
+from .costs import decode_weights, kv_bytes_per_token
 from .launch import Dist
 from .memory import every_rank_has_room
 from .model import Transformer
@@ -71,12 +72,8 @@ def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 def decode_bytes(model: Transformer) -> int:
-    """Weight bytes one decode step reads on every rank: all of them except the embedding
-    table, of which it reads one row (unless the table is also the output projection)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:
-        total -= model.embed.weight.numel() * model.embed.weight.element_size()
-    return total
+    """Weight bytes one decode step reads on every rank."""
+    return decode_weights(model.config) * model.embed.weight.element_size()
 
 
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: list[StrategySpec],
@@ -87,7 +84,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
     (on GPUs: memory bandwidth and the collective's latency per layer, measured here).
     on_row(rows so far, ceilings) follows every row, so that a stopped run keeps them."""
     cfg, weight = model.config, model.embed.weight
-    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * weight.element_size()
+    kv_bytes = kv_bytes_per_token(cfg, weight.element_size())
     ceilings = {}
     if weight.is_cuda:
         bandwidth = min(dist.allgather(copy_bandwidth(weight.device)))
@@ -103,8 +100,8 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
         strategy = spec.build(dist, comm, cfg)
         for i, length in enumerate(lengths):
             plan = plan_request(strategy, length, query_tokens, new_tokens)
-            row = {"attn": spec.attn, "label": spec.label, "ranks": dist.world, "context": length,
-                   "describe": strategy.describe()}
+            row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
+                   "context": length, "describe": strategy.describe()}
             if not every_rank_has_room(dist, plan.memory_bytes(cfg, weight.element_size())[dist.rank], weight.device):
                 say(f"  {spec.label} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
@@ -126,7 +123,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
                 # gather_merge per layer.
                 kept = [slots - (new_tokens - new_tokens // 2 if r == plan.query_rank else 0)
                         for r, slots in enumerate(plan.kv_slots)]
-                result["tpot_roofline_s"] = ((ceilings["decode_weight_bytes"] + max(kept) * kv_bytes_per_token)
+                result["tpot_roofline_s"] = ((ceilings["decode_weight_bytes"] + max(kept) * kv_bytes)
                                              / ceilings["copy_bandwidth_Bps"]
                                              + cfg.num_layers * ceilings["gather_merge_s_per_layer"])
             rows.append(result)

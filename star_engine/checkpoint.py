@@ -59,6 +59,23 @@ def resolve(spec: str) -> ModelSource:
                      "a directory with config.json, nor a .gguf file")
 
 
+def load_config(spec: str) -> ModelConfig:
+    """The shape of the model `spec` names (a model as --model takes it, or a config.json),
+    without building it."""
+    path = Path(spec)
+    if path.is_file() and path.name.endswith(".json"):
+        try:
+            return ModelConfig.from_hf(json.loads(path.read_text()))
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: not a model's config.json ({exc})") from None
+    source = resolve(spec)
+    if source.kind == "preset":
+        return PRESETS[spec]
+    if source.kind == "hf":
+        return ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
+    return _read_gguf_cached(source.path)[0]
+
+
 def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
     """Builds the model on `device` in `dtype` with the weights `spec` names."""
     source = resolve(spec)

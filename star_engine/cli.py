@@ -1,4 +1,4 @@
-"""Command line: `python -m star_engine {run,demo,bench,eval}`, one process per rank under
+"""Command line: `python -m star_engine {run,demo,bench,eval,plan}`, one process per rank under
 mpirun or srun. Parses, checks the arguments once, and hands them to the command's module
 (star_engine/commands/)."""
 

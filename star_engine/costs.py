@@ -20,10 +20,21 @@ DEFAULT_CALIBRATION = Path(__file__).with_name("calibrations") / "nvidia-h200.js
 
 @dataclass(frozen=True)
 class Calibration:
+    """A device's measured rates; None where a rate was not measured (the planner then
+    leaves that cost out, and says so)."""
+
     device: str
     linear_flops_per_s: float  # the per-token work: projections, MLP (and what rides along)
     attention_flops_per_s: float  # attention over (query, key) pairs
     source: str  # how the rates were measured
+    copy_bandwidth_Bps: float | None = None  # device memory, bytes read plus written per second
+    link_bandwidth_Bps: float | None = None  # one rank to another, bytes per second
+    gather_merge_s_per_layer: float | None = None  # one decode token's (o, lse) exchange and merge
+    decode_overhead_s: float | None = None  # a decode step beyond its reads and exchanges
+    query_overhead_s: float | None = None  # the query pass beyond its work
+    memory_bytes: int | None = None  # one device's memory
+    network_bandwidth_Bps: float | None = None  # between ranks of different nodes
+    network_gather_merge_s_per_layer: float | None = None  # gather_merge across nodes
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Calibration":
@@ -31,19 +42,43 @@ class Calibration:
         path = path or Path(os.environ.get("STAR_ENGINE_CALIBRATION") or DEFAULT_CALIBRATION)
         try:
             fields = json.loads(path.read_text())
-            return cls(**{k: fields[k] for k in ("device", "linear_flops_per_s", "attention_flops_per_s", "source")})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__}
+            return cls(**known)
+        except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"calibration {path}: {exc}") from None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+
+
+def layer_weights(config: ModelConfig) -> int:
+    """Weights of one decoder layer's projections and MLP (and their biases, if any)."""
+    hidden, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    bias = q + 2 * kv if config.qkv_bias else 0
+    return hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * config.intermediate_size + bias
+
+
+def model_weights(config: ModelConfig) -> int:
+    """All weights: the layers (and their norms), the embedding, the output head unless tied."""
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return (config.num_layers * (layer_weights(config) + 2 * config.hidden_size) + config.hidden_size
+            + config.vocab_size * config.hidden_size + head)
+
+
+def decode_weights(config: ModelConfig) -> int:
+    """Weights one decode step reads: all but the embedding table (of which it reads one
+    row), unless the table is also the output head."""
+    return model_weights(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+
+
+def kv_bytes_per_token(config: ModelConfig, element_size: int) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
 
 
 def linear_flops_per_token(config: ModelConfig) -> float:
     """Every layer's projections and MLP: two FLOPs per weight."""
-    hidden, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_layer = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * config.intermediate_size
-    return 2.0 * per_layer * config.num_layers
+    return 2.0 * layer_weights(config) * config.num_layers
 
 
 def attention_flops_per_pair(config: ModelConfig) -> float:
@@ -56,3 +91,16 @@ def token_weight(config: ModelConfig, calibration: Calibration) -> float:
     token_s = linear_flops_per_token(config) / calibration.linear_flops_per_s
     pair_s = attention_flops_per_pair(config) / calibration.attention_flops_per_s
     return token_s / pair_s
+
+
+def fit_rates(linear_flops: list[float], attention_flops: list[float], seconds: list[float]) -> tuple[float, float]:
+    """(linear, attention) FLOP/s that best explain measured times as linear / linear rate +
+    attention / attention rate, in relative error (least squares)."""
+    import numpy as np
+
+    flops = np.array([linear_flops, attention_flops], dtype=float).T
+    measured = np.array(seconds, dtype=float)
+    inverse, *_ = np.linalg.lstsq(flops / measured[:, None], np.ones(len(measured)), rcond=None)
+    if (inverse <= 0).any():
+        raise ValueError("the measured times do not separate the two rates (too few or too alike sizes)")
+    return float(1 / inverse[0]), float(1 / inverse[1])

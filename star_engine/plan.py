@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .attention import ContextLayout, Strategy
+from .costs import kv_bytes_per_token
 from .model import ModelConfig
 
 # Phase-1 activations per token a rank runs through a layer, in hidden-sized vectors: the
@@ -50,7 +51,7 @@ class RequestPlan:
     def memory_bytes(self, config: ModelConfig, element_size: int) -> tuple[int, ...]:
         """By rank: an estimate of the memory the request needs besides the weights: its KV
         slots, and phase 1's activations."""
-        kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
+        kv = kv_bytes_per_token(config, element_size)
         activations = ACTIVATION_VECTORS_PER_TOKEN * config.hidden_size * element_size
         return tuple(slots * kv + encoded * activations + WORKSPACE_BYTES
                      for slots, encoded in zip(self.kv_slots, self.layout.encoded))

@@ -42,12 +42,13 @@ class StrategySpec:
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
                             self.anchor_mode, self.layout)
 
-    def build(self, dist: Dist, comm: Communicator, config: ModelConfig) -> Strategy:
-        """The strategy, for a model of this shape (a balanced layout weighs its blocks by
-        the model's work on the calibrated device)."""
+    def build(self, dist: Dist, comm: Communicator | None, config: ModelConfig,
+              calibration: Calibration | None = None) -> Strategy:
+        """The strategy, for a model of this shape: a balanced layout weighs its blocks by
+        the model's work on the device of `calibration` (default: Calibration.load())."""
         if self.attn != "star":
             return STRATEGIES[self.attn](dist, comm)
-        weight = token_weight(config, Calibration.load()) if self.layout == "balanced" else 0.0
+        weight = token_weight(config, calibration or Calibration.load()) if self.layout == "balanced" else 0.0
         return StarAttention(dist, comm, block_size=self.block_size, blocks=self.blocks,
                              anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
                              anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight)

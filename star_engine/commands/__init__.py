@@ -2,6 +2,6 @@
 arguments and turns them into the values the command uses, raising ValueError) and
 main(args) -> exit code."""
 
-from . import bench, demo, eval, run
+from . import bench, demo, eval, plan, run
 
-COMMANDS = {"run": run, "demo": demo, "bench": bench, "eval": eval}
+COMMANDS = {"run": run, "demo": demo, "bench": bench, "eval": eval, "plan": plan}

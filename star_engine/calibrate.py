@@ -1,0 +1,144 @@
+"""Measuring a device for the planner (`plan --calibrate`): the engine's own phase 1 at a few
+block sizes (fitted to a linear and an attention rate), memory bandwidth, the link between
+ranks, gather_merge, and what a query pass and a decode step cost beyond those."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from . import _C
+from .attention import StarAttention, StrategySpec
+from .attention.star import block_work
+from .comm import Communicator
+from .costs import Calibration, attention_flops_per_pair, fit_rates, linear_flops_per_token
+from .launch import Dist
+from .model import Transformer
+from .planner import JobShape, predict
+from .schedule import Engine
+
+
+def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: Callable[[str], None]) -> Calibration:
+    """Every rank takes part; rank 0's measurements (the others wait where they are not
+    needed, so that ranks sharing a machine do not slow each other)."""
+    weight = model.embed.weight
+    device, cuda = weight.device, weight.is_cuda
+    base = 4096 if cuda else 128  # block sizes: base x 1, 2, 4, 8
+    rates = _phase1_rates(model, [base * m for m in (1, 2, 4, 8)], say) if dist.rank == 0 else None
+    dist.sync()
+    copy = _copy_bandwidth(device) if dist.rank == 0 else None
+    link = gather = None
+    if dist.world > 1:
+        link = _link_bandwidth(comm, dist, device, (64 << 20) if cuda else (8 << 20))
+        gather = _gather_merge_s(comm, model, dist)
+    linear_rate, attention_rate = dist.bcast(rates, root=0)
+    partial = Calibration(
+        device=torch.cuda.get_device_name(device) if cuda else "cpu", linear_flops_per_s=linear_rate,
+        attention_flops_per_s=attention_rate, copy_bandwidth_Bps=dist.bcast(copy, root=0),
+        link_bandwidth_Bps=link, gather_merge_s_per_layer=gather,
+        memory_bytes=torch.cuda.get_device_properties(device).total_memory if cuda else None,
+        source="")
+    say(f"  linear {linear_rate / 1e12:.3g} TFLOP/s, attention {attention_rate / 1e12:.3g} TFLOP/s, copy "
+        f"{partial.copy_bandwidth_Bps / 1e9:.3g} GB/s" + (f", link {link / 1e9:.3g} GB/s, gather_merge "
+                                                          f"{gather * 1e6:.1f} us/layer" if link else ""))
+    query, decode = _overheads(model, comm, dist, partial, context=4 * base)
+    return replace(partial, query_overhead_s=query, decode_overhead_s=decode,
+                   source=f"plan --calibrate on {dist.world} rank(s) of {partial.device} with {name}, "
+                          f"{model.embed.weight.dtype}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_s(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    fn()  # warm up: kernels loaded, heuristics chosen, memory allocated
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _phase1_rates(model: Transformer, blocks: list[int], say: Callable[[str], None]) -> tuple[float, float]:
+    """Phase 1 of two blocks (block 0 alone, block 1 after an anchor of a block) on this
+    rank alone, at each size; the two rates that explain the times."""
+    cfg, weight = model.config, model.embed.weight
+    linear, attention, seconds = [], [], []
+    for block in blocks:
+        star = StarAttention(JobShape(1), None, blocks=2, anchor_mode="recompute")
+        ids = torch.randint(0, cfg.vocab_size, (2 * block,), device=weight.device)
+        layout = star.layout(2 * block)
+        arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2 * block, weight.dtype, weight.device)
+
+        def encode() -> None:
+            arena.clear()
+            star.encode_context(model, ids, layout, arena)
+
+        seconds.append(_median_s(encode, weight.device, repeats=3))
+        linear.append(2 * block * linear_flops_per_token(cfg))
+        attention.append((block_work(block, 0, 0.0) + block_work(block, block, 0.0)) * attention_flops_per_pair(cfg))
+        say(f"  phase 1, two blocks of {block}: {seconds[-1]:.3f} s")
+        del arena
+    return fit_rates(linear, attention, seconds)
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Bytes read plus written per second by a large copy in the device's memory."""
+    src = torch.empty((1 << 30) if device.type == "cuda" else (64 << 20), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), device)
+
+
+def _link_bandwidth(comm: Communicator, dist: Dist, device: torch.device, nbytes: int) -> float:
+    """Bytes per second one rank sends the next while receiving from the one before, as
+    ring attention does; the slowest rank's."""
+    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    right, left = (dist.rank + 1) % dist.world, (dist.rank - 1) % dist.world
+
+    def step() -> None:
+        comm.send_recv(send, right, recv, left)
+        comm.synchronize()
+
+    return min(dist.allgather(nbytes / _median_s(step, device)))
+
+
+def _gather_merge_s(comm: Communicator, model: Transformer, dist: Dist) -> float:
+    """One decode token's gather_merge, the slowest rank's; on GPUs replayed from a CUDA
+    graph as in a decode step."""
+    cfg, weight = model.config, model.embed.weight
+    if weight.is_cuda:
+        from .benchmark import gather_merge_latency
+
+        seconds = gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype, weight.device, cfg.num_layers)
+    else:
+        o = torch.randn(cfg.num_heads, 1, cfg.head_dim, dtype=weight.dtype)
+        lse = torch.randn(cfg.num_heads, 1)
+        seconds = _median_s(lambda: [comm.gather_merge(o, lse) for _ in range(cfg.num_layers)],
+                            weight.device, repeats=9) / cfg.num_layers
+    return max(dist.allgather(seconds))
+
+
+def _overheads(model: Transformer, comm: Communicator, dist: Dist, rates: Calibration,
+               context: int) -> tuple[float, float]:
+    """What a query pass and a decode step take beyond what the rates predict: measured
+    on a short request with star over every rank."""
+    cfg, weight = model.config, model.embed.weight
+    query_tokens, new_tokens = 64, 17
+    engine = Engine(model, StrategySpec().build(dist, comm, cfg), comm, dist, context + query_tokens + new_tokens)
+    ids = torch.randint(0, cfg.vocab_size, (context + query_tokens,), generator=torch.Generator().manual_seed(0))
+    runs = [engine.generate(ids[:context], ids[context:], new_tokens, stop_at_eos=False) for _ in range(3)]
+    metrics = sorted((run.metrics for run in runs[1:]), key=lambda m: m.ttft_s)[0]  # the first warms up
+    want = predict(cfg, StrategySpec(), dist.world, context, query_tokens, new_tokens, rates,
+                   weight.element_size())
+    query = max(0.0, (metrics.ttft_s - metrics.phase1_s) - (want.ttft_s - want.phase1_s))
+    decode = max(0.0, metrics.tpot_s - want.tpot_s)
+    return query, decode

@@ -1,0 +1,126 @@
+"""`plan`: how many GPUs, and which strategy and star layout, for a context: predicted
+phase 1, time to first token, time per output token and memory per rank, from the model's
+shape and a device's measured rates; `--calibrate` measures them on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..flags import add_model_flags, fraction, positive, strategy_names, token_counts
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    plan = commands.add_parser(
+        "plan", help="predict time and memory per strategy and GPU count; recommend a layout",
+        description="Predicts, without running the model, each strategy's phase-1 time, time to first token, "
+                    "time per output token and memory per rank for a context on 1 or more GPUs, from the "
+                    "model's shape and a calibration (a device's measured rates), and recommends the fastest "
+                    "layout that fits in memory or the fewest GPUs that meet --ttft-target. With --calibrate it "
+                    "measures this machine's rates instead (launch it like any job, on the ranks to measure).")
+    plan.add_argument("--context", default="128K", help="context tokens, K = 1024; comma-separated for several "
+                                                        "(default: 128K)")
+    plan.add_argument("--gpus", default="1,2,4,8", help="GPU counts to consider, comma-separated (default: 1,2,4,8)")
+    plan.add_argument("--gpus-per-node", type=positive, default=None,
+                      help="GPUs of one node; jobs on more go over the network rate of the calibration "
+                           "(default: all on one node)")
+    plan.add_argument("--attn", type=strategy_names, default="star,ring,dense",
+                      help="strategies, comma-separated (default: star,ring,dense)")
+    plan.add_argument("--layouts", default="uniform,balanced", help="star layouts (default: uniform,balanced)")
+    plan.add_argument("--anchor-fractions", default="1",
+                      help="star anchors as fractions of a block, comma-separated; smaller ones are faster and "
+                           "less accurate (docs/accuracy.md) (default: 1)")
+    plan.add_argument("--query-tokens", type=positive, default=64, help="query tokens (default: 64)")
+    plan.add_argument("--max-new-tokens", type=positive, default=32, help="tokens generated (default: 32)")
+    plan.add_argument("--memory-gib", type=float, default=None,
+                      help="memory per GPU to plan within (default: the calibrated device's)")
+    plan.add_argument("--ttft-target", type=float, default=None, metavar="SECONDS",
+                      help="recommend the fewest GPUs whose time to first token is at most this")
+    plan.add_argument("--calibration", type=Path, default=None,
+                      help="rates measured by --calibrate (default: $STAR_ENGINE_CALIBRATION, else the shipped "
+                           "H200 calibration)")
+    plan.add_argument("--calibrate", action="store_true",
+                      help="measure this machine's rates with the model (random weights are as good) and write "
+                           "them to --output")
+    plan.add_argument("--output", type=Path, default=None,
+                      help="predictions as JSON, or with --calibrate the calibration (default: "
+                           "calibration_<device>.json in the current directory)")
+    add_model_flags(plan, model="llama-3.1-8b")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Turns the lists into lists, and makes args.specs."""
+    from ..attention import StrategySpec
+
+    if args.calibrate:
+        return
+    args.contexts, args.gpu_counts = token_counts(args.context, "--context"), token_counts(args.gpus, "--gpus")
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    try:
+        anchors = [fraction(a) for a in args.anchor_fractions.split(",") if a.strip()]
+        args.specs = [StrategySpec(attn) for attn in args.attn if attn != "star"]
+        if "star" in args.attn:
+            args.specs[:0] = [StrategySpec(layout=layout, anchor_fraction=None if anchor == 1 else anchor)
+                              for layout in layouts for anchor in anchors]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise ValueError(f"--layouts/--anchor-fractions: {exc}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        return _calibrate(args)
+    from ..attention import StrategySpec
+    from ..checkpoint import load_config
+    from ..costs import Calibration
+    from ..flags import DTYPES
+    from ..planner import predict, recommend
+
+    config = load_config(args.model)
+    calibration = Calibration.load(args.calibration)
+    element_size = DTYPES[args.dtype or "bfloat16"].itemsize
+    memory = args.memory_gib * 2**30 if args.memory_gib else calibration.memory_bytes
+    # On one GPU every strategy is dense (one block, no ring): one line says it.
+    predictions = [predict(config, spec, gpus, context, args.query_tokens, args.max_new_tokens, calibration,
+                           element_size, args.gpus_per_node)
+                   for context in args.contexts for gpus in args.gpu_counts
+                   for spec in (args.specs if gpus > 1 else [StrategySpec("dense")])]
+    print(f"{args.model} on {calibration.device} ({calibration.source})")
+    print(_table(predictions, memory))
+    for context in args.contexts:
+        mine = [p for p in predictions if p.context == context]
+        print(recommend(mine, memory, args.ttft_target))
+    left_out = sorted({cost for p in predictions for cost in p.left_out})
+    if left_out:
+        print(f"not in these predictions, for the calibration has no rate for it: {', '.join(left_out)}")
+    if args.output:
+        args.output.write_text(json.dumps({"model": args.model, "calibration": calibration.__dict__,
+                                           "predictions": [p.__dict__ for p in predictions]}, indent=1) + "\n")
+        print(f"saved {args.output}", file=sys.stderr)
+    return 0
+
+
+def _table(predictions: list, memory: float | None) -> str:
+    width = max(len(p.label) for p in predictions)
+    lines = [f"{'context':>8} {'gpus':>4} {'strategy':<{width}} {'phase1 s':>9} {'ttft s':>8} {'tpot ms':>8} "
+             f"{'GiB/rank':>8}"]
+    for p in predictions:
+        over = "  over memory" if memory and p.memory_bytes > memory else ""
+        lines.append(f"{p.context:>8} {p.gpus:>4} {p.label:<{width}} {p.phase1_s:>9.3f} {p.ttft_s:>8.3f} "
+                     f"{p.tpot_s * 1e3:>8.2f} {p.memory_bytes / 2**30:>8.1f}{over}")
+    return "\n".join(lines)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ..calibrate import measure
+    from ..session import Session
+
+    session = Session(args)
+    session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")
+    calibration = measure(session.model, args.model, session.comm, session.dist, session.say)
+    if session.dist.rank == 0:
+        output = args.output or Path(f"calibration_{calibration.device.replace(' ', '-').lower()}.json")
+        calibration.save(output)
+        session.say(f"saved {output}; use it with --calibration {output} or STAR_ENGINE_CALIBRATION={output}")
+    return 0

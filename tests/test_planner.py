@@ -1,0 +1,81 @@
+"""The planner: predictions from a model's shape and a device's rates, and its advice."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from star_engine.attention import StrategySpec
+from star_engine.costs import Calibration, attention_flops_per_pair, linear_flops_per_token
+from star_engine.model import PRESETS
+from star_engine.planner import predict, recommend
+from tests.launcher import mpirun, run
+
+CONFIG = PRESETS["llama-3.1-8b"]
+RATES = Calibration("test device", linear_flops_per_s=5e14, attention_flops_per_s=6e14, source="made up",
+                    copy_bandwidth_Bps=4e12, link_bandwidth_Bps=1e11, gather_merge_s_per_layer=1e-5,
+                    memory_bytes=140 << 30)
+
+
+def plan(spec: StrategySpec, gpus: int, context: int = 131072, rates: Calibration = RATES):
+    return predict(CONFIG, spec, gpus, context, 64, 32, rates)
+
+
+def test_dense_phase_1_is_the_causal_square_and_every_token_at_the_measured_rates():
+    n = 65536
+    want = (n * (n + 1) / 2 * attention_flops_per_pair(CONFIG) / RATES.attention_flops_per_s
+            + n * linear_flops_per_token(CONFIG) / RATES.linear_flops_per_s)
+    assert plan(StrategySpec("dense"), 1, n).phase1_s == pytest.approx(want)
+
+
+def test_the_balanced_layout_evens_out_the_ranks_that_the_uniform_one_leaves_idle():
+    uniform, balanced = plan(StrategySpec(), 2), plan(StrategySpec(layout="balanced"), 2)
+    assert uniform.phase1_per_rank_s[0] < 0.7 * uniform.phase1_per_rank_s[1]  # the owner of block 0 idles
+    assert max(balanced.phase1_per_rank_s) / min(balanced.phase1_per_rank_s) < 1.01
+    assert balanced.phase1_s < 0.8 * uniform.phase1_s
+    assert balanced.tpot_s > uniform.tpot_s  # its busiest rank holds more K/V to read per token
+
+
+def test_a_slow_link_makes_ring_wait_for_its_kv_and_star_for_its_anchor():
+    slow = Calibration(**{**RATES.__dict__, "link_bandwidth_Bps": 1e9})
+    assert plan(StrategySpec("ring"), 4, rates=slow).phase1_s > 2 * plan(StrategySpec("ring"), 4).phase1_s
+    assert plan(StrategySpec(), 4, rates=slow).phase1_s > plan(StrategySpec(), 4).phase1_s
+    unmeasured = Calibration(**{**RATES.__dict__, "link_bandwidth_Bps": None})
+    assert plan(StrategySpec("ring"), 4, rates=unmeasured).left_out == ["link"]
+
+
+def test_advice_is_the_fewest_gpus_that_meet_the_target_within_memory():
+    specs = [StrategySpec(), StrategySpec(layout="balanced"), StrategySpec("ring")]
+    predictions = [plan(spec, gpus) for gpus in (2, 4, 8) for spec in specs]
+    target = min(p.ttft_s for p in predictions if p.gpus == 4) * 1.01
+    assert "fewest GPUs" in recommend(predictions, RATES.memory_bytes, target)
+    assert "on 4 GPUs" in recommend(predictions, RATES.memory_bytes, target)
+    assert "no layout reaches 0.001 s" in recommend(predictions, RATES.memory_bytes, 0.001)
+    assert "nothing fits in 1 GiB per GPU" in recommend(predictions, 1 << 30, None)
+    fastest = min(predictions, key=lambda p: p.ttft_s)
+    assert f"{fastest.label} on {fastest.gpus} GPUs" in recommend(predictions, RATES.memory_bytes, None)
+
+
+def test_plan_prints_a_table_and_advice_and_saves_its_predictions(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run([sys.executable, "-m", "star_engine", "plan", "--context", "64K", "--gpus", "1,2",
+                  "--ttft-target", "100", "--output", str(out)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "65536 tokens: fewest GPUs for 100 s to the first token: dense on 1 GPU" in result.stdout
+    saved = json.loads(out.read_text())
+    assert {p["label"] for p in saved["predictions"]} == {"dense", "star", "star balanced", "ring"}
+
+
+def test_calibrate_measures_every_rate_on_the_ranks_it_is_launched_with(tmp_path):
+    out = tmp_path / "cpu.json"
+    result = run([*mpirun(2), sys.executable, "-m", "star_engine", "plan", "--calibrate", "--model", "tiny",
+                  "--output", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr
+    measured = Calibration.load(out)
+    assert measured.device == "cpu" and "2 rank(s)" in measured.source
+    for rate in (measured.linear_flops_per_s, measured.attention_flops_per_s, measured.copy_bandwidth_Bps,
+                 measured.link_bandwidth_Bps, measured.gather_merge_s_per_layer):
+        assert rate is not None and rate > 0
+    assert measured.query_overhead_s >= 0 and measured.decode_overhead_s >= 0
