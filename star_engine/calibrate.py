@@ -15,9 +15,9 @@ from .attention import StarAttention, StrategySpec
 from .attention.star import block_work
 from .comm import Communicator
 from .costs import Calibration, attention_flops_per_pair, fit_rates, linear_flops_per_token
-from .launch import Dist
+from .launch import Dist, Place
 from .model import Transformer
-from .planner import JobShape, predict
+from .planner import predict
 from .schedule import Engine
 
 
@@ -73,7 +73,7 @@ def _phase1_rates(model: Transformer, blocks: list[int], say: Callable[[str], No
     cfg, weight = model.config, model.embed.weight
     linear, attention, seconds = [], [], []
     for block in blocks:
-        star = StarAttention(JobShape(1), None, blocks=2, anchor_mode="recompute")
+        star = StarAttention(Place(0, 1), None, blocks=2, anchor_mode="recompute")
         ids = torch.randint(0, cfg.vocab_size, (2 * block,), device=weight.device)
         layout = star.layout(2 * block)
         arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2 * block, weight.dtype, weight.device)

@@ -42,27 +42,34 @@ class PeerTimeout(RuntimeError):
         self.speaker = speaker  # the one rank of those still answering that reports it
 
 
-class Dist:
-    """This process's place in the job, and the control plane between ranks (small Python
-    objects over MPI: requests, metrics, barriers), every wait of which is bounded."""
+class Place:
+    """A rank's place in a job of `world` ranks, what a strategy's layout depends on. The
+    last rank holds the query, appends generated tokens and decides them."""
 
-    def __init__(self, mpi: Any, local_rank: int, local_world: int, timeout_s: float) -> None:
-        self.mpi = mpi  # mpi4py.MPI.Comm of all ranks
-        self.rank, self.world = mpi.Get_rank(), mpi.Get_size()
-        self.local_rank, self.local_world = local_rank, local_world  # among the ranks of this node
-        self.timeout_s = timeout_s
-        self._pings = mpi.Dup()  # where waiting ranks ask each other whether they are alive
-        self._pongs: list[Any] = []
-        self.nodes = sum(self.allgather(local_rank == 0))
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     @property
     def query_rank(self) -> int:
-        """The rank that holds the query, appends generated tokens and decides them."""
         return self.world - 1
 
     @property
     def is_query_rank(self) -> bool:
         return self.rank == self.query_rank
+
+
+class Dist(Place):
+    """This process's place in the job, and the control plane between ranks (small Python
+    objects over MPI: requests, metrics, barriers), every wait of which is bounded."""
+
+    def __init__(self, mpi: Any, local_rank: int, local_world: int, timeout_s: float) -> None:
+        super().__init__(mpi.Get_rank(), mpi.Get_size())
+        self.mpi = mpi  # mpi4py.MPI.Comm of all ranks
+        self.local_rank, self.local_world = local_rank, local_world  # among the ranks of this node
+        self.timeout_s = timeout_s
+        self._pings = mpi.Dup()  # where waiting ranks ask each other whether they are alive
+        self._pongs: list[Any] = []
+        self.nodes = sum(self.allgather(local_rank == 0))
 
     def sync(self) -> None:
         """A barrier."""

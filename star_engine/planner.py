@@ -18,24 +18,9 @@ from .attention.ring import RingLayout
 from .attention.star import StarLayout, block_work
 from .costs import (Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token,
                     linear_flops_per_token, model_weights)
+from .launch import Place
 from .model import ModelConfig
 from .plan import plan_request
-
-
-@dataclass(frozen=True)
-class JobShape:
-    """What a strategy's layout needs of a job: how many ranks (the last holds the query)."""
-
-    world: int
-    rank: int = 0
-
-    @property
-    def query_rank(self) -> int:
-        return self.world - 1
-
-    @property
-    def is_query_rank(self) -> bool:
-        return self.rank == self.query_rank
 
 
 @dataclass
@@ -56,7 +41,7 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
             gpus_per_node: int | None = None) -> Prediction:
     """`gpus` ranks, one per GPU; beyond gpus_per_node the ranks span nodes, and the link
     and gather_merge are the calibration's network ones."""
-    strategy = spec.build(JobShape(gpus), None, config, calibration)
+    strategy = spec.build(Place(0, gpus), None, config, calibration)
     across_nodes = gpus_per_node is not None and gpus > gpus_per_node
     link_rate = calibration.network_bandwidth_Bps if across_nodes else calibration.link_bandwidth_Bps
     gather_s = (calibration.network_gather_merge_s_per_layer if across_nodes

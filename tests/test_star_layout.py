@@ -9,16 +9,12 @@ import pytest
 
 from star_engine.attention.star import StarAttention, block_work, first_block_tokens
 from star_engine.costs import Calibration, token_weight
+from star_engine.launch import Place
 from star_engine.model import PRESETS
 
 
-class FakeDist:
-    def __init__(self, world: int) -> None:
-        self.rank, self.world, self.query_rank = 0, world, world - 1
-
-
 def star(world: int, **settings) -> StarAttention:
-    return StarAttention(FakeDist(world), comm=None, **settings)
+    return StarAttention(Place(0, world), comm=None, **settings)
 
 
 def rank_work(layout, rank: int, weight: float) -> float:

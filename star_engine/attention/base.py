@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import _C
 from ..comm import Communicator
-from ..launch import Dist
+from ..launch import Place
 from ..model import Transformer
 
 
@@ -30,7 +30,7 @@ class ContextLayout:
 class Strategy(ABC):
     name: str
 
-    def __init__(self, dist: Dist, comm: Communicator) -> None:
+    def __init__(self, dist: Place, comm: Communicator | None) -> None:
         self.dist, self.comm = dist, comm
 
     @abstractmethod

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from ..comm import Communicator
 from ..costs import Calibration, token_weight
-from ..launch import Dist
+from ..launch import Place
 from ..model import ModelConfig
 from .base import Strategy
 from .dense import DenseAttention
@@ -42,7 +42,7 @@ class StrategySpec:
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
                             self.anchor_mode, self.layout)
 
-    def build(self, dist: Dist, comm: Communicator | None, config: ModelConfig,
+    def build(self, dist: Place, comm: Communicator | None, config: ModelConfig,
               calibration: Calibration | None = None) -> Strategy:
         """The strategy, for a model of this shape: a balanced layout weighs its blocks by
         the model's work on the device of `calibration` (default: Calibration.load())."""

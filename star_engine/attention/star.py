@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _C
 from ..comm import Communicator
-from ..launch import Dist
+from ..launch import Place
 from ..model import Transformer
 from .base import ContextLayout, Strategy
 from .local import local_attention
@@ -101,7 +101,7 @@ def blocks_of_rank(rank: int, num_blocks: int, world: int) -> range:
 class StarAttention(Strategy):
     name = "star"
 
-    def __init__(self, dist: Dist, comm: Communicator, *, block_size: int | None = None,
+    def __init__(self, dist: Place, comm: Communicator | None, *, block_size: int | None = None,
                  blocks: int | None = None, anchor_tokens: int | None = None,
                  anchor_fraction: float | None = None, anchor_mode: str = "broadcast",
                  layout: str = "uniform", token_weight: float = 0.0) -> None:
