@@ -19,7 +19,7 @@ from pathlib import Path
 
 from star_engine.costs import (DEFAULT_CALIBRATION, Calibration, attention_flops_per_pair, fit_rates,
                                linear_flops_per_token)
-from star_engine.model import PRESETS
+from star_engine.config import PRESETS
 
 
 def main() -> None:

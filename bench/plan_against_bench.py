@@ -14,12 +14,12 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from results_io import save, table
 
 from star_engine.attention import StrategySpec
 from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration
-from star_engine.flags import DTYPES
 from star_engine.planner import predict
 
 MEASURES = (("phase1_s", "phase1_s"), ("ttft_s", "ttft_s"), ("tpot_s", "tpot_s"))
@@ -37,7 +37,7 @@ def spec_of(row: dict) -> StrategySpec:
 
 def compare(result: dict, calibration: Calibration) -> list[dict]:
     config = load_config(result["model"])
-    element_size = DTYPES[result.get("dtype", "bfloat16")].itemsize
+    element_size = getattr(torch, result.get("dtype", "bfloat16")).itemsize
     out = []
     for row in result["rows"]:
         if "ttft_s" not in row:

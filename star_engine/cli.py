@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import resolve
 from .commands import COMMANDS
 
 
@@ -31,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     command = COMMANDS[args.command]
+    from .checkpoint import resolve  # PyTorch loads here, once the arguments are parsed
+
     try:
         resolve(args.model)
         command.check(args)

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .model import ModelConfig
+from .config import ModelConfig
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibrations") / "nvidia-h200.json"
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
+from .names import ANCHOR_MODES, ATTENTION_BACKENDS, DTYPES, STAR_LAYOUTS, STRATEGIES
 
-from .attention.backends import BACKENDS
-from .attention.spec import STRATEGIES, StrategySpec, parse_fraction
-from .attention.star import ANCHOR_MODES, LAYOUTS
-from .checkpoint import BUILTIN_MODELS, DEFAULT_MODEL
-from .model import PRESETS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from .attention.spec import StrategySpec
 
 
 def positive(text: str) -> int:
@@ -33,6 +29,8 @@ def positive(text: str) -> int:
 
 
 def fraction(text: str) -> float:
+    from .attention.spec import parse_fraction
+
     try:
         return parse_fraction(text)
     except ValueError as exc:
@@ -57,8 +55,8 @@ def token_counts(text: str, flag: str = "--lengths") -> list[int]:
 
 
 def layout_name(text: str) -> str:
-    if text not in LAYOUTS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LAYOUTS)}, got {text!r}")
+    if text not in STAR_LAYOUTS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(STAR_LAYOUTS)}, got {text!r}")
     return text
 
 
@@ -82,7 +80,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL)
                         help="one GPU per rank, or CPU tensors (default: cuda when available)")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="decode eagerly instead of replaying each step from a CUDA graph")
-    parser.add_argument("--attn-backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default="auto",
                         help="kernels of prefill and the query pass: cudnn, flash-attn (if installed) or "
                              "PyTorch's flash kernel on GPUs, torch (exact float32 where the log-sum-exp is "
                              "needed) on CPUs and for float32 (default: auto, the first of these that works)")
@@ -119,6 +117,8 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
 def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[StrategySpec]:
     """The specs of the strategies asked for, star's from the layout flags (every
     combination of them with a grid). Raises ValueError naming the flag."""
+    from .attention.spec import StrategySpec
+
     _translate_old_anchor_size(args)
     listed = (lambda v: [None] if v is None else v) if args.star_grid else (lambda v: [v])
     sizes = [("block_size", v) for v in listed(args.block_size)] if args.block_size is not None else \
@@ -143,6 +143,7 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
 def _translate_old_anchor_size(args: argparse.Namespace) -> None:
     """--anchor-size as earlier versions read it, with a note that names the new flag: in
     eval a fraction of the block (list), elsewhere tokens when written as an integer."""
+    from .attention.spec import parse_fraction
     from .launch import env_rank
 
     text = getattr(args, "old_anchor_size", None)

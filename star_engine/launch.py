@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Seconds a rank waits for its peers in one MPI operation before it ends the job.
 DEFAULT_MPI_TIMEOUT_S = 600.0
@@ -264,6 +265,8 @@ def select_device(kind: str, dist: Dist) -> torch.device:
     (srun --gpus-per-task=1, --gpu-bind), else the node's GPUs dealt out by node-local rank.
     Two ranks never share a GPU unless STAR_ENGINE_SHARE_GPUS=1. `cpu`: the node's cores
     shared out."""
+    import torch  # here, so that the command line parses its arguments before PyTorch loads
+
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: this PyTorch sees no GPU")
@@ -301,6 +304,8 @@ def gpu_id(device: torch.device) -> str:
     """The physical GPU behind `device`: its node and UUID (or, lacking one, its index
     before CUDA_VISIBLE_DEVICES renumbered them)."""
     import socket
+
+    import torch
 
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     if uuid is None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .attention import ContextLayout, Strategy
 from .costs import kv_bytes_per_token
-from .model import ModelConfig
+from .config import ModelConfig
 
 # Phase-1 activations per token a rank runs through a layer, in hidden-sized vectors: the
 # hidden states, q, k, v, the attention output and the MLP's chunked intermediates (measured

@@ -19,7 +19,7 @@ from .attention.star import StarLayout, block_work
 from .costs import (Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token,
                     linear_flops_per_token, model_weights)
 from .launch import Place
-from .model import ModelConfig
+from .config import ModelConfig
 from .plan import plan_request
 
 

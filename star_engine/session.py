@@ -12,7 +12,6 @@ import torch
 
 from .attention.backends import backend_for, set_backend
 from .attention.spec import StrategySpec
-from .flags import DTYPES
 
 if TYPE_CHECKING:
     from .schedule import Engine
@@ -28,7 +27,7 @@ class Session:
         self.args = args
         self.dist = init_distributed()
         self.device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), self.dist)
-        dtype = DTYPES[args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")]
+        dtype = getattr(torch, args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
         self.say(f"star_engine: loading {args.model} on {plural(self.dist.world, 'rank')} "
                  f"({plural(self.dist.nodes, 'node')}), {self.device.type}, {dtype}")
         start = time.perf_counter()

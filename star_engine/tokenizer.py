@@ -77,7 +77,7 @@ def load_tokenizer(spec: str, eos_token_ids: tuple[int, ...]) -> Tokenizer | Byt
     """The tokenizer of the model `spec` names (see checkpoint.resolve)."""
     source = resolve(spec)
     if source.kind == "preset":
-        from .model import PRESETS
+        from .config import PRESETS
 
         return ByteTokenizer(PRESETS[spec].vocab_size)
     from transformers import AutoTokenizer

@@ -136,6 +136,13 @@ def test_demo_prints_both_answers_side_by_side():
     assert "first token (s)" in result.stdout
 
 
+def test_help_answers_without_loading_pytorch():
+    probe = ("import sys\nfrom star_engine.cli import build_parser\n"
+             "build_parser().format_help()\nassert 'torch' not in sys.modules, 'torch was imported'")
+    result = run([sys.executable, "-c", probe], timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_help_documents_every_flag():
     parser = build_parser()
     for command in ("run", "demo", "bench", "eval"):

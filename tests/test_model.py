@@ -7,7 +7,7 @@ import torch
 
 from star_engine.attention.local import local_attention
 from star_engine.checkpoint import load_model, resolve
-from star_engine.model import PRESETS, ModelConfig
+from star_engine.config import PRESETS, ModelConfig
 from tests.reference import make_tiny_checkpoint
 
 CPU = torch.device("cpu")

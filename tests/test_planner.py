@@ -9,7 +9,7 @@ import pytest
 
 from star_engine.attention import StrategySpec
 from star_engine.costs import Calibration, attention_flops_per_pair, linear_flops_per_token
-from star_engine.model import PRESETS
+from star_engine.config import PRESETS
 from star_engine.planner import predict, recommend
 from tests.launcher import mpirun, run
 

@@ -9,7 +9,7 @@ from .base import ContextLayout, Strategy
 from .dense import DenseAttention
 from .ring import RingAttention
 from .spec import STRATEGIES, StrategySpec
-from .star import ANCHOR_MODES, StarAttention
+from .star import StarAttention
 
-__all__ = ["ANCHOR_MODES", "STRATEGIES", "ContextLayout", "DenseAttention", "RingAttention", "StarAttention",
+__all__ = ["STRATEGIES", "ContextLayout", "DenseAttention", "RingAttention", "StarAttention",
            "Strategy", "StrategySpec"]

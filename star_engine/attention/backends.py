@@ -8,9 +8,10 @@ import functools
 
 import torch
 
+from ..names import ATTENTION_BACKENDS
 from .kernels import FUSED, agrees, exact_attention_lse, fused_attention_lse, has_flash_attn, probe_inputs
 
-BACKENDS = ("auto", *FUSED, "torch")
+BACKENDS = ATTENTION_BACKENDS
 _backend = "auto"
 
 

@@ -19,9 +19,10 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from ..names import ATTENTION_BACKENDS
 from .merge import merge_into
 
-FUSED = ("cudnn", "flash-attn", "flash")
+FUSED = ATTENTION_BACKENDS[1:-1]  # cudnn, flash-attn, flash
 
 # Bound on the score matrix of one query chunk (elements), to keep long contexts in memory.
 _MAX_SCORES = 1 << 26

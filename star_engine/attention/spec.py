@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 from ..comm import Communicator
 from ..costs import Calibration, token_weight
 from ..launch import Place
-from ..model import ModelConfig
+from ..names import STRATEGIES as STRATEGY_NAMES
+from ..config import ModelConfig
 from .base import Strategy
 from .dense import DenseAttention
 from .ring import RingAttention
 from .star import StarAttention, check_star_settings
 
-STRATEGIES = {"star": StarAttention, "ring": RingAttention, "dense": DenseAttention}
+STRATEGIES = dict(zip(STRATEGY_NAMES, (StarAttention, RingAttention, DenseAttention)))
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,10 @@ from .. import _C
 from ..comm import Communicator
 from ..launch import Place
 from ..model import Transformer
+from ..names import ANCHOR_MODES, STAR_LAYOUTS
 from .base import ContextLayout, Strategy
 from .local import local_attention
 
-ANCHOR_MODES = ("recompute", "broadcast")
-LAYOUTS = ("uniform", "balanced")
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,8 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
         raise ValueError(f"anchor of {anchor_tokens} tokens exceeds the block size {block_size}")
     if anchor_mode not in ANCHOR_MODES:
         raise ValueError(f"anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {anchor_mode!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"star layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout not in STAR_LAYOUTS:
+        raise ValueError(f"star layout must be one of {', '.join(STAR_LAYOUTS)}, got {layout!r}")
 
 
 def block_tokens(context_len: int, block_size: int | None, blocks: int) -> int:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..attention import StrategySpec
-from ..attention.backends import backend_for
 from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
                      token_counts)
-from ..session import Session
+
+if TYPE_CHECKING:
+    from ..attention import StrategySpec
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -42,8 +43,10 @@ def check(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .. import benchmark
+    from ..attention.backends import backend_for
     from ..plots import plot_bench
     from ..results import environment, save
+    from ..session import Session
 
     if args.replot is not None:
         if not plot_bench(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..flags import add_generation_flags, add_model_flags, add_star_flags, positive, star_specs
-from ..session import Session
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -30,6 +27,9 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..session import Session
     from ..tasks import make_sample, score
 
     session = Session(args)

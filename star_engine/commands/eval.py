@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 from ..flags import add_model_flags, add_star_flags, positive, star_specs, strategy_names, token_counts
-from ..session import Session
 from ..tasks import TASKS
 
 
@@ -49,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
     from .. import evaluation
     from ..plots import plot_eval
     from ..results import environment, save
+    from ..session import Session
 
     session = Session(args)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])

@@ -74,12 +74,13 @@ def main(args: argparse.Namespace) -> int:
     from ..attention import StrategySpec
     from ..checkpoint import load_config
     from ..costs import Calibration
-    from ..flags import DTYPES
+    import torch
+
     from ..planner import predict, recommend
 
     config = load_config(args.model)
     calibration = Calibration.load(args.calibration)
-    element_size = DTYPES[args.dtype or "bfloat16"].itemsize
+    element_size = getattr(torch, args.dtype or "bfloat16").itemsize
     memory = args.memory_gib * 2**30 if args.memory_gib else calibration.memory_bytes
     # On one GPU every strategy is dense (one block, no ring): one line says it.
     predictions = [predict(config, spec, gpus, context, args.query_tokens, args.max_new_tokens, calibration,

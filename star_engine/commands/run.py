@@ -10,16 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-
-from ..attention import STRATEGIES
 from ..flags import add_generation_flags, add_model_flags, add_star_flags, star_specs
-from ..launch import GracefulStop
-from ..plan import RequestPlan, RequestTooLarge
-from ..session import Session
+from ..names import STRATEGIES
 
 if TYPE_CHECKING:
+    from ..launch import GracefulStop
+    from ..plan import RequestPlan
     from ..schedule import Engine
+    from ..session import Session
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -63,6 +61,8 @@ class PreparedRequest:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..launch import GracefulStop
+
     with GracefulStop() as stop:
         return _answer_requests(args, stop)
 
@@ -70,6 +70,10 @@ def main(args: argparse.Namespace) -> int:
 def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     """Rank 0 reads, tokenizes and writes; every rank takes part in each request, and all
     leave together, between requests, once a rank was asked to stop."""
+    import torch
+
+    from ..session import Session
+
     session = Session(args)
     engine = session.engine(args.spec)
     dist = session.dist
@@ -159,6 +163,8 @@ def _error_record(rid: Any, line: int | None, error: str) -> dict[str, Any]:
 def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, results: _Results
                        ) -> Iterator[PreparedRequest]:
     """Rank 0: valid, tokenized requests that fit; the others become error lines here."""
+    from ..plan import RequestTooLarge
+
     with args.input.open(encoding="utf-8", errors="replace") as f:
         lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
     seen: set[str] = set()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from star_engine import _C
-from star_engine.model import PRESETS
+from star_engine.config import PRESETS
 from tests.reference import naive_attention
 
 pytestmark = pytest.mark.skipif(not _C.WITH_CUDA, reason="extension built without CUDA")

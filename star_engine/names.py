@@ -1,0 +1,9 @@
+"""The names the command line offers, defined once and without PyTorch (so that the command
+line answers --help at once); the modules that implement each choice import its names
+from here."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash-attn", "flash", "torch")  # kernels.py: the fused ones
+STRATEGIES = ("star", "ring", "dense")
+ANCHOR_MODES = ("recompute", "broadcast")
+STAR_LAYOUTS = ("uniform", "balanced")
