@@ -53,20 +53,26 @@ def resolve(spec: str) -> ModelSource:
                      "a directory with config.json, nor a .gguf file")
 
 
+def read_config(path: Path) -> ModelConfig:
+    """A Hugging Face config.json; ValueError naming the file if it is not one."""
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{path}: not a model's config.json ({what})") from None
+
+
 def load_config(spec: str) -> ModelConfig:
     """The shape of the model `spec` names (a model as --model takes it, or a config.json),
     without building it."""
     path = Path(spec)
     if path.is_file() and path.name.endswith(".json"):
-        try:
-            return ModelConfig.from_hf(json.loads(path.read_text()))
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: not a model's config.json ({exc})") from None
+        return read_config(path)
     source = resolve(spec)
     if source.kind == "preset":
         return PRESETS[spec]
     if source.kind == "hf":
-        return ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
+        return read_config(source.path / "config.json")
     return _read_gguf_cached(source.path)[0]
 
 
@@ -144,10 +150,13 @@ def _lookup(tensors: dict[str, Tensor], where: Path) -> Callable[[str], Tensor]:
 def _read_hf(path: Path) -> tuple[ModelConfig, Callable[[str], Tensor]]:
     from safetensors import safe_open
 
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    cfg = read_config(path / "config.json")
     generation = path / "generation_config.json"
     if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
+        try:
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{generation}: not a generation_config.json ({exc})") from None
         if eos is not None:
             cfg = replace(cfg, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
     files = sorted(path.glob("*.safetensors"))
@@ -155,9 +164,12 @@ def _read_hf(path: Path) -> tuple[ModelConfig, Callable[[str], Tensor]]:
         raise ValueError(f"{path} has no *.safetensors file")
     tensors: dict[str, Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{file}: not a safetensors file this program reads ({exc})") from None
     return cfg, _lookup(tensors, path)
 
 

@@ -5,6 +5,8 @@ mpirun or srun. Parses, checks the arguments once, and hands them to the command
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 
 from .commands import COMMANDS
@@ -26,17 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     from .launch import env_rank, run_guarded
 
     parser = build_parser()
-    if env_rank() != 0:  # every rank parses the same arguments; one of them speaks
-        parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
-    args = parser.parse_args(argv)
+    speaks = env_rank() == 0  # every rank parses the same arguments; one of them speaks
+    with contextlib.redirect_stdout(sys.stdout if speaks else io.StringIO()), \
+            contextlib.redirect_stderr(sys.stderr if speaks else io.StringIO()):
+        args = parser.parse_args(argv)  # usage, help and argument errors: once per job
     command = COMMANDS[args.command]
-    from .checkpoint import resolve  # PyTorch loads here, once the arguments are parsed
+    from .checkpoint import read_config, resolve  # PyTorch loads here, once the arguments are parsed
 
     try:
-        resolve(args.model)
+        source = resolve(args.model)
+        if source.kind == "hf":
+            read_config(source.path / "config.json")
         command.check(args)
     except ValueError as exc:
-        if env_rank() == 0:
+        if speaks:
             print(f"star_engine: {exc}", file=sys.stderr)
         return 2
     return run_guarded(lambda: command.main(args))

@@ -178,3 +178,6 @@ def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int, s
         parser.add_argument("--max-tokens", type=positive, default=None,
                             help="longest request (context + query + generated tokens) the KV cache is "
                                  "sized for; longer ones are refused (default: the model's context length)")
+        parser.add_argument("--beyond-trained-positions", action="store_true",
+                            help="allow --max-tokens beyond the positions the model was trained for (with a "
+                                 "warning): its answers there cannot be trusted")

@@ -31,8 +31,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _PING, _PONG = 1, 2  # message tags of "are you there?" and its answer
 
 
-class LaunchError(ValueError):
-    """The processes were started in a way that cannot work; nothing has been computed."""
+class JobError(ValueError):
+    """A problem every rank finds the same (how the processes were started, what the job
+    asks for), before anything is computed: one rank says it."""
 
 
 class PeerTimeout(RuntimeError):
@@ -227,12 +228,12 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     if not MPI.Is_initialized():
         error = split_launch_error(env, MPI.Get_library_version(), None)
         if error is not None:
-            raise LaunchError(error)
+            raise JobError(error)
         MPI.Init_thread(MPI.THREAD_MULTIPLE)  # a stop's grace timer may end the job from its thread
     world = MPI.COMM_WORLD
     error = split_launch_error(env, MPI.Get_library_version(), world.Get_size())
     if error is not None:
-        raise LaunchError(error)
+        raise JobError(error)
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     if timeout_s is None:
         timeout_s = _seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)
@@ -254,7 +255,7 @@ def _seconds_from_env(var: str, default: float) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise LaunchError(f"{var}={text!r}: expected a number of seconds > 0")
+        raise JobError(f"{var}={text!r}: expected a number of seconds > 0")
     return value
 
 
@@ -394,7 +395,7 @@ def run_guarded(main: Callable[[], int]) -> int:
         return _end_job(130)
     except SystemExit:
         raise
-    except LaunchError as exc:
+    except JobError as exc:
         # Every process finds the same problem: one of them says it; none is joined to another.
         if env_rank() == 0:
             sys.stderr.write(f"star_engine: {exc}\n")

@@ -34,6 +34,21 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this rank could still allocate: the GPU's free memory, or on a CPU the
+    machine's available memory (Linux); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def every_rank_has_room(dist: Dist, needed_bytes: int, device: torch.device) -> bool:
     """Whether every rank's GPU has needed_bytes (its own need) free; decided together,
     so that ranks never part. CPU memory is not checked."""

@@ -16,8 +16,9 @@ from .attention import Strategy
 from .attention.decode import decode_kernel_serves
 from .attention.phase2 import query_attention, token_attention
 from .comm import Communicator
-from .launch import Dist
-from .memory import peak_memory, reset_peak_memory
+from .launch import Dist, JobError
+from .costs import kv_bytes_per_token
+from .memory import available_memory, peak_memory, reset_peak_memory
 from .model import Transformer
 from .plan import RequestPlan, RequestTooLarge, plan_request
 
@@ -60,8 +61,22 @@ class Engine:
         self.capacities = [min(max_tokens, query_share + self.max_tail) if r == dist.query_rank
                            else strategy.context_capacity(r, max_tokens) for r in range(dist.world)]
         cfg, weight = model.config, model.embed.weight
-        self.arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                self.capacities[dist.rank], weight.dtype, weight.device)
+        self._check_memory(kv_bytes_per_token(cfg, weight.element_size()))
+        try:
+            self.arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                    self.capacities[dist.rank], weight.dtype, weight.device)
+        except (RuntimeError, MemoryError) as exc:
+            raise ValueError(f"the KV cache for requests of {max_tokens} tokens could not be allocated "
+                             f"(--max-tokens): {str(exc).splitlines()[0]}") from None
+
+    def _check_memory(self, bytes_per_slot: int) -> None:
+        """Refuses, the same on every rank, an arena that a rank has no memory for."""
+        available = self.dist.allgather(available_memory(self.model.embed.weight.device))
+        for rank, (slots, free) in enumerate(zip(self.capacities, available)):
+            if free is not None and slots * bytes_per_slot > free:
+                raise JobError(f"a KV cache for requests of {self.max_tokens} tokens needs "
+                               f"{slots * bytes_per_slot / 2**30:.1f} GiB on rank {rank}, which has "
+                               f"{free / 2**30:.1f} GiB free: a smaller --max-tokens, or more ranks")
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""

@@ -49,9 +49,18 @@ class Session:
         """An engine of the strategy `spec` names, sized for requests of up to max_tokens
         (default: --max-tokens, else the model's context length), of which at most
         max_tail come after the context."""
+        from .launch import JobError
         from .schedule import Engine
 
-        max_tokens = max_tokens or getattr(self.args, "max_tokens", None) or self.model.config.max_position_embeddings
+        trained = self.model.config.max_position_embeddings
+        max_tokens = max_tokens or getattr(self.args, "max_tokens", None) or trained
+        if max_tokens > trained:
+            if not getattr(self.args, "beyond_trained_positions", False):
+                raise JobError(f"--max-tokens {max_tokens} is beyond the {trained} positions {self.args.model} was "
+                               "trained for, where its answers cannot be trusted; --beyond-trained-positions "
+                               "runs it anyway")
+            self.say(f"star_engine: warning: requests of up to {max_tokens} tokens, beyond the {trained} positions "
+                     f"{self.args.model} was trained for")
         return Engine(self.model, spec.build(self.dist, self.comm, self.model.config), self.comm, self.dist, max_tokens,
                       cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail)
 

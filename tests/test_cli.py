@@ -60,7 +60,7 @@ def test_every_line_gets_a_result_and_bad_lines_get_their_error(tmp_path):
     assert errors[4] == "'id' must be a string or an integer"
     assert errors[5] == "'context' must be a string"
     assert errors[6] == "'max_new_tokens' must be an integer >= 1"
-    assert errors[7] == "duplicate id 'a'"
+    assert errors[7] == 'duplicate id "a"'
     assert "the limit is 1000" in errors[8]
     answered = {r["id"]: r for r in records if r["error"] is None}
     assert set(answered) == {"a", 7}
@@ -86,6 +86,117 @@ def test_a_rerun_skips_the_ids_already_answered(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [r["id"] for r in read_jsonl(out)] == ["a", "b", "c"]
     assert "2 answered, 0 failed, 1 already done" in result.stderr
+
+
+def test_no_input_line_ends_the_job_and_a_rerun_reports_each_bad_line_once(tmp_path):
+    requests = tmp_path / "in.jsonl"
+    lines = [json.dumps(good("first")).encode(),
+             b'{"id": "s", "context": "a lone \\ud800 surrogate", "query": "q?"}',
+             b'{"id": "t", "context": "c", "query": "\\udfff"}',
+             b"[" * 100_000 + b"]" * 100_000,
+             b'{"id": ' + b"7" * 5000 + b', "context": "c", "query": "q"}',
+             b'{"id": "latin-1", "context": "caf\xe9", "query": "q"}',
+             json.dumps(good("a\nforged line \u001b[31m")).encode(),
+             json.dumps(good("last")).encode()]
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    result = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY])
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(out)
+    errors = {r["line"]: r["error"] for r in records if r["error"]}
+    assert set(errors) == {2, 3, 4, 5, 6}
+    assert errors[2] == "'context' is not text: a lone surrogate (\\ud800) at character 7"
+    assert errors[3] == "'query' is not text: a lone surrogate (\\udfff) at character 0"
+    assert errors[4] == "not JSON this program reads: nested too deeply"
+    assert errors[5].startswith("not JSON: Exceeds the limit")
+    assert errors[6] == "not UTF-8: byte 0xe9 at offset 33"
+    assert [r["id"] for r in records if r["error"] is None] == ["first", "a\nforged line \u001b[31m", "last"]
+    # Ids are printed escaped: no forged line, no terminal escape.
+    assert '"a\\nforged line \\u001b[31m"' in result.stderr and "\x1b" not in result.stderr
+    assert "\nforged line" not in result.stderr
+
+    again = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY])
+    assert again.returncode == 0, again.stderr
+    assert read_jsonl(out) == records  # nothing repeated, nothing dropped
+    assert "0 answered, 0 failed, 3 already done, 5 bad lines reported before" in again.stderr
+
+
+def test_a_complete_last_record_is_kept_and_a_cut_one_answered_again(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a"), good("b")])
+    out = tmp_path / "out.jsonl"
+    assert star_engine(["run", "--input", str(requests), "--output", str(out), *TINY]).returncode == 0
+    out.write_text(out.read_text().rstrip("\n"))  # complete, but without its newline
+    result = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY])
+    assert result.returncode == 0, result.stderr
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b"] and "2 already done" in result.stderr
+
+
+def test_an_output_that_is_not_a_results_file_is_refused_untouched(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a")])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nabout the job")
+    result = star_engine(["run", "--input", str(requests), "--output", str(notes), *TINY])
+    assert result.returncode == 2
+    assert "line 1 is not a result of this program; give another file" in result.stderr
+    assert notes.read_text() == "my notes\nabout the job"
+
+
+def test_one_run_writes_an_output_at_a_time(tmp_path):
+    import fcntl
+
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a")])
+    out = tmp_path / "out.jsonl"
+    lock = (tmp_path / ".out.jsonl.lock").open("w")
+    lock.write("star_engine run, process 4242 on node7, since 2026-11-29T10:00:00")
+    lock.flush()
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+    result = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY], ranks=2)
+    assert result.returncode == 2
+    assert result.stderr.count("is being written by star_engine run, process 4242 on node7") == 1
+    assert not out.exists()
+    lock.close()
+    assert star_engine(["run", "--input", str(requests), "--output", str(out), *TINY]).returncode == 0
+
+
+def test_output_dash_writes_results_to_stdout_as_they_come(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a"), good("b")])
+    result = star_engine(["run", "--input", str(requests), "--output", "-", *TINY])
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a", "b"]
+
+
+def test_an_argument_error_is_said_once_per_job_not_once_per_rank(tmp_path):
+    result = star_engine(["run", "--input", "x"], ranks=3)
+    assert result.returncode == 2 and result.stderr.count("usage:") == 1
+    directory = star_engine(["run", "--input", str(tmp_path), "--output", "o", *TINY])
+    assert "--input " + str(tmp_path) + " is a directory" in directory.stderr
+
+
+def test_a_kv_cache_beyond_the_trained_positions_or_the_memory_is_refused_in_one_line(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a")])
+    out = tmp_path / "out.jsonl"
+    beyond = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY, "--max-tokens", "20000"],
+                         ranks=2)
+    assert beyond.returncode == 2
+    assert beyond.stderr.count("--max-tokens 20000 is beyond the 16384 positions tiny was trained for") == 1
+    asked = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY, "--max-tokens", "20000",
+                         "--beyond-trained-positions"])
+    assert asked.returncode == 0, asked.stderr
+    assert "warning: requests of up to 20000 tokens, beyond the 16384 positions" in asked.stderr
+    huge = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY,
+                        "--max-tokens", str(10**12), "--beyond-trained-positions"], ranks=2)
+    assert huge.returncode == 2 and "Traceback" not in huge.stderr
+    assert huge.stderr.count("a KV cache for requests of 1000000000000 tokens needs") == 1
+
+
+def test_a_broken_checkpoint_is_named_in_one_line(tmp_path):
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{not json")
+    result = star_engine(["run", "--input", str(write_jsonl(tmp_path / "in.jsonl", [good("a")])),
+                          "--output", str(tmp_path / "out.jsonl"), "--model", str(checkpoint)], ranks=2)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count(f"{checkpoint / 'config.json'}: not a model's config.json") == 1
 
 
 @pytest.mark.parametrize("grace,ending", [("30", "stopped after"), ("0.2", "abandoned, a rerun does it")])

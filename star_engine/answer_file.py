@@ -1,0 +1,167 @@
+"""The answers of `run`: a JSONL file, one record a request, appended as each is answered.
+
+It is the job's memory: a rerun skips the ids it holds answered and the bad lines it holds
+reported, so that an interrupted job goes on where it stopped and reports each bad line
+once. One run writes a file at a time (a lock beside it names the holder). A file that is
+not a results file of this program is refused, a last line cut short by an interruption
+is dropped, a complete one kept. `-`, a pipe or a terminal is written as answers come,
+without reading anything first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import stat
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+
+class AnswerFileError(ValueError):
+    """The output cannot be used (held by another run, or not a results file)."""
+
+
+def is_stream(path: Path) -> bool:
+    """`-`, or something that is read as it is written (a pipe, a terminal)."""
+    if str(path) == "-":
+        return True
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def check_answer_file(path: Path) -> None:
+    """Raises AnswerFileError if `path` is held by another run or is not a results file."""
+    if is_stream(path):
+        return
+    if path.is_dir():
+        raise AnswerFileError(f"--output {path} is a directory")
+    lock = _Lock(path)
+    try:
+        lock.take(shared=True)  # every rank checks at once: shared, they do not exclude each other
+    finally:
+        lock.release()
+    if path.exists():
+        _records(path)
+
+
+class AnswerFile:
+    """Rank 0's view of the output: what is done, and appending (a record is written whole
+    while holding `writing`, which a stop that abandons the job takes before it ends the
+    process)."""
+
+    def __init__(self, path: Path, writing: threading.Lock) -> None:
+        self.path, self.writing = path, writing
+        self.answered: set[str] = set()  # ids (as JSON) answered
+        self.reported: set[tuple[str, str]] = set()  # (line digest, error) written
+        self.skipped = self.errors = self.already_reported = 0
+        self._lock: _Lock | None = None
+        if is_stream(path):
+            self.file: IO[str] = sys.stdout if str(path) == "-" else path.open("a")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _Lock(path)
+        self._lock.take()
+        if path.exists():
+            for record in _records(path, repair=True):
+                if record.get("error") is None:
+                    self.answered.add(json.dumps(record["id"]))
+                elif "input_sha256" in record:
+                    self.reported.add((record["input_sha256"], record["error"]))
+        self.file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.writing:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def write_error(self, line_number: int, digest: str, rid: Any, error: str) -> bool:
+        """Writes a bad line's error record, unless an earlier run wrote the same; True if
+        written."""
+        if (digest, error) in self.reported:
+            self.already_reported += 1
+            return False
+        self.reported.add((digest, error))
+        self.errors += 1
+        self.write({"id": rid, "output": None, "output_tokens": 0, "context_tokens": None, "metrics": None,
+                    "error": error, "line": line_number, "input_sha256": digest})
+        return True
+
+    def close(self) -> None:
+        if self.file is not sys.stdout:
+            self.file.close()
+        if self._lock is not None:
+            self._lock.release()
+
+
+def _records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a results file; AnswerFileError if a line is not one. With repair, a
+    last line cut short (no newline, not JSON) is dropped and a complete one given its
+    newline."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    cut = lines.pop()  # after the last newline: empty, or a line without one
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        record = _record(raw)
+        if record is None:
+            raise AnswerFileError(f"--output {path}: line {number} is not a result of this program; "
+                                  "give another file")
+        records.append(record)
+    if cut:
+        record = _record(cut)
+        if repair:
+            with path.open("r+b") as f:
+                if record is None:  # written in part when a job ended: it is answered again
+                    f.truncate(len(data) - len(cut))
+                else:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and "id" in record and "error" in record else None
+
+
+class _Lock:
+    """flock on a file beside the output, which says who holds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(f".{path.name}.lock")
+        self.fd: int | None = None
+
+    def take(self, shared: bool = False) -> None:
+        """Held while the output is written; `shared` only looks whether another run holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise AnswerFileError(f"--output {self.path.with_name(self.path.name[1:-5])} is being written by "
+                                  f"{holder}; one run writes a file at a time") from None
+        self.fd = fd
+        if not shared:
+            os.ftruncate(fd, 0)
+            since = datetime.datetime.now().isoformat(timespec="seconds")
+            os.write(fd, f"star_engine run, process {os.getpid()} on {socket.gethostname()}, since {since}".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock; the file stays (removing it could race)
+            self.fd = None

@@ -1,0 +1,104 @@
+"""The requests of `run`: a JSONL file, one request a line, `{"id", "context", "query",
+"max_new_tokens"?}`. Every line becomes a request or the reason it cannot be one, whatever
+it holds: bytes that are not UTF-8, JSON that is not valid or nested too deep, numbers too
+long to read, text that is not text (lone surrogates)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@dataclass(frozen=True)
+class RequestLine:
+    number: int  # in the file, from 1
+    digest: str  # of its bytes: names the line in error records, so a rerun reports it once
+    request: dict[str, Any] | None  # valid, with max_new_tokens filled in; else None
+    error: str | None
+    id: Any = None  # the request's id, where one could be read
+
+    @property
+    def shown_id(self) -> str:
+        return shown(self.id)
+
+
+def shown(rid: Any) -> str:
+    """An id as progress lines print it: escaped (no newline or terminal control can pass),
+    and short."""
+    text = json.dumps(rid, ensure_ascii=True)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def printable(text: str) -> str:
+    """Text as a log line may print it: control characters (newlines, terminal escapes)
+    written as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def read_request_lines(path: Path, default_max_new_tokens: int) -> list[RequestLine]:
+    """Every non-blank line of the file, parsed."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if raw.strip():
+            lines.append(parse_request_line(number, raw, default_max_new_tokens))
+    return lines
+
+
+def parse_request_line(number: int, raw: bytes, default_max_new_tokens: int) -> RequestLine:
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    request, error = _parse(raw, default_max_new_tokens)
+    rid = request.get("id") if isinstance(request, dict) else None
+    try:
+        json.dumps(rid)
+    except ValueError:  # an integer id too long for the results file to hold exactly
+        rid, error = None, error or "'id' is an integer too long to write back exactly"
+    return RequestLine(number, digest, request if error is None else None, error, rid)
+
+
+def _parse(raw: bytes, default_max_new: int) -> tuple[dict | None, str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
+    try:
+        request = json.loads(text)
+    except RecursionError:
+        return None, "not JSON this program reads: nested too deeply"
+    except ValueError as exc:  # invalid JSON, or a number too long to convert
+        return None, f"not JSON: {exc}"
+    if not isinstance(request, dict):
+        return None, "a request must be a JSON object"
+    for name in ("id", "context", "query"):
+        if name not in request:
+            return request, f"missing field {name!r}"
+    if not isinstance(request["id"], (str, int)) or isinstance(request["id"], bool):
+        return request, "'id' must be a string or an integer"
+    for name in ("context", "query"):
+        if not isinstance(request[name], str):
+            return request, f"{name!r} must be a string"
+        try:
+            request[name].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return request, f"{name!r} is not text: a lone surrogate (\\u{ord(exc.object[exc.start]):04x}) at " \
+                            f"character {exc.start}"
+    if not request["query"].strip():
+        return request, "'query' is empty"
+    max_new = request.get("max_new_tokens", default_max_new)
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+        return request, "'max_new_tokens' must be an integer >= 1"
+    return {**request, "max_new_tokens": max_new}, None
+
+
+def iter_unique(lines: list[RequestLine], seen: set[str] | None = None) -> Iterator[RequestLine]:
+    """The lines, a repeated id after its first line made an error."""
+    seen = set() if seen is None else seen
+    for line in lines:
+        if line.error is None:
+            key = json.dumps(line.id)
+            if key in seen:
+                line = RequestLine(line.number, line.digest, None, f"duplicate id {shown(line.id)}", line.id)
+            seen.add(key)
+        yield line
