@@ -86,6 +86,7 @@ PYBIND11_MODULE(_C, m) {
       .def("finish_decoding", &star::KVArena::finish_decoding)
       .def("slots", &star::KVArena::slots, pybind11::arg("layer"))
       .def("clear", &star::KVArena::clear)
+      .def("truncate", &star::KVArena::truncate, pybind11::arg("length"))
       .def("length", &star::KVArena::length, pybind11::arg("layer"))
       .def_property_readonly("num_layers", &star::KVArena::num_layers)
       .def_property_readonly("capacity", &star::KVArena::capacity)

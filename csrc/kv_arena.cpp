@@ -146,6 +146,15 @@ void KVArena::finish_decoding() {
   std::fill(lengths_.begin(), lengths_.end(), length);
 }
 
+void KVArena::truncate(int64_t length) {
+  check_not_decoding("truncate");
+  for (int64_t len : lengths_) {
+    TORCH_CHECK(length >= 0 && length <= len, "KVArena.truncate: a layer holds ", len,
+                " tokens, cannot keep ", length);
+  }
+  std::fill(lengths_.begin(), lengths_.end(), length);
+}
+
 void KVArena::clear() {
   std::fill(lengths_.begin(), lengths_.end(), 0);
   decoding_ = false;

@@ -58,6 +58,10 @@ class KVArena {
   // Forgets all keys (the memory stays allocated).
   void clear();
 
+  // Forgets every layer's keys after the first `length`: back to an encoded context, so
+  // that it answers another question. Throws if a layer holds fewer.
+  void truncate(int64_t length);
+
   int64_t num_layers() const { return num_layers_; }
   int64_t capacity() const { return capacity_; }
   int64_t length(int64_t layer) const;

@@ -103,6 +103,18 @@ def test_decoding_past_capacity_writes_nothing_and_is_reported():
     assert not any((a.slots(layer)[0] == 9.0).any() for layer in range(3))
 
 
+def test_truncate_goes_back_to_an_encoded_context():
+    a = arena()
+    for layer in range(3):
+        a.append(layer, *kv(4, 1.0))
+        a.append(layer, *kv(2, 2.0))  # a question's tokens after the context
+    a.truncate(4)
+    assert [a.length(layer) for layer in range(3)] == [4, 4, 4]
+    assert torch.equal(a.keys(0), torch.full((2, 4, 4), 1.0))
+    with pytest.raises(RuntimeError, match="cannot keep 5"):
+        a.truncate(5)
+
+
 def test_clear_forgets_keys_but_keeps_the_memory():
     a = arena()
     a.append(0, *kv(5))

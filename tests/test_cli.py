@@ -240,6 +240,29 @@ def test_star_ring_and_dense_under_mpirun(tmp_path):
         assert record["error"] is None and len(record["metrics"]["peak_mem_bytes"]) == 3
 
 
+def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came_alone(tmp_path):
+    doc_a, doc_b = "The vault code is 4417. " * 12, "The ship sails at dawn. " * 12
+    lines = [{"id": "a1", "context": doc_a, "query": "What is the code?"},
+             {"id": "b1", "context": doc_b, "query": "When does it sail?"},
+             {"id": "a2", "context": doc_a, "query": "Say the code twice."},
+             {"id": "b2", "context": "another text", "context_id": "ship", "query": "Which ship?"},
+             {"id": "b3", "context": doc_b, "query": "Is it at dawn?"}]
+    out = tmp_path / "out.jsonl"
+    result = star_engine(["run", "--input", str(write_jsonl(tmp_path / "in.jsonl", lines)), "--output", str(out),
+                          *TINY], ranks=2)
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(out)
+    # Grouped by context in the order each first appears; b2 names a context of its own.
+    assert [r["id"] for r in records] == ["a1", "a2", "b1", "b3", "b2"]
+    assert [r["metrics"]["context_reused"] for r in records] == [False, True, False, True, False]
+    for line, record in zip([lines[0], lines[2], lines[1], lines[4], lines[3]], records):
+        alone = tmp_path / f"alone_{line['id']}.jsonl"
+        single = star_engine(["run", "--input", str(write_jsonl(tmp_path / f"{line['id']}.jsonl", [line])),
+                              "--output", str(alone), *TINY], ranks=2)
+        assert single.returncode == 0, single.stderr
+        assert read_jsonl(alone)[0]["output"] == record["output"]
+
+
 def test_demo_prints_both_answers_side_by_side():
     result = star_engine(["demo", "--model", "tiny", "--context-tokens", "400", "--max-new-tokens", "2"], ranks=2)
     assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ answered; a rerun answers only the ids the output does not hold yet."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..names import STRATEGIES
 
 if TYPE_CHECKING:
     from ..answer_file import AnswerFile
+    from ..request_file import RequestLine
     from ..launch import GracefulStop
     from ..plan import RequestPlan
     from ..schedule import Engine
@@ -59,7 +61,7 @@ class PreparedRequest:
     total: int  # requests in the file
     shown_id: str  # its id as progress lines print it
     rid: Any  # its id, as the file gives it
-    context_ids: list[int]
+    context_ids: list[int] | None  # None: the same as the request before's
     query_ids: list[int]
     plan: RequestPlan
 
@@ -86,7 +88,7 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     answers = AnswerFile(args.output, stop.writing) if dist.rank == 0 else None
     try:
         work = _prepared_requests(args, session, engine, answers) if dist.rank == 0 else None
-        answered = 0
+        answered, context = 0, None
         while True:
             request = next(work, None) if work is not None else None
             # Also where the others wait while rank 0 reads and tokenizes.
@@ -97,25 +99,28 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
             request = dist.bcast(request, root=0)
             if request is None:
                 break
+            if request.context_ids is not None:
+                context = torch.as_tensor(request.context_ids)
             where = f"[{request.number}/{request.total}] {request.shown_id}"
-            session.say(f"{where}: {len(request.context_ids)} context + {len(request.query_ids)} query tokens ...")
-            gen = engine.generate(torch.as_tensor(request.context_ids), torch.as_tensor(request.query_ids),
-                                  request.plan.max_new_tokens, plan=request.plan)
+            session.say(f"{where}: {len(context)} context + {len(request.query_ids)} query tokens ...")
+            gen = engine.generate(context, torch.as_tensor(request.query_ids), request.plan.max_new_tokens,
+                                  plan=request.plan, reuse_context=True)
             answered += 1
             if answers is not None:
                 answers.write({
                     "id": request.rid,
                     "output": session.tokenizer.decode(gen.tokens),
                     "output_tokens": len(gen.tokens),
-                    "context_tokens": len(request.context_ids),
+                    "context_tokens": len(context),
                     "query_tokens": len(request.query_ids),
                     "metrics": asdict(gen.metrics),
                     "error": None,
                 })
                 m = gen.metrics
                 tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
-                session.say(f"{where}: {len(gen.tokens)} tokens | phase 1 {m.phase1_s:.2f} s, "
-                            f"first token {m.ttft_s:.2f} s, per token {tpot}")
+                phase1 = "context encoded before" if m.context_reused else f"phase 1 {m.phase1_s:.2f} s"
+                session.say(f"{where}: {len(gen.tokens)} tokens | {phase1}, first token {m.ttft_s:.2f} s, "
+                            f"per token {tpot}")
         if answers is not None:
             session.say(f"star_engine: {answered} answered, {answers.errors} failed, {answers.skipped} already done"
                         + (f", {answers.already_reported} bad lines reported before" if answers.already_reported
@@ -135,7 +140,8 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engin
 
     lines = read_request_lines(args.input, args.max_new_tokens)
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
+    last_context_ids: list[int] | None = None  # of the request sent last
+    for number, line in enumerate(_by_context(lines), start=1):
         error = line.error
         if error is None:
             key = json.dumps(line.id)
@@ -159,4 +165,25 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engin
             if answers.write_error(line.number, line.digest, line.id, error):
                 session.say(f"[{number}/{len(lines)}] line {line.number}: {printable(error)}")
             continue
-        yield PreparedRequest(number, len(lines), shown(line.id), line.id, context_ids, query_ids, plan)
+        same_context = context_ids == last_context_ids
+        last_context_ids = context_ids
+        yield PreparedRequest(number, len(lines), shown(line.id), line.id, None if same_context else context_ids,
+                              query_ids, plan)
+
+
+def _by_context(lines: list[RequestLine]) -> list[RequestLine]:
+    """The lines with the requests of one context (the same `context_id`, else the same
+    text) together, in the order each context first appears: the engine then encodes a
+    context once for all its questions."""
+    first: dict[str, int] = {}
+    keys = []
+    for index, line in enumerate(lines):
+        request = line.request
+        if request is None:
+            key = f"line {index}"
+        elif isinstance(request.get("context_id"), (str, int)):
+            key = "id " + json.dumps(request["context_id"])
+        else:
+            key = "text " + hashlib.sha256(request["context"].encode()).hexdigest()
+        keys.append(first.setdefault(key, index))
+    return [line for _, _, line in sorted(zip(keys, range(len(lines)), lines))]

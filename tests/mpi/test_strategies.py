@@ -172,6 +172,29 @@ def test_a_request_that_does_not_fit_is_refused_by_its_plan_before_any_compute(d
         engine.generate(*request(50), 4, plan=engine.plan(50, 5, 3))
 
 
+@pytest.mark.parametrize("make", [
+    lambda dist, comm: StarAttention(dist, comm, block_size=16),
+    lambda dist, comm: StarAttention(dist, comm, layout="balanced", blocks=5, anchor_mode="recompute"),
+    lambda dist, comm: RingAttention(dist, comm),
+    lambda dist, comm: DenseAttention(dist, comm),
+], ids=["star", "star-balanced", "ring", "dense"])
+def test_a_context_encoded_once_answers_each_question_as_if_it_came_alone(dist, comm, model, make):
+    context, first = request(90, seed=8)
+    _, second = request(90, query_len=7, seed=9)
+    shared = Engine(model, make(dist, comm), comm, dist, max_tokens=512)
+    shared.generate(context, first, NEW_TOKENS, reuse_context=True)
+    again = shared.generate(context, second, NEW_TOKENS, keep_logits=True, reuse_context=True)
+    alone = Engine(model, make(dist, comm), comm, dist, max_tokens=512).generate(
+        context, second, NEW_TOKENS, keep_logits=True)
+    assert again.metrics.context_reused and again.metrics.phase1_s == 0.0
+    assert not alone.metrics.context_reused
+    assert again.tokens == alone.tokens
+    for a, b in zip(again.logits, alone.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    other, _ = request(90, seed=10)  # another context is encoded anew
+    assert not shared.generate(other, second, 2, reuse_context=True).metrics.context_reused
+
+
 @pytest.mark.parametrize("context_len", [97, 64, 5])  # 5: fewer tokens than chunks on 3-4 ranks
 def test_ring_equals_dense_and_causal_attention(dist, comm, model, tiny_checkpoint, context_len):
     context, query = request(context_len, seed=7)
