@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -90,15 +90,3 @@ def _parse(raw: bytes, default_max_new: int) -> tuple[dict | None, str | None]:
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         return request, "'max_new_tokens' must be an integer >= 1"
     return {**request, "max_new_tokens": max_new}, None
-
-
-def iter_unique(lines: list[RequestLine], seen: set[str] | None = None) -> Iterator[RequestLine]:
-    """The lines, a repeated id after its first line made an error."""
-    seen = set() if seen is None else seen
-    for line in lines:
-        if line.error is None:
-            key = json.dumps(line.id)
-            if key in seen:
-                line = RequestLine(line.number, line.digest, None, f"duplicate id {shown(line.id)}", line.id)
-            seen.add(key)
-        yield line
