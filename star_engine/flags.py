@@ -120,20 +120,22 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
     from .attention.spec import StrategySpec
 
     _translate_old_anchor_size(args)
-    listed = (lambda v: [None] if v is None else v) if args.star_grid else (lambda v: [v])
-    sizes = [("block_size", v) for v in listed(args.block_size)] if args.block_size is not None else \
-        [("blocks", v) for v in listed(args.blocks)]
-    anchors = [("anchor_tokens", v) for v in listed(args.anchor_tokens)] if args.anchor_tokens is not None else \
-        [("anchor_fraction", v) for v in listed(args.anchor_fraction)]
-    layouts = listed(args.layout) if args.layout is not None else ["uniform"]
+
+    def values(given: object) -> list:  # a grid's flag holds a list, the others one value
+        return [None] if given is None else given if args.star_grid else [given]
+
+    size_key = "block_size" if args.block_size is not None else "blocks"
+    anchor_key = "anchor_tokens" if args.anchor_tokens is not None else "anchor_fraction"
+    grid = list(itertools.product(values(getattr(args, size_key)), values(getattr(args, anchor_key)),
+                                  values(args.layout)))
     specs = []
     for attn in strategies:
         if attn != "star":
             specs.append(StrategySpec(attn))
             continue
-        for (size_key, size), (anchor_key, anchor), layout in itertools.product(sizes, anchors, layouts):
+        for size, anchor, layout in grid:
             try:
-                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout,
+                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout or "uniform",
                                           **{size_key: size, anchor_key: anchor}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None
