@@ -5,6 +5,7 @@ range of context lengths. Contexts are random token ids: speed does not depend o
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -135,6 +136,56 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             if weight.is_cuda:
                 torch.cuda.empty_cache()
     return rows, ceilings
+
+
+def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySpec, length: int, requests: int,
+            questions: int, query_tokens: int, new_tokens: int, cuda_graph: bool,
+            say: Callable[[str], None]) -> list[dict]:
+    """A job of `requests` requests on requests/questions contexts of `length` tokens, each
+    asked `questions` questions, run twice: one request at a time (each encodes its
+    context) and with each context encoded once for its questions. Per run: the wall time,
+    requests per hour, output tokens per second, each request's time to first token and
+    its latency from the job's start."""
+    cfg = model.config
+    engine = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+                    cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
+    generator = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(0, cfg.vocab_size, (length,), generator=generator)
+                for _ in range(-(-requests // questions))]
+    queries = [torch.randint(0, cfg.vocab_size, (query_tokens,), generator=generator) for _ in range(requests)]
+    engine.generate(contexts[0], queries[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
+    rows = []
+    for reuse in (False, True):
+        mode = "context once" if reuse else "one at a time"
+        ttft, latency, reused, tokens = [], [], [], 0
+        engine.encoded = None
+        dist.sync()
+        start = time.perf_counter()
+        for i, query in enumerate(queries):
+            gen = engine.generate(contexts[i // questions], query, new_tokens, reuse_context=reuse, stop_at_eos=False)
+            ttft.append(gen.metrics.ttft_s)
+            latency.append(time.perf_counter() - start)
+            reused.append(gen.metrics.context_reused)
+            tokens += len(gen.tokens)
+        wall = time.perf_counter() - start
+        rows.append({"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "mode": mode, "context": length,
+                     "requests": requests, "questions_per_context": questions, "wall_s": wall,
+                     "requests_per_hour": requests / wall * 3600, "output_tokens_per_s": tokens / wall,
+                     "ttft_s": ttft, "latency_s": latency, "context_reused": reused})
+        say(f"  {spec.label} {length:>8} tokens, {requests} requests, {questions} a context, {mode}: {wall:.2f} s, "
+            f"{rows[-1]['requests_per_hour']:.0f} requests/hour, {rows[-1]['output_tokens_per_s']:.1f} tokens/s")
+    return rows
+
+
+def job_table(rows: list[dict]) -> str:
+    width = max([len(r["label"]) for r in rows] + [5])
+    lines = [f"{'attn':>{width}} {'context':>8} {'requests':>8} {'per ctx':>7} {'mode':>13} {'wall s':>8} "
+             f"{'req/hour':>9} {'tokens/s':>9} {'mean ttft s':>11}"]
+    for r in rows:
+        lines.append(f"{r['label']:>{width}} {r['context']:>8} {r['requests']:>8} {r['questions_per_context']:>7} "
+                     f"{r['mode']:>13} {r['wall_s']:>8.2f} {r['requests_per_hour']:>9.0f} "
+                     f"{r['output_tokens_per_s']:>9.1f} {sum(r['ttft_s']) / len(r['ttft_s']):>11.3f}")
+    return "\n".join(lines)
 
 
 def speedups(rows: list[dict]) -> list[dict]:

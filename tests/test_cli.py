@@ -327,6 +327,23 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
     assert "star at 1024 tokens: over ring" in result.stdout
 
 
+def test_bench_measures_a_job_one_at_a_time_and_with_each_context_encoded_once(tmp_path):
+    out = tmp_path / "job.json"
+    result = star_engine(["bench", "--model", "tiny", "--attn", "star", "--lengths", "2K", "--job", "4",
+                          "--questions-per-context", "2", "--max-new-tokens", "3", "--query-tokens", "8",
+                          "--output", str(out)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["one at a time", "context once"]
+    for row in rows:
+        assert row["requests"] == 4 and len(row["ttft_s"]) == len(row["latency_s"]) == 4
+        assert row["requests_per_hour"] > 0 and row["output_tokens_per_s"] > 0
+        assert row["latency_s"] == sorted(row["latency_s"])
+    assert rows[0]["context_reused"] == [False] * 4
+    assert rows[1]["context_reused"] == [False, True, False, True]  # a context's second question skips phase 1
+    assert "context once" in result.stdout
+
+
 def test_bench_results_of_other_star_layouts_get_names_of_their_own():
     from star_engine.attention import StrategySpec
     from star_engine.commands.bench import bench_name

@@ -13,6 +13,7 @@ from ..flags import (add_generation_flags, add_model_flags, add_star_flags, posi
 
 if TYPE_CHECKING:
     from ..attention import StrategySpec
+    from ..session import Session
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +30,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--output", type=Path, default=None,
                        help="JSON results (default: e2e_<model>_<ranks>ranks.json in the current directory); "
                             "the plot goes beside it as .png")
+    bench.add_argument("--job", type=positive, default=None, metavar="REQUESTS",
+                       help="measure a job of REQUESTS requests instead: one at a time against each context "
+                            "encoded once for its questions (--questions-per-context); requests per hour, "
+                            "output tokens per second, each request's latency")
+    bench.add_argument("--questions-per-context", type=positive, default=1, metavar="Q",
+                       help="with --job: questions asked of each context (default: 1)")
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
     add_model_flags(bench, model="llama-3.1-8b")
@@ -58,14 +65,17 @@ def main(args: argparse.Namespace) -> int:
     session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
                 f"{session.dist.world} rank(s)")
     name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"])
+    if args.job is not None:
+        return _job(args, session, measured, args.output or Path(f"{name.replace('e2e_', 'job_', 1)}.json"))
     output = args.output or Path(f"{name}.json")
 
     def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
         result = {**measured, "model": args.model,
                   "dtype": str(session.model.embed.weight.dtype).replace("torch.", ""),
                   "attention_backend": backend_for(session.device, session.model.embed.weight.dtype),
-                  "strategies": [spec.as_dict() for spec in args.specs], "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens, "complete": complete,
-                  **ceilings, "rows": rows, "speedups": benchmark.speedups(rows)}
+                  "strategies": [spec.as_dict() for spec in args.specs], "query_tokens": args.query_tokens,
+                  "new_tokens": args.max_new_tokens, "complete": complete, **ceilings, "rows": rows,
+                  "speedups": benchmark.speedups(rows)}
         if session.dist.rank == 0:
             save(output, result)
         return result
@@ -84,6 +94,25 @@ def main(args: argparse.Namespace) -> int:
         plotted = plot_bench(result, output.with_suffix(".png"))
         session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
                                          " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+def _job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
+    from .. import benchmark
+    from ..results import save
+
+    rows = []
+    for spec in args.specs:
+        for length in args.lengths:
+            rows += benchmark.run_job(session.model, session.comm, session.dist, spec, length, args.job,
+                                      args.questions_per_context, args.query_tokens, args.max_new_tokens,
+                                      not args.no_cuda_graph, session.say)
+            if session.dist.rank == 0:  # after every length, so that a stopped run keeps them
+                save(output, {**measured, "model": args.model, "query_tokens": args.query_tokens,
+                              "new_tokens": args.max_new_tokens, "rows": rows})
+    if session.dist.rank == 0:
+        print(benchmark.job_table(rows))
+        session.say(f"saved {output}")
     return 0
 
 
