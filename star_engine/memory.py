@@ -22,13 +22,9 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kib("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -39,14 +35,7 @@ def available_memory(device: torch.device) -> int | None:
     machine's available memory (Linux); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
 
 
 def every_rank_has_room(dist: Dist, needed_bytes: int, device: torch.device) -> bool:
@@ -57,3 +46,15 @@ def every_rank_has_room(dist: Dist, needed_bytes: int, device: torch.device) -> 
         free, _ = torch.cuda.mem_get_info(device)
         ok = needed_bytes < free
     return all(dist.allgather(ok))
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """A field of a Linux /proc file given in kB, in bytes; None where there is none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

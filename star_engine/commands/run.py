@@ -15,9 +15,9 @@ from ..names import STRATEGIES
 
 if TYPE_CHECKING:
     from ..answer_file import AnswerFile
-    from ..request_file import RequestLine
     from ..launch import GracefulStop
     from ..plan import RequestPlan
+    from ..request_file import RequestLine
     from ..schedule import Engine
     from ..session import Session
 
