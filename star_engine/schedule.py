@@ -17,8 +17,8 @@ from .attention import Strategy
 from .attention.decode import decode_kernel_serves
 from .attention.phase2 import query_attention, token_attention
 from .comm import Communicator
-from .launch import Dist, JobError
 from .costs import kv_bytes_per_token
+from .launch import Dist, JobError
 from .memory import available_memory, peak_memory, reset_peak_memory
 from .model import Transformer
 from .plan import RequestPlan, RequestTooLarge, plan_request
@@ -107,12 +107,13 @@ class Engine:
             plan = self.plan(len(context_ids), len(query_ids), max_new_tokens)
         if (plan.context_len, plan.query_len, plan.max_new_tokens) != (len(context_ids), len(query_ids), max_new_tokens):
             raise ValueError("the plan is another request's")
+        # Only where it may be reused is a context recognised (by its ids, before they move).
+        digest = hashlib.sha256(context_ids.cpu().numpy().tobytes()).hexdigest() if reuse_context else None
+        reused = (digest is not None and self.encoded is not None and self.encoded[0] == digest
+                  and not self.arena.decoding)
         device = self.model.embed.weight.device
         context_ids, query_ids = context_ids.to(device), query_ids.to(device)
         eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
-        digest = hashlib.sha256(context_ids.cpu().numpy().tobytes()).hexdigest()
-        reused = (reuse_context and self.encoded is not None and self.encoded[0] == digest
-                  and not self.arena.decoding)
         reset_peak_memory(device)
         sent_before = self.comm.bytes_sent
 
@@ -126,7 +127,7 @@ class Engine:
             self.arena.clear()
             self.strategy.encode_context(self.model, context_ids, plan.layout, self.arena)
             phase1 = self._elapsed(start)
-            self.encoded = (digest, self.arena.length(0))
+            self.encoded = (digest, self.arena.length(0)) if digest is not None else None
 
         # The query: all its tokens in one pass, then one token at a time.
         attend = query_attention(self.arena, self.comm, self.dist.is_query_rank)
