@@ -115,7 +115,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
                 engine.generate(ids[:length], ids[length:], new_tokens, plan=plan, stop_at_eos=False)
             gen = engine.generate(ids[:length], ids[length:], new_tokens, plan=plan, stop_at_eos=False)
             m = gen.metrics
-            result = {**row, "phase1_s": m.phase1_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
+            result = {**row, "phase1_s": m.phase1_s, "phase1_per_rank_s": m.phase1_per_rank_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
                       "peak_mem_bytes": m.peak_mem_bytes, "bytes_sent": m.bytes_sent,
                       "output_tokens": len(gen.tokens)}
             if ceilings:

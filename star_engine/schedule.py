@@ -27,6 +27,7 @@ from .plan import RequestPlan, RequestTooLarge, plan_request
 @dataclass
 class Metrics:
     phase1_s: float  # slowest rank's context encoding
+    phase1_per_rank_s: list[float]  # each rank's, its waits on others included
     ttft_s: float  # request start to first token decided
     tpot_s: float | None  # mean time per output token after the first
     peak_mem_bytes: list[int]  # per rank: GPU memory allocated, or resident memory on CPU
@@ -153,6 +154,7 @@ class Engine:
         every = self.dist.allgather(local)
         metrics = Metrics(
             phase1_s=max(p for p, _, _ in every),
+            phase1_per_rank_s=[p for p, _, _ in every],
             ttft_s=first,
             tpot_s=(total - first) / (len(tokens) - 1) if len(tokens) > 1 else None,
             peak_mem_bytes=[m for _, m, _ in every],
