@@ -219,7 +219,11 @@ def _gguf_field(reader, key: str, default=None):
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError(f"{path}: reading a .gguf file needs the gguf package: pip install gguf "
+                         "(or pip install 'star_engine[gguf]')") from None
 
     reader = gguf.GGUFReader(str(path))
     arch = _gguf_field(reader, "general.architecture")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from star_engine.attention.local import local_attention
-from star_engine.checkpoint import load_model, resolve
+from star_engine.checkpoint import load_config, load_model, resolve
 from star_engine.config import PRESETS, ModelConfig
 from tests.reference import make_tiny_checkpoint
 
@@ -88,3 +90,11 @@ def test_prefill_in_token_chunks_equals_prefill_at_once(monkeypatch):
     whole = causal_logits(model, ids)
     monkeypatch.setattr(model_module, "PREFILL_CHUNK", 64)
     torch.testing.assert_close(causal_logits(model, ids), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_gguf_file_without_the_gguf_package_is_one_clear_error(tmp_path, monkeypatch):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(ValueError, match="needs the gguf package: pip install gguf"):
+        load_config(str(model))
