@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
-from .names import ANCHOR_MODES, ATTENTION_BACKENDS, DTYPES, STAR_LAYOUTS, STRATEGIES
+from .names import ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_STAR_LAYOUT, DTYPES, STAR_LAYOUTS, STRATEGIES
 
 if TYPE_CHECKING:
     from .attention.spec import StrategySpec
@@ -107,7 +107,7 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     anchor.add_argument("--anchor-size", dest="old_anchor_size", default=None, help=argparse.SUPPRESS)
     group.add_argument("--layout", type=kind(layout_name), default=None, metavar="uniform|balanced",
                        help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
-                            f"same work, weighed by the device's measured rates{each} (default: uniform)")
+                            f"same work, weighed by the device's measured rates{each} (default: {DEFAULT_STAR_LAYOUT})")
     group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default="broadcast",
                        help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
                             "by every rank that needs it (default: broadcast)")
@@ -135,7 +135,7 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
             continue
         for size, anchor, layout in grid:
             try:
-                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout or "uniform",
+                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout or DEFAULT_STAR_LAYOUT,
                                           **{size_key: size, anchor_key: anchor}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None

@@ -324,7 +324,8 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
     assert min(ring["bytes_sent"]) > 0  # K/V went around the ring
     assert [s["context"] for s in saved["speedups"]] == [256, 1024]
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert "star at 1024 tokens: over ring" in result.stdout
+    assert all(r["label"] == "star balanced" for r in saved["rows"] if r["attn"] == "star")  # the default layout
+    assert "star balanced at 1024 tokens: over ring" in result.stdout
 
 
 def test_bench_measures_a_job_one_at_a_time_and_with_each_context_encoded_once(tmp_path):
@@ -348,14 +349,17 @@ def test_bench_results_of_other_star_layouts_get_names_of_their_own():
     from star_engine.attention import StrategySpec
     from star_engine.commands.bench import bench_name
 
+    def star(**settings) -> StrategySpec:  # as the command line makes it
+        return StrategySpec(**{"layout": "balanced", **settings})
+
     assert bench_name("llama-3.1-8b", 8, []) == "e2e_llama-3.1-8b_8ranks"
-    assert bench_name("llama-3.1-8b", 8, [StrategySpec()]) == "e2e_llama-3.1-8b_8ranks"
-    assert bench_name("llama-3.1-8b", 8, [StrategySpec(anchor_fraction=0.25)]) == "e2e_llama-3.1-8b_8ranks_anchor0.25"
-    assert (bench_name("tiny", 2, [StrategySpec(block_size=4096, anchor_tokens=1024)])
+    assert bench_name("llama-3.1-8b", 8, [star()]) == "e2e_llama-3.1-8b_8ranks"
+    assert bench_name("llama-3.1-8b", 8, [star(anchor_fraction=0.25)]) == "e2e_llama-3.1-8b_8ranks_anchor0.25"
+    assert (bench_name("tiny", 2, [star(block_size=4096, anchor_tokens=1024)])
             == "e2e_tiny_2ranks_block4096_anchortokens1024")
-    assert bench_name("tiny", 2, [StrategySpec(blocks=8)]) == "e2e_tiny_2ranks_blocks8"
-    assert bench_name("tiny", 2, [StrategySpec(layout="balanced")]) == "e2e_tiny_2ranks_balanced"
-    assert bench_name("tiny", 2, [StrategySpec(), StrategySpec(layout="balanced")]) == "e2e_tiny_2ranks_layouts"
+    assert bench_name("tiny", 2, [star(blocks=8)]) == "e2e_tiny_2ranks_blocks8"
+    assert bench_name("tiny", 2, [star(layout="uniform")]) == "e2e_tiny_2ranks_uniform"
+    assert bench_name("tiny", 2, [star(layout="uniform"), star()]) == "e2e_tiny_2ranks_layouts"
 
 
 def test_bench_measures_several_star_layouts_against_ring_in_one_run(tmp_path):
@@ -379,7 +383,7 @@ def test_eval_scores_every_method_on_the_same_samples(tmp_path):
                           "--output", str(out)], ranks=2)
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
-    methods = ["star 2b a=1/2", "star 2b a=1", "star 3b a=1/2", "star 3b a=1", "dense"]
+    methods = [f"star {b} a={a} balanced" for b in ("2b", "3b") for a in ("1/2", "1")] + ["dense"]
     assert saved["complete"] is True and len(saved["rows"]) == 2 * 2 * len(methods)
     for task in ("niah_single_1", "vt"):
         for sample in (0, 1):

@@ -28,13 +28,15 @@ def star(command: str, *flags: str) -> StrategySpec:
 
 @pytest.mark.parametrize("command", ["run", "demo", "bench", "eval"])
 def test_star_layout_flags_mean_the_same_in_every_command(command):
-    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4") == StrategySpec(blocks=3, anchor_fraction=0.25)
-    assert star(command, "--block-size", "4096", "--anchor-tokens", "1024", "--anchor-mode", "recompute") == \
-        StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
+    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4") == \
+        StrategySpec(blocks=3, anchor_fraction=0.25, layout="balanced")
+    assert star(command, "--block-size", "4096", "--anchor-tokens", "1024", "--anchor-mode", "recompute",
+                "--layout", "uniform") == StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
 
 
-def test_the_balanced_layout_is_asked_for_by_name_and_eval_can_cross_it_with_the_uniform_one():
-    assert star("run", "--layout", "balanced") == StrategySpec(layout="balanced")
+def test_the_layout_is_balanced_unless_uniform_is_asked_for_and_eval_can_cross_the_two():
+    assert star("run") == StrategySpec(layout="balanced")
+    assert star("run", "--layout", "uniform") == StrategySpec()
     labels = [spec.label for spec in specs("eval", "--attn", "star", "--blocks", "4", "--layout", "uniform,balanced")]
     assert labels == ["star 4b a=1", "star 4b a=1 balanced"]
     with pytest.raises(SystemExit):
@@ -61,8 +63,9 @@ def test_blocks_and_block_size_exclude_each_other_as_do_the_anchor_units():
 def test_eval_crosses_its_lists_into_one_method_each_named_by_its_label():
     labels = [spec.label for spec in specs("eval", "--attn", "star,dense", "--blocks", "2,4",
                                            "--anchor-fraction", "1/4,1")]
-    assert labels == ["star 2b a=1/4", "star 2b a=1", "star 4b a=1/4", "star 4b a=1", "dense"]
-    assert [spec.label for spec in specs("eval")] == ["star 4b a=1", "dense"]  # by default 4 blocks
+    assert labels == ["star 2b a=1/4 balanced", "star 2b a=1 balanced", "star 4b a=1/4 balanced",
+                      "star 4b a=1 balanced", "dense"]
+    assert [spec.label for spec in specs("eval")] == ["star 4b a=1 balanced", "dense"]  # by default 4 blocks
 
 
 def test_the_other_strategies_take_no_star_settings():
@@ -72,9 +75,9 @@ def test_the_other_strategies_take_no_star_settings():
 
 
 @pytest.mark.parametrize("command,old,new", [
-    ("run", "4096", StrategySpec(anchor_tokens=4096)),  # an integer was tokens
-    ("demo", "0.5", StrategySpec(anchor_fraction=0.5)),  # anything else a fraction
-    ("bench", "block", StrategySpec(anchor_fraction=1.0)),
+    ("run", "4096", StrategySpec(anchor_tokens=4096, layout="balanced")),  # an integer was tokens
+    ("demo", "0.5", StrategySpec(anchor_fraction=0.5, layout="balanced")),  # anything else a fraction
+    ("bench", "block", StrategySpec(anchor_fraction=1.0, layout="balanced")),
 ])
 def test_the_earlier_anchor_size_spelling_keeps_its_meaning_with_a_note_naming_the_new_flag(command, old, new, capsys):
     assert star(command, "--anchor-size", old) == new

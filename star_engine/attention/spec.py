@@ -23,7 +23,8 @@ class StrategySpec:
     """A strategy and, for star, its layout: blocks of block_size tokens or `blocks` of them
     (default: one per rank); an anchor of anchor_tokens or anchor_fraction of a block
     (default: the whole block); the anchor's K/V broadcast or recomputed; blocks of equal
-    size (uniform) or a longer block 0 that makes their work equal (balanced)."""
+    size (uniform) or a longer block 0 that makes their work equal (balanced). These defaults
+    are the algorithm as published; the commands' default layout is names.DEFAULT_STAR_LAYOUT."""
 
     attn: str = "star"
     block_size: int | None = None

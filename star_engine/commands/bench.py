@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
                      token_counts)
+from ..names import DEFAULT_STAR_LAYOUT
 
 if TYPE_CHECKING:
     from ..attention import StrategySpec
@@ -128,6 +129,6 @@ def bench_name(model: str, ranks: int, stars: list[StrategySpec]) -> str:
         settings = (("block", star.block_size), ("blocks", star.blocks), ("anchor", star.anchor_fraction),
                     ("anchortokens", star.anchor_tokens))
         layout = "".join(f"_{key}{value:g}" for key, value in settings if value is not None)
-        if star.layout != "uniform":
+        if star.layout != DEFAULT_STAR_LAYOUT:
             layout += f"_{star.layout}"
     return f"e2e_{model.replace('/', '_')}_{ranks}ranks{layout}"
