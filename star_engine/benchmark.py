@@ -103,7 +103,8 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             plan = plan_request(strategy, length, query_tokens, new_tokens)
             row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
                    "context": length, "describe": strategy.describe()}
-            if not every_rank_has_room(dist, plan.memory_bytes(cfg, weight.element_size())[dist.rank], weight.device):
+            if not every_rank_has_room(dist, plan.memory_needed_bytes(cfg, weight.element_size())[dist.rank],
+                                       weight.device):
                 say(f"  {spec.label} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)

@@ -23,30 +23,36 @@ from .schedule import Engine
 
 def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: Callable[[str], None]) -> Calibration:
     """Every rank takes part; rank 0's measurements (the others wait where they are not
-    needed, so that ranks sharing a machine do not slow each other)."""
+    needed, so that ranks sharing a machine do not slow each other). The link between ranks
+    of a node where a node has two; on several nodes the network between them and
+    gather_merge across them, else gather_merge within the node."""
     weight = model.embed.weight
     device, cuda = weight.device, weight.is_cuda
     base = 4096 if cuda else 128  # block sizes: base x 1, 2, 4, 8
     rates = _phase1_rates(model, [base * m for m in (1, 2, 4, 8)], say) if dist.rank == 0 else None
     dist.sync()
     copy = _copy_bandwidth(device) if dist.rank == 0 else None
-    link = gather = None
-    if dist.world > 1:
-        link = _link_bandwidth(comm, dist, device, (64 << 20) if cuda else (8 << 20))
-        gather = _gather_merge_s(comm, model, dist)
+    nbytes = (64 << 20) if cuda else (8 << 20)
+    link = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=False))
+    network = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=True))
+    gather = _gather_merge_s(comm, model, dist) if dist.world > 1 else None
+    gather, network_gather = (None, gather) if dist.nodes > 1 else (gather, None)
     linear_rate, attention_rate = dist.bcast(rates, root=0)
     partial = Calibration(
         device=torch.cuda.get_device_name(device) if cuda else "cpu", linear_flops_per_s=linear_rate,
         attention_flops_per_s=attention_rate, copy_bandwidth_Bps=dist.bcast(copy, root=0),
-        link_bandwidth_Bps=link, gather_merge_s_per_layer=gather,
+        link_bandwidth_Bps=link, gather_merge_s_per_layer=gather, network_bandwidth_Bps=network,
+        network_gather_merge_s_per_layer=network_gather,
         memory_bytes=torch.cuda.get_device_properties(device).total_memory if cuda else None,
         source="")
     say(f"  linear {linear_rate / 1e12:.3g} TFLOP/s, attention {attention_rate / 1e12:.3g} TFLOP/s, copy "
-        f"{partial.copy_bandwidth_Bps / 1e9:.3g} GB/s" + (f", link {link / 1e9:.3g} GB/s, gather_merge "
-                                                          f"{gather * 1e6:.1f} us/layer" if link else ""))
+        f"{partial.copy_bandwidth_Bps / 1e9:.3g} GB/s"
+        + (f", link {link / 1e9:.3g} GB/s" if link else "") + (f", network {network / 1e9:.3g} GB/s" if network else "")
+        + (f", gather_merge {(gather or network_gather) * 1e6:.1f} us/layer" if dist.world > 1 else ""))
     query, decode = _overheads(model, comm, dist, partial, context=4 * base)
+    nodes = f" ({dist.nodes} nodes)" if dist.nodes > 1 else ""
     return replace(partial, query_overhead_s=query, decode_overhead_s=decode,
-                   source=f"plan --calibrate on {dist.world} rank(s) of {partial.device} with {name}, "
+                   source=f"plan --calibrate on {dist.world} rank(s){nodes} of {partial.device} with {name}, "
                           f"{model.embed.weight.dtype}")
 
 
@@ -97,18 +103,34 @@ def _copy_bandwidth(device: torch.device) -> float:
     return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), device)
 
 
-def _link_bandwidth(comm: Communicator, dist: Dist, device: torch.device, nbytes: int) -> float:
-    """Bytes per second one rank sends the next while receiving from the one before, as
-    ring attention does; the slowest rank's."""
-    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    recv = torch.empty_like(send)
-    right, left = (dist.rank + 1) % dist.world, (dist.rank - 1) % dist.world
+def _partner(dist: Dist, across_nodes: bool) -> int | None:
+    """This rank's partner in pairs that each measure one link: neighbouring ranks of a node,
+    or the same-numbered ranks of nodes 0 and 1, 2 and 3, ...; None for a rank left over."""
+    by_node = [[r for r in range(dist.world) if dist.node_of[r] == n] for n in range(dist.nodes)]
+    node = dist.node_of[dist.rank]
+    index = by_node[node].index(dist.rank)
+    if across_nodes:
+        other = node ^ 1
+        return by_node[other][index] if other < dist.nodes and index < len(by_node[other]) else None
+    return by_node[node][index ^ 1] if (index ^ 1) < len(by_node[node]) else None
 
-    def step() -> None:
-        comm.send_recv(send, right, recv, left)
-        comm.synchronize()
 
-    return min(dist.allgather(nbytes / _median_s(step, device)))
+def _pair_bandwidth(comm: Communicator, dist: Dist, device: torch.device, nbytes: int,
+                    partner: int | None) -> float | None:
+    """Bytes per second each way between partners sending to each other at once, as ring
+    attention's neighbours do; the slowest pair's, or None where no rank has a partner."""
+    seconds = None
+    if partner is not None:
+        send = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        recv = torch.empty_like(send)
+
+        def step() -> None:
+            comm.send_recv(send, partner, recv, partner)
+            comm.synchronize()
+
+        seconds = _median_s(step, device)
+    rates = [nbytes / s for s in dist.allgather(seconds) if s is not None]
+    return min(rates) if rates else None
 
 
 def _gather_merge_s(comm: Communicator, model: Transformer, dist: Dist) -> float:
@@ -138,7 +160,7 @@ def _overheads(model: Transformer, comm: Communicator, dist: Dist, rates: Calibr
     runs = [engine.generate(ids[:context], ids[context:], new_tokens, stop_at_eos=False) for _ in range(3)]
     metrics = sorted((run.metrics for run in runs[1:]), key=lambda m: m.ttft_s)[0]  # the first warms up
     want = predict(cfg, StrategySpec(), dist.world, context, query_tokens, new_tokens, rates,
-                   weight.element_size())
+                   weight.element_size(), gpus_per_node=dist.local_world if dist.nodes > 1 else None)
     query = max(0.0, (metrics.ttft_s - metrics.phase1_s) - (want.ttft_s - want.phase1_s))
     decode = max(0.0, metrics.tpot_s - want.tpot_s)
     return query, decode

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import ModelConfig
@@ -46,6 +46,18 @@ class Calibration:
             return cls(**known)
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"calibration {path}: {exc}") from None
+
+    def filled_from(self, earlier: "Calibration") -> tuple["Calibration", list[str]]:
+        """This calibration with the rates it lacks taken from an earlier one of the same
+        device (one node's link, another job's network), and the names of those rates."""
+        if earlier.device != self.device:
+            return self, []
+        taken = [name for name, value in asdict(self).items()
+                 if value is None and getattr(earlier, name) is not None]
+        if not taken:
+            return self, []
+        source = f"{self.source}; {', '.join(taken)} from {earlier.source}"
+        return replace(self, source=source, **{name: getattr(earlier, name) for name in taken}), taken
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")

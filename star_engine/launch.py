@@ -64,14 +64,17 @@ class Dist(Place):
     """This process's place in the job, and the control plane between ranks (small Python
     objects over MPI: requests, metrics, barriers), every wait of which is bounded."""
 
-    def __init__(self, mpi: Any, local_rank: int, local_world: int, timeout_s: float) -> None:
+    def __init__(self, mpi: Any, local_rank: int, local_world: int, node_leader: int, timeout_s: float) -> None:
+        """node_leader: the lowest rank of this rank's node, which names the node."""
         super().__init__(mpi.Get_rank(), mpi.Get_size())
         self.mpi = mpi  # mpi4py.MPI.Comm of all ranks
         self.local_rank, self.local_world = local_rank, local_world  # among the ranks of this node
         self.timeout_s = timeout_s
         self._pings = mpi.Dup()  # where waiting ranks ask each other whether they are alive
         self._pongs: list[Any] = []
-        self.nodes = sum(self.allgather(local_rank == 0))
+        leaders = self.allgather(node_leader)
+        self.node_of = tuple(sorted(set(leaders)).index(leader) for leader in leaders)  # by rank: 0, 1, ...
+        self.nodes = len(set(leaders))
 
     def sync(self) -> None:
         """A barrier."""
@@ -238,7 +241,7 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     if timeout_s is None:
         timeout_s = _seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)
     global _job_dist
-    _job_dist = Dist(world, node.Get_rank(), node.Get_size(), timeout_s)
+    _job_dist = Dist(world, node.Get_rank(), node.Get_size(), node.bcast(world.Get_rank(), root=0), timeout_s)
     node.Free()
     return _job_dist
 

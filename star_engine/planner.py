@@ -31,7 +31,8 @@ class Prediction:
     phase1_s: float
     ttft_s: float
     tpot_s: float
-    memory_bytes: int  # the busiest rank's: weights, KV cache, phase-1 activations, workspace
+    memory_bytes: int  # the busiest rank's estimated peak: weights, KV cache, phase-1 activations, workspace
+    memory_needed_bytes: int  # what that rank must have for the request to run: the estimate and headroom
     phase1_per_rank_s: list[float] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # costs the calibration has no rate for
 
@@ -103,19 +104,22 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
     # A decode step half way through the generation, on the rank with the most K/V.
     slots = [kept + (query_tokens + new_tokens // 2 if r == gpus - 1 else 0) for r, kept in enumerate(layout.kept)]
     tpot = (weights + max(slots) * kv_token) * read_s + gather + (calibration.decode_overhead_s or 0.0)
-    memory = model_weights(config) * element_size + max(plan.memory_bytes(config, element_size))
-    return Prediction(spec.label, gpus, context, phase1, phase1 + query, tpot, memory, per_rank, left_out)
+    weight_bytes = model_weights(config) * element_size
+    memory = weight_bytes + max(plan.memory_bytes(config, element_size))
+    needed = weight_bytes + max(plan.memory_needed_bytes(config, element_size))
+    return Prediction(spec.label, gpus, context, phase1, phase1 + query, tpot, memory, needed, per_rank, left_out)
 
 
 def recommend(predictions: list[Prediction], memory_bytes: float | None, ttft_target_s: float | None) -> str:
     """One line of advice for one context: the fewest GPUs whose time to first token meets
     the target (the fastest of those), or else the fastest; only what fits in memory."""
     context = predictions[0].context
-    fitting = [p for p in predictions if memory_bytes is None or p.memory_bytes <= memory_bytes]
+    fitting = [p for p in predictions if memory_bytes is None or p.memory_needed_bytes <= memory_bytes]
     if not fitting:
-        least = min(predictions, key=lambda p: p.memory_bytes)
+        least = min(predictions, key=lambda p: p.memory_needed_bytes)
         return (f"{context} tokens: nothing fits in {memory_bytes / 2**30:.0f} GiB per GPU; the least is "
-                f"{least.label} on {least.gpus} GPUs, {least.memory_bytes / 2**30:.0f} GiB per rank")
+                f"{least.label} on {least.gpus} GPUs, which needs {least.memory_needed_bytes / 2**30:.0f} GiB "
+                f"per rank")
     if ttft_target_s is not None:
         meeting = [p for p in fitting if p.ttft_s <= ttft_target_s]
         if not meeting:

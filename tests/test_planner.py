@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from star_engine.attention import StrategySpec
+from star_engine.attention import DenseAttention, RingAttention, StrategySpec
 from star_engine.costs import Calibration, attention_flops_per_pair, linear_flops_per_token
 from star_engine.config import PRESETS
+from star_engine.launch import Place
 from star_engine.planner import predict, recommend
 from tests.launcher import mpirun, run
 
@@ -79,3 +80,27 @@ def test_calibrate_measures_every_rate_on_the_ranks_it_is_launched_with(tmp_path
                  measured.link_bandwidth_Bps, measured.gather_merge_s_per_layer):
         assert rate is not None and rate > 0
     assert measured.query_overhead_s >= 0 and measured.decode_overhead_s >= 0
+
+
+def test_ring_receives_the_largest_of_the_other_ranks_chunks_and_dense_nothing():
+    ring = RingAttention(Place(0, 3), None).layout(1000)
+    assert ring.received == tuple(max(k for r, k in enumerate(ring.kept) if r != rank) for rank in range(3))
+    assert DenseAttention(Place(0, 2), None).layout(1000).received == (0, 0)
+
+
+def test_advice_counts_the_headroom_a_request_runs_with_not_only_the_estimate():
+    p = plan(StrategySpec("ring"), 2)
+    assert p.memory_bytes < p.memory_needed_bytes
+    between = (p.memory_bytes + p.memory_needed_bytes) / 2
+    assert "nothing fits" in recommend([p], between, None)
+    assert "fastest that fits" in recommend([p], p.memory_needed_bytes, None)
+
+
+def test_a_calibration_takes_only_the_rates_it_lacks_from_an_earlier_one_of_the_same_device():
+    network_only = Calibration(**{**RATES.__dict__, "link_bandwidth_Bps": None, "network_bandwidth_Bps": 1e10,
+                                  "source": "two nodes"})
+    filled, taken = network_only.filled_from(RATES)
+    assert taken == ["link_bandwidth_Bps"] and filled.link_bandwidth_Bps == RATES.link_bandwidth_Bps
+    assert filled.network_bandwidth_Bps == 1e10 and filled.source == "two nodes; link_bandwidth_Bps from made up"
+    other_device = Calibration(**{**RATES.__dict__, "device": "another"})
+    assert network_only.filled_from(other_device) == (network_only, [])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from star_engine.costs import Calibration
 from tests.launcher import ROOT, mpirun, run, start
 from tests.test_cli import good, read_jsonl, write_jsonl
 from tests.test_distributed import FAILING_RANK
@@ -150,7 +151,7 @@ def test_the_bench_job_script_measures_star_against_ring_and_records_the_mpi_wor
     saved = json.loads((directory / "bench.json").read_text())
     assert saved["ranks"] == 4 and saved["command"].startswith("srun --mpi=pmix -n 4 python -m star_engine bench")
     assert {(r["attn"], r["context"]) for r in saved["rows"]} == {(a, n) for a in ("star", "ring") for n in (256, 512)}
-    assert "star at 512 tokens: over ring" in _log(directory)
+    assert "star balanced at 512 tokens: over ring" in _log(directory)
 
 
 # --- Stopped by Slurm, then going on -----------------------------------------------------
@@ -225,3 +226,20 @@ def _wait_for(condition, what: str, seconds: float = 180):
             return value
         time.sleep(0.25)
     raise AssertionError(f"waited {seconds:g} s for {what}")
+
+
+def test_a_calibration_across_two_nodes_measures_the_network_and_keeps_the_one_node_link(tmp_path, slurm):
+    out = tmp_path / "cpu.json"
+    calibrate = [sys.executable, "-m", "star_engine", "plan", "--calibrate", "--model", "tiny", "--output", str(out)]
+    one_node = run([*mpirun(2), *calibrate], timeout=300)
+    assert one_node.returncode == 0, one_node.stderr
+    assert Calibration.load(out).network_bandwidth_Bps is None
+    two_nodes = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=1", "-n", "2", *calibrate], slurm,
+                     OMPI_MCA_btl="self,tcp")
+    assert two_nodes.returncode == 0, two_nodes.stderr
+    assert "kept from" in two_nodes.stderr and "link_bandwidth_Bps" in two_nodes.stderr
+    both = Calibration.load(out)
+    assert "(2 nodes)" in both.source
+    for rate in (both.link_bandwidth_Bps, both.gather_merge_s_per_layer, both.network_bandwidth_Bps,
+                 both.network_gather_merge_s_per_layer):
+        assert rate is not None and rate > 0

@@ -86,3 +86,13 @@ def test_a_small_context_still_has_a_layout():
 def test_the_shipped_calibration_weighs_a_token_of_an_8b_model_as_tens_of_thousands_of_pairs():
     weight = token_weight(PRESETS["llama-3.1-8b"], Calibration.load())
     assert 10_000 < weight < 60_000
+
+
+@pytest.mark.parametrize("mode,blocks", [("broadcast", None), ("recompute", None), ("broadcast", 8)])
+def test_a_rank_without_block_0_receives_the_anchor_unless_it_recomputes_it(mode, blocks):
+    layout = star(4, anchor_mode=mode, blocks=blocks).layout(80_000)
+    for rank in range(4):
+        gets_anchor = mode == "broadcast" and 0 not in layout.blocks_of(rank)
+        assert layout.received[rank] == (layout.anchor_size if gets_anchor else 0)
+        recomputes = mode == "recompute" and 0 not in layout.blocks_of(rank)
+        assert layout.encoded[rank] == layout.kept[rank] + (layout.anchor_size if recomputes else 0)

@@ -25,6 +25,7 @@ class ContextLayout:
     context_len: int
     kept: tuple[int, ...]  # by rank: context tokens whose K/V the rank keeps after phase 1
     encoded: tuple[int, ...]  # by rank: tokens it runs through the layers in phase 1
+    received: tuple[int, ...]  # by rank: tokens whose K/V it takes from other ranks in a layer of phase 1
 
 
 class Strategy(ABC):

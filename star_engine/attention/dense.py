@@ -20,7 +20,7 @@ class DenseAttention(Strategy):
 
     def layout(self, context_len: int) -> ContextLayout:
         kept = tuple(context_len if r == self.dist.query_rank else 0 for r in range(self.dist.world))
-        return ContextLayout(context_len, kept=kept, encoded=kept)
+        return ContextLayout(context_len, kept=kept, encoded=kept, received=(0,) * len(kept))
 
     def context_capacity(self, rank: int, max_context: int) -> int:
         return max_context if rank == self.dist.query_rank else 0

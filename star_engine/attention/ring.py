@@ -40,7 +40,9 @@ class RingAttention(Strategy):
     def layout(self, context_len: int) -> RingLayout:
         spans = tuple(tuple(pair) for pair in zigzag_chunks(context_len, self.dist.world))
         kept = tuple(sum(end - start for start, end in pair) for pair in spans)
-        return RingLayout(context_len, kept=kept, encoded=kept, spans=spans)
+        # A rank attends each other rank's chunks in turn.
+        received = tuple(max((k for r, k in enumerate(kept) if r != rank), default=0) for rank in range(len(kept)))
+        return RingLayout(context_len, kept=kept, encoded=kept, received=received, spans=spans)
 
     def context_capacity(self, rank: int, max_context: int) -> int:
         return 2 * -(-max_context // (2 * self.dist.world))  # two chunks, each at most c / 2W rounded up

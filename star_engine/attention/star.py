@@ -156,15 +156,17 @@ class StarAttention(Strategy):
         blocks = tuple((start, start + size) for start, size in zip(starts, sizes))
         anchor = min(self._anchor_for(nominal), sizes[0]) if sizes else 0
         owners = tuple(r for r in range(world) for _ in blocks_of_rank(r, len(blocks), world))
-        kept, encoded = [0] * world, [0] * world
+        kept, encoded, received = [0] * world, [0] * world, [0] * world
         for (start, end), owner in zip(blocks, owners):
             kept[owner] += end - start
         for rank in range(world):
             mine = [b for b, owner in enumerate(owners) if owner == rank]
-            recomputes_anchor = self._recomputes_anchor(len(blocks)) and mine and 0 not in mine
-            encoded[rank] = kept[rank] + (anchor if recomputes_anchor else 0)
-        return StarLayout(context_len, kept=tuple(kept), encoded=tuple(encoded), blocks=blocks, owners=owners,
-                          anchor_size=anchor)
+            needs_anchor = bool(mine) and 0 not in mine
+            recomputes = needs_anchor and self._recomputes_anchor(len(blocks))
+            encoded[rank] = kept[rank] + (anchor if recomputes else 0)
+            received[rank] = anchor if needs_anchor and not recomputes else 0
+        return StarLayout(context_len, kept=tuple(kept), encoded=tuple(encoded), received=tuple(received),
+                          blocks=blocks, owners=owners, anchor_size=anchor)
 
     def _recomputes_anchor(self, num_blocks: int) -> bool:
         """Whether ranks without block 0 compute the anchor's K/V themselves."""

@@ -46,7 +46,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                            "them to --output")
     plan.add_argument("--output", type=Path, default=None,
                       help="predictions as JSON, or with --calibrate the calibration (default: "
-                           "calibration_<device>.json in the current directory)")
+                           "calibration_<device>.json in the current directory); a calibration there "
+                           "already keeps the rates this job cannot measure (one node's link, the network)")
     add_model_flags(plan, model="llama-3.1-8b")
 
 
@@ -107,7 +108,7 @@ def _table(predictions: list, memory: float | None) -> str:
     lines = [f"{'context':>8} {'gpus':>4} {'strategy':<{width}} {'phase1 s':>9} {'ttft s':>8} {'tpot ms':>8} "
              f"{'GiB/rank':>8}"]
     for p in predictions:
-        over = "  over memory" if memory and p.memory_bytes > memory else ""
+        over = "  over memory" if memory and p.memory_needed_bytes > memory else ""
         lines.append(f"{p.context:>8} {p.gpus:>4} {p.label:<{width}} {p.phase1_s:>9.3f} {p.ttft_s:>8.3f} "
                      f"{p.tpot_s * 1e3:>8.2f} {p.memory_bytes / 2**30:>8.1f}{over}")
     return "\n".join(lines)
@@ -115,13 +116,21 @@ def _table(predictions: list, memory: float | None) -> str:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from ..calibrate import measure
+    from ..costs import Calibration
     from ..session import Session
 
+    # A calibration there already (another node count's) keeps the rates this job cannot
+    # measure; anything else there is refused before the measuring starts.
+    earlier = Calibration.load(args.output) if args.output and args.output.exists() else None
     session = Session(args)
     session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")
     calibration = measure(session.model, args.model, session.comm, session.dist, session.say)
     if session.dist.rank == 0:
         output = args.output or Path(f"calibration_{calibration.device.replace(' ', '-').lower()}.json")
+        if earlier is not None:
+            calibration, taken = calibration.filled_from(earlier)
+            if taken:
+                session.say(f"  kept from {output}: {', '.join(taken)}")
         calibration.save(output)
         session.say(f"saved {output}; use it with --calibration {output} or STAR_ENGINE_CALIBRATION={output}")
     return 0
