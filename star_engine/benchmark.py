@@ -6,7 +6,7 @@ range of context lengths. Contexts are random token ids: speed does not depend o
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,7 +17,7 @@ from .launch import Dist
 from .memory import every_rank_has_room
 from .model import Transformer
 from .plan import plan_request
-from .schedule import Engine
+from .schedule import Engine, Generation
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -116,7 +116,8 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
                 engine.generate(ids[:length], ids[length:], new_tokens, plan=plan, stop_at_eos=False)
             gen = engine.generate(ids[:length], ids[length:], new_tokens, plan=plan, stop_at_eos=False)
             m = gen.metrics
-            result = {**row, "phase1_s": m.phase1_s, "phase1_per_rank_s": m.phase1_per_rank_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
+            result = {**row, "phase1_s": m.phase1_s, "phase1_per_rank_s": m.phase1_per_rank_s,
+                      "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
                       "peak_mem_bytes": m.peak_mem_bytes, "bytes_sent": m.bytes_sent,
                       "output_tokens": len(gen.tokens)}
             if ceilings:
@@ -141,40 +142,55 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
 
 def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySpec, length: int, requests: int,
             questions: int, query_tokens: int, new_tokens: int, cuda_graph: bool,
-            say: Callable[[str], None]) -> list[dict]:
+            say: Callable[[str], None], batch: int = 1) -> list[dict]:
     """A job of `requests` requests on requests/questions contexts of `length` tokens, each
-    asked `questions` questions, run twice: one request at a time (each encodes its
-    context) and with each context encoded once for its questions. Per run: the wall time,
-    requests per hour, output tokens per second, each request's time to first token and
-    its latency from the job's start."""
+    asked `questions` questions, run one request at a time (each encodes its context), with
+    each context encoded once for its questions, and (batch > 1) with up to `batch`
+    requests decoding together. Per run: the wall time, requests per hour, output tokens
+    per second, each request's time to first token and its latency from the job's start."""
     cfg = model.config
-    engine = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
-                    cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
     generator = torch.Generator().manual_seed(0)
     contexts = [torch.randint(0, cfg.vocab_size, (length,), generator=generator)
                 for _ in range(-(-requests // questions))]
     queries = [torch.randint(0, cfg.vocab_size, (query_tokens,), generator=generator) for _ in range(requests)]
-    engine.generate(contexts[0], queries[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
-    rows = []
-    for reuse in (False, True):
-        mode = "context once" if reuse else "one at a time"
-        ttft, latency, reused, tokens = [], [], [], 0
-        engine.encoded = None
+    jobs = [(contexts[i // questions], query) for i, query in enumerate(queries)]
+    row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "context": length, "requests": requests,
+           "questions_per_context": questions}
+
+    def measured(mode: str, answers: Callable[[], Iterator[tuple[int, Generation]]]) -> dict:
+        ttft, latency, reused = [0.0] * requests, [0.0] * requests, [False] * requests
+        tokens = 0
         dist.sync()
         start = time.perf_counter()
-        for i, query in enumerate(queries):
-            gen = engine.generate(contexts[i // questions], query, new_tokens, reuse_context=reuse, stop_at_eos=False)
-            ttft.append(gen.metrics.ttft_s)
-            latency.append(time.perf_counter() - start)
-            reused.append(gen.metrics.context_reused)
+        for index, gen in answers():
+            ttft[index], reused[index] = gen.metrics.ttft_s, gen.metrics.context_reused
+            latency[index] = time.perf_counter() - start
             tokens += len(gen.tokens)
         wall = time.perf_counter() - start
-        rows.append({"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "mode": mode, "context": length,
-                     "requests": requests, "questions_per_context": questions, "wall_s": wall,
-                     "requests_per_hour": requests / wall * 3600, "output_tokens_per_s": tokens / wall,
-                     "ttft_s": ttft, "latency_s": latency, "context_reused": reused})
+        result = {**row, "mode": mode, "wall_s": wall, "requests_per_hour": requests / wall * 3600,
+                  "output_tokens_per_s": tokens / wall, "ttft_s": ttft, "latency_s": latency, "context_reused": reused}
         say(f"  {spec.label} {length:>8} tokens, {requests} requests, {questions} a context, {mode}: {wall:.2f} s, "
-            f"{rows[-1]['requests_per_hour']:.0f} requests/hour, {rows[-1]['output_tokens_per_s']:.1f} tokens/s")
+            f"{result['requests_per_hour']:.0f} requests/hour, {result['output_tokens_per_s']:.1f} tokens/s")
+        return result
+
+    engine = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+                    cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
+    engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
+    rows = []
+    for reuse in (False, True):
+        engine.forget_contexts()
+        rows.append(measured("context once" if reuse else "one at a time", lambda: (
+            (i, engine.generate(context, query, new_tokens, reuse_context=reuse, stop_at_eos=False))
+            for i, (context, query) in enumerate(jobs))))
+    if batch > 1:
+        del engine
+        together = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+                          cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens, batch=batch)
+        plan = together.plan(length, query_tokens, new_tokens)
+        list(together.generate_many([(*jobs[0], plan)] * 2, stop_at_eos=False))  # untimed: a step of two
+        together.forget_contexts()
+        rows.append(measured(f"batch {batch}", lambda: together.generate_many(
+            [(context, query, plan) for context, query in jobs], stop_at_eos=False)))
     return rows
 
 

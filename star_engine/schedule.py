@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -48,16 +49,16 @@ class Engine:
     """Runs requests with one strategy. Sized once: every rank's KV arena holds the
     worst case of a request of up to `max_tokens` tokens (context + query + generated), of
     which at most `max_tail` (default: all) come after the context. The query rank keeps
-    its share of the context and the tail."""
+    its share of the context and the tail. With batch > 1, that many arenas: up to
+    `batch` requests decode together (generate_many)."""
 
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
-                 max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None) -> None:
+                 max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None, batch: int = 1) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
         self.max_tokens = max_tokens
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
         self.decoder: _Decoder | None = None
-        self.encoded: tuple[str, int] | None = None  # the context in the arena: digest, local length
         # A shorter context leaves more room for the tail, never more slots on the query
         # rank than max_tokens, whatever the split.
         max_context = max_tokens - self.max_tail
@@ -65,22 +66,40 @@ class Engine:
         self.capacities = [min(max_tokens, query_share + self.max_tail) if r == dist.query_rank
                            else strategy.context_capacity(r, max_tokens) for r in range(dist.world)]
         cfg, weight = model.config, model.embed.weight
-        self._check_memory(kv_bytes_per_token(cfg, weight.element_size()))
+        self.batch = batch
+        self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size()))
         try:
-            self.arena = _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                    self.capacities[dist.rank], weight.dtype, weight.device)
+            self.slots = [_Slot(_C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                           self.capacities[dist.rank], weight.dtype, weight.device))
+                          for _ in range(batch)]
         except (RuntimeError, MemoryError) as exc:
-            raise ValueError(f"the KV cache for requests of {max_tokens} tokens could not be allocated "
-                             f"(--max-tokens): {str(exc).splitlines()[0]}") from None
+            raise ValueError(f"the KV cache for {self._requests()} could not be allocated ({self._flags()}): "
+                             f"{str(exc).splitlines()[0]}") from None
+
+    @property
+    def arena(self) -> _C.KVArena:
+        """The arena of a request run alone (generate)."""
+        return self.slots[0].arena
+
+    def forget_contexts(self) -> None:
+        """The next request encodes its context, whatever the arenas hold."""
+        for slot in self.slots:
+            slot.encoded = None
 
     def _check_memory(self, bytes_per_slot: int) -> None:
-        """Refuses, the same on every rank, an arena that a rank has no memory for."""
+        """Refuses, the same on every rank, arenas that a rank has no memory for."""
         available = self.dist.allgather(available_memory(self.model.embed.weight.device))
         for rank, (slots, free) in enumerate(zip(self.capacities, available)):
             if free is not None and slots * bytes_per_slot > free:
-                raise JobError(f"a KV cache for requests of {self.max_tokens} tokens needs "
-                               f"{slots * bytes_per_slot / 2**30:.1f} GiB on rank {rank}, which has "
-                               f"{free / 2**30:.1f} GiB free: a smaller --max-tokens, or more ranks")
+                raise JobError(f"a KV cache for {self._requests()} needs {slots * bytes_per_slot / 2**30:.1f} GiB "
+                               f"on rank {rank}, which has {free / 2**30:.1f} GiB free: a smaller {self._flags()}, "
+                               f"or more ranks")
+
+    def _requests(self) -> str:
+        return f"requests of {self.max_tokens} tokens" + (f", {self.batch} at once" if self.batch > 1 else "")
+
+    def _flags(self) -> str:
+        return "--max-tokens" + (" or --batch" if self.batch > 1 else "")
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""
@@ -104,64 +123,163 @@ class Engine:
         context is the one the arena holds from the request before (the same token ids),
         skip phase 1 and answer from its K/V; phase 1 does not depend on the query, so the
         answer is the one the request gets alone."""
-        if plan is None:
-            plan = self.plan(len(context_ids), len(query_ids), max_new_tokens)
-        if (plan.context_len, plan.query_len, plan.max_new_tokens) != (len(context_ids), len(query_ids), max_new_tokens):
-            raise ValueError("the plan is another request's")
-        # Only where it may be reused is a context recognised (by its ids, before they move).
-        digest = hashlib.sha256(context_ids.cpu().numpy().tobytes()).hexdigest() if reuse_context else None
-        reused = (digest is not None and self.encoded is not None and self.encoded[0] == digest
-                  and not self.arena.decoding)
+        plan = self._checked_plan(context_ids, query_ids, max_new_tokens, plan)
+        slot = self.slots[0]
         device = self.model.embed.weight.device
-        context_ids, query_ids = context_ids.to(device), query_ids.to(device)
         eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
         reset_peak_memory(device)
         sent_before = self.comm.bytes_sent
 
         self.dist.sync()
         start = time.perf_counter()
-        if reused:
-            self.arena.truncate(self.encoded[1])  # back to the context: the last answer's K/V goes
-            phase1 = 0.0
-        else:
-            self.encoded = None
-            self.arena.clear()
-            self.strategy.encode_context(self.model, context_ids, plan.layout, self.arena)
-            phase1 = self._elapsed(start)
-            self.encoded = (digest, self.arena.length(0)) if digest is not None else None
-
-        # The query: all its tokens in one pass, then one token at a time.
-        attend = query_attention(self.arena, self.comm, self.dist.is_query_rank)
-        position = len(context_ids) + len(query_ids)
-        hidden = self.model(query_ids, torch.arange(len(context_ids), position, device=device), attend)
+        # Only where it may be reused is a context recognised (by its ids, before they move).
+        phase1, reused = self._encode(slot, context_ids, plan, _digest(context_ids) if reuse_context else None, start)
         logits: list[Tensor] = []
-        tokens = [self._next_token(hidden, logits if keep_logits else None)]
+        tokens = [self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)]
         first = self._elapsed(start)
         if tokens[-1] not in eos and max_new_tokens > 1:
             decoder = self._decoder()
-            self.arena.start_decoding()
-            decoder.start(tokens[-1], position)
+            slot.arena.start_decoding()
+            decoder.start(tokens[-1], len(context_ids) + len(query_ids))
             while tokens[-1] not in eos and len(tokens) < max_new_tokens:
                 decoder.step()
                 tokens.append(decoder.token())
                 if keep_logits and self.dist.is_query_rank:
                     logits.append(decoder.logits.clone())
-            self.arena.finish_decoding()
+            slot.arena.finish_decoding()
         total = self._elapsed(start)
+        return Generation(tokens, self._metrics(phase1, first, total, len(tokens), reused, sent_before), logits)
 
-        local = (phase1, peak_memory(device), self.comm.bytes_sent - sent_before)
+    def generate_many(self, requests: Iterable[tuple[Tensor, Tensor, RequestPlan]], *,
+                      stop_at_eos: bool = True) -> Iterator[tuple[int, Generation]]:
+        """Answers requests (context ids, query ids, plan), up to `batch` of them decoding
+        together: one forward pass per step for all, each row attending its own request's
+        K/V, and one gather_merge for all rows. A request joins as soon as a slot is free
+        (its context encoded, or copied from a slot that holds it, and its query run between
+        two steps) and leaves when it is done. Yields (its index in `requests`, its
+        generation) as each finishes. Every rank must pass the same requests; each answer is
+        the one the request gets alone. Decodes eagerly (no CUDA graph)."""
+        device = self.model.embed.weight.device
+        eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
+        reset_peak_memory(device)
+        pending = enumerate(requests)
+        free, running = list(reversed(self.slots)), []
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                item = next(pending, None)
+                if item is None:
+                    exhausted = True
+                    break
+                index, (context_ids, query_ids, plan) = item
+                run = self._admit(index, context_ids, query_ids, plan, free, eos)
+                if run.done:
+                    free.append(run.slot)
+                    yield run.index, self._finished(run)
+                else:
+                    run.slot.arena.start_decoding()
+                    running.append(run)
+            if not running:
+                if exhausted:
+                    return
+                continue
+            self._step_together(running)
+            for run in [r for r in running if r.done]:
+                running.remove(run)
+                run.slot.arena.finish_decoding()
+                free.append(run.slot)
+                yield run.index, self._finished(run)
+
+    def _checked_plan(self, context_ids: Tensor, query_ids: Tensor, max_new_tokens: int,
+                      plan: RequestPlan | None) -> RequestPlan:
+        if plan is None:
+            plan = self.plan(len(context_ids), len(query_ids), max_new_tokens)
+        asked = (len(context_ids), len(query_ids), max_new_tokens)
+        if (plan.context_len, plan.query_len, plan.max_new_tokens) != asked:
+            raise ValueError("the plan is another request's")
+        return plan
+
+    def _encode(self, slot: "_Slot", context_ids: Tensor, plan: RequestPlan, digest: str | None,
+                start: float) -> tuple[float, bool]:
+        """Phase 1 of the context into the slot's arena, unless the slot holds it already
+        (digest: the context's, where it may be reused), or another slot does and its K/V is
+        copied: (seconds, whether reused)."""
+        holder = next((s for s in [slot, *self.slots]
+                       if digest is not None and s.holds(digest) and not (s is slot and s.arena.decoding)), None)
+        if holder is slot:
+            slot.arena.truncate(slot.encoded[1])  # back to the context: the last answer's K/V goes
+            return 0.0, True
+        slot.encoded = None
+        slot.arena.clear()
+        if holder is not None:
+            holder.copy_context_to(slot)
+            return self._elapsed(start), True
+        device = self.model.embed.weight.device
+        self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena)
+        slot.encoded = (digest, slot.arena.length(0)) if digest is not None else None
+        return self._elapsed(start), False
+
+    def _query(self, slot: "_Slot", context_len: int, query_ids: Tensor, keep: list[Tensor] | None) -> int:
+        """The query's tokens in one pass over the slot's arena: the first generated token."""
+        device = self.model.embed.weight.device
+        attend = query_attention(slot.arena, self.comm, self.dist.is_query_rank)
+        positions = torch.arange(context_len, context_len + len(query_ids), device=device)
+        return self._next_token(self.model(query_ids.to(device), positions, attend), keep)
+
+    def _admit(self, index: int, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan,
+               free: list["_Slot"], eos: set[int]) -> "_Running":
+        """A request's phase 1 and query, in a free slot (one that holds its context, if any)."""
+        plan = self._checked_plan(context_ids, query_ids, plan.max_new_tokens, plan)
+        digest = _digest(context_ids)
+        slot = next((s for s in free if s.holds(digest)), free[-1])
+        free.remove(slot)
+        sent_before = self.comm.bytes_sent
+        self.dist.sync()
+        start = time.perf_counter()
+        phase1, reused = self._encode(slot, context_ids, plan, digest, start)
+        token = self._query(slot, len(context_ids), query_ids, None)
+        return _Running(index, slot, [token], len(context_ids) + len(query_ids), plan.max_new_tokens, eos,
+                        start, self._elapsed(start), phase1, reused, sent_before)
+
+    def _step_together(self, running: list["_Running"]) -> None:
+        """One decode step of every running request: a token each, in one forward pass."""
+        device = self.model.embed.weight.device
+        arenas = [run.slot.arena for run in running]
+        if self.dist.is_query_rank:
+            for arena in arenas:
+                arena.add_token()  # the slot of the token fed now, which every layer writes
+        ids = torch.tensor([run.tokens[-1] for run in running], device=device)
+        positions = torch.tensor([run.position for run in running], device=device)
+        hidden = self.model(ids, positions, token_attention(arenas, self.comm, self.dist.is_query_rank))
+        chosen = torch.zeros(len(running), dtype=torch.int64, device=device)
+        if self.dist.is_query_rank:
+            chosen.copy_(self.model.logits(hidden).argmax(-1))
+        self.comm.broadcast(chosen, root=self.dist.query_rank)
+        self.comm.synchronize()
+        for run, token in zip(running, chosen.tolist()):
+            run.tokens.append(token)
+            run.position += 1
+
+    def _finished(self, run: "_Running") -> Generation:
+        total = self._elapsed(run.start)
+        return Generation(run.tokens, self._metrics(run.phase1, run.first, total, len(run.tokens), run.reused,
+                                                    run.sent_before))
+
+    def _metrics(self, phase1: float, first: float, total: float, tokens: int, reused: bool,
+                 sent_before: int) -> Metrics:
+        """Every rank's figures of a request that has ended (on every rank at once)."""
+        local = (phase1, peak_memory(self.model.embed.weight.device), self.comm.bytes_sent - sent_before)
         self.dist.sync()
         every = self.dist.allgather(local)
-        metrics = Metrics(
+        return Metrics(
             phase1_s=max(p for p, _, _ in every),
             phase1_per_rank_s=[p for p, _, _ in every],
             ttft_s=first,
-            tpot_s=(total - first) / (len(tokens) - 1) if len(tokens) > 1 else None,
+            tpot_s=(total - first) / (tokens - 1) if tokens > 1 else None,
             peak_mem_bytes=[m for _, m, _ in every],
             bytes_sent=[b for _, _, b in every],
             context_reused=reused,
         )
-        return Generation(tokens, metrics, logits)
 
     def _decoder(self) -> "_Decoder":
         if self.decoder is None:
@@ -188,6 +306,52 @@ class Engine:
         return time.perf_counter() - start
 
 
+def _digest(ids: Tensor) -> str:
+    """What recognises a context: its token ids."""
+    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+
+
+class _Slot:
+    """A request's place in the engine: its KV arena, and the context the arena holds
+    where it may be reused (its digest and this rank's length of it)."""
+
+    def __init__(self, arena: _C.KVArena) -> None:
+        self.arena = arena
+        self.encoded: tuple[str, int] | None = None
+
+    def holds(self, digest: str) -> bool:
+        return self.encoded is not None and self.encoded[0] == digest
+
+    def copy_context_to(self, other: "_Slot") -> None:
+        """Its context's K/V into another (cleared) slot's arena: this rank's part of it, the
+        same on every rank as the phase 1 that made it; also while this one decodes."""
+        length = self.encoded[1]
+        for layer in range(self.arena.num_layers):
+            keys, values = self.arena.slots(layer)
+            other.arena.append(layer, keys[:, :length], values[:, :length])
+        other.encoded = self.encoded
+
+
+@dataclass
+class _Running:
+    """A request of generate_many between its first token and its last."""
+    index: int
+    slot: _Slot
+    tokens: list[int]
+    position: int  # of the token fed next (its last)
+    max_new_tokens: int
+    eos: set[int]
+    start: float
+    first: float
+    phase1: float
+    reused: bool
+    sent_before: int
+
+    @property
+    def done(self) -> bool:
+        return self.tokens[-1] in self.eos or len(self.tokens) >= self.max_new_tokens
+
+
 class _Decoder:
     """One decode step with shapes that never change: the token and its position live in
     device tensors that the step itself advances, and the KV length in the arena's (the
@@ -203,7 +367,7 @@ class _Decoder:
         self.token_ids = torch.zeros(1, dtype=torch.int64, device=weight.device)
         self.position = torch.zeros(1, dtype=torch.int64, device=weight.device)
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=weight.device)
-        self.attend = token_attention(arena, comm, dist.is_query_rank)
+        self.attend = token_attention([arena], comm, dist.is_query_rank)
         self.use_graph = cuda_graph and decode_kernel_serves(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                                              weight.dtype, weight.device)
         self.graph: torch.cuda.CUDAGraph | None = None

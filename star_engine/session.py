@@ -45,10 +45,11 @@ class Session:
         if self.dist.rank == 0:
             print(message, file=sys.stderr, flush=True)
 
-    def engine(self, spec: StrategySpec, max_tokens: int | None = None, max_tail: int | None = None) -> Engine:
-        """An engine of the strategy `spec` names, sized for requests of up to max_tokens
-        (default: --max-tokens, else the model's context length), of which at most
-        max_tail come after the context."""
+    def engine(self, spec: StrategySpec, max_tokens: int | None = None, max_tail: int | None = None,
+               batch: int = 1) -> Engine:
+        """An engine of the strategy `spec` names, sized for `batch` requests at once of up
+        to max_tokens (default: --max-tokens, else the model's context length), of which at
+        most max_tail come after the context."""
         from .launch import JobError
         from .schedule import Engine
 
@@ -62,7 +63,7 @@ class Session:
             self.say(f"star_engine: warning: requests of up to {max_tokens} tokens, beyond the {trained} positions "
                      f"{self.args.model} was trained for")
         return Engine(self.model, spec.build(self.dist, self.comm, self.model.config), self.comm, self.dist, max_tokens,
-                      cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail)
+                      cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail, batch=batch)
 
 
 def plural(count: int, noun: str) -> str:

@@ -199,15 +199,18 @@ def test_a_broken_checkpoint_is_named_in_one_line(tmp_path):
     assert result.stderr.count(f"{checkpoint / 'config.json'}: not a model's config.json") == 1
 
 
-@pytest.mark.parametrize("grace,ending", [("30", "stopped after"), ("0.2", "abandoned, a rerun does it")])
-def test_a_stop_signal_ends_the_job_with_nothing_lost_and_a_rerun_answers_the_rest(tmp_path, grace, ending):
-    """SIGUSR1 to mpirun reaches every rank (as Slurm's SIGTERM does under srun): the request
-    in hand is finished if the grace period allows, else abandoned; the job exits 143."""
-    ids = [f"r{i}" for i in range(5)]
+@pytest.mark.parametrize("grace,ending,batch", [("30", "stopped after", "1"),
+                                               ("0.2", "abandoned, a rerun does it", "1"),
+                                               ("30", "stopped after", "2")])
+def test_a_stop_signal_ends_the_job_with_nothing_lost_and_a_rerun_answers_the_rest(tmp_path, grace, ending, batch):
+    """SIGUSR1 to mpirun reaches every rank (as Slurm's SIGTERM does under srun): the
+    requests in hand are finished if the grace period allows, else abandoned; the job exits 143."""
+    ids = [f"r{i}" for i in range(6)]
     requests = write_jsonl(tmp_path / "in.jsonl", [good(rid, 1500) for rid in ids])
     out = tmp_path / "out.jsonl"
     # About a second or two a request: long enough to be stopped in the middle of one.
-    args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--max-new-tokens", "600"]
+    args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--max-new-tokens", "600",
+            "--batch", batch]
     job = start([*mpirun(3), sys.executable, "-m", "star_engine", *args], env={"STAR_ENGINE_STOP_GRACE": grace})
     while not out.exists() or not out.read_text():
         assert job.poll() is None, job.communicate()
@@ -238,6 +241,24 @@ def test_star_ring_and_dense_under_mpirun(tmp_path):
         assert [r["output"] for r in outputs[exact]] == [r["output"] for r in outputs[1, "dense"]]
     for record in outputs[3, "star"]:
         assert record["error"] is None and len(record["metrics"]["peak_mem_bytes"]) == 3
+
+
+def test_requests_decoded_together_are_answered_as_one_at_a_time(tmp_path):
+    doc = "The vault code is 4417. " * 12
+    lines = [good("a", 300), good("b", 90, max_new_tokens=1), {"id": "c", "context": doc, "query": "The code?"},
+             good("d", 200, max_new_tokens=7), {"id": "e", "context": doc, "query": "Say it twice."}, good("f", 150)]
+    requests = write_jsonl(tmp_path / "in.jsonl", lines)
+    outputs = {}
+    for batch in ("1", "3"):
+        out = tmp_path / f"batch{batch}.jsonl"
+        result = star_engine(["run", "--input", str(requests), "--output", str(out), "--batch", batch, *TINY], ranks=3)
+        assert result.returncode == 0, result.stderr
+        outputs[batch] = {r["id"]: r for r in read_jsonl(out)}
+    assert sorted(outputs["3"]) == sorted(outputs["1"]) == ["a", "b", "c", "d", "e", "f"]
+    for rid, alone in outputs["1"].items():
+        assert outputs["3"][rid]["output"] == alone["output"]
+    assert outputs["3"]["e"]["metrics"]["context_reused"]  # c's context, still in hand or copied
+    assert "3 at once" in result.stderr
 
 
 def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came_alone(tmp_path):
@@ -328,21 +349,23 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
     assert "star balanced at 1024 tokens: over ring" in result.stdout
 
 
-def test_bench_measures_a_job_one_at_a_time_and_with_each_context_encoded_once(tmp_path):
+def test_bench_measures_a_job_one_at_a_time_with_each_context_encoded_once_and_batched(tmp_path):
     out = tmp_path / "job.json"
     result = star_engine(["bench", "--model", "tiny", "--attn", "star", "--lengths", "2K", "--job", "4",
                           "--questions-per-context", "2", "--max-new-tokens", "3", "--query-tokens", "8",
-                          "--output", str(out)], ranks=2)
+                          "--batch", "2", "--output", str(out)], ranks=2)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["one at a time", "context once"]
+    assert [r["mode"] for r in rows] == ["one at a time", "context once", "batch 2"]
     for row in rows:
         assert row["requests"] == 4 and len(row["ttft_s"]) == len(row["latency_s"]) == 4
         assert row["requests_per_hour"] > 0 and row["output_tokens_per_s"] > 0
+    for row in rows[:2]:
         assert row["latency_s"] == sorted(row["latency_s"])
     assert rows[0]["context_reused"] == [False] * 4
     assert rows[1]["context_reused"] == [False, True, False, True]  # a context's second question skips phase 1
-    assert "context once" in result.stdout
+    assert rows[2]["context_reused"] == [False, True, False, True]  # copied from the slot that encoded it
+    assert "batch 2" in result.stdout
 
 
 def test_bench_results_of_other_star_layouts_get_names_of_their_own():

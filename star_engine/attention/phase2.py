@@ -11,6 +11,7 @@ new tokens' K/V.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import _C
@@ -31,14 +32,21 @@ def query_attention(arena: _C.KVArena, comm: Communicator, is_query_rank: bool) 
     return attend
 
 
-def token_attention(arena: _C.KVArena, comm: Communicator, is_query_rank: bool) -> Attend:
-    """For a pass of one new token while the arena is decoding (the query rank has counted
-    the token's slot already). Shapes never change from one token to the next, so that a
-    whole decode step can be captured in a CUDA graph."""
+def token_attention(arenas: list[_C.KVArena], comm: Communicator, is_query_rank: bool) -> Attend:
+    """For a pass of one new token of each of several requests (row i of request i, over
+    arenas[i]) while the arenas are decoding (the query rank has counted each token's slot
+    already). Shapes never change from one token to the next, so that a whole decode step
+    can be captured in a CUDA graph. All rows go through one gather_merge."""
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if is_query_rank:
-            arena.write_token(layer, k, v)
-        o, lse = decode_attention(q, arena, layer)
+        rows = []
+        for i, arena in enumerate(arenas):
+            if is_query_rank:
+                arena.write_token(layer, k[:, i:i + 1], v[:, i:i + 1])
+            rows.append(decode_attention(q[:, i:i + 1], arena, layer))
+        if len(rows) == 1:
+            o, lse = rows[0]
+        else:
+            o, lse = torch.cat([row[0] for row in rows], 1), torch.cat([row[1] for row in rows], 1)
         if comm.world == 1:
             return o  # already global, and 0 where there are no keys, as a merge would give
         return comm.gather_merge(o, lse)[0]

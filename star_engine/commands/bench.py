@@ -37,6 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "output tokens per second, each request's latency")
     bench.add_argument("--questions-per-context", type=positive, default=1, metavar="Q",
                        help="with --job: questions asked of each context (default: 1)")
+    bench.add_argument("--batch", type=positive, default=1, metavar="N",
+                       help="with --job: also the job with up to N requests decoding together (default: 1, not)")
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
     add_model_flags(bench, model="llama-3.1-8b")
@@ -107,7 +109,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
         for length in args.lengths:
             rows += benchmark.run_job(session.model, session.comm, session.dist, spec, length, args.job,
                                       args.questions_per_context, args.query_tokens, args.max_new_tokens,
-                                      not args.no_cuda_graph, session.say)
+                                      not args.no_cuda_graph, session.say, batch=args.batch)
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them
                 save(output, {**measured, "model": args.model, "query_tokens": args.query_tokens,
                               "new_tokens": args.max_new_tokens, "rows": rows})

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..flags import add_generation_flags, add_model_flags, add_star_flags, star_specs
+from ..flags import add_generation_flags, add_model_flags, add_star_flags, positive, star_specs
 from ..names import STRATEGIES
 
 if TYPE_CHECKING:
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from ..launch import GracefulStop
     from ..plan import RequestPlan
     from ..request_file import RequestLine
-    from ..schedule import Engine
+    from torch import Tensor
+
+    from ..schedule import Engine, Generation
     from ..session import Session
 
 
@@ -35,6 +37,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--attn", choices=STRATEGIES, default="star",
                      help="star: blocks over all ranks, approximate; ring: exact, K/V passed around the "
                           "ranks; dense: the whole context on one rank (default: star)")
+    run.add_argument("--batch", type=positive, default=1, metavar="N",
+                     help="requests decoded together, each joining as another leaves; answers are written "
+                          "as they finish (default: 1, one request at a time)")
     add_model_flags(run)
     add_star_flags(run)
     add_generation_flags(run, max_new_tokens=64)
@@ -75,52 +80,29 @@ def main(args: argparse.Namespace) -> int:
 
 def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     """Rank 0 reads, tokenizes and writes; every rank takes part in each request, and all
-    leave together, between requests, once a rank was asked to stop."""
-    import torch
-
+    leave together, between requests (with --batch, once the requests in hand are done),
+    once a rank was asked to stop."""
     from ..answer_file import AnswerFile
     from ..session import Session
 
     session = Session(args)
-    engine = session.engine(args.spec)
+    engine = session.engine(args.spec, batch=args.batch)
     dist = session.dist
-    session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request")
+    batch = f", {args.batch} at once" if args.batch > 1 else ""
+    session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request{batch}")
     answers = AnswerFile(args.output, stop.writing) if dist.rank == 0 else None
     try:
         work = _prepared_requests(args, session, engine, answers) if dist.rank == 0 else None
-        answered, context = 0, None
-        while True:
-            request = next(work, None) if work is not None else None
-            # Also where the others wait while rank 0 reads and tokenizes.
-            if dist.any(stop.requested):
-                session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
-                            f"answered; the same command answers the rest -> {args.output}")
-                return stop.EXIT_CODE
-            request = dist.bcast(request, root=0)
-            if request is None:
-                break
-            if request.context_ids is not None:
-                context = torch.as_tensor(request.context_ids)
-            where = f"[{request.number}/{request.total}] {request.shown_id}"
-            session.say(f"{where}: {len(context)} context + {len(request.query_ids)} query tokens ...")
-            gen = engine.generate(context, torch.as_tensor(request.query_ids), request.plan.max_new_tokens,
-                                  plan=request.plan, reuse_context=True)
+        handed = _HandOut(work, session, stop)
+        answered = 0
+        for request, gen in _answered(engine, iter(handed), args.batch):
             answered += 1
             if answers is not None:
-                answers.write({
-                    "id": request.rid,
-                    "output": session.tokenizer.decode(gen.tokens),
-                    "output_tokens": len(gen.tokens),
-                    "context_tokens": len(context),
-                    "query_tokens": len(request.query_ids),
-                    "metrics": asdict(gen.metrics),
-                    "error": None,
-                })
-                m = gen.metrics
-                tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
-                phase1 = "context encoded before" if m.context_reused else f"phase 1 {m.phase1_s:.2f} s"
-                session.say(f"{where}: {len(gen.tokens)} tokens | {phase1}, first token {m.ttft_s:.2f} s, "
-                            f"per token {tpot}")
+                _write_answer(answers, session, request, gen)
+        if handed.stopped:
+            session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
+                        f"answered; the same command answers the rest -> {args.output}")
+            return stop.EXIT_CODE
         if answers is not None:
             session.say(f"star_engine: {answered} answered, {answers.errors} failed, {answers.skipped} already done"
                         + (f", {answers.already_reported} bad lines reported before" if answers.already_reported
@@ -129,6 +111,78 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     finally:
         if answers is not None:
             answers.close()
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A request as every rank holds it: its context's ids in full."""
+    prepared: PreparedRequest
+    context: Tensor
+    query: Tensor
+
+
+class _HandOut:
+    """Every rank: the requests rank 0 prepares, one at a time as the engine takes them,
+    until there are none or a rank was asked to stop (then `stopped`)."""
+
+    def __init__(self, work: Iterator[PreparedRequest] | None, session: Session, stop: GracefulStop) -> None:
+        self.work, self.session, self.stop = work, session, stop
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[_Request]:
+        import torch
+
+        dist, context = self.session.dist, None
+        while True:
+            request = next(self.work, None) if self.work is not None else None
+            # Also where the others wait while rank 0 reads and tokenizes.
+            if dist.any(self.stop.requested):
+                self.stopped = True
+                return
+            request = dist.bcast(request, root=0)
+            if request is None:
+                return
+            if request.context_ids is not None:
+                context = torch.as_tensor(request.context_ids)
+            self.session.say(f"[{request.number}/{request.total}] {request.shown_id}: {len(context)} context + "
+                             f"{len(request.query_ids)} query tokens ...")
+            yield _Request(request, context, torch.as_tensor(request.query_ids))
+
+
+def _answered(engine: Engine, requests: Iterator[_Request], batch: int) -> Iterator[tuple[_Request, Generation]]:
+    """Each request with its answer: one at a time, or up to `batch` decoding together (in the
+    order they finish)."""
+    if batch == 1:
+        for r in requests:
+            yield r, engine.generate(r.context, r.query, r.prepared.plan.max_new_tokens, plan=r.prepared.plan,
+                                     reuse_context=True)
+        return
+    taken: list[_Request] = []
+
+    def jobs() -> Iterator[tuple[Tensor, Tensor, RequestPlan]]:
+        for r in requests:
+            taken.append(r)
+            yield r.context, r.query, r.prepared.plan
+
+    for index, gen in engine.generate_many(jobs()):
+        yield taken[index], gen
+
+
+def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen: Generation) -> None:
+    prepared, m = request.prepared, gen.metrics
+    answers.write({
+        "id": prepared.rid,
+        "output": session.tokenizer.decode(gen.tokens),
+        "output_tokens": len(gen.tokens),
+        "context_tokens": len(request.context),
+        "query_tokens": len(request.query),
+        "metrics": asdict(m),
+        "error": None,
+    })
+    tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
+    phase1 = "context encoded before" if m.context_reused else f"phase 1 {m.phase1_s:.2f} s"
+    session.say(f"[{prepared.number}/{prepared.total}] {prepared.shown_id}: {len(gen.tokens)} tokens | {phase1}, "
+                f"first token {m.ttft_s:.2f} s, per token {tpot}")
 
 
 def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, answers: AnswerFile

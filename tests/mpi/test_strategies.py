@@ -195,6 +195,49 @@ def test_a_context_encoded_once_answers_each_question_as_if_it_came_alone(dist, 
     assert not shared.generate(other, second, 2, reuse_context=True).metrics.context_reused
 
 
+STRATEGIES = {
+    "star": lambda dist, comm: StarAttention(dist, comm, block_size=16),
+    "star-balanced": lambda dist, comm: StarAttention(dist, comm, layout="balanced", blocks=5, token_weight=40.0),
+    "ring": lambda dist, comm: RingAttention(dist, comm),
+    "dense": lambda dist, comm: DenseAttention(dist, comm),
+}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_requests_decoded_together_get_the_tokens_each_gets_alone(dist, comm, model, name):
+    make = STRATEGIES[name]
+    # Contexts of several lengths (two requests share one), queries and limits of their own:
+    # requests join and leave the batch at different steps.
+    shapes = [(90, 5, 6, 1), (40, 3, 9, 2), (90, 7, 4, 1), (120, 4, 1, 3), (17, 6, 7, 4), (63, 2, 5, 5)]
+    requests = []
+    for context_len, query_len, new_tokens, seed in shapes:
+        context, _ = request(context_len, seed=seed)
+        _, query = request(context_len, query_len=query_len, seed=seed + 10)
+        requests.append((context, query, new_tokens))
+    alone = Engine(model, make(dist, comm), comm, dist, max_tokens=256)
+    want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
+
+    together = Engine(model, make(dist, comm), comm, dist, max_tokens=256, batch=3)
+    jobs = [(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests]
+    finished = list(together.generate_many(jobs, stop_at_eos=False))
+    got = dict(finished)
+    assert sorted(got) == list(range(len(requests)))
+    assert [got[i].tokens for i in range(len(requests))] == want
+    assert_same_tokens_on_every_rank(dist, [index for index, _ in finished])
+    # 2 (4 tokens) leaves first; 3 takes its slot and, with one token, is done at its query.
+    assert [index for index, _ in finished][:2] == [2, 3]
+    assert got[2].metrics.context_reused and not got[0].metrics.context_reused  # request 0's context
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_refused_naming_the_batch(dist, comm, model, monkeypatch):
+    import star_engine.schedule as schedule
+    from star_engine.launch import JobError
+
+    monkeypatch.setattr(schedule, "available_memory", lambda device: 1 << 20)
+    with pytest.raises(JobError, match="for requests of 4096 tokens, 8 at once needs .* or --batch"):
+        Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=4096, batch=8)
+
+
 @pytest.mark.parametrize("context_len", [97, 64, 5])  # 5: fewer tokens than chunks on 3-4 ranks
 def test_ring_equals_dense_and_causal_attention(dist, comm, model, tiny_checkpoint, context_len):
     context, query = request(context_len, seed=7)
