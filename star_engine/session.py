@@ -14,12 +14,17 @@ from .attention.backends import backend_for, set_backend
 from .attention.spec import StrategySpec
 
 if TYPE_CHECKING:
+    from .config import ModelConfig
     from .schedule import Engine
+
+# Beyond the weights, what a rank needs at the least to run anything (activations, kernels'
+# workspace, the smallest KV cache).
+WEIGHTS_HEADROOM_BYTES = 1 << 30
 
 
 class Session:
     def __init__(self, args: argparse.Namespace) -> None:
-        from .checkpoint import load_model
+        from .checkpoint import load_config, load_model
         from .comm import make_communicator
         from .launch import init_distributed, select_device
         from .tokenizer import load_tokenizer
@@ -31,6 +36,7 @@ class Session:
         self.say(f"star_engine: loading {args.model} on {plural(self.dist.world, 'rank')} "
                  f"({plural(self.dist.nodes, 'node')}), {self.device.type}, {dtype}")
         start = time.perf_counter()
+        self._refuse_weights_that_cannot_fit(load_config(args.model), dtype)
         self.model = load_model(args.model, dtype, self.device)
         set_backend(args.attn_backend)
         backend = backend_for(self.device, dtype)
@@ -39,6 +45,23 @@ class Session:
         self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
         self.dist.sync()
         self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s; attention kernels: {backend}")
+
+    def _refuse_weights_that_cannot_fit(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        """Before any weight is built: every rank holds all of them, so a rank that has not
+        the memory ends the job with one line (the same on every rank), not an allocator's
+        traceback part way through."""
+        from .costs import model_weights
+        from .launch import JobError
+        from .memory import available_memory
+
+        weights = model_weights(config) * dtype.itemsize
+        for rank, free in enumerate(self.dist.allgather(available_memory(self.device))):
+            if free is not None and weights + WEIGHTS_HEADROOM_BYTES > free:
+                raise JobError(f"{self.args.model} in {str(dtype).removeprefix('torch.')} takes "
+                               f"{weights / 2**30:.1f} GiB of weights on every rank, and rank {rank}'s "
+                               f"{self.device.type} has {free / 2**30:.1f} GiB free; every rank holds the whole "
+                               "model (tensor parallelism is not supported yet): a device with more memory, a "
+                               "smaller --dtype, or a smaller model")
 
     def say(self, message: str) -> None:
         """A progress line on stderr, from rank 0."""

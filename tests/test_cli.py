@@ -189,6 +189,18 @@ def test_a_kv_cache_beyond_the_trained_positions_or_the_memory_is_refused_in_one
     assert huge.stderr.count("a KV cache for requests of 1000000000000 tokens needs") == 1
 
 
+def test_a_model_larger_than_a_rank_s_memory_is_refused_before_any_weight_is_built(tmp_path):
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a")])
+    begin = time.monotonic()
+    result = star_engine(["run", "--input", str(requests), "--output", str(tmp_path / "out.jsonl"),
+                          "--model", "llama-3.1-70b", "--dtype", "float32"], ranks=2)
+    assert result.returncode != 0
+    # 263 GiB of float32 weights: no machine that runs these tests has them free.
+    assert result.stderr.count("llama-3.1-70b in float32 takes 262.8 GiB of weights on every rank") == 1
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.jsonl").exists()
+    assert time.monotonic() - begin < 60
+
+
 def test_a_broken_checkpoint_is_named_in_one_line(tmp_path):
     checkpoint = tmp_path / "model"
     checkpoint.mkdir()
