@@ -53,6 +53,33 @@ def plot_bench(result: dict, path: Path) -> bool:
     return True
 
 
+def plot_job(result: dict, path: Path) -> bool:
+    """A job's runs (one at a time, context once, batched): output tokens per second, and
+    when each request was answered. Returns False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = [f"{r['label']} {r['context']}: {r['mode']}" for r in rows]
+    axes[0].barh(names, [r["output_tokens_per_s"] for r in rows])
+    axes[0].invert_yaxis()
+    axes[0].set_title("output tokens per second")
+    for name, r in zip(names, rows):
+        axes[1].plot(range(1, len(r["latency_s"]) + 1), sorted(r["latency_s"]), marker=".", label=name)
+    axes[1].set_xlabel("requests answered")
+    axes[1].set_title("time from the job's start (s)")
+    axes[1].legend(fontsize="small")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['model']} on {result['ranks']} x {result['device']}, {rows[0]['requests']} requests, "
+                 f"{rows[0]['questions_per_context']} a context")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_eval(summary: list[dict], title: str, path: Path) -> bool:
     """Mean accuracy over the tasks against length, one line per method."""
     plt = pyplot()

@@ -378,6 +378,11 @@ def test_bench_measures_a_job_one_at_a_time_with_each_context_encoded_once_and_b
     assert rows[1]["context_reused"] == [False, True, False, True]  # a context's second question skips phase 1
     assert rows[2]["context_reused"] == [False, True, False, True]  # copied from the slot that encoded it
     assert "batch 2" in result.stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    out.with_suffix(".png").unlink()
+    replot = star_engine(["bench", "--replot", str(out)])
+    assert replot.returncode == 0, replot.stderr
+    assert out.with_suffix(".png").exists()
 
 
 def test_bench_results_of_other_star_layouts_get_names_of_their_own():

@@ -54,12 +54,14 @@ def check(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     from .. import benchmark
     from ..attention.backends import backend_for
-    from ..plots import plot_bench
+    from ..plots import plot_bench, plot_job
     from ..results import environment, save
     from ..session import Session
 
     if args.replot is not None:
-        if not plot_bench(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")):
+        earlier = json.loads(args.replot.read_text())
+        plot = plot_job if earlier["rows"] and "mode" in earlier["rows"][0] else plot_bench
+        if not plot(earlier, args.replot.with_suffix(".png")):
             raise ValueError("--replot needs matplotlib: pip install matplotlib")
         print(f"saved {args.replot.with_suffix('.png')}")
         return 0
@@ -102,20 +104,24 @@ def main(args: argparse.Namespace) -> int:
 
 def _job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
     from .. import benchmark
+    from ..plots import plot_job
     from ..results import save
 
-    rows = []
+    rows, result = [], {}
     for spec in args.specs:
         for length in args.lengths:
             rows += benchmark.run_job(session.model, session.comm, session.dist, spec, length, args.job,
                                       args.questions_per_context, args.query_tokens, args.max_new_tokens,
                                       not args.no_cuda_graph, session.say, batch=args.batch)
+            result = {**measured, "model": args.model, "query_tokens": args.query_tokens,
+                      "new_tokens": args.max_new_tokens, "rows": rows}
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them
-                save(output, {**measured, "model": args.model, "query_tokens": args.query_tokens,
-                              "new_tokens": args.max_new_tokens, "rows": rows})
+                save(output, result)
     if session.dist.rank == 0:
         print(benchmark.job_table(rows))
-        session.say(f"saved {output}")
+        plotted = plot_job(result, output.with_suffix(".png"))
+        session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
+                                         " (no plot: matplotlib is not installed)"))
     return 0
 
 
