@@ -45,6 +45,11 @@ class Generation:
     logits: list[Tensor] = field(default_factory=list)
 
 
+# Decode steps an engine keeps (each a CUDA graph on GPUs) for the sets of requests that
+# decode together; the oldest goes first.
+MAX_DECODERS = 16
+
+
 class Engine:
     """Runs requests with one strategy. Sized once: every rank's KV arena holds the
     worst case of a request of up to `max_tokens` tokens (context + query + generated), of
@@ -58,7 +63,7 @@ class Engine:
         self.max_tokens = max_tokens
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
-        self.decoder: _Decoder | None = None
+        self.decoders: dict[tuple[int, ...], _Decoder] = {}  # by the slots they decode, in row order
         # A shorter context leaves more room for the tail, never more slots on the query
         # rank than max_tokens, whatever the split.
         max_context = max_tokens - self.max_tail
@@ -69,9 +74,9 @@ class Engine:
         self.batch = batch
         self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size()))
         try:
-            self.slots = [_Slot(_C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                           self.capacities[dist.rank], weight.dtype, weight.device))
-                          for _ in range(batch)]
+            self.slots = [_Slot(index, _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                  self.capacities[dist.rank], weight.dtype, weight.device))
+                          for index in range(batch)]
         except (RuntimeError, MemoryError) as exc:
             raise ValueError(f"the KV cache for {self._requests()} could not be allocated ({self._flags()}): "
                              f"{str(exc).splitlines()[0]}") from None
@@ -80,6 +85,11 @@ class Engine:
     def arena(self) -> _C.KVArena:
         """The arena of a request run alone (generate)."""
         return self.slots[0].arena
+
+    @property
+    def decoder(self) -> "_Decoder | None":
+        """The decode step of a request run alone, once it has decoded."""
+        return self.decoders.get((0,))
 
     def forget_contexts(self) -> None:
         """The next request encodes its context, whatever the arenas hold."""
@@ -138,12 +148,12 @@ class Engine:
         tokens = [self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)]
         first = self._elapsed(start)
         if tokens[-1] not in eos and max_new_tokens > 1:
-            decoder = self._decoder()
+            decoder = self._decoder((slot,))
             slot.arena.start_decoding()
-            decoder.start(tokens[-1], len(context_ids) + len(query_ids))
+            decoder.start([tokens[-1]], [len(context_ids) + len(query_ids)])
             while tokens[-1] not in eos and len(tokens) < max_new_tokens:
                 decoder.step()
-                tokens.append(decoder.token())
+                tokens.append(decoder.tokens()[0])
                 if keep_logits and self.dist.is_query_rank:
                     logits.append(decoder.logits.clone())
             slot.arena.finish_decoding()
@@ -158,7 +168,8 @@ class Engine:
         (its context encoded, or copied from a slot that holds it, and its query run between
         two steps) and leaves when it is done. Yields (its index in `requests`, its
         generation) as each finishes. Every rank must pass the same requests; each answer is
-        the one the request gets alone. Decodes eagerly (no CUDA graph)."""
+        the one the request gets alone. On GPUs each set of requests that decodes together
+        has its step captured in a CUDA graph (decoders)."""
         device = self.model.embed.weight.device
         eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
         reset_peak_memory(device)
@@ -243,20 +254,10 @@ class Engine:
 
     def _step_together(self, running: list["_Running"]) -> None:
         """One decode step of every running request: a token each, in one forward pass."""
-        device = self.model.embed.weight.device
-        arenas = [run.slot.arena for run in running]
-        if self.dist.is_query_rank:
-            for arena in arenas:
-                arena.add_token()  # the slot of the token fed now, which every layer writes
-        ids = torch.tensor([run.tokens[-1] for run in running], device=device)
-        positions = torch.tensor([run.position for run in running], device=device)
-        hidden = self.model(ids, positions, token_attention(arenas, self.comm, self.dist.is_query_rank))
-        chosen = torch.zeros(len(running), dtype=torch.int64, device=device)
-        if self.dist.is_query_rank:
-            chosen.copy_(self.model.logits(hidden).argmax(-1))
-        self.comm.broadcast(chosen, root=self.dist.query_rank)
-        self.comm.synchronize()
-        for run, token in zip(running, chosen.tolist()):
+        decoder = self._decoder(tuple(run.slot for run in running))
+        decoder.start([run.tokens[-1] for run in running], [run.position for run in running])
+        decoder.step()
+        for run, token in zip(running, decoder.tokens()):
             run.tokens.append(token)
             run.position += 1
 
@@ -281,10 +282,17 @@ class Engine:
             context_reused=reused,
         )
 
-    def _decoder(self) -> "_Decoder":
-        if self.decoder is None:
-            self.decoder = _Decoder(self.model, self.arena, self.comm, self.dist, self.cuda_graph)
-        return self.decoder
+    def _decoder(self, slots: tuple["_Slot", ...]) -> "_Decoder":
+        """The decode step of these slots' requests, one row each: made (and, on a GPU,
+        captured) the first time this set runs together, kept for the next time; the
+        oldest go beyond MAX_DECODERS."""
+        key = tuple(slot.index for slot in slots)
+        if key not in self.decoders:
+            if len(self.decoders) >= MAX_DECODERS:
+                del self.decoders[next(iter(self.decoders))]
+            self.decoders[key] = _Decoder(self.model, [slot.arena for slot in slots], self.comm, self.dist,
+                                          self.cuda_graph)
+        return self.decoders[key]
 
     def _next_token(self, hidden: Tensor, keep: list[Tensor] | None) -> int:
         """Greedy choice on the query rank, broadcast so that ranks can never diverge."""
@@ -315,8 +323,8 @@ class _Slot:
     """A request's place in the engine: its KV arena, and the context the arena holds
     where it may be reused (its digest and this rank's length of it)."""
 
-    def __init__(self, arena: _C.KVArena) -> None:
-        self.arena = arena
+    def __init__(self, index: int, arena: _C.KVArena) -> None:
+        self.index, self.arena = index, arena
         self.encoded: tuple[str, int] | None = None
 
     def holds(self, digest: str) -> bool:
@@ -353,29 +361,31 @@ class _Running:
 
 
 class _Decoder:
-    """One decode step with shapes that never change: the token and its position live in
-    device tensors that the step itself advances, and the KV length in the arena's (the
-    query rank counts each new token's slot there). On a GPU whose shapes the decode kernel
-    serves, the step (all layers, the collectives and the merges, the choice of the next
-    token and its broadcast) is captured once in a CUDA graph and replayed for every later
-    token and request."""
+    """One decode step of one token for each of a fixed list of arenas (a request each),
+    with shapes that never change: the tokens and their positions live in device tensors
+    that the step itself advances, and each KV length in its arena's (the query rank counts
+    each new token's slot there). On a GPU whose shapes the decode kernel serves, the step
+    (all layers, the collectives and the merges, the choice of the next tokens and their
+    broadcast) is captured once in a CUDA graph and replayed for every later step of these
+    arenas, whatever requests they hold."""
 
-    def __init__(self, model: Transformer, arena: _C.KVArena, comm: Communicator, dist: Dist,
+    def __init__(self, model: Transformer, arenas: list[_C.KVArena], comm: Communicator, dist: Dist,
                  cuda_graph: bool) -> None:
-        self.model, self.arena, self.comm, self.dist = model, arena, comm, dist
+        self.model, self.arenas, self.comm, self.dist = model, arenas, comm, dist
         cfg, weight = model.config, model.embed.weight
-        self.token_ids = torch.zeros(1, dtype=torch.int64, device=weight.device)
-        self.position = torch.zeros(1, dtype=torch.int64, device=weight.device)
-        self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=weight.device)
-        self.attend = token_attention([arena], comm, dist.is_query_rank)
+        rows = len(arenas)
+        self.token_ids = torch.zeros(rows, dtype=torch.int64, device=weight.device)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=weight.device)
+        self.logits = torch.zeros(rows, cfg.vocab_size, dtype=torch.float32, device=weight.device)
+        self.attend = token_attention(arenas, comm, dist.is_query_rank)
         self.use_graph = cuda_graph and decode_kernel_serves(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                                              weight.dtype, weight.device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def start(self, token: int, position: int) -> None:
-        """The first token to feed and its position (the arena is decoding already)."""
-        self.token_ids.fill_(token)
-        self.position.fill_(position)
+    def start(self, tokens: list[int], positions: list[int]) -> None:
+        """The tokens to feed, a row each, and their positions (the arenas are decoding)."""
+        self.token_ids.copy_(torch.tensor(tokens))
+        self.positions.copy_(torch.tensor(positions))
 
     def step(self) -> None:
         if not self.use_graph:
@@ -388,16 +398,18 @@ class _Decoder:
         else:
             self.graph.replay()
 
-    def token(self) -> int:
+    def tokens(self) -> list[int]:
+        """The tokens the last step chose, a row each."""
         self.comm.synchronize()
-        return int(self.token_ids.item())
+        return self.token_ids.tolist()
 
     def _step(self) -> None:
         if self.dist.is_query_rank:
-            self.arena.add_token()  # the slot of the token fed now, which every layer writes
-        hidden = self.model(self.token_ids, self.position, self.attend)
+            for arena in self.arenas:
+                arena.add_token()  # the slot of the token fed now, which every layer writes
+        hidden = self.model(self.token_ids, self.positions, self.attend)
         if self.dist.is_query_rank:
             self.logits.copy_(self.model.logits(hidden))
-            self.token_ids.copy_(self.logits[0].argmax())
+            self.token_ids.copy_(self.logits.argmax(-1))
         self.comm.broadcast(self.token_ids, root=self.dist.query_rank)
-        self.position += 1
+        self.positions += 1

@@ -82,3 +82,17 @@ def test_requests_decoded_together_on_the_gpu_get_the_tokens_each_gets_alone(dis
     else:  # bfloat16 products of several rows round apart from one row's; the query pass is each request's own
         assert [got[i].tokens[0] for i in range(len(requests))] == [tokens[0] for tokens in want]
         assert [len(got[i].tokens) for i in range(len(requests))] == [len(tokens) for tokens in want]
+
+
+def test_a_batch_step_replayed_from_its_cuda_graph_equals_the_eager_batch_step(dist, checkpoint):
+    model = load_model(str(checkpoint), torch.bfloat16, GPU)
+    comm = make_communicator(dist, GPU)
+    requests = [(*request(seed, context), new) for seed, context, new in [(0, 1190, 12), (1, 700, 5), (2, 1500, 9),
+                                                                          (3, 300, 7), (4, 900, 10)]]
+    answers = {}
+    for graphed in (True, False):
+        engine = Engine(model, DenseAttention(dist, comm), comm, dist, max_tokens=2048, batch=3, cuda_graph=graphed)
+        jobs = [(c, q, engine.plan(len(c), len(q), n)) for c, q, n in requests]
+        answers[graphed] = {i: gen.tokens for i, gen in engine.generate_many(jobs, stop_at_eos=False)}
+        assert all(decoder.graph is not None for decoder in engine.decoders.values()) == graphed
+    assert answers[True] == answers[False]
