@@ -46,7 +46,7 @@ class Generation:
 
 
 # Decode steps an engine keeps (each a CUDA graph on GPUs) for the sets of requests that
-# decode together; the oldest goes first.
+# decode together; the one unused longest goes first.
 MAX_DECODERS = 16
 
 
@@ -215,7 +215,8 @@ class Engine:
         """Phase 1 of the context into the slot's arena, unless the slot holds it already
         (digest: the context's, where it may be reused), or another slot does and its K/V is
         copied: (seconds, whether reused)."""
-        holder = next((s for s in [slot, *self.slots]
+        candidates = [slot, *(s for s in self.slots if s is not slot)]  # the slot itself first
+        holder = next((s for s in candidates
                        if digest is not None and s.holds(digest) and not (s is slot and s.arena.decoding)), None)
         if holder is slot:
             slot.arena.truncate(slot.encoded[1])  # back to the context: the last answer's K/V goes
@@ -284,15 +285,16 @@ class Engine:
 
     def _decoder(self, slots: tuple["_Slot", ...]) -> "_Decoder":
         """The decode step of these slots' requests, one row each: made (and, on a GPU,
-        captured) the first time this set runs together, kept for the next time; the
-        oldest go beyond MAX_DECODERS."""
+        captured) the first time this set runs together, kept for the next time; beyond
+        MAX_DECODERS the one unused longest goes."""
         key = tuple(slot.index for slot in slots)
-        if key not in self.decoders:
+        decoder = self.decoders.pop(key, None)
+        if decoder is None:
             if len(self.decoders) >= MAX_DECODERS:
                 del self.decoders[next(iter(self.decoders))]
-            self.decoders[key] = _Decoder(self.model, [slot.arena for slot in slots], self.comm, self.dist,
-                                          self.cuda_graph)
-        return self.decoders[key]
+            decoder = _Decoder(self.model, [slot.arena for slot in slots], self.comm, self.dist, self.cuda_graph)
+        self.decoders[key] = decoder  # the most recently used last
+        return decoder
 
     def _next_token(self, hidden: Tensor, keep: list[Tensor] | None) -> int:
         """Greedy choice on the query rank, broadcast so that ranks can never diverge."""

@@ -229,6 +229,20 @@ def test_requests_decoded_together_get_the_tokens_each_gets_alone(dist, comm, mo
     assert got[2].metrics.context_reused and not got[0].metrics.context_reused  # request 0's context
 
 
+def test_an_engine_keeps_the_decode_steps_of_the_sets_it_used_last(dist, comm, model, monkeypatch):
+    import star_engine.schedule as schedule
+
+    monkeypatch.setattr(schedule, "MAX_DECODERS", 2)
+    requests = [(*request(30 + 7 * i, seed=i), 2 + i % 4) for i in range(7)]
+    alone = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=128)
+    want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
+    together = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=128, batch=3)
+    got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
+                                      stop_at_eos=False))
+    assert [got[i].tokens for i in range(len(requests))] == want
+    assert len(together.decoders) == 2
+
+
 def test_a_batch_that_does_not_fit_in_memory_is_refused_naming_the_batch(dist, comm, model, monkeypatch):
     import star_engine.schedule as schedule
     from star_engine.launch import JobError
