@@ -45,6 +45,27 @@ class Generation:
     logits: list[Tensor] = field(default_factory=list)
 
 
+def arena_capacities(strategy: Strategy, max_tokens: int, max_tail: int) -> list[int]:
+    """By rank: the KV slots of an arena that holds any request of up to max_tokens tokens,
+    at most max_tail of them after the context. A shorter context leaves more room for the
+    tail, never more slots on the query rank than max_tokens, whatever the split."""
+    place = strategy.dist
+    max_context = max_tokens - max_tail
+    query_share = strategy.context_capacity(place.query_rank, max_context) if max_context else 0
+    return [min(max_tokens, query_share + max_tail) if r == place.query_rank
+            else strategy.context_capacity(r, max_tokens) for r in range(place.world)]
+
+
+def requests_phrase(max_tokens: int, batch: int) -> str:
+    """What a KV cache is sized for, as messages say it."""
+    return f"requests of {max_tokens} tokens" + (f", {batch} at once" if batch > 1 else "")
+
+
+def cache_flags(batch: int) -> str:
+    """The flags that size a KV cache."""
+    return "--max-tokens" + (" or --batch" if batch > 1 else "")
+
+
 # Decode steps an engine keeps (each a CUDA graph on GPUs) for the sets of requests that
 # decode together; the one unused longest goes first.
 MAX_DECODERS = 16
@@ -64,12 +85,7 @@ class Engine:
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
         self.decoders: dict[tuple[int, ...], _Decoder] = {}  # by the slots they decode, in row order
-        # A shorter context leaves more room for the tail, never more slots on the query
-        # rank than max_tokens, whatever the split.
-        max_context = max_tokens - self.max_tail
-        query_share = strategy.context_capacity(dist.query_rank, max_context) if max_context else 0
-        self.capacities = [min(max_tokens, query_share + self.max_tail) if r == dist.query_rank
-                           else strategy.context_capacity(r, max_tokens) for r in range(dist.world)]
+        self.capacities = arena_capacities(strategy, max_tokens, self.max_tail)
         cfg, weight = model.config, model.embed.weight
         self.batch = batch
         self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size()))
@@ -106,10 +122,10 @@ class Engine:
                                f"or more ranks")
 
     def _requests(self) -> str:
-        return f"requests of {self.max_tokens} tokens" + (f", {self.batch} at once" if self.batch > 1 else "")
+        return requests_phrase(self.max_tokens, self.batch)
 
     def _flags(self) -> str:
-        return "--max-tokens" + (" or --batch" if self.batch > 1 else "")
+        return cache_flags(self.batch)
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""

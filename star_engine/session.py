@@ -36,7 +36,7 @@ class Session:
         self.say(f"star_engine: loading {args.model} on {plural(self.dist.world, 'rank')} "
                  f"({plural(self.dist.nodes, 'node')}), {self.device.type}, {dtype}")
         start = time.perf_counter()
-        self._refuse_weights_that_cannot_fit(load_config(args.model), dtype)
+        self._refuse_what_cannot_fit(load_config(args.model), dtype)
         self.model = load_model(args.model, dtype, self.device)
         set_backend(args.attn_backend)
         backend = backend_for(self.device, dtype)
@@ -46,22 +46,37 @@ class Session:
         self.dist.sync()
         self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s; attention kernels: {backend}")
 
-    def _refuse_weights_that_cannot_fit(self, config: ModelConfig, dtype: torch.dtype) -> None:
-        """Before any weight is built: every rank holds all of them, so a rank that has not
-        the memory ends the job with one line (the same on every rank), not an allocator's
-        traceback part way through."""
-        from .costs import model_weights
+    def _refuse_what_cannot_fit(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        """Before any weight is built: every rank holds all of them, and for `run` its KV
+        cache for --max-tokens (and --batch) too, so a rank that has not the memory ends the
+        job with one line (the same on every rank), not an allocator's traceback part way."""
+        from .costs import kv_bytes_per_token, model_weights
         from .launch import JobError
         from .memory import available_memory
+        from .schedule import arena_capacities, cache_flags, requests_phrase
 
         weights = model_weights(config) * dtype.itemsize
+        spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
+        max_tokens = getattr(self.args, "max_tokens", None) or config.max_position_embeddings
+        caches = [0] * self.dist.world
+        if spec is not None and (max_tokens <= config.max_position_embeddings
+                                 or getattr(self.args, "beyond_trained_positions", False)):
+            slots = arena_capacities(spec.build(self.dist, None, config), max_tokens, max_tokens)
+            caches = [batch * n * kv_bytes_per_token(config, dtype.itemsize) for n in slots]
         for rank, free in enumerate(self.dist.allgather(available_memory(self.device))):
-            if free is not None and weights + WEIGHTS_HEADROOM_BYTES > free:
+            if free is None:
+                continue
+            if weights + WEIGHTS_HEADROOM_BYTES > free:
                 raise JobError(f"{self.args.model} in {str(dtype).removeprefix('torch.')} takes "
                                f"{weights / 2**30:.1f} GiB of weights on every rank, and rank {rank}'s "
                                f"{self.device.type} has {free / 2**30:.1f} GiB free; every rank holds the whole "
                                "model (tensor parallelism is not supported yet): a device with more memory, a "
                                "smaller --dtype, or a smaller model")
+            if weights + caches[rank] + WEIGHTS_HEADROOM_BYTES > free:
+                raise JobError(f"a KV cache for {requests_phrase(max_tokens, batch)} needs "
+                               f"{caches[rank] / 2**30:.1f} GiB on rank {rank}, which has "
+                               f"{(free - weights) / 2**30:.1f} GiB free beside the weights: a smaller "
+                               f"{cache_flags(batch)}, or more ranks")
 
     def say(self, message: str) -> None:
         """A progress line on stderr, from rank 0."""
