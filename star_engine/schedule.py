@@ -94,8 +94,8 @@ class Engine:
                                                   self.capacities[dist.rank], weight.dtype, weight.device))
                           for index in range(batch)]
         except (RuntimeError, MemoryError) as exc:
-            raise ValueError(f"the KV cache for {self._requests()} could not be allocated ({self._flags()}): "
-                             f"{str(exc).splitlines()[0]}") from None
+            raise ValueError(f"the KV cache for {requests_phrase(max_tokens, batch)} could not be allocated "
+                             f"({cache_flags(batch)}): {str(exc).splitlines()[0]}") from None
 
     @property
     def arena(self) -> _C.KVArena:
@@ -117,15 +117,9 @@ class Engine:
         available = self.dist.allgather(available_memory(self.model.embed.weight.device))
         for rank, (slots, free) in enumerate(zip(self.capacities, available)):
             if free is not None and slots * bytes_per_slot > free:
-                raise JobError(f"a KV cache for {self._requests()} needs {slots * bytes_per_slot / 2**30:.1f} GiB "
-                               f"on rank {rank}, which has {free / 2**30:.1f} GiB free: a smaller {self._flags()}, "
-                               f"or more ranks")
-
-    def _requests(self) -> str:
-        return requests_phrase(self.max_tokens, self.batch)
-
-    def _flags(self) -> str:
-        return cache_flags(self.batch)
+                raise JobError(f"a KV cache for {requests_phrase(self.max_tokens, self.batch)} needs "
+                               f"{slots * bytes_per_slot / 2**30:.1f} GiB on rank {rank}, which has "
+                               f"{free / 2**30:.1f} GiB free: a smaller {cache_flags(self.batch)}, or more ranks")
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""
