@@ -157,15 +157,15 @@ def _answered(engine: Engine, requests: Iterator[_Request], batch: int) -> Itera
             yield r, engine.generate(r.context, r.query, r.prepared.plan.max_new_tokens, plan=r.prepared.plan,
                                      reuse_context=True)
         return
-    taken: list[_Request] = []
+    in_hand: dict[int, _Request] = {}  # by index, until answered: a long job holds only these
 
     def jobs() -> Iterator[tuple[Tensor, Tensor, RequestPlan]]:
-        for r in requests:
-            taken.append(r)
+        for index, r in enumerate(requests):
+            in_hand[index] = r
             yield r.context, r.query, r.prepared.plan
 
     for index, gen in engine.generate_many(jobs()):
-        yield taken[index], gen
+        yield in_hand.pop(index), gen
 
 
 def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen: Generation) -> None:
