@@ -57,7 +57,7 @@ class Session:
 
         weights = model_weights(config) * dtype.itemsize
         spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
-        max_tokens = getattr(self.args, "max_tokens", None) or config.max_position_embeddings
+        max_tokens = self._max_tokens(config)
         caches = [0] * self.dist.world
         if spec is not None and (max_tokens <= config.max_position_embeddings
                                  or getattr(self.args, "beyond_trained_positions", False)):
@@ -78,6 +78,10 @@ class Session:
                                f"{(free - weights) / 2**30:.1f} GiB free beside the weights: a smaller "
                                f"{cache_flags(batch)}, or more ranks")
 
+    def _max_tokens(self, config: ModelConfig) -> int:
+        """The longest request a KV cache is sized for: --max-tokens, else the model's context length."""
+        return getattr(self.args, "max_tokens", None) or config.max_position_embeddings
+
     def say(self, message: str) -> None:
         """A progress line on stderr, from rank 0."""
         if self.dist.rank == 0:
@@ -92,7 +96,7 @@ class Session:
         from .schedule import Engine
 
         trained = self.model.config.max_position_embeddings
-        max_tokens = max_tokens or getattr(self.args, "max_tokens", None) or trained
+        max_tokens = max_tokens or self._max_tokens(self.model.config)
         if max_tokens > trained:
             if not getattr(self.args, "beyond_trained_positions", False):
                 raise JobError(f"--max-tokens {max_tokens} is beyond the {trained} positions {self.args.model} was "
