@@ -87,6 +87,47 @@ void lse_merge_gpu(const at::Tensor& o_parts, const at::Tensor& lse_parts, at::T
                  lse.data_ptr<float>(), current_stream(o_parts));
 }
 
+namespace {
+
+// o [heads, rows, dim] (q's dtype) and lse [heads, rows] (float32) in one buffer, lse right
+// after o: the message gather_merge sends as is.
+std::tuple<at::Tensor, at::Tensor> packed_output(const at::Tensor& q, int64_t heads, int64_t rows,
+                                                 int64_t dim) {
+  const int64_t o_bytes = heads * rows * dim * q.element_size();
+  at::Tensor packed = at::empty({o_bytes + 4 * heads * rows}, q.options().dtype(at::kByte));
+  at::Tensor o = packed.narrow(0, 0, o_bytes).view(q.scalar_type()).view({heads, rows, dim});
+  at::Tensor lse = packed.narrow(0, o_bytes, 4 * heads * rows).view(at::kFloat).view({heads, rows});
+  return {o, lse};
+}
+
+void check_row_addresses(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
+                         const at::Tensor& lengths, int64_t rows, const char* what) {
+  for (const at::Tensor* t : {&k_rows, &v_rows, &lengths}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device() && t->scalar_type() == at::kLong &&
+                    t->dim() == 1 && t->numel() == rows && t->is_contiguous(),
+                what, ": k_rows, v_rows and lengths must be int64 addresses [rows] on q's device");
+  }
+}
+
+void launch_decode(const at::Tensor& q, int64_t q_row_stride, const void* k, const void* v,
+                   int64_t capacity, const int32_t* length, DecodeRows rows, int64_t batch_rows,
+                   int64_t kv_heads, int64_t splits, at::Tensor& o, at::Tensor& lse) {
+  const int64_t heads = q.size(0), dim = q.size(-1);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor workspace = at::empty({batch_rows * decode_workspace_floats(heads, dim, splits)},
+                                   q.options().dtype(at::kFloat));
+  const at::Tensor counters = decode_counters(q, batch_rows * kv_heads);
+  decode_attention_cuda(q.data_ptr(), q_row_stride, k, v, capacity, length, rows,
+                        static_cast<int>(batch_rows), static_cast<int>(heads),
+                        static_cast<int>(kv_heads), static_cast<int>(dim),
+                        1.0f / std::sqrt(static_cast<float>(dim)), dtype_of(q),
+                        static_cast<int>(splits), workspace.data_ptr<float>(),
+                        counters.data_ptr<int32_t>(), o.data_ptr(), lse.data_ptr<float>(),
+                        current_stream(q));
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v,
                                                     const at::Tensor& length, int64_t splits) {
@@ -97,28 +138,34 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
               "decode_attention: q [H, D], k and v [KV, T, D] of one layout");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "decode_attention: q, k, v of one dtype");
-  const int64_t heads = q.size(0), dim = q.size(1), kv_heads = k.size(0);
+  const int64_t heads = q.size(0), dim = q.size(1);
   TORCH_CHECK(k.size(2) == dim && q.stride(1) == 1 && q.stride(0) == dim && k.stride(2) == 1 &&
                   k.stride(1) == dim && k.stride(0) % dim == 0,
               "decode_attention: rows of q, k, v must be contiguous");
   TORCH_CHECK(length.scalar_type() == at::kInt && length.numel() == 1,
               "decode_attention: length must be one int32");
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor workspace = at::empty({decode_workspace_floats(heads, dim, splits)},
-                                   q.options().dtype(at::kFloat));
-  const at::Tensor counters = decode_counters(q, kv_heads);
-  // o and lse share one buffer, lse right after o: the message gather_merge sends as is.
-  const int64_t o_bytes = heads * dim * q.element_size();
-  at::Tensor packed = at::empty({o_bytes + 4 * heads}, q.options().dtype(at::kByte));
-  at::Tensor o = packed.narrow(0, 0, o_bytes).view(q.scalar_type()).view({heads, dim});
-  at::Tensor lse = packed.narrow(0, o_bytes, 4 * heads).view(at::kFloat);
-  decode_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0) / dim,
-                        length.data_ptr<int32_t>(), static_cast<int>(heads),
-                        static_cast<int>(kv_heads), static_cast<int>(dim),
-                        1.0f / std::sqrt(static_cast<float>(dim)), dtype_of(q),
-                        static_cast<int>(splits), workspace.data_ptr<float>(),
-                        counters.data_ptr<int32_t>(), o.data_ptr(),
-                        lse.data_ptr<float>(), current_stream(q));
+  auto [o, lse] = packed_output(q, heads, 1, dim);
+  launch_decode(q, 0, k.data_ptr(), v.data_ptr(), k.stride(0) / dim, length.data_ptr<int32_t>(),
+                DecodeRows{}, 1, k.size(0), splits, o, lse);
+  return {o.view({heads, dim}), lse.view({heads})};
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_rows(const at::Tensor& q, const at::Tensor& k_rows,
+                                                         const at::Tensor& v_rows,
+                                                         const at::Tensor& lengths, int64_t capacity,
+                                                         int64_t kv_heads, int64_t splits) {
+  // q [H, rows, D] (heads D apart, each head's row contiguous); row r reads the layer of an
+  // arena whose K and V start at k_rows[r], v_rows[r] ([KV, capacity, D] each, of q's
+  // dtype) and whose int32 length is at lengths[r].
+  check_cuda_tensor(q, "decode_attention_rows input");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(0) == q.size(2),
+              "decode_attention_rows: q [H, rows, D] with heads D apart");
+  const int64_t rows = q.size(1);
+  check_row_addresses(q, k_rows, v_rows, lengths, rows, "decode_attention_rows");
+  auto [o, lse] = packed_output(q, q.size(0), rows, q.size(2));
+  launch_decode(q, q.stride(1), nullptr, nullptr, capacity, nullptr,
+                DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()},
+                rows, kv_heads, splits, o, lse);
   return {o, lse};
 }
 
@@ -141,9 +188,42 @@ void kv_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, co
               "kv_append: rows must be multiples of 16 bytes");
   TORCH_CHECK(length.scalar_type() == at::kInt && length.numel() == 1, "kv_append: int32 length");
   const c10::cuda::CUDAGuard guard(k.device());
-  kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), k_cache.data_ptr(),
-                 v_cache.data_ptr(), k_cache.size(1), length.data_ptr<int32_t>(),
+  kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), 0, k_cache.data_ptr(),
+                 v_cache.data_ptr(), k_cache.size(1), length.data_ptr<int32_t>(), DecodeRows{}, 1,
                  static_cast<int>(k.size(0)), static_cast<int>(row_bytes), current_stream(k));
+}
+
+void kv_append_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_rows,
+                    const at::Tensor& v_rows, const at::Tensor& lengths, int64_t capacity) {
+  // k, v [KV, rows, D]: row r's token goes to slot lengths[r] - 1 of the layer whose K and V
+  // start at k_rows[r], v_rows[r] ([KV, capacity, D] each, of k's dtype).
+  check_cuda_tensor(k, "kv_append_rows input");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.strides() == k.strides() && k.stride(2) == 1 &&
+                  v.scalar_type() == k.scalar_type() && v.device() == k.device(),
+              "kv_append_rows: k and v [KV, rows, D] of one layout");
+  const int64_t rows = k.size(1), row_bytes = k.size(2) * k.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * k.element_size()) % 16 == 0 &&
+                  (k.stride(1) * k.element_size()) % 16 == 0,
+              "kv_append_rows: rows must be multiples of 16 bytes");
+  check_row_addresses(k, k_rows, v_rows, lengths, rows, "kv_append_rows");
+  const c10::cuda::CUDAGuard guard(k.device());
+  kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), k.stride(1) * k.element_size(),
+                 nullptr, nullptr, capacity, nullptr,
+                 DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()},
+                 static_cast<int>(rows), static_cast<int>(k.size(0)), static_cast<int>(row_bytes),
+                 current_stream(k));
+}
+
+void add_token_rows(const at::Tensor& lengths, const at::Tensor& active) {
+  // lengths: int64 addresses [rows] of int32 lengths; active: int32 [1], the rows counted.
+  check_cuda_tensor(lengths, "add_token_rows input");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.is_contiguous() &&
+                  active.is_cuda() && active.device() == lengths.device() &&
+                  active.scalar_type() == at::kInt && active.numel() == 1,
+              "add_token_rows: int64 addresses [rows] and an int32 [1] count on one GPU");
+  const c10::cuda::CUDAGuard guard(lengths.device());
+  add_token_rows_cuda(lengths.data_ptr<int64_t>(), active.data_ptr<int32_t>(),
+                      static_cast<int>(lengths.numel()), current_stream(lengths));
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -197,8 +277,17 @@ void register_cuda_bindings(pybind11::module& m) {
   m.def("decode_attention", &decode_attention, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"),
         "One-token attention over a KV cache: (o [H, D], lse [H]).");
+  m.def("decode_attention_rows", &decode_attention_rows, pybind11::arg("q"), pybind11::arg("k_rows"),
+        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacity"),
+        pybind11::arg("kv_heads"), pybind11::arg("splits"),
+        "One token per row over each row's own KV cache (addresses per row): (o [H, rows, D], lse [H, rows]).");
+  m.def("kv_append_rows", &kv_append_rows, pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_rows"),
+        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacity"),
+        "Writes row r's token of k, v [KV, rows, D] into the slot its length names in its own cache.");
+  m.def("add_token_rows", &add_token_rows, pybind11::arg("lengths"), pybind11::arg("active"),
+        "Adds one to each of the first active int32 lengths at the addresses given.");
   m.def("decode_splits", &decode_splits, pybind11::arg("capacity"), pybind11::arg("kv_heads"),
-        pybind11::arg("multiprocessors"));
+        pybind11::arg("multiprocessors"), pybind11::arg("rows") = 1);
 
   pybind11::class_<NcclComm>(m, "NcclComm")
       .def(pybind11::init<const std::string&, int, int, int, double>(), pybind11::arg("unique_id"),

@@ -16,7 +16,7 @@ from .costs import decode_weights, kv_bytes_per_token
 from .launch import Dist
 from .memory import every_rank_has_room
 from .model import Transformer
-from .plan import plan_request
+from .plan import RequestPlan, plan_request
 from .schedule import Engine, Generation
 
 
@@ -145,9 +145,11 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             say: Callable[[str], None], batch: int = 1) -> list[dict]:
     """A job of `requests` requests on requests/questions contexts of `length` tokens, each
     asked `questions` questions, run one request at a time (each encodes its context), with
-    each context encoded once for its questions, and (batch > 1) with up to `batch`
-    requests decoding together. Per run: the wall time, requests per hour, output tokens
-    per second, each request's time to first token and its latency from the job's start."""
+    each context encoded once for its questions (where there are several), and (batch > 1)
+    with up to `batch` requests decoding together. Per run: the wall time, requests per
+    hour, output tokens per second, decode tokens per second (the tokens after each first
+    over the time not spent on phase 1 and queries, which run one request at a time), each
+    request's time to first token and its latency from the job's start."""
     cfg = model.config
     generator = torch.Generator().manual_seed(0)
     contexts = [torch.randint(0, cfg.vocab_size, (length,), generator=generator)
@@ -167,17 +169,21 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             latency[index] = time.perf_counter() - start
             tokens += len(gen.tokens)
         wall = time.perf_counter() - start
+        decode_s = wall - sum(ttft)
         result = {**row, "mode": mode, "wall_s": wall, "requests_per_hour": requests / wall * 3600,
-                  "output_tokens_per_s": tokens / wall, "ttft_s": ttft, "latency_s": latency, "context_reused": reused}
+                  "output_tokens_per_s": tokens / wall, "decode_s": decode_s,
+                  "decode_tokens_per_s": (tokens - requests) / decode_s if decode_s > 0 else None,
+                  "ttft_s": ttft, "latency_s": latency, "context_reused": reused}
         say(f"  {spec.label} {length:>8} tokens, {requests} requests, {questions} a context, {mode}: {wall:.2f} s, "
-            f"{result['requests_per_hour']:.0f} requests/hour, {result['output_tokens_per_s']:.1f} tokens/s")
+            f"{result['requests_per_hour']:.0f} requests/hour, {result['output_tokens_per_s']:.1f} tokens/s, "
+            f"decoding {result['decode_tokens_per_s'] or 0:.1f} tokens/s")
         return result
 
     engine = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
                     cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
     engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
     rows = []
-    for reuse in (False, True):
+    for reuse in (False, True) if questions > 1 else (False,):
         engine.forget_contexts()
         rows.append(measured("context once" if reuse else "one at a time", lambda: (
             (i, engine.generate(context, query, new_tokens, reuse_context=reuse, stop_at_eos=False))
@@ -187,21 +193,37 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
         together = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
                           cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens, batch=batch)
         plan = together.plan(length, query_tokens, new_tokens)
-        list(together.generate_many([(*jobs[0], plan)] * 2, stop_at_eos=False))  # untimed: a step of two
+        list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
         together.forget_contexts()
         rows.append(measured(f"batch {batch}", lambda: together.generate_many(
             [(context, query, plan) for context, query in jobs], stop_at_eos=False)))
+        rows[-1]["decode_bound_x"] = batched_decode_bound(model, plan, batch)
     return rows
+
+
+def batched_decode_bound(model: Transformer, plan: RequestPlan, batch: int) -> float:
+    """The most that `batch` requests decoding together can gain in tokens per second over
+    one at a time, where a step reads the weights once plus each request's own K/V (the
+    busiest rank's share at the request's full length)."""
+    weights = decode_bytes(model)
+    kv = max(plan.kv_slots) * kv_bytes_per_token(model.config, model.embed.weight.element_size())
+    return batch * (weights + kv) / (weights + batch * kv)
 
 
 def job_table(rows: list[dict]) -> str:
     width = max([len(r["label"]) for r in rows] + [5])
     lines = [f"{'attn':>{width}} {'context':>8} {'requests':>8} {'per ctx':>7} {'mode':>13} {'wall s':>8} "
-             f"{'req/hour':>9} {'tokens/s':>9} {'mean ttft s':>11}"]
+             f"{'req/hour':>9} {'tokens/s':>9} {'decode/s':>9} {'x alone':>7} {'mean ttft s':>11}"]
+    alone = {(r["label"], r["context"]): r for r in rows if r["mode"] == "one at a time"}
     for r in rows:
+        first = alone.get((r["label"], r["context"]))
+        gain = (r["decode_tokens_per_s"] / first["decode_tokens_per_s"]
+                if first and r["decode_tokens_per_s"] and first["decode_tokens_per_s"] else None)
         lines.append(f"{r['label']:>{width}} {r['context']:>8} {r['requests']:>8} {r['questions_per_context']:>7} "
                      f"{r['mode']:>13} {r['wall_s']:>8.2f} {r['requests_per_hour']:>9.0f} "
-                     f"{r['output_tokens_per_s']:>9.1f} {sum(r['ttft_s']) / len(r['ttft_s']):>11.3f}")
+                     f"{r['output_tokens_per_s']:>9.1f} {r['decode_tokens_per_s'] or 0:>9.1f} "
+                     f"{f'{gain:.2f}x' if gain else '':>7} {sum(r['ttft_s']) / len(r['ttft_s']):>11.3f}"
+                     + (f"  (bound {r['decode_bound_x']:.2f}x)" if "decode_bound_x" in r else ""))
     return "\n".join(lines)
 
 

@@ -54,16 +54,22 @@ def plot_bench(result: dict, path: Path) -> bool:
 
 
 def plot_job(result: dict, path: Path) -> bool:
-    """A job's runs (one at a time, context once, batched): output tokens per second, and
-    when each request was answered. Returns False when matplotlib is not installed."""
+    """A job's runs (one at a time, context once, batched): output tokens per second over
+    the whole job and while decoding, and when each request was answered. Returns False
+    when matplotlib is not installed."""
     plt = pyplot()
     if plt is None:
         return False
     rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     names = [f"{r['label']} {r['context']}: {r['mode']}" for r in rows]
-    axes[0].barh(names, [r["output_tokens_per_s"] for r in rows])
+    places = range(len(rows))
+    axes[0].barh([p - 0.2 for p in places], [r["output_tokens_per_s"] for r in rows], height=0.4, label="whole job")
+    axes[0].barh([p + 0.2 for p in places], [r.get("decode_tokens_per_s") or 0 for r in rows], height=0.4,
+                 label="decoding")
+    axes[0].set_yticks(list(places), names)
     axes[0].invert_yaxis()
+    axes[0].legend(fontsize="small")
     axes[0].set_title("output tokens per second")
     for name, r in zip(names, rows):
         axes[1].plot(range(1, len(r["latency_s"]) + 1), sorted(r["latency_s"]), marker=".", label=name)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _C
 from .attention import Strategy
-from .attention.decode import decode_kernel_serves
+from .attention.decode import DecodeRows, decode_kernel_serves
 from .attention.phase2 import query_attention, token_attention
 from .comm import Communicator
 from .costs import kv_bytes_per_token
@@ -66,9 +66,14 @@ def cache_flags(batch: int) -> str:
     return "--max-tokens" + (" or --batch" if batch > 1 else "")
 
 
-# Decode steps an engine keeps (each a CUDA graph on GPUs) for the sets of requests that
-# decode together; the one unused longest goes first.
-MAX_DECODERS = 16
+def decode_rows(requests: int, batch: int, padded: bool) -> int:
+    """The rows of the decode step that serves this many requests at once. Padded (the
+    kernel's path, where each step is a CUDA graph): the next power of two, at most batch,
+    so that an engine captures a handful of graphs whatever sets of requests it meets;
+    else exactly one row per request."""
+    if not padded:
+        return requests
+    return min(batch, 1 << (requests - 1).bit_length())
 
 
 class Engine:
@@ -84,7 +89,7 @@ class Engine:
         self.max_tokens = max_tokens
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
-        self.decoders: dict[tuple[int, ...], _Decoder] = {}  # by the slots they decode, in row order
+        self.decoders: dict[int, _Decoder] = {}  # by their rows
         self.capacities = arena_capacities(strategy, max_tokens, self.max_tail)
         cfg, weight = model.config, model.embed.weight
         self.batch = batch
@@ -105,7 +110,7 @@ class Engine:
     @property
     def decoder(self) -> "_Decoder | None":
         """The decode step of a request run alone, once it has decoded."""
-        return self.decoders.get((0,))
+        return self.decoders.get(1)
 
     def forget_contexts(self) -> None:
         """The next request encodes its context, whatever the arenas hold."""
@@ -158,9 +163,9 @@ class Engine:
         tokens = [self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)]
         first = self._elapsed(start)
         if tokens[-1] not in eos and max_new_tokens > 1:
-            decoder = self._decoder((slot,))
+            decoder = self._decoder(1)
             slot.arena.start_decoding()
-            decoder.start([tokens[-1]], [len(context_ids) + len(query_ids)])
+            decoder.start([slot.arena], [tokens[-1]], [len(context_ids) + len(query_ids)])
             while tokens[-1] not in eos and len(tokens) < max_new_tokens:
                 decoder.step()
                 tokens.append(decoder.tokens()[0])
@@ -265,8 +270,9 @@ class Engine:
 
     def _step_together(self, running: list["_Running"]) -> None:
         """One decode step of every running request: a token each, in one forward pass."""
-        decoder = self._decoder(tuple(run.slot for run in running))
-        decoder.start([run.tokens[-1] for run in running], [run.position for run in running])
+        decoder = self._decoder(len(running))
+        decoder.start([run.slot.arena for run in running], [run.tokens[-1] for run in running],
+                      [run.position for run in running])
         decoder.step()
         for run, token in zip(running, decoder.tokens()):
             run.tokens.append(token)
@@ -293,18 +299,16 @@ class Engine:
             context_reused=reused,
         )
 
-    def _decoder(self, slots: tuple["_Slot", ...]) -> "_Decoder":
-        """The decode step of these slots' requests, one row each: made (and, on a GPU,
-        captured) the first time this set runs together, kept for the next time; beyond
-        MAX_DECODERS the one unused longest goes."""
-        key = tuple(slot.index for slot in slots)
-        decoder = self.decoders.pop(key, None)
-        if decoder is None:
-            if len(self.decoders) >= MAX_DECODERS:
-                del self.decoders[next(iter(self.decoders))]
-            decoder = _Decoder(self.model, [slot.arena for slot in slots], self.comm, self.dist, self.cuda_graph)
-        self.decoders[key] = decoder  # the most recently used last
-        return decoder
+    def _decoder(self, requests: int) -> "_Decoder":
+        """The decode step for this many requests at once: made (and, on a GPU, captured)
+        the first time its number of rows is needed, kept for the engine's life."""
+        cfg, weight = self.model.config, self.model.embed.weight
+        padded = decode_kernel_serves(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weight.dtype, weight.device)
+        rows = decode_rows(requests, self.batch, padded)
+        if rows not in self.decoders:
+            self.decoders[rows] = _Decoder(self.model, rows, self.capacities[self.dist.rank], self.comm, self.dist,
+                                           self.cuda_graph)
+        return self.decoders[rows]
 
     def _next_token(self, hidden: Tensor, keep: list[Tensor] | None) -> int:
         """Greedy choice on the query rank, broadcast so that ranks can never diverge."""
@@ -373,31 +377,35 @@ class _Running:
 
 
 class _Decoder:
-    """One decode step of one token for each of a fixed list of arenas (a request each),
-    with shapes that never change: the tokens and their positions live in device tensors
-    that the step itself advances, and each KV length in its arena's (the query rank counts
-    each new token's slot there). On a GPU whose shapes the decode kernel serves, the step
-    (all layers, the collectives and the merges, the choice of the next tokens and their
-    broadcast) is captured once in a CUDA graph and replayed for every later step of these
-    arenas, whatever requests they hold."""
+    """One decode step of one token for each of up to `rows` requests, with shapes that
+    never change: the tokens and their positions live in device tensors that the step
+    itself advances, each KV length in its arena's (the query rank counts each new token's
+    slot there), and which arena a row reads in DecodeRows' tables. On a GPU whose shapes
+    the decode kernel serves, the step (all layers, the collectives and the merges, the
+    choice of the next tokens and their broadcast) is captured once in a CUDA graph and
+    replayed for every later step, whatever requests its rows hold."""
 
-    def __init__(self, model: Transformer, arenas: list[_C.KVArena], comm: Communicator, dist: Dist,
+    def __init__(self, model: Transformer, rows: int, capacity: int, comm: Communicator, dist: Dist,
                  cuda_graph: bool) -> None:
-        self.model, self.arenas, self.comm, self.dist = model, arenas, comm, dist
+        self.model, self.comm, self.dist = model, comm, dist
         cfg, weight = model.config, model.embed.weight
-        rows = len(arenas)
+        self.rows = DecodeRows(rows, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, capacity,
+                               weight.dtype, weight.device)
         self.token_ids = torch.zeros(rows, dtype=torch.int64, device=weight.device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=weight.device)
         self.logits = torch.zeros(rows, cfg.vocab_size, dtype=torch.float32, device=weight.device)
-        self.attend = token_attention(arenas, comm, dist.is_query_rank)
-        self.use_graph = cuda_graph and decode_kernel_serves(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                             weight.dtype, weight.device)
+        self.attend = token_attention(self.rows, comm, dist.is_query_rank)
+        self.use_graph = cuda_graph and self.rows.kernel
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.held = 0
 
-    def start(self, tokens: list[int], positions: list[int]) -> None:
-        """The tokens to feed, a row each, and their positions (the arenas are decoding)."""
-        self.token_ids.copy_(torch.tensor(tokens))
-        self.positions.copy_(torch.tensor(positions))
+    def start(self, arenas: list[_C.KVArena], tokens: list[int], positions: list[int]) -> None:
+        """The requests of the next steps, a row each: their (decoding) arenas, the tokens to
+        feed and their positions. Rows beyond them are padding."""
+        self.rows.hold(arenas)
+        self.held, padding = len(tokens), [0] * (self.rows.rows - len(tokens))
+        self.token_ids.copy_(torch.tensor(tokens + padding))
+        self.positions.copy_(torch.tensor(positions + padding))
 
     def step(self) -> None:
         if not self.use_graph:
@@ -411,14 +419,13 @@ class _Decoder:
             self.graph.replay()
 
     def tokens(self) -> list[int]:
-        """The tokens the last step chose, a row each."""
+        """The tokens the last step chose for the requests held, a row each."""
         self.comm.synchronize()
-        return self.token_ids.tolist()
+        return self.token_ids[:self.held].tolist()
 
     def _step(self) -> None:
         if self.dist.is_query_rank:
-            for arena in self.arenas:
-                arena.add_token()  # the slot of the token fed now, which every layer writes
+            self.rows.add_token()  # the slot of the token fed now, which every layer writes
         hidden = self.model(self.token_ids, self.positions, self.attend)
         if self.dist.is_query_rank:
             self.logits.copy_(self.model.logits(hidden))

@@ -98,9 +98,9 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 // 2 * quad and 2 * quad + 1 of each 8-column tile.
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
-decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
+decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict__ k_cache,
               const T* __restrict__ v_cache, int64_t capacity, const int32_t* __restrict__ length,
-              int group, float scale, int splits, float* __restrict__ o_parts,
+              DecodeRows rows, int group, float scale, int splits, float* __restrict__ o_parts,
               float* __restrict__ lse_parts, int32_t* __restrict__ counters, T* __restrict__ o,
               float* __restrict__ lse) {
   constexpr int kChunks = D / 8;   // 16-byte pieces per row
@@ -112,6 +112,20 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
   const int kv_head = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = lane / 4, quad = lane % 4;
+  // Row blockIdx.z of a batch: its own query, cache, length, partial results and counters.
+  const int batch_row = blockIdx.z, batch_rows = gridDim.z;
+  if (rows.k != nullptr) {
+    k_cache = reinterpret_cast<const T*>(rows.k[batch_row]);
+    v_cache = reinterpret_cast<const T*>(rows.v[batch_row]);
+    length = reinterpret_cast<const int32_t*>(rows.length[batch_row]);
+  }
+  q += batch_row * q_row_stride;
+  {
+    const int64_t part_floats = static_cast<int64_t>(splits) * gridDim.x * group * (D + 1);
+    o_parts += batch_row * part_floats;
+    lse_parts += batch_row * part_floats;
+    counters += batch_row * gridDim.x;
+  }
   const int64_t len = *length;
   const int64_t chunk = (len + splits - 1) / splits;
   const int64_t start = split * chunk, end = min(len, start + chunk);
@@ -263,8 +277,8 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
     // log2 units back to natural log: lse = (max + log2(sum)) * ln 2.
     const float part_lse = m == -INFINITY ? -INFINITY : (m + log2f(sum)) / kLog2e;
     if (splits == 1) {
-      o[(head0 + g) * D + e % D] = from_float<T>(value);
-      if (e % D == 0) lse[head0 + g] = part_lse;
+      o[((head0 + g) * batch_rows + batch_row) * D + e % D] = from_float<T>(value);
+      if (e % D == 0) lse[(head0 + g) * batch_rows + batch_row] = part_lse;
     } else {
       o_parts[(split * heads + head0 + g) * D + e % D] = value;
       if (e % D == 0) lse_parts[split * heads + head0 + g] = part_lse;
@@ -302,7 +316,7 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
     __syncwarp();
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int sp = lane; sp < splits; sp += 32) s_weight[g * splits + sp] *= inv;
-    if (lane == 0) lse[head0 + g] = merged_lse(m, sum);
+    if (lane == 0) lse[(head0 + g) * batch_rows + batch_row] = merged_lse(m, sum);
   }
   __syncthreads();
   // Four consecutive outputs per thread: 16-byte loads, as many in flight as unrolled.
@@ -319,7 +333,7 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
       out.z += w * x.z;
       out.w += w * x.w;
     }
-    T* dst = o + (head0 + g) * D + e % D;
+    T* dst = o + ((head0 + g) * batch_rows + batch_row) * D + e % D;
     dst[0] = from_float<T>(out.x);
     dst[1] = from_float<T>(out.y);
     dst[2] = from_float<T>(out.z);
@@ -328,9 +342,10 @@ decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
 }
 
 template <typename T, int D>
-void launch(dim3 grid, const void* q, const void* k, const void* v, int64_t capacity,
-            const int32_t* length, int group, float scale, int splits, float* o_parts,
-            float* lse_parts, int32_t* counters, void* o, float* lse, cudaStream_t stream) {
+void launch(dim3 grid, const void* q, int64_t q_row_stride, const void* k, const void* v,
+            int64_t capacity, const int32_t* length, DecodeRows rows, int group, float scale,
+            int splits, float* o_parts, float* lse_parts, int32_t* counters, void* o, float* lse,
+            cudaStream_t stream) {
   constexpr int kBytes = pipeline_bytes<T, D>();
   static_assert(2 * kWarps * kMaxGroup * 4 + kWarps * kMaxGroup * D * 4 <= kBytes,
                 "the final merges reuse the pipeline's memory");
@@ -338,8 +353,9 @@ void launch(dim3 grid, const void* q, const void* k, const void* v, int64_t capa
       decode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   check_cuda(opt_in, "decode attention: shared memory opt-in");
   decode_kernel<T, D><<<grid, kWarps * 32, kBytes, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), capacity,
-      length, group, scale, splits, o_parts, lse_parts, counters, static_cast<T*>(o), lse);
+      static_cast<const T*>(q), q_row_stride, static_cast<const T*>(k), static_cast<const T*>(v),
+      capacity, length, rows, group, scale, splits, o_parts, lse_parts, counters,
+      static_cast<T*>(o), lse);
 }
 
 }  // namespace
@@ -348,39 +364,42 @@ int64_t decode_workspace_floats(int heads, int head_dim, int splits) {
   return static_cast<int64_t>(splits) * heads * (head_dim + 1);
 }
 
-int decode_splits(int64_t capacity, int kv_heads, int multiprocessors) {
-  // One wave of blocks: one per multiprocessor for caches under 128K keys, two beside each
-  // other (96 KB of pipeline each) from there; no split shorter than 256 keys at full
-  // capacity; few enough splits for the last block's merge weights. Measured on H200
-  // (8 and 3 kv heads, 4K to 1M keys): one block per multiprocessor is best up to 64K
-  // keys, where the ramp and the merge weigh; two keep HBM busier on long caches.
+int decode_splits(int64_t capacity, int kv_heads, int multiprocessors, int rows) {
+  // One wave of blocks (over all rows): one per multiprocessor for caches under 128K keys,
+  // two beside each other (96 KB of pipeline each) from there; no split shorter than 256
+  // keys at full capacity; few enough splits for the last block's merge weights. Measured
+  // on H200 (8 and 3 kv heads, 4K to 1M keys): one block per multiprocessor is best up to
+  // 64K keys, where the ramp and the merge weigh; two keep HBM busier on long caches.
   const int64_t per_multiprocessor = capacity >= (128 << 10) ? 2 : 1;
-  const int64_t wanted = std::max<int64_t>(1, per_multiprocessor * multiprocessors / kv_heads);
+  const int64_t wanted =
+      std::max<int64_t>(1, per_multiprocessor * multiprocessors / (static_cast<int64_t>(kv_heads) * rows));
   const int64_t most = std::max<int64_t>(1, capacity / 256);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, most, 256})));
 }
 
-void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
-                           int64_t capacity, const int32_t* length, int heads, int kv_heads,
-                           int head_dim, float scale, DType dtype, int splits, float* workspace,
+void decode_attention_cuda(const void* q, int64_t q_row_stride, const void* k_cache,
+                           const void* v_cache, int64_t capacity, const int32_t* length,
+                           DecodeRows rows, int batch_rows, int heads, int kv_heads, int head_dim,
+                           float scale, DType dtype, int splits, float* workspace,
                            int32_t* counters, void* o, float* lse, cudaStream_t stream) {
   if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > kMaxGroup) {
     throw std::invalid_argument("decode attention: heads must be 1 to 8 times kv_heads, got " +
                                 std::to_string(heads) + " and " + std::to_string(kv_heads));
   }
   if (splits < 1 || splits > 256) throw std::invalid_argument("decode attention: splits must be 1..256");
+  if (batch_rows < 1 || batch_rows > 65535) throw std::invalid_argument("decode attention: 1 to 65535 rows");
   const int group = heads / kv_heads;
-  const dim3 grid(kv_heads, splits);
+  const dim3 grid(kv_heads, splits, batch_rows);
   float* o_parts = workspace;
   float* lse_parts = workspace + static_cast<int64_t>(splits) * heads * head_dim;
   auto by_dim = [&](auto t) {
     using T = decltype(t);
     if (head_dim == 64) {
-      launch<T, 64>(grid, q, k_cache, v_cache, capacity, length, group, scale, splits, o_parts,
-                    lse_parts, counters, o, lse, stream);
+      launch<T, 64>(grid, q, q_row_stride, k_cache, v_cache, capacity, length, rows, group, scale,
+                    splits, o_parts, lse_parts, counters, o, lse, stream);
     } else if (head_dim == 128) {
-      launch<T, 128>(grid, q, k_cache, v_cache, capacity, length, group, scale, splits, o_parts,
-                     lse_parts, counters, o, lse, stream);
+      launch<T, 128>(grid, q, q_row_stride, k_cache, v_cache, capacity, length, rows, group, scale,
+                     splits, o_parts, lse_parts, counters, o, lse, stream);
     } else {
       throw std::invalid_argument("decode attention: head_dim must be 64 or 128, got " +
                                   std::to_string(head_dim));

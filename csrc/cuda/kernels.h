@@ -17,29 +17,48 @@ void lse_merge_cuda(const void* o_parts, int64_t o_part_stride, DType in_dtype,
                     const float* lse_parts, int64_t lse_part_stride, int parts, int64_t rows,
                     int dim, void* o_out, DType out_dtype, float* lse_out, cudaStream_t stream);
 
-// Attention of one query token (all heads) over a KV cache laid out [kv_heads, capacity,
-// head_dim] per layer, of which the first *length tokens are used. `length` lives in device
-// memory, so that a captured graph replays correctly as the cache grows. Grouped-query
-// heads: query head h reads kv head h / (heads / kv_heads), at most 8 per kv head. The
-// keys are split over `splits` blocks per kv head (1..256), whose partial results go to
-// `workspace` (see decode_workspace_floats) and are merged in the same launch by the last
-// block of each kv head; `counters` ([kv_heads] int32, zero before the first call) count
-// the finished blocks and are left at zero. Writes o [heads, head_dim] (dtype) and lse
-// [heads] (float32, natural log); no keys give o = 0, lse = -inf. head_dim 64 or 128;
-// dtype float16 or bfloat16; compute capability 8.0 or newer (tensor-core mma).
-void decode_attention_cuda(const void* q, const void* k_cache, const void* v_cache,
-                           int64_t capacity, const int32_t* length, int heads, int kv_heads,
-                           int head_dim, float scale, DType dtype, int splits, float* workspace,
+// Where each row of a batched decode finds its cache and length: device arrays of
+// addresses, [rows] each (one layer's K and V of the row's arena, its int32 length). All
+// null: one row, at the pointers given beside.
+struct DecodeRows {
+  const int64_t* k = nullptr;
+  const int64_t* v = nullptr;
+  const int64_t* length = nullptr;
+};
+
+// Attention of one query token (all heads) per row over a KV cache laid out [kv_heads,
+// capacity, head_dim] per layer, of which the first *length tokens are used. `length` lives
+// in device memory, so that a captured graph replays correctly as the cache grows. Row r's
+// query is q + r * q_row_stride ([heads, head_dim], heads head_dim apart); its cache and
+// length are k_cache, v_cache, length for a single row, or `rows`' entries. Grouped-query
+// heads: query head h reads kv head h / (heads / kv_heads), at most 8 per kv head. The keys
+// are split over `splits` blocks per kv head (1..256), whose partial results go to
+// `workspace` (batch_rows * decode_workspace_floats) and are merged in the same launch by
+// the last block of each kv head; `counters` ([batch_rows * kv_heads] int32, zero before the
+// first call) count the finished blocks and are left at zero. Writes o [heads, batch_rows,
+// head_dim] (dtype) and lse [heads, batch_rows] (float32, natural log); no keys give o = 0,
+// lse = -inf. head_dim 64 or 128; dtype float16 or bfloat16; compute capability 8.0 or newer
+// (tensor-core mma).
+void decode_attention_cuda(const void* q, int64_t q_row_stride, const void* k_cache,
+                           const void* v_cache, int64_t capacity, const int32_t* length,
+                           DecodeRows rows, int batch_rows, int heads, int kv_heads, int head_dim,
+                           float scale, DType dtype, int splits, float* workspace,
                            int32_t* counters, void* o, float* lse, cudaStream_t stream);
 
 int64_t decode_workspace_floats(int heads, int head_dim, int splits);
 
-// Copies one token's k and v rows ([kv_heads] rows of row_bytes, heads src_head_stride_bytes
-// apart) into slot *length - 1 of a cache laid out [kv_heads, capacity, row]. row_bytes must
-// be a multiple of 16 and the rows 16-byte aligned.
-void kv_append_cuda(const void* k, const void* v, int64_t src_head_stride_bytes, void* k_cache,
-                    void* v_cache, int64_t capacity, const int32_t* length, int kv_heads,
+// Copies one token's k and v rows per batch row ([kv_heads] rows of row_bytes, heads
+// src_head_stride_bytes apart, batch rows src_row_stride_bytes apart) into slot *length - 1
+// of a cache laid out [kv_heads, capacity, row]: k_cache, v_cache, length for one row, or
+// `rows`' entries. row_bytes must be a multiple of 16 and the rows 16-byte aligned.
+void kv_append_cuda(const void* k, const void* v, int64_t src_head_stride_bytes,
+                    int64_t src_row_stride_bytes, void* k_cache, void* v_cache, int64_t capacity,
+                    const int32_t* length, DecodeRows rows, int batch_rows, int kv_heads,
                     int row_bytes, cudaStream_t stream);
+
+// Counts one more token in each of the first *active (device memory) of `rows` lengths,
+// int32 values at the addresses lengths[r]: the slot a decode step of those rows writes.
+void add_token_rows_cuda(const int64_t* lengths, const int32_t* active, int rows, cudaStream_t stream);
 
 // The per-token work of a decoder layer (layer_ops.cu), on contiguous rows of dtype:
 // y [rows, dim] = weight * RMSNorm(x) (dim a multiple of 8, rows 16-byte aligned); x [tokens, heads, dim] (heads dim apart, tokens
@@ -53,8 +72,8 @@ void silu_mul_cuda(const void* gate_up, void* out, int64_t tokens, int inner, DT
                    cudaStream_t stream);
 
 // A split count for keys of up to `capacity` tokens that fills `multiprocessors` with
-// kv_heads * splits blocks.
-int decode_splits(int64_t capacity, int kv_heads, int multiprocessors);
+// rows * kv_heads * splits blocks.
+int decode_splits(int64_t capacity, int kv_heads, int multiprocessors, int rows);
 
 // Writes `value` to *slot, host memory mapped into the device, once the work enqueued
 // before it on `stream` is done: a host thread can then follow the stream by reading

@@ -1,6 +1,8 @@
-"""Attention of one new token over a layer of the KV arena, for decoding: on a GPU the
-extension's split-KV kernel, which reads the length from the arena's device tensor, so
-that a decode step can be captured in a CUDA graph and replayed as the cache grows."""
+"""Attention of one new token per request over that request's layer of its KV arena, for
+decoding: on a GPU the extension's split-KV kernel, which reads each length from its
+arena's device tensor, so that a decode step can be captured in a CUDA graph and replayed
+as the caches grow. Requests that decode together go through one launch per layer, each
+row reading its own arena."""
 
 from __future__ import annotations
 
@@ -20,20 +22,80 @@ def decode_kernel_serves(heads: int, kv_heads: int, head_dim: int, dtype: torch.
             and head_dim in (64, 128) and heads % kv_heads == 0 and heads // kv_heads <= 8)
 
 
-def decode_attention(q: Tensor, arena: _C.KVArena, layer: int) -> tuple[Tensor, Tensor]:
-    """q [H, 1, D] over the keys the arena counts while decoding: o [H, 1, D], lse [H, 1]."""
-    heads, _, dim = q.shape
-    keys, values = arena.slots(layer)
-    kv_heads, capacity, _ = keys.shape
-    if decode_kernel_serves(heads, kv_heads, dim, q.dtype, q.device):
-        splits = _decode_splits(q.device, capacity, kv_heads)
-        o, lse = _C.decode_attention(q[:, 0], keys, values, arena.device_length, splits)
-        return o[:, None], lse[:, None]
-    n = int(arena.device_length)
-    return local_attention_lse(q, keys[:, :n], values[:, :n], causal=False)
+class DecodeRows:
+    """`rows` rows of one decode step, row i over the arena of the request it holds.
+
+    On the kernel's path, each layer's token writes and attention are one launch for all
+    rows, which find their arenas through device tables of addresses: the same launches
+    serve any requests (a captured step is replayed after `hold` has rewritten the tables),
+    and rows beyond the requests held point at an empty length, so they write nothing and
+    attend to nothing. Elsewhere there are exactly as many rows as requests, attended one
+    by one. Arenas held must be of one shape, and outlive their time here."""
+
+    def __init__(self, rows: int, num_layers: int, heads: int, kv_heads: int, head_dim: int,
+                 capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.num_layers, self.capacity = rows, num_layers, capacity
+        self.kv_heads = kv_heads
+        self.arenas: list[_C.KVArena] = []
+        self.kernel = decode_kernel_serves(heads, kv_heads, head_dim, dtype, device)
+        if self.kernel:
+            self.addresses = torch.zeros(num_layers, 2, rows, dtype=torch.int64, device=device)  # [layer, K/V, row]
+            self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)  # of each row's int32 length
+            self.active = torch.zeros(1, dtype=torch.int32, device=device)  # rows that hold a request
+            self.empty_length = torch.zeros(1, dtype=torch.int32, device=device)
+            self.splits = _decode_splits(device, capacity, kv_heads, rows)
+
+    def hold(self, arenas: list[_C.KVArena]) -> None:
+        """Row i now decodes arenas[i] (at most `rows` of them)."""
+        if arenas == self.arenas:
+            return
+        if len(arenas) > self.rows or (not self.kernel and len(arenas) != self.rows):
+            raise ValueError(f"{len(arenas)} requests for a decode step of {self.rows} rows")
+        if any(a.capacity != self.capacity or a.num_layers != self.num_layers for a in arenas):
+            raise ValueError("arenas decoded together must be of one shape")
+        self.arenas = list(arenas)
+        if not self.kernel:
+            return
+        padding = [arenas[0]] * (self.rows - len(arenas))  # never read: their length is 0
+        addresses = [[[a.slots(layer)[kv].data_ptr() for a in arenas + padding] for kv in (0, 1)]
+                     for layer in range(self.num_layers)]
+        lengths = [a.device_length.data_ptr() for a in arenas] + [self.empty_length.data_ptr()] * len(padding)
+        self.addresses.copy_(torch.tensor(addresses, dtype=torch.int64))
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int64))
+        self.active.fill_(len(arenas))
+
+    def add_token(self) -> None:
+        """Each request held counts the slot of the token fed now (the query rank's step)."""
+        if self.kernel:
+            _C.add_token_rows(self.lengths, self.active)
+        else:
+            for arena in self.arenas:
+                arena.add_token()
+
+    def write_token(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Row i's k, v (of k, v [KV, rows, D]) into the slot its arena counted last."""
+        if not self.kernel:
+            for i, arena in enumerate(self.arenas):
+                arena.write_token(layer, k[:, i:i + 1], v[:, i:i + 1])
+            return
+        _C.kv_append_rows(k, v, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths, self.capacity)
+
+    def attend(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
+        """q [H, rows, D], row i over the keys its arena counts: o [H, rows, D], lse [H, rows]."""
+        if self.kernel:
+            return _C.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
+                                            self.capacity, self.kv_heads, self.splits)
+        parts = []
+        for i, arena in enumerate(self.arenas):
+            keys, values = arena.slots(layer)
+            n = int(arena.device_length)
+            parts.append(local_attention_lse(q[:, i:i + 1], keys[:, :n], values[:, :n], causal=False))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
 
 
 @functools.cache
-def _decode_splits(device: torch.device, capacity: int, kv_heads: int) -> int:
+def _decode_splits(device: torch.device, capacity: int, kv_heads: int, rows: int) -> int:
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    return _C.decode_splits(capacity, kv_heads, multiprocessors)
+    return _C.decode_splits(capacity, kv_heads, multiprocessors, rows)

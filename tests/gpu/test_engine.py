@@ -91,8 +91,9 @@ def test_a_batch_step_replayed_from_its_cuda_graph_equals_the_eager_batch_step(d
                                                                           (3, 300, 7), (4, 900, 10)]]
     answers = {}
     for graphed in (True, False):
-        engine = Engine(model, DenseAttention(dist, comm), comm, dist, max_tokens=2048, batch=3, cuda_graph=graphed)
+        engine = Engine(model, DenseAttention(dist, comm), comm, dist, max_tokens=2048, batch=4, cuda_graph=graphed)
         jobs = [(c, q, engine.plan(len(c), len(q), n)) for c, q, n in requests]
         answers[graphed] = {i: gen.tokens for i, gen in engine.generate_many(jobs, stop_at_eos=False)}
         assert all(decoder.graph is not None for decoder in engine.decoders.values()) == graphed
+        assert set(engine.decoders) <= {1, 2, 4}  # three requests are served by a step of four rows
     assert answers[True] == answers[False]

@@ -93,6 +93,43 @@ def test_arena_decoding_on_the_gpu_writes_where_the_device_length_says_even_when
         assert torch.equal(gpu.values(layer).cpu(), cpu.values(layer))
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64)])
+def test_rows_decoded_together_each_get_what_their_arena_gives_alone(heads, kv_heads, dim):
+    """One launch for several requests, each over its own arena and length, counts, writes
+    and attends exactly as the one-arena kernels do for each request alone (same splits);
+    a padding row writes nothing and attends to nothing."""
+    from star_engine.attention.decode import DecodeRows
+
+    gen = torch.Generator().manual_seed(heads)
+    lengths, capacity = [3000, 1, 700, 0], 3100
+    arenas = [_C.KVArena(2, kv_heads, dim, capacity, torch.bfloat16, GPU) for _ in lengths]
+    for arena, n in zip(arenas, lengths):
+        for layer in range(2):
+            arena.append(layer, *(torch.randn(kv_heads, n, dim, generator=gen).bfloat16().to(GPU) for _ in "kv"))
+        arena.start_decoding()
+    rows = DecodeRows(len(lengths) + 1, 2, heads, kv_heads, dim, capacity, torch.bfloat16, GPU)
+    rows.hold(arenas)
+    assert rows.kernel
+    before = [arena.slots(layer)[kv].clone() for arena in arenas for layer in (0, 1) for kv in (0, 1)]
+    rows.add_token()
+    # q, k, v as the model makes them: views of one [rows, heads + 2 kv_heads, D] projection.
+    qkv = torch.randn(rows.rows, heads + 2 * kv_heads, dim, generator=gen).bfloat16().to(GPU)
+    q, k, v = (part.transpose(0, 1) for part in qkv.split([heads, kv_heads, kv_heads], dim=1))
+    rows.write_token(1, k, v)
+    o, lse = rows.attend(1, q)
+    assert o.shape == (heads, rows.rows, dim) and lse.shape == (heads, rows.rows)
+    after = [arena.slots(layer)[kv] for arena in arenas for layer in (0, 1) for kv in (0, 1)]
+    for i, (arena, n) in enumerate(zip(arenas, lengths)):
+        assert int(arena.device_length) == n + 1
+        keys, values = arena.slots(1)
+        assert torch.equal(keys[:, n], k[:, i]) and torch.equal(values[:, n], v[:, i])
+        alone_o, alone_lse = _C.decode_attention(q[:, i].contiguous(), keys, values, arena.device_length, rows.splits)
+        assert torch.equal(o[:, i], alone_o) and torch.equal(lse[:, i], alone_lse)
+        before[4 * i + 2][:, n], before[4 * i + 3][:, n] = k[:, i], v[:, i]  # the one slot written
+    assert all(torch.equal(a, b) for a, b in zip(after, before))  # nothing else, the padding row's neither
+    assert torch.isneginf(lse[:, -1]).all() and (o[:, -1] == 0).all()
+
+
 def test_decode_kernel_reads_the_length_from_device_memory():
     """A captured graph replays with the length of the moment."""
     k = torch.randn(2, 1000, 64, device=GPU, dtype=torch.bfloat16)

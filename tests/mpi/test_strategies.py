@@ -229,10 +229,7 @@ def test_requests_decoded_together_get_the_tokens_each_gets_alone(dist, comm, mo
     assert got[2].metrics.context_reused and not got[0].metrics.context_reused  # request 0's context
 
 
-def test_an_engine_keeps_the_decode_steps_of_the_sets_it_used_last(dist, comm, model, monkeypatch):
-    import star_engine.schedule as schedule
-
-    monkeypatch.setattr(schedule, "MAX_DECODERS", 2)
+def test_decode_steps_are_made_per_number_of_rows_whatever_requests_they_hold(dist, comm, model):
     requests = [(*request(30 + 7 * i, seed=i), 2 + i % 4) for i in range(7)]
     alone = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=128)
     want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
@@ -240,7 +237,15 @@ def test_an_engine_keeps_the_decode_steps_of_the_sets_it_used_last(dist, comm, m
     got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
                                       stop_at_eos=False))
     assert [got[i].tokens for i in range(len(requests))] == want
-    assert len(together.decoders) == 2
+    assert set(together.decoders) <= {1, 2, 3}  # one row per request off the kernel's path
+
+
+def test_on_the_kernels_path_decode_steps_have_power_of_two_rows_up_to_the_batch():
+    from star_engine.schedule import decode_rows
+
+    assert [decode_rows(n, 8, padded=True) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert [decode_rows(n, 6, padded=True) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert [decode_rows(n, 6, padded=False) for n in range(1, 7)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_refused_naming_the_batch(dist, comm, model, monkeypatch):
