@@ -26,6 +26,15 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
+ncclDataType_t nccl_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ncclFloat32;
+    case at::kHalf: return ncclFloat16;
+    case at::kBFloat16: return ncclBfloat16;
+    default: TORCH_CHECK(false, "NCCL reductions take float32, float16 or bfloat16, not ", t.scalar_type());
+  }
+}
+
 cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
@@ -318,6 +327,18 @@ void register_cuda_bindings(pybind11::module& m) {
            [](NcclComm& self, at::Tensor& buffer, int root) {
              TORCH_CHECK(buffer.is_contiguous(), "broadcast: contiguous buffer");
              self.broadcast(buffer.data_ptr(), buffer.nbytes(), root, current_stream(buffer));
+           })
+      .def("all_reduce_sum",
+           [](NcclComm& self, at::Tensor& buffer) {
+             TORCH_CHECK(buffer.is_cuda() && buffer.is_contiguous(), "all_reduce_sum: contiguous GPU buffer");
+             self.all_reduce_sum(buffer.data_ptr(), buffer.numel(), nccl_type(buffer), current_stream(buffer));
+           })
+      .def("all_gather",
+           [](NcclComm& self, const at::Tensor& send, at::Tensor& recv) {
+             TORCH_CHECK(send.is_cuda() && send.is_contiguous() && recv.is_contiguous() &&
+                             recv.nbytes() == send.nbytes() * self.world(),
+                         "all_gather: contiguous buffers, recv world times send");
+             self.all_gather(send.data_ptr(), recv.data_ptr(), send.nbytes(), current_stream(send));
            })
       .def("send_recv",
            [](NcclComm& self, const at::Tensor& send, int dst, at::Tensor& recv, int src) {

@@ -113,6 +113,11 @@ void NcclComm::broadcast(void* buffer, size_t bytes, int root, cudaStream_t stre
           [&] { return ncclBroadcast(buffer, buffer, bytes, ncclUint8, root, comm_, stream); });
 }
 
+void NcclComm::all_reduce_sum(void* buffer, size_t count, ncclDataType_t type, cudaStream_t stream) {
+  enqueue("ncclAllReduce", stream,
+          [&] { return ncclAllReduce(buffer, buffer, count, type, ncclSum, comm_, stream); });
+}
+
 void NcclComm::send_recv(const void* send, int dst, void* recv, int src, size_t bytes,
                          cudaStream_t stream) {
   enqueue("ncclSend/ncclRecv", stream, [&] {

@@ -41,6 +41,8 @@ class NcclComm {
   // recv holds world * bytes: rank r's send at offset r * bytes.
   void all_gather(const void* send, void* recv, size_t bytes, cudaStream_t stream);
   void broadcast(void* buffer, size_t bytes, int root, cudaStream_t stream);
+  // Sums `count` elements of `type` over all ranks, in place.
+  void all_reduce_sum(void* buffer, size_t count, ncclDataType_t type, cudaStream_t stream);
   // Sends to dst and receives from src at once (one NCCL group), for rings.
   void send_recv(const void* send, int dst, void* recv, int src, size_t bytes,
                  cudaStream_t stream);

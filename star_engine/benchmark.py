@@ -98,7 +98,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             f"us per layer, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB of weights per token")
     rows = []
     for spec in specs:
-        strategy = spec.build(dist, comm, cfg)
+        strategy = spec.build(comm.place, comm, cfg)
         for i, length in enumerate(lengths):
             plan = plan_request(strategy, length, query_tokens, new_tokens)
             row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
@@ -179,7 +179,7 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             f"decoding {result['decode_tokens_per_s'] or 0:.1f} tokens/s")
         return result
 
-    engine = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+    engine = Engine(model, spec.build(comm.place, comm, cfg), comm, dist, length + query_tokens + new_tokens,
                     cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
     engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
     rows = []
@@ -190,7 +190,7 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             for i, (context, query) in enumerate(jobs))))
     if batch > 1:
         del engine
-        together = Engine(model, spec.build(dist, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+        together = Engine(model, spec.build(comm.place, comm, cfg), comm, dist, length + query_tokens + new_tokens,
                           cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens, batch=batch)
         plan = together.plan(length, query_tokens, new_tokens)
         list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step

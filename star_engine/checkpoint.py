@@ -5,6 +5,9 @@
   - a shape preset (`tiny`, `llama-3.1-8b`, `llama-3.1-70b`): random weights, same on every rank,
   - a directory with config.json and *.safetensors (Hugging Face layout),
   - a .gguf file.
+
+A rank of a host (tensor parallelism) builds only its shard: it reads only its slices of a
+safetensors checkpoint, and of a preset it keeps its slices of the same random weights.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ import torch
 from torch import Tensor
 
 from .config import BUILTIN_MODELS, PRESETS, ModelConfig
-from .model import Transformer
+from .model import HostCollectives, Transformer
+from .shard import Shard
+
+# get(name, part): a checkpoint tensor, or its rows (dim 0) or columns (dim 1) `part` names.
+Part = tuple[int, range] | None
+TensorGetter = Callable[[str, Part], Tensor]
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -76,34 +84,52 @@ def load_config(spec: str) -> ModelConfig:
     return _read_gguf_cached(source.path)[0]
 
 
-def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
-    """Builds the model on `device` in `dtype` with the weights `spec` names."""
+def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 0, shard: Shard | None = None,
+               host: HostCollectives | None = None) -> Transformer:
+    """Builds the model on `device` in `dtype` with the weights `spec` names: the whole of
+    it, or the shard of a rank of a host (with the collectives of that host)."""
     source = resolve(spec)
     if source.kind == "preset":
-        model = _empty_model(PRESETS[spec], dtype, device)
+        model = _empty_model(PRESETS[spec], dtype, device, shard, host)
         _fill_random(model, seed)
         return model
     cfg, get = _read_hf(source.path) if source.kind == "hf" else _read_gguf_cached(source.path)
-    model = _empty_model(cfg, dtype, device)
-    _load_state(model, _engine_state(cfg, get))
+    model = _empty_model(cfg, dtype, device, shard, host)
+    _load_state(model, _engine_state(cfg, model.shard, get))
     return model
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, shard: Shard | None,
+                 host: HostCollectives | None) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, shard, host)
     return model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
 
 
 def _fill_random(model: Transformer, seed: int) -> None:
-    # Seeded the same on every rank, so that every rank holds the same weights.
-    gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    """Seeded the same on every rank, so that every rank holds the same weights; a shard
+    draws each whole parameter and keeps its slices of it (one parameter at a time)."""
+    weight = model.embed.weight
+    gen = torch.Generator(device=weight.device).manual_seed(seed)
+    with torch.device("meta"):
+        whole = dict(Transformer(model.config).named_parameters())
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
-        else:
-            fan_in = param.shape[-1] if param.dim() > 1 else param.shape[0]
-            param.normal_(0.0, fan_in ** -0.5, generator=gen)
+            continue
+        shape = whole[name].shape
+        fan_in = shape[-1] if len(shape) > 1 else shape[0]
+        drawn = param if shape == param.shape else torch.empty(shape, dtype=param.dtype, device=param.device)
+        drawn.normal_(0.0, fan_in ** -0.5, generator=gen)
+        if drawn is not param:
+            param.copy_(_slices(drawn, model.shard.slices(name, model.config)))
+
+
+def _slices(tensor: Tensor, slices: tuple[int, list[range]] | None) -> Tensor:
+    if slices is None:
+        return tensor
+    dim, ranges = slices
+    return torch.cat([tensor.narrow(dim, r.start, len(r)) for r in ranges], dim)
 
 
 def _load_state(model: Transformer, state: dict[str, Tensor]) -> None:
@@ -119,35 +145,60 @@ def _load_state(model: Transformer, state: dict[str, Tensor]) -> None:
         params[name].copy_(tensor)
 
 
-def _engine_state(cfg: ModelConfig, get: Callable[[str], Tensor]) -> dict[str, Tensor]:
-    """The engine's parameters from tensors named as in Hugging Face Llama checkpoints."""
-    state = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+def _engine_state(cfg: ModelConfig, shard: Shard, get: TensorGetter) -> dict[str, Tensor]:
+    """The engine's parameters (the shard's slices of them) from tensors named as in Hugging
+    Face Llama checkpoints, reading only those slices."""
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sources = {"embed.weight": [("model.embed_tokens.weight", cfg.vocab_size)],
+               "norm.weight": [("model.norm.weight", cfg.hidden_size)]}
     if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = get("lm_head.weight")
+        sources["lm_head.weight"] = [("lm_head.weight", cfg.vocab_size)]
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        attn = [src + f"self_attn.{p}_proj" for p in "qkv"]
-        state[dst + "attn_norm.weight"] = get(src + "input_layernorm.weight")
-        state[dst + "wqkv.weight"] = torch.cat([get(p + ".weight") for p in attn])
+        attn = [(src + f"self_attn.{p}_proj", rows) for p, rows in zip("qkv", (q_rows, kv_rows, kv_rows))]
+        sources[dst + "attn_norm.weight"] = [(src + "input_layernorm.weight", cfg.hidden_size)]
+        sources[dst + "wqkv.weight"] = [(name + ".weight", rows) for name, rows in attn]
         if cfg.qkv_bias:
-            state[dst + "wqkv.bias"] = torch.cat([get(p + ".bias") for p in attn])
-        state[dst + "wo.weight"] = get(src + "self_attn.o_proj.weight")
-        state[dst + "mlp_norm.weight"] = get(src + "post_attention_layernorm.weight")
-        state[dst + "w_gate_up.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"),
-                                                     get(src + "mlp.up_proj.weight")])
-        state[dst + "w_down.weight"] = get(src + "mlp.down_proj.weight")
-    return state
+            sources[dst + "wqkv.bias"] = [(name + ".bias", rows) for name, rows in attn]
+        sources[dst + "wo.weight"] = [(src + "self_attn.o_proj.weight", cfg.hidden_size)]
+        sources[dst + "mlp_norm.weight"] = [(src + "post_attention_layernorm.weight", cfg.hidden_size)]
+        sources[dst + "w_gate_up.weight"] = [(src + "mlp.gate_proj.weight", cfg.intermediate_size),
+                                             (src + "mlp.up_proj.weight", cfg.intermediate_size)]
+        sources[dst + "w_down.weight"] = [(src + "mlp.down_proj.weight", cfg.hidden_size)]
+    return {name: _read_slices(get, parts, shard.slices(name, cfg)) for name, parts in sources.items()}
 
 
-def _lookup(tensors: dict[str, Tensor], where: Path) -> Callable[[str], Tensor]:
-    def get(name: str) -> Tensor:
+def _read_slices(get: TensorGetter, sources: list[tuple[str, int]],
+                 slices: tuple[int, list[range]] | None) -> Tensor:
+    """The slices of the tensor that the sources (name, rows) make when their rows are
+    stacked, reading only what the slices hold."""
+    if slices is None:
+        return torch.cat([get(name, None) for name, _ in sources])
+    dim, ranges = slices
+    pieces = []
+    for wanted in ranges:
+        if dim == 1:  # columns of a single source
+            pieces.append(get(sources[0][0], (1, wanted)))
+            continue
+        offset = 0
+        for name, rows in sources:
+            start, stop = max(wanted.start, offset), min(wanted.stop, offset + rows)
+            if start < stop:
+                pieces.append(get(name, (0, range(start - offset, stop - offset))))
+            offset += rows
+    return torch.cat(pieces, dim)
+
+
+def _lookup(tensors: dict[str, Tensor], where: Path) -> TensorGetter:
+    def get(name: str, part: Part) -> Tensor:
         if name not in tensors:
             raise ValueError(f"{where} lacks the tensor {name}")
-        return tensors[name]
+        tensor = tensors[name]
+        return tensor if part is None else tensor.narrow(part[0], part[1].start, len(part[1]))
     return get
 
 
-def _read_hf(path: Path) -> tuple[ModelConfig, Callable[[str], Tensor]]:
+def _read_hf(path: Path) -> tuple[ModelConfig, TensorGetter]:
     from safetensors import safe_open
 
     cfg = read_config(path / "config.json")
@@ -162,15 +213,29 @@ def _read_hf(path: Path) -> tuple[ModelConfig, Callable[[str], Tensor]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has no *.safetensors file")
-    tensors: dict[str, Tensor] = {}
+    where: dict[str, Path] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
+                where.update(dict.fromkeys(f.keys(), file))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise ValueError(f"{file}: not a safetensors file this program reads ({exc})") from None
-    return cfg, _lookup(tensors, path)
+
+    def get(name: str, part: Part) -> Tensor:
+        """Reads from the file only the tensor's part (the file is mapped, not loaded)."""
+        if name not in where:
+            raise ValueError(f"{path} lacks the tensor {name}")
+        try:
+            with safe_open(str(where[name]), framework="pt") as f:
+                if part is None:
+                    return f.get_tensor(name)
+                dim, rows = part
+                sliced = f.get_slice(name)
+                return sliced[rows.start:rows.stop] if dim == 0 else sliced[:, rows.start:rows.stop]
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{where[name]}: cannot read {name} ({exc})") from None
+
+    return cfg, get
 
 
 # GGUF tensor names (llama.cpp) -> Hugging Face names.
@@ -191,7 +256,7 @@ def cache_dir(path: Path, kind: str) -> Path:
     return root / kind / f"{path.stem}-{key}"
 
 
-def _read_gguf_cached(path: Path) -> tuple[ModelConfig, Callable[[str], Tensor]]:
+def _read_gguf_cached(path: Path) -> tuple[ModelConfig, TensorGetter]:
     """GGUF parsing and dequantisation take seconds per rank; the result is kept as safetensors."""
     from safetensors.torch import load_file, save_file
 

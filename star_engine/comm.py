@@ -3,7 +3,9 @@
 gather_merge is the one collective of phase 2: every rank contributes its partial
 attention (o, lse) over its local keys, and every rank gets the exact attention over the
 keys of all ranks. broadcast carries the anchor's K/V and the next token id; send_recv
-passes K/V one step around a ring.
+passes K/V one step around a ring. Under tensor parallelism these run among the ranks
+that hold the same heads on every host, and a host's ranks sum and gather the parts of
+the model they split (HostGroup).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .launch import Dist, gpu_id
+from .launch import Dist, Place, gpu_id
 
 
 class Communicator(ABC):
@@ -49,12 +51,86 @@ class Communicator(ABC):
         """Waits until this rank's communication so far is done; raises, rather than hangs,
         when a peer is dead or stuck. (Calls that complete before returning need nothing.)"""
 
+    @property
+    def place(self) -> Place:
+        """A strategy's place among this communicator's ranks."""
+        return Place(self.rank, self.world)
+
 
 def make_communicator(dist: Dist, device: torch.device) -> Communicator:
     """NCCL between GPUs when the extension has it, else MPI."""
     if device.type == "cuda" and _C.WITH_CUDA:
         return NcclCommunicator(dist, device)
     return MpiCommunicator(dist)
+
+
+class HostGroup(ABC):
+    """The ranks of one host, which split the model (model.HostCollectives)."""
+    size: int
+
+    @abstractmethod
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        """Sums tensor over the host's ranks, in place; the same result on every rank."""
+
+    @abstractmethod
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """[size, *tensor.shape]: every rank's tensor, in rank order."""
+
+
+def make_host_group(dist: Dist, device: torch.device) -> HostGroup:
+    """NCCL between GPUs when the extension has it, else MPI; dist: the host's ranks."""
+    if device.type == "cuda" and _C.WITH_CUDA:
+        return NcclHostGroup(dist, device)
+    return MpiHostGroup(dist)
+
+
+class MpiHostGroup(HostGroup):
+    """Over host memory. A sum is an all-gather and the same additions in rank order on
+    every rank, so that the ranks of a host keep bit-identical hidden states."""
+
+    def __init__(self, dist: Dist) -> None:
+        self.dist, self.size = dist, dist.world
+
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        parts = self.all_gather(tensor)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return tensor.copy_(total)
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        host = _host(tensor.contiguous())
+        gathered = torch.empty((self.size, *host.shape), dtype=host.dtype)
+        self.dist.wait(self.dist.mpi.Iallgather(_buffer(host), _buffer(gathered)), "a host all-gather")
+        return gathered.to(tensor.device)
+
+
+class NcclHostGroup(HostGroup):
+    """NCCL, enqueued on the current stream (capturable in a CUDA graph)."""
+
+    def __init__(self, dist: Dist, device: torch.device) -> None:
+        self.nccl = _nccl(dist, device)
+        self.size = dist.world
+
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        self.nccl.all_reduce_sum(tensor)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        tensor = tensor.contiguous()
+        gathered = tensor.new_empty((self.size, *tensor.shape))
+        self.nccl.all_gather(tensor, gathered)
+        return gathered
+
+
+def _nccl(dist: Dist, device: torch.device, timeout_s: float | None = None) -> "_C.NcclComm":
+    """An NCCL communicator of dist's ranks (rank 0 makes the id, MPI carries it)."""
+    unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
+    unique_id = dist.bcast(unique_id, root=0)
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _C.NcclComm(unique_id, dist.rank, dist.world, index, timeout_s)
 
 
 def _buffer(tensor: Tensor):
@@ -140,11 +216,8 @@ class NcclCommunicator(Communicator):
                  peer_gather: bool | None = None) -> None:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
-        unique_id = dist.bcast(unique_id, root=0)
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
-        self.nccl = _C.NcclComm(unique_id, dist.rank, dist.world, device.index, timeout_s)
+        self.nccl = _nccl(dist, device, timeout_s)
+        timeout_s = self.nccl.timeout_s
         self.rank, self.world, self.device = dist.rank, dist.world, device
         self.bytes_sent = 0
         self._side: torch.cuda.Stream | None = None  # for transfers that overlap compute

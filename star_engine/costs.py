@@ -78,14 +78,28 @@ def model_weights(config: ModelConfig) -> int:
             + config.vocab_size * config.hidden_size + head)
 
 
+def rank_weights(config: ModelConfig, tp: int = 1) -> int:
+    """The weights the rank of a host of `tp` ranks holds that holds the most (shard.py):
+    its heads' and KV heads' projections, its share of the MLP and of the vocabulary
+    (rounded up), and a copy of every norm."""
+    if tp == 1:
+        return model_weights(config)
+    d, hidden = config.head_dim, config.hidden_size
+    q, kv, inner = config.num_heads // tp * d, max(1, config.num_kv_heads // tp) * d, -(-config.intermediate_size // tp)
+    layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inner + (q + 2 * kv if config.qkv_bias else 0)
+    vocab = -(-config.vocab_size // tp) * hidden * (1 if config.tie_word_embeddings else 2)
+    return config.num_layers * (layer + 2 * hidden) + hidden + vocab
+
+
 def decode_weights(config: ModelConfig) -> int:
     """Weights one decode step reads: all but the embedding table (of which it reads one
     row), unless the table is also the output head."""
     return model_weights(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
 
 
-def kv_bytes_per_token(config: ModelConfig, element_size: int) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
+def kv_bytes_per_token(config: ModelConfig, element_size: int, kv_heads: int | None = None) -> int:
+    """K and V of one token in every layer: of all KV heads, or of `kv_heads` (a rank's)."""
+    return 2 * config.num_layers * (kv_heads or config.num_kv_heads) * config.head_dim * element_size
 
 
 def linear_flops_per_token(config: ModelConfig) -> float:

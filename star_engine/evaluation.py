@@ -47,7 +47,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
         if all((task, length) in kept for task in tasks):
             done += len(tasks) * samples
             continue
-        engines = {spec.label: Engine(model, spec.build(dist, comm, model.config), comm, dist, length + most_new)
+        engines = {spec.label: Engine(model, spec.build(comm.place, comm, model.config), comm, dist, length + most_new)
                    for spec in specs}
         for task in tasks:
             if (task, length) in kept:

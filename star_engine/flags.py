@@ -78,6 +78,10 @@ def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL)
                         help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="one GPU per rank, or CPU tensors (default: cuda when available)")
+    parser.add_argument("--tp", type=positive, default=1, metavar="N",
+                        help="tensor parallelism: hosts of N consecutive ranks of one node split the model "
+                             "(heads, MLP, vocabulary) and hold one copy of it together; the strategy runs "
+                             "across hosts (default: 1, every rank holds the whole model)")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="decode eagerly instead of replaying each step from a CUDA graph")
     parser.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default="auto",

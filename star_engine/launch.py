@@ -76,6 +76,14 @@ class Dist(Place):
         self.node_of = tuple(sorted(set(leaders)).index(leader) for leader in leaders)  # by rank: 0, 1, ...
         self.nodes = len(set(leaders))
 
+    def group(self, color: int, key: int) -> "Dist":
+        """The ranks that pass the same color, numbered by key: a Dist of their own (every
+        rank of this one must call it)."""
+        sub = self.mpi.Split(color, key)
+        nodes = sub.allgather(self.node_of[self.rank])
+        mine = [r for r, node in enumerate(nodes) if node == nodes[sub.Get_rank()]]
+        return Dist(sub, mine.index(sub.Get_rank()), len(mine), self.node_of[self.rank], self.timeout_s)
+
     def sync(self) -> None:
         """A barrier."""
         self.wait(self.mpi.Ibarrier(), "a barrier")

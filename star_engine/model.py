@@ -4,12 +4,17 @@ The model does not own its attention: every layer calls an `attend(layer, q, k, 
 function given by the caller, so that one model serves every attention strategy and both
 phases (block-local context encoding, sequence-global query and generation).
 Shapes inside a layer: q [heads, tokens, head_dim], k and v [kv_heads, tokens, head_dim].
+
+Under tensor parallelism (shard.py) a model holds one rank's part: its heads (those are
+the shapes above), its share of the MLP and of the vocabulary; the host's collectives sum
+the o and down projections' partial products, the embedding's parts, and gather the
+logits' parts, so that every rank of a host holds the whole hidden state.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,7 @@ from torch import Tensor, nn
 
 from . import _C
 from .config import ModelConfig
+from .shard import Shard
 
 # Tokens per pass of the per-token work (projections, RoPE, MLP): a block of 10^5 tokens
 # then needs transient memory for 8192 tokens only, beside its q, k, v and hidden states.
@@ -24,6 +30,17 @@ PREFILL_CHUNK = 8192
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """attend(layer, q, k, v) -> o: attention output [heads, tokens, head_dim] of the new tokens."""
+
+
+class HostCollectives(Protocol):
+    """What a model split over the ranks of a host needs from them."""
+    size: int
+
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        """Sums tensor over the host's ranks, in place; the same result on every rank."""
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """[size, *tensor.shape]: every rank's tensor, in rank order."""
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -103,16 +120,17 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard, host: HostCollectives | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = len(shard.heads), len(shard.kv_heads), cfg.head_dim
+        q_dim, kv_dim, inner = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim, len(shard.intermediate)
+        self.host = host
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * inner, bias=False)
+        self.w_down = nn.Linear(inner, cfg.hidden_size, bias=False)
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections of x [tokens, hidden], RoPE applied: q [H, T, D], k and v [KV, T, D]."""
@@ -135,23 +153,34 @@ class DecoderLayer(nn.Module):
     def finish(self, x: Tensor, o: Tensor) -> Tensor:
         """Output projection of the attention o [H, T, D], residual, and the MLP; updates x
         [tokens, hidden] in place and returns it. The residual adds are the products' own
-        accumulation (addmm_), not separate passes."""
+        accumulation (addmm_), not separate passes; on a host of several ranks each product
+        is this rank's part, summed over the host before it is added."""
         for start in range(0, x.shape[0], PREFILL_CHUNK):
             end = start + PREFILL_CHUNK
             part = x[start:end]
-            part.addmm_(o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1), self.wo.weight.t())
-            part.addmm_(silu_mul(self.w_gate_up(self.mlp_norm(part))), self.w_down.weight.t())
+            attended = o[:, start:end].transpose(0, 1).reshape(part.shape[0], -1)
+            if self.host is None:
+                part.addmm_(attended, self.wo.weight.t())
+                part.addmm_(silu_mul(self.w_gate_up(self.mlp_norm(part))), self.w_down.weight.t())
+            else:
+                part.add_(self.host.all_reduce_(attended @ self.wo.weight.t()))
+                part.add_(self.host.all_reduce_(silu_mul(self.w_gate_up(self.mlp_norm(part))) @ self.w_down.weight.t()))
         return x
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard | None = None, host: HostCollectives | None = None) -> None:
+        """The whole model, or (shard, and the collectives of its host) one rank's part."""
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.shard = shard or Shard.of(cfg)
+        self.host = host if self.shard.size > 1 else None
+        self.heads, self.kv_heads = len(self.shard.heads), len(self.shard.kv_heads)  # this rank's
+        vocab = len(self.shard.vocab)
+        self.embed = nn.Embedding(vocab, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.shard, self.host) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.rotary: Rotary | None = None
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,13 +191,30 @@ class Transformer(nn.Module):
     def forward(self, ids: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         """Hidden states [tokens, hidden] after the last layer (before the final norm)."""
         cos, sin = self.rope(positions)
-        x = self.embed(ids)
+        x = self.embed_tokens(ids)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, cos, sin)
             x = layer.finish(x, attend(i, q, k, v))
         return x
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Next-token logits (float32) of hidden states [tokens, hidden]."""
+        """Next-token logits (float32) of hidden states [tokens, hidden], the whole
+        vocabulary's on every rank of a host."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(hidden), weight).float()
+        logits = F.linear(self.norm(hidden), weight).float()
+        if self.host is None:
+            return logits
+        padded = logits.new_full((logits.shape[0], self.shard.vocab_width), float("-inf"))
+        padded[:, :logits.shape[1]] = logits
+        parts = self.host.all_gather(padded)  # [ranks, tokens, width]
+        return parts.permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :self.config.vocab_size]
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """Embeddings of ids [tokens]: on a host of several ranks, each looks up the ids of
+        its part of the vocabulary (zeros elsewhere) and the host sums them."""
+        if self.host is None:
+            return self.embed(ids)
+        local = ids - self.shard.vocab.start
+        outside = (local < 0) | (local >= len(self.shard.vocab))
+        x = self.embed(local.masked_fill(outside, 0))
+        return self.host.all_reduce_(x.masked_fill_(outside[:, None], 0))

@@ -19,7 +19,7 @@ from .attention.decode import DecodeRows, decode_kernel_serves
 from .attention.phase2 import query_attention, token_attention
 from .comm import Communicator
 from .costs import kv_bytes_per_token
-from .launch import Dist, JobError
+from .launch import Dist, JobError, Place
 from .memory import available_memory, peak_memory, reset_peak_memory
 from .model import Transformer
 from .plan import RequestPlan, RequestTooLarge, plan_request
@@ -81,11 +81,17 @@ class Engine:
     worst case of a request of up to `max_tokens` tokens (context + query + generated), of
     which at most `max_tail` (default: all) come after the context. The query rank keeps
     its share of the context and the tail. With batch > 1, that many arenas: up to
-    `batch` requests decode together (generate_many)."""
+    `batch` requests decode together (generate_many).
+
+    The strategy runs among the ranks of `comm`, its place (`strategy.dist`): the ranks of
+    the job, or under tensor parallelism the ranks of every host that hold the same heads,
+    where a rank's arena holds its own heads' K/V and its host's ranks decide each token
+    alike. `dist` is the whole job's control plane."""
 
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
                  max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None, batch: int = 1) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
+        self.place = strategy.dist
         self.max_tokens = max_tokens
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
@@ -93,10 +99,10 @@ class Engine:
         self.capacities = arena_capacities(strategy, max_tokens, self.max_tail)
         cfg, weight = model.config, model.embed.weight
         self.batch = batch
-        self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size()))
+        self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads))
         try:
-            self.slots = [_Slot(index, _C.KVArena(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                  self.capacities[dist.rank], weight.dtype, weight.device))
+            self.slots = [_Slot(index, _C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
+                                                  self.capacities[self.place.rank], weight.dtype, weight.device))
                           for index in range(batch)]
         except (RuntimeError, MemoryError) as exc:
             raise ValueError(f"the KV cache for {requests_phrase(max_tokens, batch)} could not be allocated "
@@ -119,11 +125,13 @@ class Engine:
 
     def _check_memory(self, bytes_per_slot: int) -> None:
         """Refuses, the same on every rank, arenas that a rank has no memory for."""
-        available = self.dist.allgather(available_memory(self.model.embed.weight.device))
-        for rank, (slots, free) in enumerate(zip(self.capacities, available)):
-            if free is not None and slots * bytes_per_slot > free:
+        free = available_memory(self.model.embed.weight.device)
+        need = self.capacities[self.place.rank] * bytes_per_slot
+        every = self.dist.allgather((need, free))
+        for rank, (need, free) in enumerate(every):
+            if free is not None and need > free:
                 raise JobError(f"a KV cache for {requests_phrase(self.max_tokens, self.batch)} needs "
-                               f"{slots * bytes_per_slot / 2**30:.1f} GiB on rank {rank}, which has "
+                               f"{need / 2**30:.1f} GiB on rank {rank}, which has "
                                f"{free / 2**30:.1f} GiB free: a smaller {cache_flags(self.batch)}, or more ranks")
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
@@ -169,7 +177,7 @@ class Engine:
             while tokens[-1] not in eos and len(tokens) < max_new_tokens:
                 decoder.step()
                 tokens.append(decoder.tokens()[0])
-                if keep_logits and self.dist.is_query_rank:
+                if keep_logits and self.place.is_query_rank:
                     logits.append(decoder.logits.clone())
             slot.arena.finish_decoding()
         total = self._elapsed(start)
@@ -249,7 +257,7 @@ class Engine:
     def _query(self, slot: "_Slot", context_len: int, query_ids: Tensor, keep: list[Tensor] | None) -> int:
         """The query's tokens in one pass over the slot's arena: the first generated token."""
         device = self.model.embed.weight.device
-        attend = query_attention(slot.arena, self.comm, self.dist.is_query_rank)
+        attend = query_attention(slot.arena, self.comm, self.place.is_query_rank)
         positions = torch.arange(context_len, context_len + len(query_ids), device=device)
         return self._next_token(self.model(query_ids.to(device), positions, attend), keep)
 
@@ -303,22 +311,23 @@ class Engine:
         """The decode step for this many requests at once: made (and, on a GPU, captured)
         the first time its number of rows is needed, kept for the engine's life."""
         cfg, weight = self.model.config, self.model.embed.weight
-        padded = decode_kernel_serves(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, weight.dtype, weight.device)
+        padded = decode_kernel_serves(self.model.heads, self.model.kv_heads, cfg.head_dim, weight.dtype, weight.device)
         rows = decode_rows(requests, self.batch, padded)
         if rows not in self.decoders:
-            self.decoders[rows] = _Decoder(self.model, rows, self.capacities[self.dist.rank], self.comm, self.dist,
+            self.decoders[rows] = _Decoder(self.model, rows, self.capacities[self.place.rank], self.comm, self.place,
                                            self.cuda_graph)
         return self.decoders[rows]
 
     def _next_token(self, hidden: Tensor, keep: list[Tensor] | None) -> int:
-        """Greedy choice on the query rank, broadcast so that ranks can never diverge."""
+        """Greedy choice on the query rank (every rank of the query host, from the same
+        logits), broadcast so that ranks can never diverge."""
         token = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-        if self.dist.is_query_rank:
+        if self.place.is_query_rank:
             logits = self.model.logits(hidden if keep is not None else hidden[-1:])
             if keep is not None:
                 keep.append(logits)
             token[0] = logits[-1].argmax()
-        self.comm.broadcast(token, root=self.dist.query_rank)
+        self.comm.broadcast(token, root=self.place.query_rank)
         self.comm.synchronize()
         return int(token.item())
 
@@ -385,16 +394,16 @@ class _Decoder:
     choice of the next tokens and their broadcast) is captured once in a CUDA graph and
     replayed for every later step, whatever requests its rows hold."""
 
-    def __init__(self, model: Transformer, rows: int, capacity: int, comm: Communicator, dist: Dist,
+    def __init__(self, model: Transformer, rows: int, capacity: int, comm: Communicator, place: Place,
                  cuda_graph: bool) -> None:
-        self.model, self.comm, self.dist = model, comm, dist
+        self.model, self.comm, self.place = model, comm, place
         cfg, weight = model.config, model.embed.weight
-        self.rows = DecodeRows(rows, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, capacity,
+        self.rows = DecodeRows(rows, cfg.num_layers, model.heads, model.kv_heads, cfg.head_dim, capacity,
                                weight.dtype, weight.device)
         self.token_ids = torch.zeros(rows, dtype=torch.int64, device=weight.device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=weight.device)
         self.logits = torch.zeros(rows, cfg.vocab_size, dtype=torch.float32, device=weight.device)
-        self.attend = token_attention(self.rows, comm, dist.is_query_rank)
+        self.attend = token_attention(self.rows, comm, place.is_query_rank)
         self.use_graph = cuda_graph and self.rows.kernel
         self.graph: torch.cuda.CUDAGraph | None = None
         self.held = 0
@@ -424,11 +433,11 @@ class _Decoder:
         return self.token_ids[:self.held].tolist()
 
     def _step(self) -> None:
-        if self.dist.is_query_rank:
+        if self.place.is_query_rank:
             self.rows.add_token()  # the slot of the token fed now, which every layer writes
         hidden = self.model(self.token_ids, self.positions, self.attend)
-        if self.dist.is_query_rank:
+        if self.place.is_query_rank:
             self.logits.copy_(self.model.logits(hidden))
             self.token_ids.copy_(self.logits.argmax(-1))
-        self.comm.broadcast(self.token_ids, root=self.dist.query_rank)
+        self.comm.broadcast(self.token_ids, root=self.place.query_rank)
         self.positions += 1

@@ -1,5 +1,7 @@
-"""The session of a command: this rank's place in the job, its device, the model, the
-communicator and (on rank 0) the tokenizer, shared by the engines the command builds."""
+"""The session of a command: this rank's place in the job and its host, its device, the
+model (this rank's shard of it under --tp), the communicator among the ranks that hold the
+same heads on every host, and (on rank 0) the tokenizer, shared by the engines the command
+builds."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ WEIGHTS_HEADROOM_BYTES = 1 << 30
 class Session:
     def __init__(self, args: argparse.Namespace) -> None:
         from .checkpoint import load_config, load_model
-        from .comm import make_communicator
+        from .comm import make_communicator, make_host_group
+        from .hosts import Hosts
         from .launch import init_distributed, select_device
         from .tokenizer import load_tokenizer
 
@@ -33,50 +36,80 @@ class Session:
         self.dist = init_distributed()
         self.device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), self.dist)
         dtype = getattr(torch, args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        tp = getattr(args, "tp", 1)
+        hosts = f", {plural(self.dist.world // tp, 'host')} of {tp}" if tp > 1 else ""
         self.say(f"star_engine: loading {args.model} on {plural(self.dist.world, 'rank')} "
-                 f"({plural(self.dist.nodes, 'node')}), {self.device.type}, {dtype}")
+                 f"({plural(self.dist.nodes, 'node')}{hosts}), {self.device.type}, {dtype}")
         start = time.perf_counter()
-        self._refuse_what_cannot_fit(load_config(args.model), dtype)
-        self.model = load_model(args.model, dtype, self.device)
+        self.hosts = Hosts(self.dist, tp)
+        config = load_config(args.model)
+        shard = self.hosts.shard(config)
+        self._refuse_what_cannot_fit(config, dtype)
+        host = make_host_group(self.hosts.members, self.device) if self.hosts.members is not None else None
+        self.model = load_model(args.model, dtype, self.device, shard=shard, host=host)
         set_backend(args.attn_backend)
         backend = backend_for(self.device, dtype)
-        self.comm = make_communicator(self.dist, self.device)
+        self.comm = make_communicator(self.hosts.peers, self.device)
         eos = self.model.config.eos_token_ids
         self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
         self.dist.sync()
         self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s; attention kernels: {backend}")
 
     def _refuse_what_cannot_fit(self, config: ModelConfig, dtype: torch.dtype) -> None:
-        """Before any weight is built: every rank holds all of them, and for `run` its KV
-        cache for --max-tokens (and --batch) too, so a rank that has not the memory ends the
-        job with one line (the same on every rank), not an allocator's traceback part way."""
-        from .costs import kv_bytes_per_token, model_weights
+        """Before any weight is built: a rank holds its host's share of the weights (all of
+        them with --tp 1), and for `run` its KV cache for --max-tokens (and --batch) too, so
+        a rank that has not the memory ends the job with one line (the same on every rank)
+        that says what it needs and the --tp that would fit, not an allocator's traceback
+        part way."""
         from .launch import JobError
         from .memory import available_memory
-        from .schedule import arena_capacities, cache_flags, requests_phrase
 
-        weights = model_weights(config) * dtype.itemsize
+        tp = self.hosts.tp
+        free = [f for f in self.dist.allgather(available_memory(self.device)) if f is not None]
+        if not free:
+            return
+        least = min(free)
+        weights, cache = self._bytes_per_rank(config, dtype, tp)
+        if weights + cache + WEIGHTS_HEADROOM_BYTES <= least:
+            return
+        fits = next((n for n in (2, 4, 8, 16) if n > tp and self._fits(config, dtype, n, least)), None)
+        advice = f"--tp {fits} (hosts of {fits} ranks) would fit" if fits else "no --tp up to 16 would fit"
+        every = "every rank" if tp == 1 else f"every rank of a host of {tp}"
+        if weights + WEIGHTS_HEADROOM_BYTES > least:
+            raise JobError(f"{self.args.model} in {str(dtype).removeprefix('torch.')} takes {weights / 2**30:.1f} "
+                           f"GiB of weights on {every}, and a rank's {self.device.type} has {least / 2**30:.1f} GiB "
+                           f"free: {advice}, or a device with more memory, a smaller --dtype or model")
+        raise JobError(f"a KV cache for {self._cache_phrase(config)} needs {cache / 2**30:.1f} GiB on {every}, which "
+                       f"has {(least - weights) / 2**30:.1f} GiB free beside the weights: a smaller --max-tokens"
+                       f"{' or --batch' if getattr(self.args, 'batch', 1) > 1 else ''}, more ranks, or {advice}")
+
+    def _bytes_per_rank(self, config: ModelConfig, dtype: torch.dtype, tp: int) -> tuple[int, int]:
+        """Weights and (for `run`) KV cache of the busiest rank with hosts of tp ranks."""
+        from .costs import kv_bytes_per_token, rank_weights
+        from .launch import Place
+        from .schedule import arena_capacities
+
         spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
         max_tokens = self._max_tokens(config)
-        caches = [0] * self.dist.world
-        if spec is not None and (max_tokens <= config.max_position_embeddings
-                                 or getattr(self.args, "beyond_trained_positions", False)):
-            slots = arena_capacities(spec.build(self.dist, None, config), max_tokens, max_tokens)
-            caches = [batch * n * kv_bytes_per_token(config, dtype.itemsize) for n in slots]
-        for rank, free in enumerate(self.dist.allgather(available_memory(self.device))):
-            if free is None:
-                continue
-            if weights + WEIGHTS_HEADROOM_BYTES > free:
-                raise JobError(f"{self.args.model} in {str(dtype).removeprefix('torch.')} takes "
-                               f"{weights / 2**30:.1f} GiB of weights on every rank, and rank {rank}'s "
-                               f"{self.device.type} has {free / 2**30:.1f} GiB free; every rank holds the whole "
-                               "model (tensor parallelism is not supported yet): a device with more memory, a "
-                               "smaller --dtype, or a smaller model")
-            if weights + caches[rank] + WEIGHTS_HEADROOM_BYTES > free:
-                raise JobError(f"a KV cache for {requests_phrase(max_tokens, batch)} needs "
-                               f"{caches[rank] / 2**30:.1f} GiB on rank {rank}, which has "
-                               f"{(free - weights) / 2**30:.1f} GiB free beside the weights: a smaller "
-                               f"{cache_flags(batch)}, or more ranks")
+        weights = rank_weights(config, tp) * dtype.itemsize
+        if spec is None or self.dist.world % tp or (max_tokens > config.max_position_embeddings
+                                                    and not getattr(self.args, "beyond_trained_positions", False)):
+            return weights, 0
+        slots = max(arena_capacities(spec.build(Place(0, self.dist.world // tp), None, config), max_tokens, max_tokens))
+        kv_heads = max(1, config.num_kv_heads // tp)
+        return weights, batch * slots * kv_bytes_per_token(config, dtype.itemsize, kv_heads)
+
+    def _fits(self, config: ModelConfig, dtype: torch.dtype, tp: int, free: int) -> bool:
+        from .hosts import split_problem
+
+        if split_problem(config, tp):
+            return False
+        return sum(self._bytes_per_rank(config, dtype, tp)) + WEIGHTS_HEADROOM_BYTES <= free
+
+    def _cache_phrase(self, config: ModelConfig) -> str:
+        from .schedule import requests_phrase
+
+        return requests_phrase(self._max_tokens(config), getattr(self.args, "batch", 1))
 
     def _max_tokens(self, config: ModelConfig) -> int:
         """The longest request a KV cache is sized for: --max-tokens, else the model's context length."""
@@ -104,7 +137,7 @@ class Session:
                                "runs it anyway")
             self.say(f"star_engine: warning: requests of up to {max_tokens} tokens, beyond the {trained} positions "
                      f"{self.args.model} was trained for")
-        return Engine(self.model, spec.build(self.dist, self.comm, self.model.config), self.comm, self.dist, max_tokens,
+        return Engine(self.model, spec.build(self.comm.place, self.comm, self.model.config), self.comm, self.dist, max_tokens,
                       cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail, batch=batch)
 
 

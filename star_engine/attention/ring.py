@@ -53,7 +53,7 @@ class RingAttention(Strategy):
             return
         spans = layout.spans
         positions = torch.cat([torch.arange(s, e, device=context_ids.device) for s, e in spans[self.dist.rank]])
-        x = model.embed(context_ids[positions])
+        x = model.embed_tokens(context_ids[positions])
         cos, sin = model.rope(positions)
         for layer_idx, layer in enumerate(model.layers):
             q, k, v = layer.qkv(x, cos, sin)

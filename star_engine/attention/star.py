@@ -203,9 +203,9 @@ class StarAttention(Strategy):
         if needs_anchor and 0 not in mine and not broadcast:
             seqs.insert(0, _Sequence(context_ids[:anchor], torch.arange(anchor, device=device),
                                      stored=False, anchored=False))
-        anchor_shape = (2, model.config.num_kv_heads, anchor, model.config.head_dim)
+        anchor_shape = (2, model.kv_heads, anchor, model.config.head_dim)
 
-        hidden = [model.embed(seq.ids) for seq in seqs]
+        hidden = [model.embed_tokens(seq.ids) for seq in seqs]
         ropes = [model.rope(seq.positions) for seq in seqs]
         for layer_idx, layer in enumerate(model.layers):
             # Every sequence's q, k, v first: the owner of block 0 then sends the anchor's
