@@ -12,7 +12,7 @@ import torch
 
 from .attention import StrategySpec
 from .comm import Communicator
-from .costs import decode_weights, kv_bytes_per_token
+from .costs import kv_bytes_per_token
 from .launch import Dist
 from .memory import every_rank_has_room
 from .model import Transformer
@@ -26,6 +26,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     dst = torch.empty_like(src)
     seconds = median_s(lambda: dst.copy_(src), repeats=30)
     return 2 * src.nbytes / seconds
+
+
+def all_reduce_latency(model: Transformer, layers: int) -> float:
+    """Seconds per all-reduce of one decode token's hidden state over the host, `layers`
+    calls replayed from one CUDA graph as in a decode step (a step makes two a layer)."""
+    weight = model.embed.weight
+    x = torch.randn(1, model.config.hidden_size, device=weight.device, dtype=weight.dtype)
+
+    def step() -> None:
+        for _ in range(layers):
+            model.host.all_reduce_(x)
+
+    return graph_replay_s(step, weight.device) / layers
 
 
 def gather_merge_latency(comm: Communicator, heads: int, dim: int, dtype: torch.dtype,
@@ -73,8 +86,10 @@ def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 
 def decode_bytes(model: Transformer) -> int:
-    """Weight bytes one decode step reads on every rank."""
-    return decode_weights(model.config) * model.embed.weight.element_size()
+    """Weight bytes one decode step reads on this rank: all its parameters but the
+    embedding table (of which it reads one row), unless the table is also the output head."""
+    skip = "embed.weight" if model.lm_head is not None else None
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name != skip)
 
 
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: list[StrategySpec],
@@ -85,26 +100,28 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
     (on GPUs: memory bandwidth and the collective's latency per layer, measured here).
     on_row(rows so far, ceilings) follows every row, so that a stopped run keeps them."""
     cfg, weight = model.config, model.embed.weight
-    kv_bytes = kv_bytes_per_token(cfg, weight.element_size())
+    kv_bytes = kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads)
     ceilings = {}
     if weight.is_cuda:
         bandwidth = min(dist.allgather(copy_bandwidth(weight.device)))
-        # One rank's decode step has no collective (its attention is already global).
-        latency = max(dist.allgather(gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype,
-                                                              weight.device, cfg.num_layers))) if dist.world > 1 else 0.0
+        # One host's decode step has no gather_merge (its attention is already global).
+        latency = max(dist.allgather(gather_merge_latency(comm, model.heads, cfg.head_dim, weight.dtype,
+                                                              weight.device, cfg.num_layers))) if comm.world > 1 else 0.0
+        reduce = max(dist.allgather(all_reduce_latency(model, cfg.num_layers))) if model.host is not None else 0.0
         ceilings = {"copy_bandwidth_Bps": bandwidth, "gather_merge_s_per_layer": latency,
-                    "decode_weight_bytes": decode_bytes(model)}
+                    "all_reduce_s": reduce, "decode_weight_bytes": max(dist.allgather(decode_bytes(model)))}
         say(f"  ceilings: device-to-device copy {bandwidth / 1e9:.0f} GB/s, gather_merge {latency * 1e6:.1f} "
-            f"us per layer, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB of weights per token")
+            f"us per layer, all-reduce {reduce * 1e6:.1f} us, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB "
+            "of weights per token and rank")
     rows = []
     for spec in specs:
         strategy = spec.build(comm.place, comm, cfg)
         for i, length in enumerate(lengths):
             plan = plan_request(strategy, length, query_tokens, new_tokens)
             row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
-                   "context": length, "describe": strategy.describe()}
-            if not every_rank_has_room(dist, plan.memory_needed_bytes(cfg, weight.element_size())[dist.rank],
-                                       weight.device):
+                   "tp": dist.world // comm.world, "context": length, "describe": strategy.describe()}
+            needed = plan.memory_needed_bytes(cfg, weight.element_size(), model.kv_heads)[comm.rank]
+            if not every_rank_has_room(dist, needed, weight.device):
                 say(f"  {spec.label} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)
@@ -123,12 +140,13 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             if ceilings:
                 # Roofline of one decode step on the busiest rank: its weights and K/V (half
                 # way through the generation) read once at copy bandwidth, plus one
-                # gather_merge per layer.
+                # gather_merge per layer and, on a host of several ranks, two all-reduces.
                 kept = [slots - (new_tokens - new_tokens // 2 if r == plan.query_rank else 0)
                         for r, slots in enumerate(plan.kv_slots)]
                 result["tpot_roofline_s"] = ((ceilings["decode_weight_bytes"] + max(kept) * kv_bytes)
                                              / ceilings["copy_bandwidth_Bps"]
-                                             + cfg.num_layers * ceilings["gather_merge_s_per_layer"])
+                                             + cfg.num_layers * (ceilings["gather_merge_s_per_layer"]
+                                                                 + 2 * ceilings["all_reduce_s"]))
             rows.append(result)
             on_row(rows, ceilings)
             tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.2f} ms"
@@ -206,7 +224,7 @@ def batched_decode_bound(model: Transformer, plan: RequestPlan, batch: int) -> f
     one at a time, where a step reads the weights once plus each request's own K/V (the
     busiest rank's share at the request's full length)."""
     weights = decode_bytes(model)
-    kv = max(plan.kv_slots) * kv_bytes_per_token(model.config, model.embed.weight.element_size())
+    kv = max(plan.kv_slots) * kv_bytes_per_token(model.config, model.embed.weight.element_size(), model.kv_heads)
     return batch * (weights + kv) / (weights + batch * kv)
 
 

@@ -54,19 +54,21 @@ class RequestPlan:
         return tuple(kept + (self.tail if rank == self.query_rank else 0)
                      for rank, kept in enumerate(self.layout.kept))
 
-    def memory_bytes(self, config: ModelConfig, element_size: int) -> tuple[int, ...]:
+    def memory_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None) -> tuple[int, ...]:
         """By rank: the estimated peak memory of the request besides the weights: its KV
-        slots, and phase 1's activations and received K/V."""
-        kv = kv_bytes_per_token(config, element_size)
+        slots (of `kv_heads`, a rank's under tensor parallelism), and phase 1's activations
+        and received K/V."""
+        kv = kv_bytes_per_token(config, element_size, kv_heads)
         vector = config.hidden_size * element_size
         layout = self.layout
         return tuple(round(slots * kv + vector * (ENCODED_VECTORS_PER_TOKEN * encoded
                                                   + RECEIVED_VECTORS_PER_TOKEN * received) + WORKSPACE_BYTES)
                      for slots, encoded, received in zip(self.kv_slots, layout.encoded, layout.received))
 
-    def memory_needed_bytes(self, config: ModelConfig, element_size: int) -> tuple[int, ...]:
+    def memory_needed_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None) -> tuple[int, ...]:
         """By rank: the free memory a rank must have for the request: the estimate and headroom."""
-        return tuple(round(HEADROOM_FACTOR * m + HEADROOM_BYTES) for m in self.memory_bytes(config, element_size))
+        return tuple(round(HEADROOM_FACTOR * m + HEADROOM_BYTES)
+                     for m in self.memory_bytes(config, element_size, kv_heads))
 
 
 def plan_request(strategy: Strategy, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:

@@ -64,16 +64,17 @@ class Session:
         from .launch import JobError
         from .memory import available_memory
 
-        tp = self.hosts.tp
+        tp, hosts = self.hosts.tp, self.hosts.count
         free = [f for f in self.dist.allgather(available_memory(self.device)) if f is not None]
         if not free:
             return
         least = min(free)
-        weights, cache = self._bytes_per_rank(config, dtype, tp)
+        weights, cache = self._bytes_per_rank(config, dtype, tp, hosts)
         if weights + cache + WEIGHTS_HEADROOM_BYTES <= least:
             return
-        fits = next((n for n in (2, 4, 8, 16) if n > tp and self._fits(config, dtype, n, least)), None)
-        advice = f"--tp {fits} (hosts of {fits} ranks) would fit" if fits else "no --tp up to 16 would fit"
+        fits = next((n for n in (2, 4, 8, 16) if n > tp and self._fits(config, dtype, n, hosts, least)), None)
+        advice = (f"--tp {fits} (with {fits * hosts} ranks) would fit" if fits else
+                  f"no --tp up to 16 would fit with {plural(hosts, 'host')}")
         every = "every rank" if tp == 1 else f"every rank of a host of {tp}"
         if weights + WEIGHTS_HEADROOM_BYTES > least:
             raise JobError(f"{self.args.model} in {str(dtype).removeprefix('torch.')} takes {weights / 2**30:.1f} "
@@ -83,8 +84,8 @@ class Session:
                        f"has {(least - weights) / 2**30:.1f} GiB free beside the weights: a smaller --max-tokens"
                        f"{' or --batch' if getattr(self.args, 'batch', 1) > 1 else ''}, more ranks, or {advice}")
 
-    def _bytes_per_rank(self, config: ModelConfig, dtype: torch.dtype, tp: int) -> tuple[int, int]:
-        """Weights and (for `run`) KV cache of the busiest rank with hosts of tp ranks."""
+    def _bytes_per_rank(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int) -> tuple[int, int]:
+        """Weights and (for `run`) KV cache of the busiest rank of `hosts` hosts of tp ranks."""
         from .costs import kv_bytes_per_token, rank_weights
         from .launch import Place
         from .schedule import arena_capacities
@@ -92,19 +93,19 @@ class Session:
         spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
         max_tokens = self._max_tokens(config)
         weights = rank_weights(config, tp) * dtype.itemsize
-        if spec is None or self.dist.world % tp or (max_tokens > config.max_position_embeddings
-                                                    and not getattr(self.args, "beyond_trained_positions", False)):
+        if spec is None or (max_tokens > config.max_position_embeddings
+                            and not getattr(self.args, "beyond_trained_positions", False)):
             return weights, 0
-        slots = max(arena_capacities(spec.build(Place(0, self.dist.world // tp), None, config), max_tokens, max_tokens))
+        slots = max(arena_capacities(spec.build(Place(0, hosts), None, config), max_tokens, max_tokens))
         kv_heads = max(1, config.num_kv_heads // tp)
         return weights, batch * slots * kv_bytes_per_token(config, dtype.itemsize, kv_heads)
 
-    def _fits(self, config: ModelConfig, dtype: torch.dtype, tp: int, free: int) -> bool:
-        from .hosts import split_problem
+    def _fits(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int, free: int) -> bool:
+        from .shard import split_problem
 
         if split_problem(config, tp):
             return False
-        return sum(self._bytes_per_rank(config, dtype, tp)) + WEIGHTS_HEADROOM_BYTES <= free
+        return sum(self._bytes_per_rank(config, dtype, tp, hosts)) + WEIGHTS_HEADROOM_BYTES <= free
 
     def _cache_phrase(self, config: ModelConfig) -> str:
         from .schedule import requests_phrase

@@ -69,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
                 f"{session.dist.world} rank(s)")
-    name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"])
+    name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"],
+                      session.hosts.tp)
     if args.job is not None:
         return _job(args, session, measured, args.output or Path(f"{name.replace('e2e_', 'job_', 1)}.json"))
     output = args.output or Path(f"{name}.json")
@@ -125,7 +126,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
     return 0
 
 
-def bench_name(model: str, ranks: int, stars: list[StrategySpec]) -> str:
+def bench_name(model: str, ranks: int, stars: list[StrategySpec], tp: int = 1) -> str:
     """The default name of a bench result; a star layout other than the default gets a name
     of its own (e.g. ..._8ranks_anchor0.25), so that runs sit side by side; several star
     layouts measured together, ..._layouts."""
@@ -139,4 +140,4 @@ def bench_name(model: str, ranks: int, stars: list[StrategySpec]) -> str:
         layout = "".join(f"_{key}{value:g}" for key, value in settings if value is not None)
         if star.layout != DEFAULT_STAR_LAYOUT:
             layout += f"_{star.layout}"
-    return f"e2e_{model.replace('/', '_')}_{ranks}ranks{layout}"
+    return f"e2e_{model.replace('/', '_')}_{ranks}ranks{f'_tp{tp}' if tp > 1 else ''}{layout}"
