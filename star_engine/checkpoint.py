@@ -102,8 +102,8 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 
 def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, shard: Shard | None,
                  host: HostCollectives | None) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(cfg, shard, host)
-    return model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+        model = Transformer(cfg, shard, host).to(dtype)  # in dtype before any memory is taken
+    return model.to_empty(device=device).eval().requires_grad_(False)
 
 
 def _fill_random(model: Transformer, seed: int) -> None:
