@@ -462,3 +462,20 @@ def test_a_resumed_eval_keeps_the_cells_already_measured_and_measures_the_rest(t
     other = star_engine([*common[:-4], "--samples", "3", "--output", str(out), "--resume"], ranks=2)
     assert other.returncode != 0
     assert "has samples_per_cell 2, this run 3" in other.stderr
+
+
+def test_a_host_of_three_ranks_splitting_the_built_in_model_answers_as_one_rank_does(tmp_path):
+    """--tp 3 (the built-in model has 9 heads and 3 KV heads): one host, so the answer is
+    dense attention's, with the model split three ways."""
+    requests = write_jsonl(tmp_path / "in.jsonl", [{
+        "id": "n", "context": "The secret number is 4721. " + "The grass is green and the sky is blue. " * 40,
+        "query": "What is the secret number?"}])
+    answers = {}
+    for ranks, flags in ((1, ["--attn", "dense"]), (3, ["--tp", "3"])):
+        out = tmp_path / f"out{ranks}.jsonl"
+        result = star_engine(["run", "--input", str(requests), "--output", str(out), "--max-new-tokens", "10", *flags],
+                             ranks=ranks)
+        assert result.returncode == 0, result.stderr
+        answers[ranks] = read_jsonl(out)[0]["output"]
+    assert answers[3] == answers[1] and "4721" in answers[1]
+    assert "1 host of 3" in result.stderr

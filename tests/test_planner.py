@@ -69,6 +69,12 @@ def test_plan_prints_a_table_and_advice_and_saves_its_predictions(tmp_path):
     assert {p["label"] for p in saved["predictions"]} == {"dense", "star", "star balanced", "ring"}
 
 
+def test_plan_says_it_does_not_model_tensor_parallelism():
+    result = run([sys.executable, "-m", "star_engine", "plan", "--tp", "2"], timeout=60)
+    assert result.returncode == 2
+    assert "plan models one rank per host (--tp 1)" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_calibrate_measures_every_rate_on_the_ranks_it_is_launched_with(tmp_path):
     out = tmp_path / "cpu.json"
     result = run([*mpirun(2), sys.executable, "-m", "star_engine", "plan", "--calibrate", "--model", "tiny",

@@ -55,6 +55,9 @@ def check(args: argparse.Namespace) -> None:
     """Turns the lists into lists, and makes args.specs."""
     from ..attention import StrategySpec
 
+    if args.tp > 1:
+        raise ValueError("plan models one rank per host (--tp 1): tensor parallelism is not in its predictions "
+                         "or its calibration yet")
     if args.calibrate:
         return
     args.contexts, args.gpu_counts = token_counts(args.context, "--context"), token_counts(args.gpus, "--gpus")
