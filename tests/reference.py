@@ -91,3 +91,11 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
             logits.append(out.logits[0].float())
             position += len(ids)
     return logits
+
+
+def causal_attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """An `attend` for a model pass over a whole sequence at once: plain causal attention,
+    grouped-query heads expanded."""
+    group = q.shape[0] // k.shape[0]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), is_causal=True)

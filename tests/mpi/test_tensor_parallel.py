@@ -14,7 +14,7 @@ from star_engine.comm import MpiCommunicator, MpiHostGroup
 from star_engine.hosts import Hosts
 from star_engine.schedule import Engine
 from tests.mpi.test_strategies import NEW_TOKENS, assert_same_tokens_on_every_rank, request
-from tests.reference import star_reference_logits, uniform_blocks
+from tests.reference import causal_attention, star_reference_logits, uniform_blocks
 
 TP = [2, 4]  # the tiny checkpoint has 4 heads and 2 KV heads: with 4, two ranks share a KV head
 
@@ -52,13 +52,8 @@ def test_a_split_model_gives_the_whole_models_logits_on_every_rank_of_a_host(dis
     ids = torch.randint(0, 300, (37,), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(37)
 
-    def attend_causally(layer, q, k, v):
-        group = q.shape[0] // k.shape[0]
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), is_causal=True)
-
-    got = model.logits(model(ids, positions, attend_causally))
-    want = whole.logits(whole(ids, positions, attend_causally))
+    got = model.logits(model(ids, positions, causal_attention))
+    want = whole.logits(whole(ids, positions, causal_attention))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(got, other) for other in hosts.members.allgather(got))  # the host agrees exactly
     assert model.heads == 4 // tp and model.kv_heads == max(1, 2 // tp)

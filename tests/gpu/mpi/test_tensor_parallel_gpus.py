@@ -14,6 +14,7 @@ from star_engine.hosts import Hosts
 from star_engine.launch import select_device
 from star_engine.schedule import Engine
 from tests.gpu.mpi.test_engine_gpus import checkpoint  # noqa: F401 - a fixture
+from tests.reference import causal_attention
 
 TP = 2
 
@@ -75,12 +76,7 @@ def test_a_split_model_on_gpus_gives_the_unsplit_models_logits(dist, hosts, on_g
     ids = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(2)).to(device)
     positions = torch.arange(64, device=device)
 
-    def attend(layer, q, k, v):
-        group = q.shape[0] // k.shape[0]
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), is_causal=True)
-
-    got = model.logits(model(ids, positions, attend))
-    want = whole.logits(whole(ids, positions, attend))
+    got = model.logits(model(ids, positions, causal_attention))
+    want = whole.logits(whole(ids, positions, causal_attention))
     assert ((got - want).norm() / want.norm()).item() < 2e-2
     assert all(torch.equal(got.cpu(), other) for other in hosts.members.allgather(got.cpu()))
