@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from results_io import save, table
-from star_engine import _C
+from star_engine import ops
 from star_engine.benchmark import copy_bandwidth, graph_replay_s
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
@@ -26,7 +26,7 @@ def per_call_ms(caches: list[torch.Tensor], q: torch.Tensor, length: torch.Tenso
     """One call over each cache, captured in one CUDA graph; the replay's median over calls."""
     def calls() -> None:
         for cache in caches:
-            _C.decode_attention(q, cache[0], cache[1], length, splits)
+            ops.decode_attention(q, cache[0], cache[1], length, splits)
 
     return graph_replay_s(calls, q.device) * 1e3 / len(caches)
 
@@ -45,7 +45,7 @@ def main() -> None:
                       for _ in range(max(2, (256 << 20) // (2 * kv_heads * length * dim * 2) + 1))]
             q = torch.randn(heads, dim, device="cuda", dtype=torch.bfloat16)
             n = torch.tensor([length], dtype=torch.int32, device="cuda")
-            splits = _C.decode_splits(length, kv_heads, sms)
+            splits = ops.decode_splits(length, kv_heads, sms)
             ms = per_call_ms(caches, q, n, splits)
             kv_bytes = 2 * kv_heads * length * dim * 2
             bandwidth = kv_bytes / (ms / 1e3)

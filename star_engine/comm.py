@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import _C
+from . import _C, ops
 from .launch import Dist, Place, gpu_id
 
 
@@ -59,7 +59,7 @@ class Communicator(ABC):
 
 def make_communicator(dist: Dist, device: torch.device) -> Communicator:
     """NCCL between GPUs when the extension has it, else MPI."""
-    if device.type == "cuda" and _C.WITH_CUDA:
+    if device.type == "cuda" and ops.WITH_CUDA:
         return NcclCommunicator(dist, device)
     return MpiCommunicator(dist)
 
@@ -79,7 +79,7 @@ class HostGroup(ABC):
 
 def make_host_group(dist: Dist, device: torch.device) -> HostGroup:
     """NCCL between GPUs when the extension has it, else MPI; dist: the host's ranks."""
-    if device.type == "cuda" and _C.WITH_CUDA:
+    if device.type == "cuda" and ops.WITH_CUDA:
         return NcclHostGroup(dist, device)
     return MpiHostGroup(dist)
 
@@ -163,7 +163,7 @@ class MpiCommunicator(Communicator):
         gathered = torch.empty(self.world, packed.numel(), dtype=torch.float32)
         self.dist.wait(self.comm.Iallgather(_buffer(packed), _buffer(gathered)), "gather_merge")
         self.bytes_sent += packed.nbytes
-        merged_o, merged_lse = _C.lse_merge(gathered[:, : rows * dim].view(self.world, rows, dim),
+        merged_o, merged_lse = ops.lse_merge(gathered[:, : rows * dim].view(self.world, rows, dim),
                                             gathered[:, rows * dim:])
         return merged_o.view(o.shape).to(o.device, o.dtype), merged_lse.view(lse.shape).to(lse.device)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _C
+from . import ops
 from .config import ModelConfig
 from .shard import Shard
 
@@ -82,14 +82,14 @@ class Rotary:
 def _kernels_for(x: Tensor) -> bool:
     """Whether the extension's fused layer kernels serve x (on GPUs they replace several
     eager PyTorch launches each, which is what a decode step's time goes to)."""
-    return x.is_cuda and _C.WITH_CUDA
+    return x.is_cuda and ops.WITH_CUDA
 
 
 def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotates x [tokens, heads, head_dim] in place by the halves convention of Hugging Face
     Llama, in float32; cos, sin [tokens, head_dim] float32."""
     if _kernels_for(x):
-        _C.rope_(x, cos, sin)
+        ops.rope_(x, cos, sin)
         return
     half = x.shape[-1] // 2
     x32 = x.float()
@@ -100,7 +100,7 @@ def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
 def silu_mul(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of the fused projection's output [tokens, 2 * intermediate]."""
     if _kernels_for(gate_up):
-        return _C.silu_mul(gate_up)
+        return ops.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -113,7 +113,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _kernels_for(x) and self.weight.dtype == x.dtype and x.shape[-1] % 8 == 0:
-            return _C.rms_norm(x, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

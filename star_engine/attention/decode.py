@@ -11,14 +11,14 @@ import functools
 import torch
 from torch import Tensor
 
-from .. import _C
+from .. import _C, ops
 from .local import local_attention_lse
 
 
 def decode_kernel_serves(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                          device: torch.device) -> bool:
     """Whether the split-KV decode kernel serves this shape (else decoding runs eagerly)."""
-    return (device.type == "cuda" and _C.WITH_CUDA and dtype in (torch.float16, torch.bfloat16)
+    return (device.type == "cuda" and ops.WITH_CUDA and dtype in (torch.float16, torch.bfloat16)
             and head_dim in (64, 128) and heads % kv_heads == 0 and heads // kv_heads <= 8)
 
 
@@ -67,7 +67,7 @@ class DecodeRows:
     def add_token(self) -> None:
         """Each request held counts the slot of the token fed now (the query rank's step)."""
         if self.kernel:
-            _C.add_token_rows(self.lengths, self.active)
+            ops.add_token_rows(self.lengths, self.active)
         else:
             for arena in self.arenas:
                 arena.add_token()
@@ -78,12 +78,12 @@ class DecodeRows:
             for i, arena in enumerate(self.arenas):
                 arena.write_token(layer, k[:, i:i + 1], v[:, i:i + 1])
             return
-        _C.kv_append_rows(k, v, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths, self.capacity)
+        ops.kv_append_rows(k, v, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths, self.capacity)
 
     def attend(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
         """q [H, rows, D], row i over the keys its arena counts: o [H, rows, D], lse [H, rows]."""
         if self.kernel:
-            return _C.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
+            return ops.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
                                             self.capacity, self.kv_heads, self.splits)
         parts = []
         for i, arena in enumerate(self.arenas):
@@ -98,4 +98,4 @@ class DecodeRows:
 @functools.cache
 def _decode_splits(device: torch.device, capacity: int, kv_heads: int, rows: int) -> int:
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    return _C.decode_splits(capacity, kv_heads, multiprocessors, rows)
+    return ops.decode_splits(capacity, kv_heads, multiprocessors, rows)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_engine import _C
+from star_engine import _C, ops
 from star_engine.config import PRESETS
 from tests.reference import naive_attention
 
-pytestmark = pytest.mark.skipif(not _C.WITH_CUDA, reason="extension built without CUDA")
+pytestmark = pytest.mark.skipif(not ops.WITH_CUDA, reason="extension built without CUDA")
 GPU = torch.device("cuda")
 
 
@@ -28,8 +28,8 @@ def test_merge_kernel_equals_cpu_merge(dtype, lengths):
         if n == 0:
             lse[w] = float("-inf")
             o[w] = float("nan")  # a partition without keys may hold anything
-    want_o, want_lse = _C.lse_merge(o.float(), lse)
-    got_o, got_lse = _C.lse_merge(o.to(GPU), lse.to(GPU))
+    want_o, want_lse = ops.lse_merge(o.float(), lse)
+    got_o, got_lse = ops.lse_merge(o.to(GPU), lse.to(GPU))
     assert got_o.dtype == dtype
     torch.testing.assert_close(got_lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
@@ -49,8 +49,8 @@ def test_decode_kernel_equals_float64_softmax(dtype, dim, heads, kv_heads, lengt
     want_o, want_lse = naive_attention(q[:, None], k, v)
 
     gpu_cache = cache.to(GPU)
-    splits = _C.decode_splits(capacity, kv_heads, torch.cuda.get_device_properties(0).multi_processor_count)
-    o, lse = _C.decode_attention(q.to(GPU), gpu_cache[0, :, :length], gpu_cache[1, :, :length],
+    splits = ops.decode_splits(capacity, kv_heads, torch.cuda.get_device_properties(0).multi_processor_count)
+    o, lse = ops.decode_attention(q.to(GPU), gpu_cache[0, :, :length], gpu_cache[1, :, :length],
                                  torch.tensor([length], dtype=torch.int32, device=GPU), splits)
     assert o.dtype == dtype and o.shape == (heads, dim)
     assert relative_error(o, want_o[:, 0]) < 1e-2
@@ -123,7 +123,7 @@ def test_rows_decoded_together_each_get_what_their_arena_gives_alone(heads, kv_h
         assert int(arena.device_length) == n + 1
         keys, values = arena.slots(1)
         assert torch.equal(keys[:, n], k[:, i]) and torch.equal(values[:, n], v[:, i])
-        alone_o, alone_lse = _C.decode_attention(q[:, i].contiguous(), keys, values, arena.device_length, rows.splits)
+        alone_o, alone_lse = ops.decode_attention(q[:, i].contiguous(), keys, values, arena.device_length, rows.splits)
         assert torch.equal(o[:, i], alone_o) and torch.equal(lse[:, i], alone_lse)
         before[4 * i + 2][:, n], before[4 * i + 3][:, n] = k[:, i], v[:, i]  # the one slot written
     assert all(torch.equal(a, b) for a, b in zip(after, before))  # nothing else, the padding row's neither
@@ -138,7 +138,7 @@ def test_decode_kernel_reads_the_length_from_device_memory():
     length = torch.tensor([0], dtype=torch.int32, device=GPU)
     for n in (0, 10, 999):
         length.fill_(n)
-        o, lse = _C.decode_attention(q, k, v, length, 4)
+        o, lse = ops.decode_attention(q, k, v, length, 4)
         if n == 0:
             assert torch.isneginf(lse).all() and (o == 0).all()
         else:
