@@ -101,9 +101,9 @@ class Engine:
         self.batch = batch
         self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads))
         try:
-            self.slots = [_Slot(index, _C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
-                                                  self.capacities[self.place.rank], weight.dtype, weight.device))
-                          for index in range(batch)]
+            self.slots = [_Slot(_C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
+                                           self.capacities[self.place.rank], weight.dtype, weight.device))
+                          for _ in range(batch)]
         except (RuntimeError, MemoryError) as exc:
             raise ValueError(f"the KV cache for {requests_phrase(max_tokens, batch)} could not be allocated "
                              f"({cache_flags(batch)}): {str(exc).splitlines()[0]}") from None
@@ -348,8 +348,8 @@ class _Slot:
     """A request's place in the engine: its KV arena, and the context the arena holds
     where it may be reused (its digest and this rank's length of it)."""
 
-    def __init__(self, index: int, arena: _C.KVArena) -> None:
-        self.index, self.arena = index, arena
+    def __init__(self, arena: _C.KVArena) -> None:
+        self.arena = arena
         self.encoded: tuple[str, int] | None = None
 
     def holds(self, digest: str) -> bool:
