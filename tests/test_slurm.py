@@ -67,19 +67,21 @@ def test_srun_with_pmix_answers_as_mpirun_does(tmp_path, slurm):
     assert _answers(tmp_path / "srun.jsonl") == _answers(tmp_path / "mpirun.jsonl")
 
 
-def test_hosts_of_two_ranks_on_each_of_two_nodes_answer_and_a_host_across_nodes_is_refused(tmp_path, slurm):
-    """--tp 2 over the two nodes: each node one host (the built-in model split in two), star
-    across the hosts through the network; a host that would span the nodes is refused."""
-    requests = write_jsonl(tmp_path / "in.jsonl", [{
-        "id": "n", "context": "The secret number is 4721. " + "The grass is green and the sky is blue. " * 40,
-        "query": "What is the secret number?"}])
-    run_it = [sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--max-new-tokens", "10",
-              "--tp", "2"]
-    hosts = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=2", "-n", "4", *run_it,
-                  "--output", str(tmp_path / "hosts.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
-    assert hosts.returncode == 0, hosts.stderr
-    assert "on 4 ranks (2 nodes, 2 hosts of 2)" in hosts.stderr
-    assert "4721" in read_jsonl(tmp_path / "hosts.jsonl")[0]["output"]
+def test_hosts_of_two_ranks_on_each_of_two_nodes_answer_as_on_one_node_and_a_host_across_nodes_is_refused(
+        tmp_path, slurm):
+    """--tp 2 over the two nodes: each node one host (the model split in two), star across
+    the hosts through the network, the answers of the same hosts on one node; a host that
+    would span the nodes is refused."""
+    requests = requests_file(tmp_path, 3)
+    run_it = [sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--model", "tiny",
+              "--max-new-tokens", "12", "--tp", "2"]
+    one_node = run([*mpirun(4), *run_it, "--output", str(tmp_path / "one.jsonl")], timeout=300)
+    assert one_node.returncode == 0, one_node.stderr
+    two_nodes = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=2", "-n", "4", *run_it,
+                      "--output", str(tmp_path / "two.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
+    assert two_nodes.returncode == 0, two_nodes.stderr
+    assert "on 4 ranks (2 nodes, 2 hosts of 2)" in two_nodes.stderr
+    assert _answers(tmp_path / "two.jsonl") == _answers(tmp_path / "one.jsonl")
     across = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=1", "-n", "2", *run_it,
                    "--output", str(tmp_path / "across.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
     assert across.returncode == 2 and not (tmp_path / "across.jsonl").exists()
