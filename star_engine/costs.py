@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import ModelConfig
+from .shard import Shard
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibrations") / "nvidia-h200.json"
 
@@ -79,15 +80,16 @@ def model_weights(config: ModelConfig) -> int:
 
 
 def rank_weights(config: ModelConfig, tp: int = 1) -> int:
-    """The weights the rank of a host of `tp` ranks holds that holds the most (shard.py):
-    its heads' and KV heads' projections, its share of the MLP and of the vocabulary
-    (rounded up), and a copy of every norm."""
+    """The weights the rank of a host of `tp` ranks holds that holds the most (its first,
+    shard.py): its heads' and KV heads' projections, its share of the MLP and of the
+    vocabulary, and a copy of every norm."""
     if tp == 1:
         return model_weights(config)
+    shard = Shard.of(config, 0, tp)
     d, hidden = config.head_dim, config.hidden_size
-    q, kv, inner = config.num_heads // tp * d, max(1, config.num_kv_heads // tp) * d, -(-config.intermediate_size // tp)
+    q, kv, inner = len(shard.heads) * d, len(shard.kv_heads) * d, len(shard.intermediate)
     layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inner + (q + 2 * kv if config.qkv_bias else 0)
-    vocab = -(-config.vocab_size // tp) * hidden * (1 if config.tie_word_embeddings else 2)
+    vocab = len(shard.vocab) * hidden * (1 if config.tie_word_embeddings else 2)
     return config.num_layers * (layer + 2 * hidden) + hidden + vocab
 
 

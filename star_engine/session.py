@@ -89,6 +89,7 @@ class Session:
         from .costs import kv_bytes_per_token, rank_weights
         from .launch import Place
         from .schedule import arena_capacities
+        from .shard import Shard
 
         spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
         max_tokens = self._max_tokens(config)
@@ -97,7 +98,7 @@ class Session:
                             and not getattr(self.args, "beyond_trained_positions", False)):
             return weights, 0
         slots = max(arena_capacities(spec.build(Place(0, hosts), None, config), max_tokens, max_tokens))
-        kv_heads = max(1, config.num_kv_heads // tp)
+        kv_heads = len(Shard.of(config, 0, tp).kv_heads)
         return weights, batch * slots * kv_bytes_per_token(config, dtype.itemsize, kv_heads)
 
     def _fits(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int, free: int) -> bool:
