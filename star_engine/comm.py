@@ -5,7 +5,7 @@ attention (o, lse) over its local keys, and every rank gets the exact attention 
 keys of all ranks. broadcast carries the anchor's K/V and the next token id; send_recv
 passes K/V one step around a ring. Under tensor parallelism these run among the ranks
 that hold the same heads on every host, and a host's ranks sum and gather the parts of
-the model they split (HostGroup).
+the model they split (model.HostCollectives).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _C, ops
 from .launch import Dist, Place, gpu_id
+from .model import HostCollectives
 
 
 class Communicator(ABC):
@@ -64,29 +65,18 @@ def make_communicator(dist: Dist, device: torch.device) -> Communicator:
     return MpiCommunicator(dist)
 
 
-class HostGroup(ABC):
-    """The ranks of one host, which split the model (model.HostCollectives)."""
-    size: int
-
-    @abstractmethod
-    def all_reduce_(self, tensor: Tensor) -> Tensor:
-        """Sums tensor over the host's ranks, in place; the same result on every rank."""
-
-    @abstractmethod
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        """[size, *tensor.shape]: every rank's tensor, in rank order."""
-
-
-def make_host_group(dist: Dist, device: torch.device) -> HostGroup:
-    """NCCL between GPUs when the extension has it, else MPI; dist: the host's ranks."""
+def make_host_group(dist: Dist, device: torch.device) -> HostCollectives:
+    """The collectives of the ranks of one host, which split the model: NCCL between GPUs
+    when the extension has it, else MPI; dist: the host's ranks."""
     if device.type == "cuda" and ops.WITH_CUDA:
         return NcclHostGroup(dist, device)
     return MpiHostGroup(dist)
 
 
-class MpiHostGroup(HostGroup):
-    """Over host memory. A sum is an all-gather and the same additions in rank order on
-    every rank, so that the ranks of a host keep bit-identical hidden states."""
+class MpiHostGroup:
+    """A host's collectives (HostCollectives) over host memory. A sum is an all-gather and
+    the same additions in rank order on every rank, so that the ranks of a host keep
+    bit-identical hidden states."""
 
     def __init__(self, dist: Dist) -> None:
         self.dist, self.size = dist, dist.world
@@ -105,8 +95,9 @@ class MpiHostGroup(HostGroup):
         return gathered.to(tensor.device)
 
 
-class NcclHostGroup(HostGroup):
-    """NCCL, enqueued on the current stream (capturable in a CUDA graph)."""
+class NcclHostGroup:
+    """A host's collectives (HostCollectives) over NCCL, enqueued on the current stream
+    (capturable in a CUDA graph)."""
 
     def __init__(self, dist: Dist, device: torch.device) -> None:
         self.nccl = _nccl(dist, device)
