@@ -12,7 +12,7 @@ import torch
 
 from .attention import StrategySpec
 from .comm import Communicator
-from .costs import kv_bytes_per_token
+from .costs import Calibration, kv_bytes_per_token
 from .launch import Dist
 from .memory import every_rank_has_room
 from .model import Transformer
@@ -93,11 +93,12 @@ def decode_bytes(model: Transformer) -> int:
 
 
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: list[StrategySpec],
-                  lengths: list[int], query_tokens: int, new_tokens: int, cuda_graph: bool,
+                  calibration: Calibration, lengths: list[int], query_tokens: int, new_tokens: int, cuda_graph: bool,
                   say: Callable[[str], None],
                   on_row: Callable[[list[dict], dict], None] = lambda rows, ceilings: None) -> tuple[list[dict], dict]:
     """The measured rows, and the ceilings the time per output token is held against
     (on GPUs: memory bandwidth and the collective's latency per layer, measured here).
+    calibration: the job's (the same on every rank), which balanced layouts weigh blocks by.
     on_row(rows so far, ceilings) follows every row, so that a stopped run keeps them."""
     cfg, weight = model.config, model.embed.weight
     kv_bytes = kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads)
@@ -115,7 +116,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             "of weights per token and rank")
     rows = []
     for spec in specs:
-        strategy = spec.build(comm.place, comm, cfg)
+        strategy = spec.build(comm.place, comm, cfg, calibration)
         for i, length in enumerate(lengths):
             plan = plan_request(strategy, length, query_tokens, new_tokens)
             row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
@@ -158,8 +159,8 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
     return rows, ceilings
 
 
-def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySpec, length: int, requests: int,
-            questions: int, query_tokens: int, new_tokens: int, cuda_graph: bool,
+def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySpec, calibration: Calibration,
+            length: int, requests: int, questions: int, query_tokens: int, new_tokens: int, cuda_graph: bool,
             say: Callable[[str], None], batch: int = 1) -> list[dict]:
     """A job of `requests` requests on requests/questions contexts of `length` tokens, each
     asked `questions` questions, run one request at a time (each encodes its context), with
@@ -197,7 +198,7 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             f"decoding {result['decode_tokens_per_s'] or 0:.1f} tokens/s")
         return result
 
-    engine = Engine(model, spec.build(comm.place, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+    engine = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist, length + query_tokens + new_tokens,
                     cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
     engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
     rows = []
@@ -208,7 +209,8 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             for i, (context, query) in enumerate(jobs))))
     if batch > 1:
         del engine
-        together = Engine(model, spec.build(comm.place, comm, cfg), comm, dist, length + query_tokens + new_tokens,
+        together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
+                          length + query_tokens + new_tokens,
                           cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens, batch=batch)
         plan = together.plan(length, query_tokens, new_tokens)
         list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step

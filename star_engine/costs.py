@@ -9,11 +9,11 @@ measured rates: token_weight says how many attention pairs cost as much as one t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import ModelConfig
+from .environment import job_setting
 from .shard import Shard
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibrations") / "nvidia-h200.json"
@@ -39,8 +39,8 @@ class Calibration:
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Calibration":
-        """`path`, else $STAR_ENGINE_CALIBRATION, else the shipped H200 calibration."""
-        path = path or Path(os.environ.get("STAR_ENGINE_CALIBRATION") or DEFAULT_CALIBRATION)
+        """`path`, else $STAR_ENGINE_CALIBRATION (the job's), else the shipped H200 calibration."""
+        path = path or Path(job_setting("STAR_ENGINE_CALIBRATION") or DEFAULT_CALIBRATION)
         try:
             fields = json.loads(path.read_text())
             known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__}

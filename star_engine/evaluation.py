@@ -10,6 +10,7 @@ import torch
 
 from .attention import StrategySpec
 from .comm import Communicator
+from .costs import Calibration
 from .launch import Dist
 from .model import Transformer
 from .schedule import Engine
@@ -21,7 +22,7 @@ DEFAULT_NEW_TOKENS = 32
 
 
 def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist, tasks: list[str],
-                   lengths: list[int], samples: int, specs: list[StrategySpec], seed: int,
+                   lengths: list[int], samples: int, specs: list[StrategySpec], calibration: Calibration, seed: int,
                    say: Callable[[str], None],
                    on_cell: Callable[[list[dict]], None] = lambda rows: None,
                    earlier: list[dict] = (), progress_every_s: float = 60.0) -> list[dict]:
@@ -47,7 +48,8 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
         if all((task, length) in kept for task in tasks):
             done += len(tasks) * samples
             continue
-        engines = {spec.label: Engine(model, spec.build(comm.place, comm, model.config), comm, dist, length + most_new)
+        engines = {spec.label: Engine(model, spec.build(comm.place, comm, model.config, calibration), comm, dist,
+                                      length + most_new)
                    for spec in specs}
         for task in tasks:
             if (task, length) in kept:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .environment import job_setting
 from .launch import launcher_command
 
 
@@ -30,8 +31,8 @@ def environment(ranks: int, device: torch.device, program: list[str]) -> dict:
     # The command shows the variables a user set to tune NCCL or the engine's gather path,
     # not what every run here has.
     tuned = [f"{k}={v}" for k, v in nccl.items() if k not in ("NCCL_NVLS_ENABLE", "NCCL_VERSION")]
-    if os.environ.get("STAR_ENGINE_PEER_GATHER"):
-        tuned.append(f"STAR_ENGINE_PEER_GATHER={os.environ['STAR_ENGINE_PEER_GATHER']}")
+    if job_setting("STAR_ENGINE_PEER_GATHER"):
+        tuned.append(f"STAR_ENGINE_PEER_GATHER={job_setting('STAR_ENGINE_PEER_GATHER')}")
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "ranks": ranks,

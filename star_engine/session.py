@@ -14,6 +14,7 @@ import torch
 
 from .attention.backends import backend_for, set_backend
 from .attention.spec import StrategySpec
+from .costs import Calibration
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -34,7 +35,10 @@ class Session:
 
         self.args = args
         self.dist = init_distributed()
-        self.device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), self.dist)
+        # Rank 0 decides what changes the math (device, so dtype; kernels; calibration): the
+        # ranks of a job need not see the same machine or files.
+        kind = args.device or self.dist.bcast("cuda" if torch.cuda.is_available() else "cpu", root=0)
+        self.device = select_device(kind, self.dist)
         dtype = getattr(torch, args.dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
         tp = getattr(args, "tp", 1)
         hosts = f", {plural(self.dist.world // tp, 'host')} of {tp}" if tp > 1 else ""
@@ -42,18 +46,47 @@ class Session:
                  f"({plural(self.dist.nodes, 'node')}{hosts}), {self.device.type}, {dtype}")
         start = time.perf_counter()
         self.hosts = Hosts(self.dist, tp)
-        config = load_config(args.model)
+        self.calibration = self._job_calibration()
+        config = self._same_model_everywhere(load_config(args.model))
         shard = self.hosts.shard(config)
         self._refuse_what_cannot_fit(config, dtype)
         host = make_host_group(self.hosts.members, self.device) if self.hosts.members is not None else None
         self.model = load_model(args.model, dtype, self.device, shard=shard, host=host)
         set_backend(args.attn_backend)
-        backend = backend_for(self.device, dtype)
+        backend = self.dist.bcast(backend_for(self.device, dtype) if self.dist.rank == 0 else None, root=0)
+        set_backend(backend)
         self.comm = make_communicator(self.hosts.peers, self.device)
         eos = self.model.config.eos_token_ids
         self.tokenizer = load_tokenizer(args.model, eos) if self.dist.rank == 0 else None
         self.dist.sync()
         self.say(f"star_engine: ready in {time.perf_counter() - start:.1f} s; attention kernels: {backend}")
+
+    def _job_calibration(self) -> Calibration:
+        """The device's rates that the balanced layout weighs blocks by: the file rank 0
+        reads, handed to every rank (a node may hold another file by that name, or none)."""
+        from .launch import JobError
+
+        found: tuple[Calibration | None, str | None] = (None, None)
+        if self.dist.rank == 0:
+            try:
+                found = (Calibration.load(), None)
+            except ValueError as exc:
+                found = (None, str(exc))
+        calibration, error = self.dist.bcast(found, root=0)
+        if error is not None:
+            raise JobError(error)
+        return calibration
+
+    def _same_model_everywhere(self, config: ModelConfig) -> ModelConfig:
+        """`config`, where every rank read the same shape under --model; else a JobError."""
+        from .launch import JobError
+
+        every = self.dist.allgather(config)
+        others = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
+        if others:
+            raise JobError(f"--model {self.args.model} is another model on rank{'s' * (len(others) > 1)} "
+                           f"{', '.join(map(str, others))} than on rank 0: every rank must read the same checkpoint")
+        return config
 
     def _refuse_what_cannot_fit(self, config: ModelConfig, dtype: torch.dtype) -> None:
         """Before any weight is built: a rank holds its host's share of the weights (all of
@@ -97,7 +130,8 @@ class Session:
         if spec is None or (max_tokens > config.max_position_embeddings
                             and not getattr(self.args, "beyond_trained_positions", False)):
             return weights, 0
-        slots = max(arena_capacities(spec.build(Place(0, hosts), None, config), max_tokens, max_tokens))
+        slots = max(arena_capacities(spec.build(Place(0, hosts), None, config, self.calibration), max_tokens,
+                                     max_tokens))
         kv_heads = len(Shard.of(config, 0, tp).kv_heads)
         return weights, batch * slots * kv_bytes_per_token(config, dtype.itemsize, kv_heads)
 
@@ -139,7 +173,8 @@ class Session:
                                "runs it anyway")
             self.say(f"star_engine: warning: requests of up to {max_tokens} tokens, beyond the {trained} positions "
                      f"{self.args.model} was trained for")
-        return Engine(self.model, spec.build(self.comm.place, self.comm, self.model.config), self.comm, self.dist, max_tokens,
+        strategy = spec.build(self.comm.place, self.comm, self.model.config, self.calibration)
+        return Engine(self.model, strategy, self.comm, self.dist, max_tokens,
                       cuda_graph=not self.args.no_cuda_graph, max_tail=max_tail, batch=batch)
 
 

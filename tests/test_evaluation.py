@@ -38,7 +38,7 @@ def test_a_long_evaluation_hands_over_each_cell_as_soon_as_it_is_measured():
     seen: list[int] = []
     said: list[str] = []
     rows = run_evaluation(model, tokenizer, make_communicator(dist, torch.device("cpu")), dist,
-                          ["niah_single_1", "vt"], [300, 400], 2, [StrategySpec(blocks=2), StrategySpec("dense")],
+                          ["niah_single_1", "vt"], [300, 400], 2, [StrategySpec(blocks=2), StrategySpec("dense")], None,
                           seed=0, say=said.append, on_cell=lambda partial: seen.append(len(partial)),
                           progress_every_s=0)
     assert seen == [4, 8, 12, 16]  # 2 samples x 2 methods per (task, length), in order

@@ -45,12 +45,15 @@ class StrategySpec:
                             self.anchor_mode, self.layout)
 
     def build(self, dist: Place, comm: Communicator | None, config: ModelConfig,
-              calibration: Calibration | None = None) -> Strategy:
+              calibration: Calibration | None) -> Strategy:
         """The strategy, for a model of this shape: a balanced layout weighs its blocks by
-        the model's work on the device of `calibration` (default: Calibration.load())."""
+        the model's work on the device of `calibration` (the job's, the same on every rank;
+        other layouts need none)."""
         if self.attn != "star":
             return STRATEGIES[self.attn](dist, comm)
-        weight = token_weight(config, calibration or Calibration.load()) if self.layout == "balanced" else 0.0
+        if self.layout == "balanced" and calibration is None:
+            raise ValueError("the balanced layout weighs its blocks by a calibration, and none was given")
+        weight = token_weight(config, calibration) if self.layout == "balanced" else 0.0
         return StarAttention(dist, comm, block_size=self.block_size, blocks=self.blocks,
                              anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
                              anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight)

@@ -86,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
             save(output, result)
         return result
 
-    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, args.specs, args.lengths,
+    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, args.specs,
+                                             session.calibration, args.lengths,
                                              args.query_tokens, args.max_new_tokens, not args.no_cuda_graph,
                                              session.say,
                                              on_row=lambda rows, ceilings: write(rows, ceilings, complete=False))
@@ -111,7 +112,8 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
     rows, result = [], {}
     for spec in args.specs:
         for length in args.lengths:
-            rows += benchmark.run_job(session.model, session.comm, session.dist, spec, length, args.job,
+            rows += benchmark.run_job(session.model, session.comm, session.dist, spec, session.calibration, length,
+                                      args.job,
                                       args.questions_per_context, args.query_tokens, args.max_new_tokens,
                                       not args.no_cuda_graph, session.say, batch=args.batch)
             result = {**measured, "model": args.model, "query_tokens": args.query_tokens,

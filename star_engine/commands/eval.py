@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
         return text
 
     rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
-                                     args.lengths, args.samples, args.specs, args.seed, session.say,
+                                     args.lengths, args.samples, args.specs, session.calibration, args.seed,
+                                     session.say,
                                      on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
     if session.dist.rank == 0:
         print(write(rows, complete=True))

@@ -78,7 +78,11 @@ def main(args: argparse.Namespace) -> int:
     from ..attention import StrategySpec
     from ..checkpoint import load_config
     from ..costs import Calibration
+    from ..launch import init_distributed
     import torch
+
+    if init_distributed().rank != 0:
+        return 0  # a prediction needs one process: under a launcher, rank 0 makes it
 
     from ..planner import predict, recommend
 
@@ -124,8 +128,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     # A calibration there already (another node count's) keeps the rates this job cannot
     # measure; anything else there is refused before the measuring starts.
-    earlier = Calibration.load(args.output) if args.output and args.output.exists() else None
     session = Session(args)
+    earlier = (Calibration.load(args.output) if session.dist.rank == 0 and args.output and args.output.exists()
+               else None)
     session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")
     calibration = measure(session.model, args.model, session.comm, session.dist, session.say)
     if session.dist.rank == 0:
