@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import io
 import sys
+from types import ModuleType
 
 from .commands import COMMANDS
 
@@ -25,14 +26,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .launch import env_rank, run_guarded
+    from .launch import env_rank, job_problem, leave_together, run_guarded
 
     parser = build_parser()
     speaks = env_rank() == 0  # every rank parses the same arguments; one of them speaks
-    with contextlib.redirect_stdout(sys.stdout if speaks else io.StringIO()), \
-            contextlib.redirect_stderr(sys.stderr if speaks else io.StringIO()):
-        args = parser.parse_args(argv)  # usage, help and argument errors: once per job
+    try:
+        with contextlib.redirect_stdout(sys.stdout if speaks else io.StringIO()), \
+                contextlib.redirect_stderr(sys.stderr if speaks else io.StringIO()):
+            args = parser.parse_args(argv)  # usage, help and argument errors: once per job
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+        if code:
+            leave_together()
+        return code
     command = COMMANDS[args.command]
+    problem = job_problem(_problem(command, args))
+    if problem is not None:
+        if speaks:
+            print(f"star_engine: {problem}", file=sys.stderr, flush=True)
+        leave_together()
+        return 2
+    return run_guarded(lambda: command.main(args))
+
+
+def _problem(command: ModuleType, args: argparse.Namespace) -> str | None:
+    """What this rank finds wrong with the job before any work: the model named, then the
+    command's own checks; None if nothing."""
     from .checkpoint import read_config, resolve  # PyTorch loads here, once the arguments are parsed
 
     try:
@@ -41,7 +60,5 @@ def main(argv: list[str] | None = None) -> int:
             read_config(source.path / "config.json")
         command.check(args)
     except ValueError as exc:
-        if speaks:
-            print(f"star_engine: {exc}", file=sys.stderr)
-        return 2
-    return run_guarded(lambda: command.main(args))
+        return str(exc)
+    return None

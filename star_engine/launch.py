@@ -18,11 +18,15 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .environment import agree, job_setting
+
 if TYPE_CHECKING:
     import torch
 
 # Seconds a rank waits for its peers in one MPI operation before it ends the job.
 DEFAULT_MPI_TIMEOUT_S = 600.0
+# Seconds a rank waits for GPU work that holds a collective (NCCL, or the peer-memory gather).
+DEFAULT_NCCL_TIMEOUT_S = 600.0
 # Seconds a stop signal leaves the request in hand before the job is abandoned.
 DEFAULT_STOP_GRACE_S = 20.0
 # Seconds the ranks that ran out of patience give the others to answer "are you there?".
@@ -152,7 +156,11 @@ class Dist(Place):
         self._pongs = [request for request in self._pongs if not request.Test()]
 
     def _no_progress(self, what: str) -> None:
-        """Asks every other rank whether it is there, and raises PeerTimeout with the answer."""
+        raise self.unresponsive(f"no progress for {self.timeout_s:g} s in {what}", "STAR_ENGINE_MPI_TIMEOUT")
+
+    def unresponsive(self, waited: str, timeout_var: str) -> PeerTimeout:
+        """A PeerTimeout for a wait that ran out (`waited` says which): asks every other rank
+        whether it is there (those waiting answer) and names those that did not."""
         from mpi4py import MPI
 
         others = [r for r in range(self.world) if r != self.rank]
@@ -165,14 +173,15 @@ class Dist(Place):
             time.sleep(1e-3)
         silent = [r for r, request in receiving.items() if not request.Test()]
         answering = sorted({self.rank, *(r for r in others if r not in silent)})
-        waited = f"no progress for {self.timeout_s:g} s in {what}"
         if silent:
             names = ", ".join(map(str, silent))
             message = (f"{waited}: rank{'s' if len(silent) > 1 else ''} {names} did not answer (stopped, "
-                       "hung, dead, or busy longer than STAR_ENGINE_MPI_TIMEOUT)")
-        else:
+                       f"hung, dead, or busy longer than {timeout_var})")
+        elif others:
             message = f"{waited}, while every rank answers: the ranks wait in different operations"
-        raise PeerTimeout(message, speaker=answering[0] == self.rank)
+        else:
+            message = waited
+        return PeerTimeout(message, speaker=answering[0] == self.rank)
 
 
 # --- Launch ------------------------------------------------------------------------------
@@ -224,8 +233,17 @@ def split_launch_error(env: Mapping[str, str], mpi_library: str, world: int | No
 
 
 def init_distributed(timeout_s: float | None = None) -> Dist:
-    """Initialises MPI (refusing a launch it would split) and returns this rank's Dist.
-    timeout_s bounds every wait on the peers (default: STAR_ENGINE_MPI_TIMEOUT or 600 s)."""
+    """Initialises MPI (refusing a launch it would split) and returns this rank's Dist, the
+    same one every later call. timeout_s bounds every wait on the peers (default:
+    STAR_ENGINE_MPI_TIMEOUT or 600 s)."""
+    global _job_dist
+    if _job_dist is not None:
+        if timeout_s is not None:
+            _job_dist.timeout_s = timeout_s
+        return _job_dist
+    explicit_timeout = timeout_s is not None
+    if timeout_s is None:
+        timeout_s = seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)
     env = dict(os.environ)  # as the launcher left it: MPI_Init adds variables of its own
     # A process started alone: Open MPI 4 would look for its helper daemon on the PATH.
     os.environ.setdefault("OMPI_MCA_ess_singleton_isolated", "1")
@@ -246,19 +264,21 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     if error is not None:
         raise JobError(error)
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    if timeout_s is None:
-        timeout_s = _seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)
-    global _job_dist
     _job_dist = Dist(world, node.Get_rank(), node.Get_size(), node.bcast(world.Get_rank(), root=0), timeout_s)
     node.Free()
+    agree(_job_dist)
+    if not explicit_timeout:
+        _job_dist.timeout_s = seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)  # rank 0's
     return _job_dist
 
 
 _job_dist: Dist | None = None  # this process's place in the job, once init_distributed ran
 
 
-def _seconds_from_env(var: str, default: float) -> float:
-    text = os.environ.get(var)
+def seconds_from_env(var: str, default: float) -> float:
+    """A number of seconds > 0 from the environment variable `var` (the job's value, as the
+    ranks agreed it), else `default`; JobError naming the variable if it is not one."""
+    text = job_setting(var)
     if text is None:
         return default
     try:
@@ -329,7 +349,7 @@ def gpu_id(device: torch.device) -> str:
 def check_gpus_not_shared(dist: Dist, gpu: str) -> None:
     """Raises, on every rank, if two ranks would use one GPU and sharing was not asked for."""
     gpus = dist.allgather(gpu)
-    if os.environ.get("STAR_ENGINE_SHARE_GPUS") == "1":
+    if job_setting("STAR_ENGINE_SHARE_GPUS") == "1":
         return
     owners: dict[str, list[int]] = {}
     for rank, name in enumerate(gpus):
@@ -354,8 +374,8 @@ class GracefulStop:
     EXIT_CODE = 128 + signal.SIGTERM
 
     def __init__(self, grace_s: float | None = None) -> None:
-        self.grace_s = grace_s if grace_s is not None else _seconds_from_env("STAR_ENGINE_STOP_GRACE",
-                                                                              DEFAULT_STOP_GRACE_S)
+        self.grace_s = grace_s if grace_s is not None else seconds_from_env("STAR_ENGINE_STOP_GRACE",
+                                                                             DEFAULT_STOP_GRACE_S)
         self.signal_name: str | None = None
         self.writing = threading.Lock()
         self._timer: threading.Timer | None = None
@@ -395,6 +415,40 @@ class GracefulStop:
 
 # --- Ending a job ------------------------------------------------------------------------
 
+def job_problem(mine: str | None) -> str | None:
+    """What is wrong with the job before any work starts, the same on every rank: every
+    rank's own finding (`mine`), gathered, or a launch that MPI would split; None if
+    nothing is."""
+    try:
+        dist = init_distributed()
+    except JobError as exc:
+        return mine or str(exc)  # each process is alone: only what it finds itself is known
+    found = dist.allgather(mine)
+    problems: dict[str, list[int]] = {}
+    for rank, problem in enumerate(found):
+        if problem is not None:
+            problems.setdefault(problem, []).append(rank)
+    if not problems:
+        return None
+    if len(problems) == 1 and len(next(iter(problems.values()))) == dist.world:
+        return next(iter(problems))
+    return "; ".join(f"{_ranks(ranks)}: {problem}" for problem, ranks in problems.items())
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def leave_together() -> None:
+    """Ends a job that has not started, on every rank, once rank 0 has said why: the ranks
+    wait for one another (a launcher that ends the job when one rank leaves, as mpirun does,
+    would otherwise end rank 0 before its message is out)."""
+    try:
+        init_distributed().sync()
+    except (JobError, PeerTimeout):
+        pass
+
+
 def run_guarded(main: Callable[[], int]) -> int:
     """Runs main(); if it raises, prints the rank's error and aborts every rank of the job."""
     try:
@@ -416,7 +470,8 @@ def run_guarded(main: Callable[[], int]) -> int:
             sys.stderr.write(f"star_engine: rank {env_rank()}: {exc}\n")
         else:
             time.sleep(3.0)  # the speaker's message first
-        return _end_job(1)
+        # At once: an orderly exit would wait for the peer, or for GPU work that never ends.
+        return _end_job(1, force=True)
     except BaseException as exc:  # noqa: BLE001 - any failure must take the job down
         rank = env_rank()
         # Bad input (ValueError, OSError) gets one line; anything else is a bug: show where.

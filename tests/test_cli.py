@@ -172,6 +172,66 @@ def test_an_argument_error_is_said_once_per_job_not_once_per_rank(tmp_path):
     assert "--input " + str(tmp_path) + " is a directory" in directory.stderr
 
 
+def errors_before_the_work(directory: Path) -> list[tuple[list[str], str]]:
+    """Jobs that cannot start, each with the line that says why: (arguments, message)."""
+    requests = write_jsonl(directory / "in.jsonl", [good("a")])
+    broken = directory / "broken-model"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text("{not json")
+    job = ["run", "--input", str(requests), "--output", str(directory / "out.jsonl"), "--model", "tiny"]
+    return [
+        (["run", "--input", str(directory / "nope.jsonl"), "--output", "o", "--model", "tiny"],
+         f"star_engine: --input {directory / 'nope.jsonl'}: no such file"),
+        (["run", "--input", str(directory), "--output", "o", "--model", "tiny"],
+         f"star_engine: --input {directory} is a directory"),
+        ([*job, "--model", str(directory / "no-model")], f"star_engine: --model '{directory / 'no-model'}' is neither"),
+        ([*job, "--model", str(broken)], f"star_engine: {broken / 'config.json'}: not a model's config.json"),
+        ([*job, "--anchor-size", "0"], "star_engine: --anchor-size (now --anchor-tokens or --anchor-fraction): '0'"),
+        ([*job, "--anchor-size", "abc"], "star_engine: --anchor-size (now --anchor-tokens or --anchor-fraction): "
+                                         "'abc' is not a fraction"),
+        ([*job, "--anchor-size", "2/1"], "star_engine: --anchor-size (now --anchor-tokens or --anchor-fraction): "
+                                         "'2/1' is not a fraction"),
+        ([*job, "--block-size", "64", "--anchor-size", "65"], "anchor of 65 tokens exceeds the block size 64"),
+    ]
+
+
+def with_rank_0_late(ranks: int, command: list[str]) -> list[str]:
+    """mpirun of `command` on `ranks` ranks, rank 0 starting a second after the others (as
+    on a busier node)."""
+    launcher = mpirun(1)[:-2]  # mpirun --oversubscribe, then one -np per part
+    return [*launcher, "-np", "1", "sh", "-c", 'sleep 1; exec "$0" "$@"', *command, ":", "-np", str(ranks - 1),
+            *command]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_an_error_found_before_the_work_reaches_the_user_once_under_mpirun(tmp_path, ranks):
+    """Every rank finds it; rank 0 says it; no rank leaves before its message is out (mpirun
+    ends the whole job as soon as one rank leaves with an error), even where rank 0 is the
+    last to find it."""
+    for args, message in errors_before_the_work(tmp_path):
+        result = run(with_rank_0_late(ranks, [sys.executable, "-m", "star_engine", *args]), timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count(message) == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_a_problem_only_some_ranks_find_is_said_once_naming_them(tmp_path):
+    """As where nodes see different files: ranks 1 and 2 start in a directory without the
+    requests file that rank 0's has. Rank 0 speaks for them, once."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    write_jsonl(here / "in.jsonl", [good("a")])
+    command = [sys.executable, "-m", "star_engine", "run", "--input", "in.jsonl", "--output", "out.jsonl",
+               "--model", "tiny"]
+    launcher = mpirun(1)[:-2]  # mpirun --oversubscribe, then one -np per directory
+    result = run([*launcher, "-np", "1", "-wdir", str(here), *command, ":", "-np", "2", "-wdir", str(there),
+                  *command], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("star_engine: ") == 1, result.stderr
+    assert "star_engine: ranks 1, 2: --input in.jsonl: no such file" in result.stderr
+    assert not (here / "out.jsonl").exists()
+
+
 def test_a_kv_cache_beyond_the_trained_positions_or_the_memory_is_refused_in_one_line(tmp_path):
     requests = write_jsonl(tmp_path / "in.jsonl", [good("a")])
     out = tmp_path / "out.jsonl"
@@ -302,6 +362,47 @@ def test_demo_prints_both_answers_side_by_side():
     assert result.returncode == 0, result.stderr
     assert "star (2 ranks)" in result.stdout and "dense (2 ranks)" in result.stdout
     assert "first token (s)" in result.stdout
+
+
+def jobs_of_every_command(directory: Path) -> dict[str, list[str]]:
+    """A small job of each command on the tiny preset, star in its balanced layout."""
+    requests = write_jsonl(directory / "in.jsonl", [good("a", 400), good("b", 900)])
+    return {
+        "run": ["run", "--input", str(requests), "--output", str(directory / "out.jsonl"), *TINY],
+        "demo": ["demo", "--model", "tiny", "--context-tokens", "600", "--max-new-tokens", "2"],
+        "eval": ["eval", "--model", "tiny", "--tasks", "niah_single_1", "--lengths", "700", "--samples", "1",
+                 "--output", str(directory / "eval.json")],
+        "bench": ["bench", "--model", "tiny", "--attn", "star", "--lengths", "700", "--max-new-tokens", "2",
+                  "--query-tokens", "8", "--output", str(directory / "bench.json")],
+        "bench --job": ["bench", "--model", "tiny", "--attn", "star", "--lengths", "700", "--job", "2",
+                        "--max-new-tokens", "2", "--query-tokens", "8", "--output", str(directory / "job.json")],
+        "plan": ["plan", "--model", "tiny", "--context", "8K", "--gpus", "3"],
+        "plan --calibrate": ["plan", "--calibrate", "--model", "tiny", "--output", str(directory / "rates.json")],
+    }
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "eval", "bench", "bench --job", "plan", "plan --calibrate"])
+def test_every_command_runs_on_rank_0_s_settings_when_a_rank_sees_others(tmp_path, command):
+    """mpirun hands no environment to other nodes unless told to: here rank 1 alone is given
+    a calibration (its balanced blocks would differ). Every rank computes with rank 0's, and
+    rank 0 says once that rank 1's view differs."""
+    rates = json.loads((Path(__import__("star_engine").__file__).parent / "calibrations" / "nvidia-h200.json")
+                       .read_text())
+    odd = tmp_path / "odd-calibration.json"
+    odd.write_text(json.dumps({**rates, "attention_flops_per_s": rates["attention_flops_per_s"] / 1000}))
+    args = [sys.executable, "-m", "star_engine", *jobs_of_every_command(tmp_path)[command]]
+    launcher = mpirun(1)[:-2]  # mpirun --oversubscribe, then one -np per part
+    result = run([*launcher, "-np", "1", *args, ":", "-np", "1", "env", f"STAR_ENGINE_CALIBRATION={odd}", *args,
+                  ":", "-np", "1", *args], timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("note: STAR_ENGINE_CALIBRATION differs on rank 1; every rank uses rank 0's "
+                               "(unset)") == 1, result.stderr[-4000:]
+    if command == "run":
+        alike = star_engine([*jobs_of_every_command(tmp_path)["run"][:4], str(tmp_path / "alike.jsonl"), *TINY],
+                            ranks=3)
+        assert alike.returncode == 0, alike.stderr[-4000:]
+        assert [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")] == \
+            [r["output"] for r in read_jsonl(tmp_path / "alike.jsonl")]
 
 
 def test_help_answers_without_loading_pytorch():

@@ -17,7 +17,7 @@ import pytest
 
 from star_engine.costs import Calibration
 from tests.launcher import ROOT, mpirun, run, start
-from tests.test_cli import good, read_jsonl, write_jsonl
+from tests.test_cli import errors_before_the_work, good, read_jsonl, write_jsonl
 from tests.test_distributed import FAILING_RANK
 
 CLUSTER_DIR = Path(os.environ.get("STAR_SLURM_DIR", "/tmp/star_engine-slurm"))
@@ -96,6 +96,17 @@ def test_srun_without_an_mpi_plugin_stops_every_task_with_one_message(tmp_path, 
     assert result.stderr.count("srun started 4 tasks with no MPI plugin") == 1, result.stderr
     assert "srun --mpi=pmix" in result.stderr
     assert not out.exists()
+
+
+def test_an_error_found_before_the_work_reaches_the_user_once_under_srun(tmp_path, slurm):
+    """With --kill-on-bad-exit, as a careful job script asks: Slurm ends the step as soon as
+    a task leaves with an error, rank 0's message still comes out, once."""
+    for args, message in errors_before_the_work(tmp_path):
+        result = srun(["--mpi=pmix", "--kill-on-bad-exit=1", "-p", "one", "-n", "2", sys.executable, "-m",
+                       "star_engine", *args], slurm, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count(message) == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 def test_a_rank_that_raises_ends_the_step_promptly_with_its_message(slurm):

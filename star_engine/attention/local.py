@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from .backends import backend_for
 from .kernels import exact_attention_lse, fused_attention_lse
@@ -24,6 +23,9 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     """Softmax attention output o [H, Tq, D] (q's dtype)."""
     backend = backend_for(q.device, q.dtype)
     if backend == "torch":
+        # Imported here: the module loads torch's compiler stack (a second per process start).
+        from torch.nn.attention.bias import causal_lower_right
+
         mask = causal_lower_right(q.shape[1], k.shape[1]) if causal and q.shape[1] != k.shape[1] else None
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
                                               is_causal=causal and mask is None, enable_gqa=True)[0]
