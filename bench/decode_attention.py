@@ -24,9 +24,11 @@ SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
 def per_call_ms(caches: list[torch.Tensor], q: torch.Tensor, length: torch.Tensor, splits: int) -> float:
     """One call over each cache, captured in one CUDA graph; the replay's median over calls."""
+    counters = ops.decode_counters(1, caches[0].shape[1], q.device)
+
     def calls() -> None:
         for cache in caches:
-            ops.decode_attention(q, cache[0], cache[1], length, splits)
+            ops.decode_attention(q, cache[0], cache[1], length, splits, counters)
 
     return graph_replay_s(calls, q.device) * 1e3 / len(caches)
 

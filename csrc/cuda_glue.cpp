@@ -6,8 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
-#include <mutex>
-#include <unordered_map>
 
 #include "cuda/kernels.h"
 #include "nccl_comm.h"
@@ -41,24 +39,6 @@ cudaStream_t current_stream(const at::Tensor& t) {
 
 void check_cuda_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be on a GPU");
-}
-
-// The decode kernel's split counters: zero before a launch, and left at zero by it. One
-// buffer per device, zeroed once, so that a captured decode step holds no memset per layer.
-// While a graph is being captured nothing may be allocated for good, so a capture that
-// comes before any eager call gets fresh zeros of its own.
-at::Tensor decode_counters(const at::Tensor& like, int64_t kv_heads) {
-  static std::mutex mutex;
-  static auto* by_device = new std::unordered_map<int, at::Tensor>();  // kept until exit
-  const std::lock_guard<std::mutex> lock(mutex);
-  const int device = like.device().index();
-  auto found = by_device->find(device);
-  if (found != by_device->end() && found->second.numel() >= kv_heads) return found->second;
-  const at::Tensor counters = at::zeros({std::max<int64_t>(kv_heads, 64)}, like.options().dtype(at::kInt));
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  check_cuda(cudaStreamIsCapturing(current_stream(like), &capturing), "decode attention: capture status");
-  if (capturing == cudaStreamCaptureStatusNone) (*by_device)[device] = counters;
-  return counters;
 }
 
 // One rank's part of gather_merge: o's rows (own dtype), then their float32 lse, in one
@@ -118,14 +98,23 @@ void check_row_addresses(const at::Tensor& q, const at::Tensor& k_rows, const at
   }
 }
 
+// The kernel's split counters: int32 [>= rows x KV heads] on q's device, zero before a
+// launch and left at zero by it. The caller owns them, and keeps them as long as any CUDA
+// graph that captured a launch with them (a replay writes to them).
+void check_counters(const at::Tensor& q, const at::Tensor& counters, int64_t needed, const char* what) {
+  TORCH_CHECK(counters.is_cuda() && counters.device() == q.device() && counters.scalar_type() == at::kInt &&
+                  counters.is_contiguous() && counters.numel() >= needed,
+              what, ": counters must be int32 [>= ", needed, "] (rows x KV heads) on q's device");
+}
+
 void launch_decode(const at::Tensor& q, int64_t q_row_stride, const void* k, const void* v,
                    int64_t capacity, const int32_t* length, DecodeRows rows, int64_t batch_rows,
-                   int64_t kv_heads, int64_t splits, at::Tensor& o, at::Tensor& lse) {
+                   int64_t kv_heads, int64_t splits, const at::Tensor& counters, at::Tensor& o,
+                   at::Tensor& lse) {
   const int64_t heads = q.size(0), dim = q.size(-1);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor workspace = at::empty({batch_rows * decode_workspace_floats(heads, dim, splits)},
                                    q.options().dtype(at::kFloat));
-  const at::Tensor counters = decode_counters(q, batch_rows * kv_heads);
   decode_attention_cuda(q.data_ptr(), q_row_stride, k, v, capacity, length, rows,
                         static_cast<int>(batch_rows), static_cast<int>(heads),
                         static_cast<int>(kv_heads), static_cast<int>(dim),
@@ -138,8 +127,8 @@ void launch_decode(const at::Tensor& q, int64_t q_row_stride, const void* k, con
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k,
-                                                    const at::Tensor& v,
-                                                    const at::Tensor& length, int64_t splits) {
+                                                    const at::Tensor& v, const at::Tensor& length,
+                                                    int64_t splits, const at::Tensor& counters) {
   // q [H, D]; k, v [KV, >= length, D] with rows contiguous (views into the KV arena: the
   // stride between heads is the arena's capacity); length: int32 [1] on the GPU.
   for (const at::Tensor* t : {&q, &k, &v, &length}) check_cuda_tensor(*t, "decode_attention input");
@@ -153,16 +142,18 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
               "decode_attention: rows of q, k, v must be contiguous");
   TORCH_CHECK(length.scalar_type() == at::kInt && length.numel() == 1,
               "decode_attention: length must be one int32");
+  check_counters(q, counters, k.size(0), "decode_attention");
   auto [o, lse] = packed_output(q, heads, 1, dim);
   launch_decode(q, 0, k.data_ptr(), v.data_ptr(), k.stride(0) / dim, length.data_ptr<int32_t>(),
-                DecodeRows{}, 1, k.size(0), splits, o, lse);
+                DecodeRows{}, 1, k.size(0), splits, counters, o, lse);
   return {o.view({heads, dim}), lse.view({heads})};
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_rows(const at::Tensor& q, const at::Tensor& k_rows,
                                                          const at::Tensor& v_rows,
                                                          const at::Tensor& lengths, int64_t capacity,
-                                                         int64_t kv_heads, int64_t splits) {
+                                                         int64_t kv_heads, int64_t splits,
+                                                         const at::Tensor& counters) {
   // q [H, rows, D] (heads D apart, each head's row contiguous); row r reads the layer of an
   // arena whose K and V start at k_rows[r], v_rows[r] ([KV, capacity, D] each, of q's
   // dtype) and whose int32 length is at lengths[r].
@@ -171,10 +162,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_rows(const at::Tensor& q, co
               "decode_attention_rows: q [H, rows, D] with heads D apart");
   const int64_t rows = q.size(1);
   check_row_addresses(q, k_rows, v_rows, lengths, rows, "decode_attention_rows");
+  check_counters(q, counters, rows * kv_heads, "decode_attention_rows");
   auto [o, lse] = packed_output(q, q.size(0), rows, q.size(2));
   launch_decode(q, q.stride(1), nullptr, nullptr, capacity, nullptr,
                 DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()},
-                rows, kv_heads, splits, o, lse);
+                rows, kv_heads, splits, counters, o, lse);
   return {o, lse};
 }
 
@@ -284,11 +276,11 @@ void register_cuda_bindings(pybind11::module& m) {
   m.def("silu_mul", &silu_mul, pybind11::arg("gate_up"),
         "silu(gate) * up of gate_up [tokens, 2 * inner].");
   m.def("decode_attention", &decode_attention, pybind11::arg("q"), pybind11::arg("k"),
-        pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"),
+        pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"), pybind11::arg("counters"),
         "One-token attention over a KV cache: (o [H, D], lse [H]).");
   m.def("decode_attention_rows", &decode_attention_rows, pybind11::arg("q"), pybind11::arg("k_rows"),
         pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacity"),
-        pybind11::arg("kv_heads"), pybind11::arg("splits"),
+        pybind11::arg("kv_heads"), pybind11::arg("splits"), pybind11::arg("counters"),
         "One token per row over each row's own KV cache (addresses per row): (o [H, rows, D], lse [H, rows]).");
   m.def("kv_append_rows", &kv_append_rows, pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_rows"),
         pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacity"),
@@ -349,12 +341,14 @@ void register_cuda_bindings(pybind11::module& m) {
                             current_stream(send));
            })
       .def("wait",
-           [](NcclComm& self, int device) {
+           [](NcclComm& self, int device, const std::string& what) {
              pybind11::gil_scoped_release release;
-             self.wait(at::cuda::getCurrentCUDAStream(device).stream());
+             self.wait(at::cuda::getCurrentCUDAStream(device).stream(), what);
            },
-           pybind11::arg("device"))
+           pybind11::arg("device"), pybind11::arg("what"),
+           "Waits for the device's current stream, at most the timeout; `what`: its work, for the error.")
       .def_property_readonly("timeout_s", &NcclComm::timeout_s)
+      .def_property_readonly("failed", &NcclComm::failed)
       .def_property_readonly("rank", &NcclComm::rank)
       .def_property_readonly("world", &NcclComm::world);
 

@@ -72,7 +72,7 @@ void NcclComm::warm_up() {
   broadcast(bytes, 1, world_ - 1, nullptr);
   send_recv(bytes, (rank_ + 1) % world_, bytes + 2 * world_, (rank_ + world_ - 1) % world_, 1,
             nullptr);
-  wait(nullptr);
+  wait(nullptr, "connecting the peers");
   check_cuda(cudaFree(buffer), "cudaFree");
 }
 
@@ -129,15 +129,26 @@ void NcclComm::send_recv(const void* send, int dst, void* recv, int src, size_t 
   });
 }
 
-void NcclComm::wait(cudaStream_t stream) {
+void NcclComm::wait(cudaStream_t stream, const std::string& what) {
   cudaEvent_t done;
   check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
   check_cuda(cudaEventRecord(done, stream), "cudaEventRecord");
+  const Clock::time_point deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout_);
   cudaError_t status;
   while ((status = cudaEventQuery(done)) == cudaErrorNotReady && !failed_) {
+    if (Clock::now() > deadline) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!failed_) {
+        char seconds[32];
+        std::snprintf(seconds, sizeof(seconds), "%g", timeout_.count());
+        fail(std::string("NCCL: no progress for ") + seconds + " s: " + what +
+             " did not complete: a peer rank is dead or stuck; communicator aborted");
+      }
+      break;
+    }
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
-  cudaEventDestroy(done);
+  cudaEventDestroy(done);  // its work may never end: the event is released when it does
   throw_if_failed();
   check_cuda(status, "waiting for the stream");
 }
@@ -151,7 +162,7 @@ void NcclComm::throw_if_failed() {
 void NcclComm::fail(const std::string& reason) {
   failure_ = reason;
   failed_ = true;
-  ncclCommAbort(comm_);  // ends this communicator's kernels; frees it
+  stop_.notify_all();  // the watchdog aborts: an abort can wait for the GPU, a failing caller must not
 }
 
 void NcclComm::watch() {
@@ -163,7 +174,7 @@ void NcclComm::watch() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_ && !failed_) {
     stop_.wait_for(lock, std::chrono::milliseconds(20));
-    if (stopping_) break;
+    if (stopping_ || failed_) break;
     const Clock::time_point now = Clock::now();
     ncclResult_t async_error = ncclSuccess;
     if (ncclCommGetAsyncError(comm_, &async_error) == ncclSuccess && async_error != ncclSuccess &&
@@ -187,6 +198,11 @@ void NcclComm::watch() {
         break;
       }
     }
+  }
+  if (failed_ && !aborted_) {
+    aborted_ = true;
+    lock.unlock();
+    ncclCommAbort(comm_);  // ends this communicator's kernels; frees it
   }
 }
 

@@ -6,8 +6,10 @@
 //
 // A dead or stuck peer must end the job, not hang it. A watchdog thread watches every
 // operation enqueued outside graph capture, from the moment the host enters the NCCL call
-// until its work on the GPU is done, and NCCL's asynchronous error. When one is older than
-// the timeout, or NCCL reports an error, it aborts the communicator: its kernels end, a host
+// until its work on the GPU is done, and NCCL's asynchronous error; wait() bounds the work
+// it waits for, which is how the collectives of a replayed CUDA graph (which the watchdog
+// never sees enqueued) are watched. When one is older than the timeout, or NCCL reports an
+// error, the communicator fails: the watchdog aborts it, so that its kernels end and a host
 // thread blocked behind them (in NCCL, or in a kernel launch that waits for them, as the
 // first launch of a lazily loaded kernel does) goes on, and the next call on this
 // communicator, or wait(), throws with the reason.
@@ -47,12 +49,14 @@ class NcclComm {
   void send_recv(const void* send, int dst, void* recv, int src, size_t bytes,
                  cudaStream_t stream);
 
-  // Blocks until the work on `stream` is done; throws if the communicator was aborted.
-  void wait(cudaStream_t stream);
+  // Blocks until the work on `stream` is done; throws if the communicator failed, or, when
+  // that work is not done within the timeout, fails it with a reason that names `what`.
+  void wait(cudaStream_t stream, const std::string& what);
 
   int rank() const { return rank_; }
   int world() const { return world_; }
   double timeout_s() const { return timeout_.count(); }
+  bool failed() const { return failed_; }  // a peer stopped answering, or NCCL failed: aborted
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -70,7 +74,7 @@ class NcclComm {
   void enqueue(const char* what, cudaStream_t stream, Call call);
   void throw_if_failed();
   void watch();
-  void fail(const std::string& reason);  // with mutex_ held
+  void fail(const std::string& reason);  // with mutex_ held; the watchdog aborts
 
   ncclComm_t comm_ = nullptr;
   int rank_, world_, device_;
@@ -86,6 +90,7 @@ class NcclComm {
   std::mutex mutex_;  // guards what follows
   std::deque<InFlight> in_flight_;
   std::string failure_;
+  bool aborted_ = false;
   bool stopping_ = false;
   std::condition_variable stop_;
   std::thread watchdog_;

@@ -10,7 +10,6 @@ the model they split (model.HostCollectives).
 
 from __future__ import annotations
 
-import os
 import sys
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -19,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import _C, ops
-from .launch import Dist, Place, gpu_id
+from .environment import job_setting
+from .launch import DEFAULT_NCCL_TIMEOUT_S, Dist, Place, gpu_id, seconds_from_env
 from .model import HostCollectives
 
 
@@ -48,9 +48,10 @@ class Communicator(ABC):
         self.send_recv(send, dst, recv, src)
         return lambda: recv
 
-    def synchronize(self) -> None:
-        """Waits until this rank's communication so far is done; raises, rather than hangs,
-        when a peer is dead or stuck. (Calls that complete before returning need nothing.)"""
+    def synchronize(self, what: str = "this rank's work on its device") -> None:
+        """Waits until this rank's communication so far is done; raises PeerTimeout, rather
+        than hangs, when a peer is dead or stuck, saying that `what` did not complete.
+        (Calls that complete before returning need nothing.)"""
 
     @property
     def place(self) -> Place:
@@ -119,7 +120,7 @@ def _nccl(dist: Dist, device: torch.device, timeout_s: float | None = None) -> "
     unique_id = _C.NcclComm.make_unique_id() if dist.rank == 0 else None
     unique_id = dist.bcast(unique_id, root=0)
     if timeout_s is None:
-        timeout_s = float(os.environ.get("STAR_ENGINE_NCCL_TIMEOUT", "600"))
+        timeout_s = seconds_from_env("STAR_ENGINE_NCCL_TIMEOUT", DEFAULT_NCCL_TIMEOUT_S)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _C.NcclComm(unique_id, dist.rank, dist.world, index, timeout_s)
 
@@ -209,10 +210,11 @@ class NcclCommunicator(Communicator):
             device = torch.device("cuda", torch.cuda.current_device())
         self.nccl = _nccl(dist, device, timeout_s)
         timeout_s = self.nccl.timeout_s
+        self.dist = dist
         self.rank, self.world, self.device = dist.rank, dist.world, device
         self.bytes_sent = 0
         self._side: torch.cuda.Stream | None = None  # for transfers that overlap compute
-        asked = os.environ.get("STAR_ENGINE_PEER_GATHER")
+        asked = job_setting("STAR_ENGINE_PEER_GATHER")
         explicit = peer_gather is True or asked == "1"
         if peer_gather is None:
             peer_gather = asked != "0"
@@ -256,10 +258,18 @@ class NcclCommunicator(Communicator):
 
         return complete
 
-    def synchronize(self) -> None:
-        self.nccl.wait(self.device.index)
-        if self.peer is not None:
-            self.peer.check()
+    def synchronize(self, what: str = "this rank's work on its GPU") -> None:
+        try:
+            self.nccl.wait(self.device.index, what)
+        except RuntimeError as exc:
+            if not self.nccl.failed:
+                raise  # a fault of this rank's GPU, not of its peers
+            raise self.dist.unresponsive(str(exc), "STAR_ENGINE_NCCL_TIMEOUT") from None
+        try:
+            if self.peer is not None:
+                self.peer.check()
+        except RuntimeError as exc:  # its kernel gave up waiting for a peer
+            raise self.dist.unresponsive(str(exc), "STAR_ENGINE_NCCL_TIMEOUT") from None
 
 
 def _peer_exchange(dist: Dist, device: torch.device, timeout_s: float, explicit: bool) -> "_C.PeerExchange | None":

@@ -5,6 +5,7 @@ where the extension was built with CUDA (`WITH_CUDA`); the merge also runs on CP
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _C
@@ -34,19 +35,28 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return _C.silu_mul(gate_up)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, length: Tensor, splits: int) -> tuple[Tensor, Tensor]:
+def decode_counters(rows: int, kv_heads: int, device: torch.device) -> Tensor:
+    """The decode kernel's split counters for launches of up to `rows` rows: zeros, which
+    every launch leaves at zero. Whoever captures a launch in a CUDA graph keeps them as
+    long as the graph (its replays count in them)."""
+    return torch.zeros(rows * kv_heads, dtype=torch.int32, device=device)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, length: Tensor, splits: int,
+                     counters: Tensor) -> tuple[Tensor, Tensor]:
     """One query token q [H, D] over a cache k, v [KV, >= length, D] (rows contiguous) of
-    which the first `length` (int32 [1], on the GPU) keys count: o [H, D], lse [H]."""
-    return _C.decode_attention(q, k, v, length, splits)
+    which the first `length` (int32 [1], on the GPU) keys count: o [H, D], lse [H].
+    counters: decode_counters(1, KV)."""
+    return _C.decode_attention(q, k, v, length, splits, counters)
 
 
 def decode_attention_rows(q: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacity: int,
-                          kv_heads: int, splits: int) -> tuple[Tensor, Tensor]:
+                          kv_heads: int, splits: int, counters: Tensor) -> tuple[Tensor, Tensor]:
     """One token per row, q [H, rows, D], each row over its own cache: row r's layer of K and
     V starts at address k_rows[r], v_rows[r] ([KV, capacity, D] each) and its int32 length
     is at lengths[r] (int64 tensors of addresses). o [H, rows, D] and lse [H, rows], packed
-    in one buffer as gather_merge sends it."""
-    return _C.decode_attention_rows(q, k_rows, v_rows, lengths, capacity, kv_heads, splits)
+    in one buffer as gather_merge sends it. counters: decode_counters(rows, kv_heads)."""
+    return _C.decode_attention_rows(q, k_rows, v_rows, lengths, capacity, kv_heads, splits, counters)
 
 
 def kv_append_rows(k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacity: int) -> None:

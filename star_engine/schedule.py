@@ -169,7 +169,7 @@ class Engine:
         phase1, reused = self._encode(slot, context_ids, plan, _digest(context_ids) if reuse_context else None, start)
         logits: list[Tensor] = []
         tokens = [self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)]
-        first = self._elapsed(start)
+        first = self._elapsed(start, "the query pass")
         if tokens[-1] not in eos and max_new_tokens > 1:
             decoder = self._decoder(1)
             slot.arena.start_decoding()
@@ -184,14 +184,14 @@ class Engine:
         return Generation(tokens, self._metrics(phase1, first, total, len(tokens), reused, sent_before), logits)
 
     def generate_many(self, requests: Iterable[tuple[Tensor, Tensor, RequestPlan]], *,
-                      stop_at_eos: bool = True) -> Iterator[tuple[int, Generation]]:
+                      stop_at_eos: bool = True, keep_logits: bool = False) -> Iterator[tuple[int, Generation]]:
         """Answers requests (context ids, query ids, plan), up to `batch` of them decoding
         together: one forward pass per step for all, each row attending its own request's
         K/V, and one gather_merge for all rows. A request joins as soon as a slot is free
         (its context encoded, or copied from a slot that holds it, and its query run between
         two steps) and leaves when it is done. Yields (its index in `requests`, its
         generation) as each finishes. Every rank must pass the same requests; each answer is
-        the one the request gets alone. On GPUs each set of requests that decodes together
+        the one the request gets alone. keep_logits: as for generate. On GPUs each set of requests that decodes together
         has its step captured in a CUDA graph (decoders)."""
         device = self.model.embed.weight.device
         eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
@@ -206,7 +206,7 @@ class Engine:
                     exhausted = True
                     break
                 index, (context_ids, query_ids, plan) = item
-                run = self._admit(index, context_ids, query_ids, plan, free, eos)
+                run = self._admit(index, context_ids, query_ids, plan, free, eos, keep_logits)
                 if run.done:
                     free.append(run.slot)
                     yield run.index, self._finished(run)
@@ -217,7 +217,7 @@ class Engine:
                 if exhausted:
                     return
                 continue
-            self._step_together(running)
+            self._step_together(running, keep_logits)
             for run in [r for r in running if r.done]:
                 running.remove(run)
                 run.slot.arena.finish_decoding()
@@ -248,11 +248,11 @@ class Engine:
         slot.arena.clear()
         if holder is not None:
             holder.copy_context_to(slot)
-            return self._elapsed(start), True
+            return self._elapsed(start, "a copy of the context's K/V"), True
         device = self.model.embed.weight.device
         self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena)
         slot.encoded = (digest, slot.arena.length(0)) if digest is not None else None
-        return self._elapsed(start), False
+        return self._elapsed(start, "phase 1"), False
 
     def _query(self, slot: "_Slot", context_len: int, query_ids: Tensor, keep: list[Tensor] | None) -> int:
         """The query's tokens in one pass over the slot's arena: the first generated token."""
@@ -262,7 +262,7 @@ class Engine:
         return self._next_token(self.model(query_ids.to(device), positions, attend), keep)
 
     def _admit(self, index: int, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan,
-               free: list["_Slot"], eos: set[int]) -> "_Running":
+               free: list["_Slot"], eos: set[int], keep_logits: bool) -> "_Running":
         """A request's phase 1 and query, in a free slot (one that holds its context, if any)."""
         plan = self._checked_plan(context_ids, query_ids, plan.max_new_tokens, plan)
         digest = _digest(context_ids)
@@ -272,24 +272,27 @@ class Engine:
         self.dist.sync()
         start = time.perf_counter()
         phase1, reused = self._encode(slot, context_ids, plan, digest, start)
-        token = self._query(slot, len(context_ids), query_ids, None)
+        logits: list[Tensor] = []
+        token = self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)
         return _Running(index, slot, [token], len(context_ids) + len(query_ids), plan.max_new_tokens, eos,
-                        start, self._elapsed(start), phase1, reused, sent_before)
+                        start, self._elapsed(start, "the query pass"), phase1, reused, sent_before, logits)
 
-    def _step_together(self, running: list["_Running"]) -> None:
+    def _step_together(self, running: list["_Running"], keep_logits: bool) -> None:
         """One decode step of every running request: a token each, in one forward pass."""
         decoder = self._decoder(len(running))
         decoder.start([run.slot.arena for run in running], [run.tokens[-1] for run in running],
                       [run.position for run in running])
         decoder.step()
-        for run, token in zip(running, decoder.tokens()):
+        for row, (run, token) in enumerate(zip(running, decoder.tokens())):
             run.tokens.append(token)
             run.position += 1
+            if keep_logits and self.place.is_query_rank:
+                run.logits.append(decoder.logits[row:row + 1].clone())
 
     def _finished(self, run: "_Running") -> Generation:
         total = self._elapsed(run.start)
         return Generation(run.tokens, self._metrics(run.phase1, run.first, total, len(run.tokens), run.reused,
-                                                    run.sent_before))
+                                                    run.sent_before), run.logits)
 
     def _metrics(self, phase1: float, first: float, total: float, tokens: int, reused: bool,
                  sent_before: int) -> Metrics:
@@ -328,12 +331,12 @@ class Engine:
                 keep.append(logits)
             token[0] = logits[-1].argmax()
         self.comm.broadcast(token, root=self.place.query_rank)
-        self.comm.synchronize()
+        self.comm.synchronize("the query pass")
         return int(token.item())
 
-    def _elapsed(self, start: float) -> float:
-        """Seconds since start, once the device work so far is done."""
-        self.comm.synchronize()
+    def _elapsed(self, start: float, what: str = "the request's work") -> float:
+        """Seconds since start, once the device work so far (`what`) is done."""
+        self.comm.synchronize(what)
         if self.model.embed.weight.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -379,6 +382,7 @@ class _Running:
     phase1: float
     reused: bool
     sent_before: int
+    logits: list[Tensor]  # with keep_logits, on the query rank: as Generation.logits
 
     @property
     def done(self) -> bool:
@@ -407,6 +411,7 @@ class _Decoder:
         self.use_graph = cuda_graph and self.rows.kernel
         self.graph: torch.cuda.CUDAGraph | None = None
         self.held = 0
+        self.steps = 0  # taken so far, for messages
 
     def start(self, arenas: list[_C.KVArena], tokens: list[int], positions: list[int]) -> None:
         """The requests of the next steps, a row each: their (decoding) arenas, the tokens to
@@ -417,6 +422,7 @@ class _Decoder:
         self.positions.copy_(torch.tensor(positions + padding))
 
     def step(self) -> None:
+        self.steps += 1
         if not self.use_graph:
             self._step()
         elif self.graph is None:
@@ -429,7 +435,8 @@ class _Decoder:
 
     def tokens(self) -> list[int]:
         """The tokens the last step chose for the requests held, a row each."""
-        self.comm.synchronize()
+        how = "replayed from its CUDA graph" if self.graph is not None else "eager"
+        self.comm.synchronize(f"decode step {self.steps} of {self.rows.rows} row{'s' * (self.rows.rows > 1)} ({how})")
         return self.token_ids[:self.held].tolist()
 
     def _step(self) -> None:

@@ -44,6 +44,8 @@ class DecodeRows:
             self.active = torch.zeros(1, dtype=torch.int32, device=device)  # rows that hold a request
             self.empty_length = torch.zeros(1, dtype=torch.int32, device=device)
             self.splits = _decode_splits(device, capacity, kv_heads, rows)
+            # Its own: the decode step captured with these rows replays on them for its life.
+            self.counters = ops.decode_counters(rows, kv_heads, device)
 
     def hold(self, arenas: list[_C.KVArena]) -> None:
         """Row i now decodes arenas[i] (at most `rows` of them)."""
@@ -84,7 +86,7 @@ class DecodeRows:
         """q [H, rows, D], row i over the keys its arena counts: o [H, rows, D], lse [H, rows]."""
         if self.kernel:
             return ops.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
-                                            self.capacity, self.kv_heads, self.splits)
+                                            self.capacity, self.kv_heads, self.splits, self.counters)
         parts = []
         for i, arena in enumerate(self.arenas):
             keys, values = arena.slots(layer)

@@ -51,7 +51,8 @@ def test_decode_kernel_equals_float64_softmax(dtype, dim, heads, kv_heads, lengt
     gpu_cache = cache.to(GPU)
     splits = ops.decode_splits(capacity, kv_heads, torch.cuda.get_device_properties(0).multi_processor_count)
     o, lse = ops.decode_attention(q.to(GPU), gpu_cache[0, :, :length], gpu_cache[1, :, :length],
-                                 torch.tensor([length], dtype=torch.int32, device=GPU), splits)
+                                 torch.tensor([length], dtype=torch.int32, device=GPU), splits,
+                                 ops.decode_counters(1, kv_heads, GPU))
     assert o.dtype == dtype and o.shape == (heads, dim)
     assert relative_error(o, want_o[:, 0]) < 1e-2
     torch.testing.assert_close(lse.cpu().double(), want_lse[:, 0], atol=2e-3, rtol=1e-4)
@@ -123,7 +124,8 @@ def test_rows_decoded_together_each_get_what_their_arena_gives_alone(heads, kv_h
         assert int(arena.device_length) == n + 1
         keys, values = arena.slots(1)
         assert torch.equal(keys[:, n], k[:, i]) and torch.equal(values[:, n], v[:, i])
-        alone_o, alone_lse = ops.decode_attention(q[:, i].contiguous(), keys, values, arena.device_length, rows.splits)
+        alone_o, alone_lse = ops.decode_attention(q[:, i].contiguous(), keys, values, arena.device_length, rows.splits,
+                                                  ops.decode_counters(1, kv_heads, GPU))
         assert torch.equal(o[:, i], alone_o) and torch.equal(lse[:, i], alone_lse)
         before[4 * i + 2][:, n], before[4 * i + 3][:, n] = k[:, i], v[:, i]  # the one slot written
     assert all(torch.equal(a, b) for a, b in zip(after, before))  # nothing else, the padding row's neither
@@ -136,14 +138,16 @@ def test_decode_kernel_reads_the_length_from_device_memory():
     v = torch.randn_like(k)
     q = torch.randn(4, 64, device=GPU, dtype=torch.bfloat16)
     length = torch.tensor([0], dtype=torch.int32, device=GPU)
+    counters = ops.decode_counters(1, 2, GPU)
     for n in (0, 10, 999):
         length.fill_(n)
-        o, lse = ops.decode_attention(q, k, v, length, 4)
+        o, lse = ops.decode_attention(q, k, v, length, 4, counters)
         if n == 0:
             assert torch.isneginf(lse).all() and (o == 0).all()
         else:
             want_o, want_lse = naive_attention(q[:, None].cpu(), k[:, :n].cpu(), v[:, :n].cpu())
             assert relative_error(o, want_o[:, 0]) < 1e-2
+            torch.testing.assert_close(lse.cpu().double(), want_lse[:, 0], atol=2e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -9,7 +9,7 @@ import torch
 
 from star_engine.attention import DenseAttention, RingAttention, StarAttention
 from star_engine.checkpoint import load_config, load_model
-from star_engine.comm import MpiCommunicator, MpiHostGroup, make_communicator, make_host_group
+from star_engine.comm import MpiCommunicator, MpiHostGroup, NcclHostGroup, make_communicator, make_host_group
 from star_engine.hosts import Hosts
 from star_engine.launch import select_device
 from star_engine.schedule import Engine
@@ -41,11 +41,18 @@ def on_cpus(hosts, checkpoint):  # noqa: F811
     return model, MpiCommunicator(hosts.peers)
 
 
-def run(dist, hosts, model, comm, strategy_cls, cuda_graph=True, **kwargs):
+def engine(dist, hosts, model, comm, strategy_cls, cuda_graph=True, **kwargs):
+    return Engine(model, strategy_cls(hosts.place, comm, **kwargs), comm, dist, max_tokens=2048,
+                  cuda_graph=cuda_graph)
+
+
+def answer(engine):
     ids = torch.randint(0, 300, (1210,), generator=torch.Generator().manual_seed(4))
-    engine = Engine(model, strategy_cls(hosts.place, comm, **kwargs), comm, dist, max_tokens=2048,
-                    cuda_graph=cuda_graph)
     return engine.generate(ids[:1200], ids[1200:], 10, keep_logits=True)
+
+
+def run(dist, hosts, model, comm, strategy_cls, cuda_graph=True, **kwargs):
+    return answer(engine(dist, hosts, model, comm, strategy_cls, cuda_graph, **kwargs))
 
 
 @pytest.mark.parametrize("strategy_cls,kwargs", [(DenseAttention, {}), (RingAttention, {}),
@@ -62,11 +69,12 @@ def test_hosts_of_gpus_follow_the_cpu_engine_split_the_same_way(dist, hosts, on_
 
 
 def test_a_decode_step_with_its_all_reduces_replays_from_a_cuda_graph_as_it_runs_eagerly(dist, hosts, on_gpus):
-    graphed = run(dist, hosts, *on_gpus, StarAttention, cuda_graph=True, block_size=256)
-    eager = run(dist, hosts, *on_gpus, StarAttention, cuda_graph=False, block_size=256)
-    assert graphed.tokens == eager.tokens
+    graphed = engine(dist, hosts, *on_gpus, StarAttention, cuda_graph=True, block_size=256)
+    eager = engine(dist, hosts, *on_gpus, StarAttention, cuda_graph=False, block_size=256)
+    assert answer(graphed).tokens == answer(eager).tokens
+    assert graphed.decoder.graph is not None and eager.decoder.graph is None
     model, _ = on_gpus
-    assert model.host is not None
+    assert isinstance(model.host, NcclHostGroup)  # the all-reduces the graph captured are NCCL's
 
 
 def test_a_split_model_on_gpus_gives_the_unsplit_models_logits(dist, hosts, on_gpus, checkpoint):  # noqa: F811
