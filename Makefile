@@ -1,5 +1,6 @@
 # Fresh machine, no GPU, no MPI:  make demo   (set up, then the main job on 4 ranks)
 #                                 make test   (set up, then the whole test suite)
+#                                 make install-check   (the README's install, checked)
 # Everything goes into .venv: PyTorch, MPI (Open MPI and mpi4py wheels), the built
 # extension, and the built-in model.
 
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 
 EXTENSION := star_engine/.extension-built
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test install-check clean
 setup: $(EXTENSION)
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
@@ -39,6 +40,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests -q -rs
+
+# The README's install, into a fresh environment from a copy of the files git knows (so that
+# no build of this checkout is reused): PyTorch, the build's tools, then the package without
+# build isolation. The installed extension must load, and the installed command plan.
+CHECK := build/install-check
+install-check:
+	rm -rf $(CHECK) && mkdir -p $(CHECK)/src
+	git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -C $(CHECK)/src
+	$(PYTHON) -m venv $(CHECK)/venv
+	$(CHECK)/venv/bin/pip install -q "$(TORCH)"
+	$(CHECK)/venv/bin/pip install -q setuptools wheel cmake ninja
+	cd $(CHECK)/src && ../venv/bin/pip install -q --no-build-isolation .
+	cd $(CHECK) && venv/bin/python -c "import star_engine._C, star_engine; print(star_engine.__file__)"
+	cd $(CHECK) && venv/bin/star-engine plan --model llama-3.1-8b --context 32K --gpus 1,2
 
 clean:
 	rm -rf build $(EXTENSION) star_engine/_C*.so *.egg-info

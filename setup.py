@@ -27,7 +27,8 @@ def torch_to_build_against():
             import torch
         except ImportError:
             raise SystemExit("star_engine: PyTorch is needed to build the extension: install it first "
-                             "(https://pytorch.org), then this package") from None
+                             "(https://pytorch.org), then this package into the same environment with "
+                             "pip install --no-build-isolation .") from None
     return torch
 
 

@@ -290,7 +290,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         raise ValueError(f"{path}: reading a .gguf file needs the gguf package: pip install gguf "
                          "(or pip install 'star_engine[gguf]')") from None
 
-    reader = gguf.GGUFReader(str(path))
+    reader = _gguf_reader(gguf, path)
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
@@ -334,6 +334,47 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             values = values.reshape(n, -1, 2, values.shape[-1]).transpose(1, 2).reshape(values.shape)
         tensors[hf_name] = values.float()
     return cfg, tensors
+
+
+class _PastTheEnd(Exception):
+    """A read of bytes [start, end) of a file that ends before `end`; `tensor`: whose data it was."""
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__(start, end)
+        self.start, self.end, self.tensor = start, end, None
+
+
+def _gguf_reader(gguf, path: Path):
+    """gguf.GGUFReader of the file, which must hold every byte its header and tensors need: a
+    file cut short or corrupt is a ValueError naming it, what was expected and what it holds.
+    (The reader itself takes what is left of a short read, and fails later with an error of
+    numpy's that says neither.)"""
+    size = path.stat().st_size
+
+    class Reader(gguf.GGUFReader):
+        # _get makes every read of the file; a tensor's data is one read, at the offset its
+        # entry in the header gives.
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = offset + np.dtype(dtype).itemsize * int(count)
+            if end > size:
+                raise _PastTheEnd(offset, end)
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):
+            try:
+                super()._build_tensors(start_offs, fields)
+            except _PastTheEnd as cut:
+                cut.tensor = next(field.name for field in fields if start_offs + int(field.parts[5][0]) == cut.start)
+                raise
+
+    try:
+        return Reader(str(path))
+    except _PastTheEnd as cut:
+        expected = (f"tensor {cut.tensor} expects {cut.end - cut.start:,} bytes at offset {cut.start:,}" if cut.tensor
+                    else f"its header needs at least {cut.end:,} bytes")
+        raise ValueError(f"{path} is truncated or corrupt: {expected}, and the file holds {size:,} bytes") from None
+    except (ValueError, KeyError, IndexError, OverflowError) as exc:  # the reader's checks of the header's fields
+        raise ValueError(f"{path} is truncated or corrupt: {exc} (the file holds {size:,} bytes)") from None
 
 
 def _gguf_tensors(raw: dict) -> Iterator[tuple[str, object]]:

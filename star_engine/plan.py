@@ -10,15 +10,29 @@ from .attention import ContextLayout, Strategy
 from .costs import kv_bytes_per_token
 from .config import ModelConfig
 
-# A request's peak memory besides the weights and its KV slots, as phase 1 reaches it: per
-# token a rank runs through a layer, hidden-sized vectors for the hidden states, q, k, v, the
-# attention output and the MLP's chunked intermediates; per token whose K/V it takes from
-# another rank in a layer (star's anchor, ring's chunks), the buffers and the attention over
-# them; and a fixed workspace. Fitted to the per-rank peaks of 38 measurements on two H200s
-# (llama-3.1-8b, bfloat16, star uniform and balanced and ring, 32K-512K: within 6%).
-ENCODED_VECTORS_PER_TOKEN = 4.5
-RECEIVED_VECTORS_PER_TOKEN = 3.5
-WORKSPACE_BYTES = 1 << 29
+
+@dataclass(frozen=True)
+class Phase1Memory:
+    """A request's peak memory besides the weights and its KV slots, as phase 1 reaches it:
+    per token a rank runs through a layer, hidden-sized vectors for the hidden states, q, k,
+    v, the attention output and the MLP's chunked intermediates; per token whose K/V it takes
+    from another rank in a layer (star's anchor, ring's chunks), the buffers and the
+    attention over them; and a fixed workspace."""
+
+    encoded_vectors_per_token: float
+    received_vectors_per_token: float
+    workspace_bytes: float
+
+    def bytes(self, vector_bytes: int, encoded: int, received: int) -> float:
+        return (vector_bytes * (self.encoded_vectors_per_token * encoded + self.received_vectors_per_token * received)
+                + self.workspace_bytes)
+
+
+# Fitted to the 38 per-rank peaks of 19 measurements on two H200s (llama-3.1-8b, bfloat16,
+# star uniform and balanced and ring, 32K-512K; bench/results/plan_against_bench_h200.json),
+# which it predicts within 6%; judged on peaks it was not fitted to in
+# bench/results/plan_memory_out_of_sample_h200.json.
+PHASE1_MEMORY = Phase1Memory(encoded_vectors_per_token=4.5, received_vectors_per_token=3.5, workspace_bytes=1 << 29)
 # What a rank must have free beyond the estimate before a request runs: the allocator's
 # fragmentation, and devices and kernels other than those it was fitted on.
 HEADROOM_FACTOR, HEADROOM_BYTES = 1.1, 1 << 30
@@ -54,15 +68,15 @@ class RequestPlan:
         return tuple(kept + (self.tail if rank == self.query_rank else 0)
                      for rank, kept in enumerate(self.layout.kept))
 
-    def memory_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None) -> tuple[int, ...]:
+    def memory_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None,
+                     phase1: Phase1Memory = PHASE1_MEMORY) -> tuple[int, ...]:
         """By rank: the estimated peak memory of the request besides the weights: its KV
         slots (of `kv_heads`, a rank's under tensor parallelism), and phase 1's activations
         and received K/V."""
         kv = kv_bytes_per_token(config, element_size, kv_heads)
         vector = config.hidden_size * element_size
         layout = self.layout
-        return tuple(round(slots * kv + vector * (ENCODED_VECTORS_PER_TOKEN * encoded
-                                                  + RECEIVED_VECTORS_PER_TOKEN * received) + WORKSPACE_BYTES)
+        return tuple(round(slots * kv + phase1.bytes(vector, encoded, received))
                      for slots, encoded, received in zip(self.kv_slots, layout.encoded, layout.received))
 
     def memory_needed_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None) -> tuple[int, ...]:

@@ -272,6 +272,20 @@ def test_a_broken_checkpoint_is_named_in_one_line(tmp_path):
     assert result.stderr.count(f"{checkpoint / 'config.json'}: not a model's config.json") == 1
 
 
+def test_a_truncated_gguf_model_is_named_in_one_line_not_a_traceback(tmp_path):
+    from star_engine.checkpoint import resolve
+
+    cut = tmp_path / "model.gguf"
+    with resolve("smollm2-135m-instruct").path.open("rb") as whole:
+        cut.write_bytes(whole.read(1 << 20))
+    result = star_engine(["run", "--input", str(write_jsonl(tmp_path / "in.jsonl", [good("a")])),
+                          "--output", str(tmp_path / "out.jsonl"), "--model", str(cut)])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("star_engine: ") and f"{cut} is truncated or corrupt" in last
+    assert "holds 1,048,576 bytes" in last and not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("grace,ending,batch", [("30", "stopped after", "1"),
                                                ("0.2", "abandoned, a rerun does it", "1"),
                                                ("30", "stopped after", "2")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,4 +98,56 @@ def test_a_gguf_file_without_the_gguf_package_is_one_clear_error(tmp_path, monke
     model.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     with pytest.raises(ValueError, match="needs the gguf package: pip install gguf"):
+        load_config(str(model))
+
+
+@pytest.fixture(scope="module")
+def built_in_gguf():
+    """The built-in model's file, and its layout as the gguf package reads the whole file."""
+    import gguf
+
+    path = resolve("smollm2-135m-instruct").path
+    return path, gguf.GGUFReader(str(path))
+
+
+def cut_copy(source: Path, size: int, directory: Path) -> Path:
+    """The first `size` bytes of `source`, as a .gguf file of their own."""
+    cut = directory / f"cut-{size}.gguf"
+    with source.open("rb") as whole:
+        cut.write_bytes(whole.read(size))
+    return cut
+
+
+@pytest.mark.parametrize("where", ["its first bytes", "its metadata (at 1 MB)", "its table of tensors"])
+def test_a_gguf_file_cut_in_its_header_is_named_as_truncated_with_the_bytes_it_holds(tmp_path, built_in_gguf,
+                                                                                      where):
+    path, whole = built_in_gguf
+    size = {"its first bytes": 10, "its metadata (at 1 MB)": 1 << 20,
+            "its table of tensors": whole.data_offset - 100}[where]
+    cut = cut_copy(path, size, tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_config(str(cut))
+    message = str(error.value)
+    assert f"{cut} is truncated or corrupt" in message and f"holds {size:,} bytes" in message
+
+
+@pytest.mark.parametrize("which", [0, -1], ids=["first tensor", "last tensor"])
+def test_a_gguf_file_cut_in_a_tensor_names_it_the_bytes_it_expects_and_the_bytes_the_file_holds(tmp_path,
+                                                                                                built_in_gguf,
+                                                                                                which):
+    path, whole = built_in_gguf
+    tensor = whole.tensors[which]
+    size = tensor.data_offset + tensor.n_bytes // 2
+    cut = cut_copy(path, size, tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_config(str(cut))
+    message = str(error.value)
+    assert f"{cut} is truncated or corrupt" in message
+    assert f"tensor {tensor.name} expects {tensor.n_bytes:,} bytes" in message and f"holds {size:,} bytes" in message
+
+
+def test_a_file_that_is_not_gguf_is_named_as_corrupt(tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match=f"{model} is truncated or corrupt"):
         load_config(str(model))
