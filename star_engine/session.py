@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 
@@ -19,6 +19,8 @@ from .costs import Calibration
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .schedule import Engine
+
+T = TypeVar("T")
 
 # Beyond the weights, what a rank needs at the least to run anything (activations, kernels'
 # workspace, the smallest KV cache).
@@ -47,11 +49,11 @@ class Session:
         start = time.perf_counter()
         self.hosts = Hosts(self.dist, tp)
         self.calibration = self._job_calibration()
-        config = self._same_model_everywhere(load_config(args.model))
+        config = self._same_model_everywhere(self._on_every_rank(lambda: load_config(args.model)))
         shard = self.hosts.shard(config)
         self._refuse_what_cannot_fit(config, dtype)
         host = make_host_group(self.hosts.members, self.device) if self.hosts.members is not None else None
-        self.model = load_model(args.model, dtype, self.device, shard=shard, host=host)
+        self.model = self._on_every_rank(lambda: load_model(args.model, dtype, self.device, shard=shard, host=host))
         set_backend(args.attn_backend)
         backend = self.dist.bcast(backend_for(self.device, dtype) if self.dist.rank == 0 else None, root=0)
         set_backend(backend)
@@ -76,6 +78,20 @@ class Session:
         if error is not None:
             raise JobError(error)
         return calibration
+
+    def _on_every_rank(self, load: Callable[[], T]) -> T:
+        """load() on every rank; a ValueError (a file cut short, say) on any of them ends the
+        job with one message, rank 0's, naming the ranks where they differ."""
+        from .launch import JobError, job_problem
+
+        try:
+            result, error = load(), None
+        except ValueError as exc:
+            result, error = None, str(exc)
+        problem = job_problem(error)
+        if problem is not None:
+            raise JobError(problem)
+        return result
 
     def _same_model_everywhere(self, config: ModelConfig) -> ModelConfig:
         """`config`, where every rank read the same shape under --model; else a JobError."""

@@ -279,9 +279,10 @@ def test_a_truncated_gguf_model_is_named_in_one_line_not_a_traceback(tmp_path):
     with resolve("smollm2-135m-instruct").path.open("rb") as whole:
         cut.write_bytes(whole.read(1 << 20))
     result = star_engine(["run", "--input", str(write_jsonl(tmp_path / "in.jsonl", [good("a")])),
-                          "--output", str(tmp_path / "out.jsonl"), "--model", str(cut)])
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+                          "--output", str(tmp_path / "out.jsonl"), "--model", str(cut)], ranks=2)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("is truncated or corrupt") == 1, result.stderr  # every rank finds it, one says it
+    last = next(line for line in result.stderr.splitlines() if "truncated or corrupt" in line)
     assert last.startswith("star_engine: ") and f"{cut} is truncated or corrupt" in last
     assert "holds 1,048,576 bytes" in last and not (tmp_path / "out.jsonl").exists()
 
