@@ -2,7 +2,8 @@
 
 It is the job's memory: a rerun skips the ids it holds answered and the bad lines it holds
 reported, so that an interrupted job goes on where it stopped and reports each bad line
-once. One run writes a file at a time (a lock beside it names the holder). A file that is
+once. One run writes a file at a time (a lock beside it names the holder;
+STAR_ENGINE_NO_LOCK=1 goes without, where the file system has no locks). A file that is
 not a results file of this program is refused, a last line cut short by an interruption
 is dropped, a complete one kept. `-`, a pipe or a terminal is written as answers come,
 without reading anything first.
@@ -11,6 +12,7 @@ without reading anything first.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -23,7 +25,8 @@ from typing import IO, Any
 
 
 class AnswerFileError(ValueError):
-    """The output cannot be used (held by another run, or not a results file)."""
+    """The output cannot be used (not writable, held by another run, on a file system
+    without locks, or not a results file)."""
 
 
 def is_stream(path: Path) -> bool:
@@ -38,7 +41,8 @@ def is_stream(path: Path) -> bool:
 
 
 def check_answer_file(path: Path) -> None:
-    """Raises AnswerFileError if `path` is held by another run or is not a results file."""
+    """Raises AnswerFileError if `path` cannot be written, is held by another run or is not a
+    results file."""
     if is_stream(path):
         return
     if path.is_dir():
@@ -138,23 +142,39 @@ def _record(raw: bytes) -> dict[str, Any] | None:
 
 
 class _Lock:
-    """flock on a file beside the output, which says who holds it."""
+    """flock on a file beside the output, which says who holds it; none where
+    STAR_ENGINE_NO_LOCK=1."""
 
     def __init__(self, path: Path) -> None:
+        self.output = path
         self.path = path.with_name(f".{path.name}.lock")
         self.fd: int | None = None
 
     def take(self, shared: bool = False) -> None:
         """Held while the output is written; `shared` only looks whether another run holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.environ.get("STAR_ENGINE_NO_LOCK") == "1":
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise AnswerFileError(f"--output {self.output}: cannot write in {self.path.parent}: "
+                                  f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise AnswerFileError(f"--output {self.path.with_name(self.path.name[1:-5])} is being written by "
-                                  f"{holder}; one run writes a file at a time") from None
+        except OSError as exc:
+            try:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+                    raise AnswerFileError(f"--output {self.output} is being written by {holder}; one run writes "
+                                          "a file at a time") from None
+                # Lustre mounted without -o flock, NFS without its lock service: no locks at all.
+                raise AnswerFileError(f"--output {self.output}: the file system of {self.path.parent} does not "
+                                      f"lock files ({exc.strerror}): mount it with locks (Lustre: -o flock), write "
+                                      "the output elsewhere, or set STAR_ENGINE_NO_LOCK=1 to write it without the "
+                                      "lock if no other run writes it") from None
+            finally:
+                os.close(fd)
         self.fd = fd
         if not shared:
             os.ftruncate(fd, 0)
