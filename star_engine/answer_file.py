@@ -2,7 +2,8 @@
 
 It is the job's memory: a rerun skips the ids it holds answered and the bad lines it holds
 reported, so that an interrupted job goes on where it stopped and reports each bad line
-once. One run writes a file at a time (a lock beside it names the holder;
+once. It is read a line at a time, keeping only ids and the digests of reported lines.
+One run writes a file at a time (a lock beside it names the holder;
 STAR_ENGINE_NO_LOCK=1 goes without, where the file system has no locks). A file that is
 not a results file of this program is refused, a last line cut short by an interruption
 is dropped, a complete one kept. `-`, a pipe or a terminal is written as answers come,
@@ -21,7 +22,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 
 class AnswerFileError(ValueError):
@@ -53,7 +54,8 @@ def check_answer_file(path: Path) -> None:
     finally:
         lock.release()
     if path.exists():
-        _records(path)
+        for _ in _records(path):
+            pass
 
 
 class AnswerFile:
@@ -105,32 +107,32 @@ class AnswerFile:
             self._lock.release()
 
 
-def _records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The records of a results file; AnswerFileError if a line is not one. With repair, a
-    last line cut short (no newline, not JSON) is dropped and a complete one given its
-    newline."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    cut = lines.pop()  # after the last newline: empty, or a line without one
-    records = []
-    for number, raw in enumerate(lines, start=1):
-        record = _record(raw)
-        if record is None:
-            raise AnswerFileError(f"--output {path}: line {number} is not a result of this program; "
-                                  "give another file")
-        records.append(record)
-    if cut:
-        record = _record(cut)
-        if repair:
-            with path.open("r+b") as f:
-                if record is None:  # written in part when a job ended: it is answered again
-                    f.truncate(len(data) - len(cut))
-                else:
-                    f.seek(0, os.SEEK_END)
-                    f.write(b"\n")
-        if record is not None:
-            records.append(record)
-    return records
+def _records(path: Path, repair: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of a results file, a line at a time; AnswerFileError at a line that is not
+    one. With repair, a last line cut short (no newline, not JSON) is dropped and a complete
+    one given its newline."""
+    with path.open("rb") as f:
+        end = 0  # of the lines read
+        for number, raw in enumerate(f, start=1):
+            record = _record(raw)
+            if not raw.endswith(b"\n"):  # the last line, cut short or only without its newline
+                break
+            if record is None:
+                raise AnswerFileError(f"--output {path}: line {number} is not a result of this program; "
+                                      "give another file")
+            end += len(raw)
+            yield record
+        else:
+            return
+    if repair:
+        with path.open("r+b") as f:
+            if record is None:  # written in part when a job ended: it is answered again
+                f.truncate(end)
+            else:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+    if record is not None:
+        yield record
 
 
 def _record(raw: bytes) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from star_engine.cli import build_parser
-from tests.launcher import mpirun, run, start
+from tests.launcher import job_env, mpirun, run, start
 
 TINY = ["--model", "tiny", "--max-new-tokens", "3"]
 
@@ -295,6 +295,26 @@ def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came
                               "--output", str(alone), *TINY], ranks=2)
         assert single.returncode == 0, single.stderr
         assert read_jsonl(alone)[0]["output"] == record["output"]
+
+
+def test_rank_0_holds_one_request_at_a_time_not_the_input_file(tmp_path):
+    """Every request of a 100 MB input read, tokenized and refused (longer than --max-tokens)
+    takes rank 0 no more memory than a one-document input of the same kind does."""
+    from input_memory import peak_rss_bytes, write_requests
+
+    peaks = {}
+    for size in (1_000_000, 100_000_000):
+        requests = tmp_path / f"in{size}.jsonl"
+        ids = write_requests(requests, size, context_chars=200_000)
+        out = tmp_path / f"out{size}.jsonl"
+        code, peaks[size], stderr = peak_rss_bytes(
+            [sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--output", str(out),
+             "--max-tokens", "4096", *TINY], cwd=tmp_path, env=job_env())
+        assert code == 0, stderr
+        records = read_jsonl(out)
+        assert [r["id"] for r in records] == ids and all("the limit is 4096" in r["error"] for r in records)
+        requests.unlink()
+    assert peaks[100_000_000] - peaks[1_000_000] < 50 * 2**20, peaks
 
 
 def test_demo_prints_both_answers_side_by_side():

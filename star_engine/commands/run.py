@@ -4,7 +4,6 @@ answered; a rerun answers only the ids the output does not hold yet."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
     from ..answer_file import AnswerFile
     from ..launch import GracefulStop
     from ..plan import RequestPlan
-    from ..request_file import RequestLine
+    from ..request_file import IndexedLine
     from torch import Tensor
 
     from ..schedule import Engine, Generation
@@ -188,56 +187,49 @@ def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen:
 def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, answers: AnswerFile
                        ) -> Iterator[PreparedRequest]:
     """Rank 0: valid, tokenized requests that fit; every other line becomes an error record
-    here (once: an earlier run's record of the same line and error stands)."""
+    here (once: an earlier run's record of the same line and error stands). A request done
+    already is skipped without reading its line again."""
     from ..plan import RequestTooLarge
-    from ..request_file import printable, read_request_lines, shown
+    from ..request_file import RequestFile, printable, shown
 
-    lines = read_request_lines(args.input, args.max_new_tokens)
-    seen: set[str] = set()
-    last_context_ids: list[int] | None = None  # of the request sent last
-    for number, line in enumerate(_by_context(lines), start=1):
-        error = line.error
-        if error is None:
-            key = json.dumps(line.id)
-            error = f"duplicate id {line.shown_id}" if key in seen else None
-            seen.add(key)
-            if error is None and key in answers.answered:
-                answers.skipped += 1
+    with RequestFile(args.input, args.max_new_tokens) as requests:
+        total = len(requests.lines)
+        seen: set[str] = set()
+        last_context_ids: list[int] | None = None  # of the request sent last
+        for number, indexed in enumerate(_by_context(requests.lines), start=1):
+            error = None
+            if indexed.id is not None:  # a valid request: done already, or a duplicate, without reading it
+                key = json.dumps(indexed.id)
+                error = f"duplicate id {shown(indexed.id)}" if key in seen else None
+                seen.add(key)
+                if error is None and key in answers.answered:
+                    answers.skipped += 1
+                    continue
+            line = requests.read(indexed)
+            error = error or line.error
+            if error is None:
+                request = line.request
+                try:
+                    context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
+                except Exception as exc:  # noqa: BLE001 - whatever a tokenizer rejects is this line's error
+                    error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
+            if error is None:
+                try:
+                    plan = engine.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
+                except RequestTooLarge as exc:
+                    error = f"{exc} (--max-tokens)"
+            if error is not None:
+                if answers.write_error(line.number, line.digest, line.id, error):
+                    session.say(f"[{number}/{total}] line {line.number}: {printable(error)}")
                 continue
-        if error is None:
-            request = line.request
-            try:
-                context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
-            except Exception as exc:  # noqa: BLE001 - whatever a tokenizer rejects is this line's error
-                error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
-        if error is None:
-            try:
-                plan = engine.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
-            except RequestTooLarge as exc:
-                error = f"{exc} (--max-tokens)"
-        if error is not None:
-            if answers.write_error(line.number, line.digest, line.id, error):
-                session.say(f"[{number}/{len(lines)}] line {line.number}: {printable(error)}")
-            continue
-        same_context = context_ids == last_context_ids
-        last_context_ids = context_ids
-        yield PreparedRequest(number, len(lines), shown(line.id), line.id, None if same_context else context_ids,
-                              query_ids, plan)
+            same_context = context_ids == last_context_ids
+            last_context_ids = context_ids
+            yield PreparedRequest(number, total, line.shown_id, line.id, None if same_context else context_ids,
+                                  query_ids, plan)
 
 
-def _by_context(lines: list[RequestLine]) -> list[RequestLine]:
+def _by_context(lines: list[IndexedLine]) -> list[IndexedLine]:
     """The lines with the requests of one context (the same `context_id`, else the same
     text) together, in the order each context first appears: the engine then encodes a
     context once for all its questions."""
-    first: dict[str, int] = {}
-    keys = []
-    for index, line in enumerate(lines):
-        request = line.request
-        if request is None:
-            key = f"line {index}"
-        elif isinstance(request.get("context_id"), (str, int)):
-            key = "id " + json.dumps(request["context_id"])
-        else:
-            key = "text " + hashlib.sha256(request["context"].encode()).hexdigest()
-        keys.append(first.setdefault(key, index))
-    return [line for _, _, line in sorted(zip(keys, range(len(lines)), lines))]
+    return sorted(lines, key=lambda line: (line.context, line.number))
