@@ -2,12 +2,14 @@
 
 It is the job's memory: a rerun skips the ids it holds answered and the bad lines it holds
 reported, so that an interrupted job goes on where it stopped and reports each bad line
-once. It is read a line at a time, keeping only ids and the digests of reported lines.
-One run writes a file at a time (a lock beside it names the holder;
-STAR_ENGINE_NO_LOCK=1 goes without, where the file system has no locks). A file that is
-not a results file of this program is refused, a last line cut short by an interruption
-is dropped, a complete one kept. `-`, a pipe or a terminal is written as answers come,
-without reading anything first.
+once. It is read a line at a time, keeping only ids and the digests of reported lines. A
+stop that leaves requests unfinished notes their ids beside it; a request left unfinished
+at the next stop too gets an error record, so that a request that cannot finish before the
+time limit is not tried forever. One run writes a file at a time (a lock beside it names
+the holder; STAR_ENGINE_NO_LOCK=1 goes without, where the file system has no locks). A
+file that is not a results file of this program is refused, a last line cut short by an
+interruption is dropped, a complete one kept. `-`, a pipe or a terminal is written as
+answers come, without reading anything first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import sys
 import threading
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+# The error record of a request that a stop left unfinished twice in a row.
+NOT_FINISHED = "not finished in two runs of the job: raise the time limit"
 
 
 class AnswerFileError(ValueError):
@@ -59,34 +64,46 @@ def check_answer_file(path: Path) -> None:
 
 
 class AnswerFile:
-    """Rank 0's view of the output: what is done, and appending (a record is written whole
-    while holding `writing`, which a stop that abandons the job takes before it ends the
-    process)."""
+    """Rank 0's view of the output: what is done, what is in hand, and appending (a record
+    is written whole while holding `writing`, which a stop that abandons the job takes
+    before it ends the process)."""
 
-    def __init__(self, path: Path, writing: threading.Lock) -> None:
+    def __init__(self, path: Path, writing: threading.RLock) -> None:
         self.path, self.writing = path, writing
         self.answered: set[str] = set()  # ids (as JSON) answered
         self.reported: set[tuple[str, str]] = set()  # (line digest, error) written
+        self._in_hand: dict[str, tuple[int, str, Any]] = {}  # by id (as JSON): (line, digest, id)
+        self._unfinished_before: set[str] = set()  # ids (as JSON) the last stop left unfinished
         self.skipped = self.errors = self.already_reported = 0
         self._lock: _Lock | None = None
+        self._unfinished: Path | None = None
         if is_stream(path):
             self.file: IO[str] = sys.stdout if str(path) == "-" else path.open("a")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _Lock(path)
         self._lock.take()
+        self._unfinished = path.with_name(f".{path.name}.unfinished")
         if path.exists():
             for record in _records(path, repair=True):
                 if record.get("error") is None:
                     self.answered.add(json.dumps(record["id"]))
                 elif "input_sha256" in record:
                     self.reported.add((record["input_sha256"], record["error"]))
+            if self._unfinished.exists():
+                noted = json.loads(self._unfinished.read_text())["ids"]
+                self._unfinished_before = {json.dumps(rid) for rid in noted}
         self.file = path.open("a")
 
-    def write(self, record: dict[str, Any]) -> None:
+    def hand_out(self, line_number: int, digest: str, rid: Any) -> None:
+        """The request of this line is being answered."""
         with self.writing:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            self._in_hand[json.dumps(rid)] = (line_number, digest, rid)
+
+    def write_answer(self, record: dict[str, Any]) -> None:
+        with self.writing:
+            self._append(record)
+            del self._in_hand[json.dumps(record["id"])]
 
     def write_error(self, line_number: int, digest: str, rid: Any, error: str) -> bool:
         """Writes a bad line's error record, unless an earlier run wrote the same; True if
@@ -96,15 +113,45 @@ class AnswerFile:
             return False
         self.reported.add((digest, error))
         self.errors += 1
-        self.write({"id": rid, "output": None, "output_tokens": 0, "context_tokens": None, "metrics": None,
-                    "error": error, "line": line_number, "input_sha256": digest})
+        self._append({"id": rid, "output": None, "output_tokens": 0, "context_tokens": None, "metrics": None,
+                      "error": error, "line": line_number, "input_sha256": digest})
         return True
+
+    def given_up(self, digest: str) -> bool:
+        """Whether the request of the line with this digest was left unfinished at two stops
+        in a row (and has its error record)."""
+        return (digest, NOT_FINISHED) in self.reported
+
+    def note_stop(self) -> list[tuple[int, Any]]:
+        """Where the job ends, stopped or done: the requests in hand are left unfinished.
+        Those the last stop left unfinished too get their error record; the others are
+        noted beside the output for the next run. The (line, id) of those given up."""
+        given_up, left = [], []
+        with self.writing:
+            for key, (line, digest, rid) in self._in_hand.items():
+                if key not in self._unfinished_before:
+                    left.append(rid)
+                elif self.write_error(line, digest, rid, NOT_FINISHED):
+                    given_up.append((line, rid))
+            if self._unfinished is not None:
+                if left:
+                    from .results import save
+
+                    save(self._unfinished, {"ids": left})
+                else:
+                    self._unfinished.unlink(missing_ok=True)
+        return given_up
 
     def close(self) -> None:
         if self.file is not sys.stdout:
             self.file.close()
         if self._lock is not None:
             self._lock.release()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.writing:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
 
 def _records(path: Path, repair: bool = False) -> Iterator[dict[str, Any]]:

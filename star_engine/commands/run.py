@@ -63,6 +63,8 @@ class PreparedRequest:
     """A valid request that fits, tokenized by rank 0 and handed to every rank."""
     number: int  # its place among the file's requests, from 1
     total: int  # requests in the file
+    line: int  # its line in the file
+    digest: str  # of its line
     shown_id: str  # its id as progress lines print it
     rid: Any  # its id, as the file gives it
     context_ids: list[int] | None  # None: the same as the request before's
@@ -90,21 +92,25 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     batch = f", {args.batch} at once" if args.batch > 1 else ""
     session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request{batch}")
     answers = AnswerFile(args.output, stop.writing) if dist.rank == 0 else None
+    if answers is not None:
+        stop.before_abandoning(lambda: _note_stop(answers, session))
     try:
         work = _prepared_requests(args, session, engine, answers) if dist.rank == 0 else None
-        handed = _HandOut(work, session, stop)
+        handed = _HandOut(work, session, stop, answers)
         answered = 0
         for request, gen in _answered(engine, iter(handed), args.batch):
             answered += 1
             if answers is not None:
                 _write_answer(answers, session, request, gen)
+        if answers is not None:
+            _note_stop(answers, session)
         if handed.stopped:
             session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
                         f"answered; the same command answers the rest -> {args.output}")
             return stop.EXIT_CODE
         if answers is not None:
             session.say(f"star_engine: {answered} answered, {answers.errors} failed, {answers.skipped} already done"
-                        + (f", {answers.already_reported} bad lines reported before" if answers.already_reported
+                        + (f", {answers.already_reported} errors reported before" if answers.already_reported
                            else "") + f" -> {args.output}")
         return 0
     finally:
@@ -122,10 +128,12 @@ class _Request:
 
 class _HandOut:
     """Every rank: the requests rank 0 prepares, one at a time as the engine takes them,
-    until there are none or a rank was asked to stop (then `stopped`)."""
+    until there are none or a rank was asked to stop (then `stopped`). Rank 0 notes each
+    in `answers` as in hand."""
 
-    def __init__(self, work: Iterator[PreparedRequest] | None, session: Session, stop: GracefulStop) -> None:
-        self.work, self.session, self.stop = work, session, stop
+    def __init__(self, work: Iterator[PreparedRequest] | None, session: Session, stop: GracefulStop,
+                 answers: AnswerFile | None) -> None:
+        self.work, self.session, self.stop, self.answers = work, session, stop, answers
         self.stopped = False
 
     def __iter__(self) -> Iterator[_Request]:
@@ -141,6 +149,8 @@ class _HandOut:
             request = dist.bcast(request, root=0)
             if request is None:
                 return
+            if self.answers is not None:
+                self.answers.hand_out(request.line, request.digest, request.rid)
             if request.context_ids is not None:
                 context = torch.as_tensor(request.context_ids)
             self.session.say(f"[{request.number}/{request.total}] {request.shown_id}: {len(context)} context + "
@@ -169,7 +179,7 @@ def _answered(engine: Engine, requests: Iterator[_Request], batch: int) -> Itera
 
 def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen: Generation) -> None:
     prepared, m = request.prepared, gen.metrics
-    answers.write({
+    answers.write_answer({
         "id": prepared.rid,
         "output": session.tokenizer.decode(gen.tokens),
         "output_tokens": len(gen.tokens),
@@ -182,6 +192,15 @@ def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen:
     phase1 = "context encoded before" if m.context_reused else f"phase 1 {m.phase1_s:.2f} s"
     session.say(f"[{prepared.number}/{prepared.total}] {prepared.shown_id}: {len(gen.tokens)} tokens | {phase1}, "
                 f"first token {m.ttft_s:.2f} s, per token {tpot}")
+
+
+def _note_stop(answers: AnswerFile, session: Session) -> None:
+    """Where the job ends, stopped (the requests in hand abandoned, if any) or done."""
+    from ..answer_file import NOT_FINISHED
+    from ..request_file import shown
+
+    for line, rid in answers.note_stop():
+        session.say(f"line {line} ({shown(rid)}): {NOT_FINISHED}")
 
 
 def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, answers: AnswerFile
@@ -205,6 +224,9 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engin
                 if error is None and key in answers.answered:
                     answers.skipped += 1
                     continue
+                if error is None and answers.given_up(indexed.digest):
+                    answers.already_reported += 1
+                    continue
             line = requests.read(indexed)
             error = error or line.error
             if error is None:
@@ -224,8 +246,8 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engin
                 continue
             same_context = context_ids == last_context_ids
             last_context_ids = context_ids
-            yield PreparedRequest(number, total, line.shown_id, line.id, None if same_context else context_ids,
-                                  query_ids, plan)
+            yield PreparedRequest(number, total, line.number, line.digest, line.shown_id, line.id,
+                                  None if same_context else context_ids, query_ids, plan)
 
 
 def _by_context(lines: list[IndexedLine]) -> list[IndexedLine]:
