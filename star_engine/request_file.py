@@ -1,7 +1,11 @@
 """The requests of `run`: a JSONL file, one request a line, `{"id", "context", "query",
-"max_new_tokens"?}`. Every line becomes a request or the reason it cannot be one, whatever
-it holds: bytes that are not UTF-8, JSON that is not valid or nested too deep, numbers too
-long to read, text that is not text (lone surrogates)."""
+"max_new_tokens"?, "context_id"?}`. Every line becomes a request or the reason it cannot be
+one, whatever it holds: bytes that are not UTF-8, JSON that is not valid or nested too deep,
+numbers too long to read, text that is not text (lone surrogates).
+
+The file is never held whole: one pass indexes it, a line at a time, keeping of each line
+where it starts, its digest, its id and which context it asks about; a request is read
+again when it is wanted. Memory grows with the number of lines, not with their text."""
 
 from __future__ import annotations
 
@@ -38,13 +42,60 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def read_request_lines(path: Path, default_max_new_tokens: int) -> list[RequestLine]:
-    """Every non-blank line of the file, parsed."""
-    lines = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if raw.strip():
-            lines.append(parse_request_line(number, raw, default_max_new_tokens))
-    return lines
+@dataclass(frozen=True, slots=True)
+class IndexedLine:
+    """What the index keeps of a non-blank line: enough to order, skip and report it
+    without its text."""
+    number: int  # in the file, from 1
+    offset: int  # of its first byte
+    digest: str  # of its bytes, as RequestLine's
+    id: Any  # the request's id if the line is a valid request, else None
+    context: int  # the number of the first line asking about the same context (its own if not valid)
+
+
+class RequestFile:
+    """A file of requests, indexed in one pass (`lines`); each line read again by `read`."""
+
+    def __init__(self, path: Path, default_max_new_tokens: int) -> None:
+        self.path, self.default_max_new_tokens = path, default_max_new_tokens
+        self.file = path.open("rb")
+        self.lines: list[IndexedLine] = []
+        first_of_context: dict[bytes, int] = {}
+        offset = 0
+        for number, raw in enumerate(self.file, start=1):
+            start, offset = offset, offset + len(raw)
+            raw = raw.removesuffix(b"\n")
+            if not raw.strip():
+                continue
+            line = parse_request_line(number, raw, default_max_new_tokens)
+            if line.request is None:
+                self.lines.append(IndexedLine(number, start, line.digest, None, number))
+            else:
+                context = first_of_context.setdefault(_context_key(line.request), number)
+                self.lines.append(IndexedLine(number, start, line.digest, line.id, context))
+
+    def read(self, line: IndexedLine) -> RequestLine:
+        """The line, parsed; ValueError if it is not the line indexed."""
+        self.file.seek(line.offset)
+        raw = self.file.readline().removesuffix(b"\n")
+        read = parse_request_line(line.number, raw, self.default_max_new_tokens)
+        if read.digest != line.digest:
+            raise ValueError(f"--input {self.path}: line {line.number} changed while the job ran")
+        return read
+
+    def __enter__(self) -> "RequestFile":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.file.close()
+
+
+def _context_key(request: dict[str, Any]) -> bytes:
+    """What names a request's context, the same for the requests about it: its `context_id`,
+    else its text (as a digest, so that the text need not be kept)."""
+    if isinstance(request.get("context_id"), (str, int)):
+        return hashlib.sha256(b"id " + json.dumps(request["context_id"]).encode()).digest()
+    return hashlib.sha256(b"text " + request["context"].encode()).digest()
 
 
 def parse_request_line(number: int, raw: bytes, default_max_new_tokens: int) -> RequestLine:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from star_engine.cli import build_parser
-from tests.launcher import mpirun, run, start
+from tests.launcher import job_env, mpirun, run, start
 
 TINY = ["--model", "tiny", "--max-new-tokens", "3"]
 
@@ -118,7 +118,7 @@ def test_no_input_line_ends_the_job_and_a_rerun_reports_each_bad_line_once(tmp_p
     again = star_engine(["run", "--input", str(requests), "--output", str(out), *TINY])
     assert again.returncode == 0, again.stderr
     assert read_jsonl(out) == records  # nothing repeated, nothing dropped
-    assert "0 answered, 0 failed, 3 already done, 5 bad lines reported before" in again.stderr
+    assert "0 answered, 0 failed, 3 already done, 5 errors reported before" in again.stderr
 
 
 def test_a_complete_last_record_is_kept_and_a_cut_one_answered_again(tmp_path):
@@ -315,6 +315,45 @@ def test_a_stop_signal_ends_the_job_with_nothing_lost_and_a_rerun_answers_the_re
     assert sorted(r["id"] for r in read_jsonl(out)) == ids  # each exactly once
 
 
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_a_request_unfinished_at_two_stops_in_a_row_gets_an_error_record_and_the_job_goes_on(tmp_path, batch):
+    """A stop that abandons the requests in hand (they outlast STAR_ENGINE_STOP_GRACE) keeps
+    their ids; the next run that stops with them in hand again writes their error records
+    instead of trying them a third time, and the run after answers the rest."""
+    slow = [f"slow{i}" for i in range(int(batch))]  # thousands of tokens each: they never finish in time
+    requests = write_jsonl(tmp_path / "in.jsonl", [good(rid, 1500 + 100 * i, max_new_tokens=14000)
+                                                   for i, rid in enumerate(slow)] + [good("quick1"), good("quick2")])
+    out = tmp_path / "out.jsonl"
+    args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--batch", batch]
+
+    def stopped_with_the_slow_ones_in_hand() -> str:
+        job = start([*mpirun(2), sys.executable, "-m", "star_engine", *args], env={"STAR_ENGINE_STOP_GRACE": "0.5"})
+        in_hand = set()
+        while in_hand != set(slow):  # a progress line names each request as it is handed out
+            line = job.stderr.readline()
+            assert line, job.communicate()
+            in_hand |= {rid for rid in slow if f'"{rid}": ' in line and " context + " in line}
+        job.send_signal(signal.SIGUSR1)
+        _, stderr = job.communicate(timeout=120)
+        assert job.returncode == 143, stderr
+        assert "abandoned, a rerun does it" in stderr
+        return stderr
+
+    stopped_with_the_slow_ones_in_hand()
+    assert read_jsonl(out) == []  # tried once: nothing said yet
+    second = stopped_with_the_slow_ones_in_hand()
+    unfinished = "not finished in two runs of the job: raise the time limit"
+    assert [(r["id"], r["error"], r["line"]) for r in read_jsonl(out)] == [
+        (rid, unfinished, i + 1) for i, rid in enumerate(slow)]
+    assert second.count(unfinished) == len(slow)
+
+    rest = star_engine(args, ranks=2)
+    assert rest.returncode == 0, rest.stderr
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [*slow, "quick1", "quick2"]  # the slow ones not tried again
+    assert all(r["error"] is None for r in records[len(slow):])
+
+
 def test_star_ring_and_dense_under_mpirun(tmp_path):
     requests = write_jsonl(tmp_path / "in.jsonl", [good("a", 300), good("b", 200)])
     outputs = {}
@@ -370,6 +409,26 @@ def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came
                               "--output", str(alone), *TINY], ranks=2)
         assert single.returncode == 0, single.stderr
         assert read_jsonl(alone)[0]["output"] == record["output"]
+
+
+def test_rank_0_holds_one_request_at_a_time_not_the_input_file(tmp_path):
+    """Every request of a 100 MB input read, tokenized and refused (longer than --max-tokens)
+    takes rank 0 no more memory than a one-document input of the same kind does."""
+    from input_memory import peak_rss_bytes, write_requests
+
+    peaks = {}
+    for size in (1_000_000, 100_000_000):
+        requests = tmp_path / f"in{size}.jsonl"
+        ids = write_requests(requests, size, context_chars=200_000)
+        out = tmp_path / f"out{size}.jsonl"
+        code, peaks[size], stderr = peak_rss_bytes(
+            [sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--output", str(out),
+             "--max-tokens", "4096", *TINY], cwd=tmp_path, env=job_env())
+        assert code == 0, stderr
+        records = read_jsonl(out)
+        assert [r["id"] for r in records] == ids and all("the limit is 4096" in r["error"] for r in records)
+        requests.unlink()
+    assert peaks[100_000_000] - peaks[1_000_000] < 50 * 2**20, peaks
 
 
 def test_demo_prints_both_answers_side_by_side():

@@ -241,6 +241,36 @@ def test_the_mpirun_job_script_passes_the_notice_on_to_the_ranks_and_goes_on(tmp
     assert "SIGUSR1 on a rank: stopped after" in _log(tmp_path)
 
 
+def test_a_request_that_never_finishes_before_the_notice_is_given_up_and_requeueing_ends(tmp_path, slurm):
+    """A request left unfinished at two stops in a row gets its error record; the job script
+    requeues itself at most MAX_REQUEUES times and then says so; submitted again, it answers
+    the rest without trying the request a third time."""
+    write_jsonl(tmp_path / "requests.jsonl", [good("slow", 1500, max_new_tokens=14000), good("quick1"),
+                                              good("quick2")])
+    env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl", "MAX_REQUEUES": "1",
+           "STAR_ENGINE_STOP_GRACE": "1"}
+    job = run(["sbatch", "--parsable", str(SCRIPTS / "run.sbatch")], timeout=30, cwd=tmp_path, env=env)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip()
+    for runs in (1, 2):  # stopped each time "slow" is in hand, as by a notice before the time limit
+        _wait_for(lambda: _log(tmp_path).count('"slow": 1530 context + ') == runs, f"run {runs} to take up slow")
+        assert run(["scancel", "--signal=TERM", job_id], timeout=30, env=slurm).returncode == 0
+        if runs == 1:
+            _wait_for(lambda: _job(job_id, slurm).get("Restarts") == "1", f"job {job_id} to be requeued")
+    state = _wait_for(lambda: _finished(_job(job_id, slurm)), f"job {job_id} to end")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0" and state["Restarts"] == "1", state
+    log = _log(tmp_path)
+    assert "not requeued: SLURM_RESTART_COUNT=1 reached MAX_REQUEUES=1" in log
+    assert [(r["id"], r["error"]) for r in read_jsonl(tmp_path / "out.jsonl")] == [
+        ("slow", "not finished in two runs of the job: raise the time limit")]
+
+    again = run(["sbatch", "--wait", str(SCRIPTS / "run.sbatch")], timeout=300, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr + _log(tmp_path)
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in records] == ["slow", "quick1", "quick2"]
+    assert records[1]["error"] is None and records[2]["error"] is None
+
+
 def _job(job_id: str, slurm: dict[str, str]) -> dict[str, str]:
     line = run(["scontrol", "show", "job", "-o", job_id], timeout=30, env=slurm).stdout
     return dict(field.split("=", 1) for field in line.split() if "=" in field)

@@ -4,7 +4,6 @@ answered; a rerun answers only the ids the output does not hold yet."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
     from ..answer_file import AnswerFile
     from ..launch import GracefulStop
     from ..plan import RequestPlan
-    from ..request_file import RequestLine
+    from ..request_file import IndexedLine
     from torch import Tensor
 
     from ..schedule import Engine, Generation
@@ -64,6 +63,8 @@ class PreparedRequest:
     """A valid request that fits, tokenized by rank 0 and handed to every rank."""
     number: int  # its place among the file's requests, from 1
     total: int  # requests in the file
+    line: int  # its line in the file
+    digest: str  # of its line
     shown_id: str  # its id as progress lines print it
     rid: Any  # its id, as the file gives it
     context_ids: list[int] | None  # None: the same as the request before's
@@ -91,21 +92,25 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     batch = f", {args.batch} at once" if args.batch > 1 else ""
     session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request{batch}")
     answers = AnswerFile(args.output, stop.writing) if dist.rank == 0 else None
+    if answers is not None:
+        stop.before_abandoning(lambda: _note_stop(answers, session))
     try:
         work = _prepared_requests(args, session, engine, answers) if dist.rank == 0 else None
-        handed = _HandOut(work, session, stop)
+        handed = _HandOut(work, session, stop, answers)
         answered = 0
         for request, gen in _answered(engine, iter(handed), args.batch):
             answered += 1
             if answers is not None:
                 _write_answer(answers, session, request, gen)
+        if answers is not None:
+            _note_stop(answers, session)
         if handed.stopped:
             session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
                         f"answered; the same command answers the rest -> {args.output}")
             return stop.EXIT_CODE
         if answers is not None:
             session.say(f"star_engine: {answered} answered, {answers.errors} failed, {answers.skipped} already done"
-                        + (f", {answers.already_reported} bad lines reported before" if answers.already_reported
+                        + (f", {answers.already_reported} errors reported before" if answers.already_reported
                            else "") + f" -> {args.output}")
         return 0
     finally:
@@ -123,10 +128,12 @@ class _Request:
 
 class _HandOut:
     """Every rank: the requests rank 0 prepares, one at a time as the engine takes them,
-    until there are none or a rank was asked to stop (then `stopped`)."""
+    until there are none or a rank was asked to stop (then `stopped`). Rank 0 notes each
+    in `answers` as in hand."""
 
-    def __init__(self, work: Iterator[PreparedRequest] | None, session: Session, stop: GracefulStop) -> None:
-        self.work, self.session, self.stop = work, session, stop
+    def __init__(self, work: Iterator[PreparedRequest] | None, session: Session, stop: GracefulStop,
+                 answers: AnswerFile | None) -> None:
+        self.work, self.session, self.stop, self.answers = work, session, stop, answers
         self.stopped = False
 
     def __iter__(self) -> Iterator[_Request]:
@@ -142,6 +149,8 @@ class _HandOut:
             request = dist.bcast(request, root=0)
             if request is None:
                 return
+            if self.answers is not None:
+                self.answers.hand_out(request.line, request.digest, request.rid)
             if request.context_ids is not None:
                 context = torch.as_tensor(request.context_ids)
             self.session.say(f"[{request.number}/{request.total}] {request.shown_id}: {len(context)} context + "
@@ -170,7 +179,7 @@ def _answered(engine: Engine, requests: Iterator[_Request], batch: int) -> Itera
 
 def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen: Generation) -> None:
     prepared, m = request.prepared, gen.metrics
-    answers.write({
+    answers.write_answer({
         "id": prepared.rid,
         "output": session.tokenizer.decode(gen.tokens),
         "output_tokens": len(gen.tokens),
@@ -185,59 +194,64 @@ def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen:
                 f"first token {m.ttft_s:.2f} s, per token {tpot}")
 
 
+def _note_stop(answers: AnswerFile, session: Session) -> None:
+    """Where the job ends, stopped (the requests in hand abandoned, if any) or done."""
+    from ..answer_file import NOT_FINISHED
+    from ..request_file import shown
+
+    for line, rid in answers.note_stop():
+        session.say(f"line {line} ({shown(rid)}): {NOT_FINISHED}")
+
+
 def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, answers: AnswerFile
                        ) -> Iterator[PreparedRequest]:
     """Rank 0: valid, tokenized requests that fit; every other line becomes an error record
-    here (once: an earlier run's record of the same line and error stands)."""
+    here (once: an earlier run's record of the same line and error stands). A request done
+    already is skipped without reading its line again."""
     from ..plan import RequestTooLarge
-    from ..request_file import printable, read_request_lines, shown
+    from ..request_file import RequestFile, printable, shown
 
-    lines = read_request_lines(args.input, args.max_new_tokens)
-    seen: set[str] = set()
-    last_context_ids: list[int] | None = None  # of the request sent last
-    for number, line in enumerate(_by_context(lines), start=1):
-        error = line.error
-        if error is None:
-            key = json.dumps(line.id)
-            error = f"duplicate id {line.shown_id}" if key in seen else None
-            seen.add(key)
-            if error is None and key in answers.answered:
-                answers.skipped += 1
+    with RequestFile(args.input, args.max_new_tokens) as requests:
+        total = len(requests.lines)
+        seen: set[str] = set()
+        last_context_ids: list[int] | None = None  # of the request sent last
+        for number, indexed in enumerate(_by_context(requests.lines), start=1):
+            error = None
+            if indexed.id is not None:  # a valid request: done already, or a duplicate, without reading it
+                key = json.dumps(indexed.id)
+                error = f"duplicate id {shown(indexed.id)}" if key in seen else None
+                seen.add(key)
+                if error is None and key in answers.answered:
+                    answers.skipped += 1
+                    continue
+                if error is None and answers.given_up(indexed.digest):
+                    answers.already_reported += 1
+                    continue
+            line = requests.read(indexed)
+            error = error or line.error
+            if error is None:
+                request = line.request
+                try:
+                    context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
+                except Exception as exc:  # noqa: BLE001 - whatever a tokenizer rejects is this line's error
+                    error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
+            if error is None:
+                try:
+                    plan = engine.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
+                except RequestTooLarge as exc:
+                    error = f"{exc} (--max-tokens)"
+            if error is not None:
+                if answers.write_error(line.number, line.digest, line.id, error):
+                    session.say(f"[{number}/{total}] line {line.number}: {printable(error)}")
                 continue
-        if error is None:
-            request = line.request
-            try:
-                context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
-            except Exception as exc:  # noqa: BLE001 - whatever a tokenizer rejects is this line's error
-                error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
-        if error is None:
-            try:
-                plan = engine.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
-            except RequestTooLarge as exc:
-                error = f"{exc} (--max-tokens)"
-        if error is not None:
-            if answers.write_error(line.number, line.digest, line.id, error):
-                session.say(f"[{number}/{len(lines)}] line {line.number}: {printable(error)}")
-            continue
-        same_context = context_ids == last_context_ids
-        last_context_ids = context_ids
-        yield PreparedRequest(number, len(lines), shown(line.id), line.id, None if same_context else context_ids,
-                              query_ids, plan)
+            same_context = context_ids == last_context_ids
+            last_context_ids = context_ids
+            yield PreparedRequest(number, total, line.number, line.digest, line.shown_id, line.id,
+                                  None if same_context else context_ids, query_ids, plan)
 
 
-def _by_context(lines: list[RequestLine]) -> list[RequestLine]:
+def _by_context(lines: list[IndexedLine]) -> list[IndexedLine]:
     """The lines with the requests of one context (the same `context_id`, else the same
     text) together, in the order each context first appears: the engine then encodes a
     context once for all its questions."""
-    first: dict[str, int] = {}
-    keys = []
-    for index, line in enumerate(lines):
-        request = line.request
-        if request is None:
-            key = f"line {index}"
-        elif isinstance(request.get("context_id"), (str, int)):
-            key = "id " + json.dumps(request["context_id"])
-        else:
-            key = "text " + hashlib.sha256(request["context"].encode()).hexdigest()
-        keys.append(first.setdefault(key, index))
-    return [line for _, _, line in sorted(zip(keys, range(len(lines)), lines))]
+    return sorted(lines, key=lambda line: (line.context, line.number))
