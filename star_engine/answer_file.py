@@ -26,6 +26,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from .environment import job_setting
+
 # The error record of a request that a stop left unfinished twice in a row.
 NOT_FINISHED = "not finished in two runs of the job: raise the time limit"
 
@@ -201,7 +203,7 @@ class _Lock:
 
     def take(self, shared: bool = False) -> None:
         """Held while the output is written; `shared` only looks whether another run holds it."""
-        if os.environ.get("STAR_ENGINE_NO_LOCK") == "1":
+        if job_setting("STAR_ENGINE_NO_LOCK") == "1":
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             leave_together()
         return code
     command = COMMANDS[args.command]
-    problem = job_problem(_problem(command, args))
+    problem = job_problem(lambda: _problem(command, args))
     if problem is not None:
         if speaks:
             print(f"star_engine: {problem}", file=sys.stderr, flush=True)

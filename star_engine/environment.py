@@ -26,6 +26,7 @@ JOB_VARIABLES = (
     "STAR_ENGINE_PEER_GATHER",
     "STAR_ENGINE_SHARE_GPUS",
     "STAR_ENGINE_CALIBRATION",
+    "STAR_ENGINE_NO_LOCK",  # every rank checks the output before the job starts
 )
 
 _agreed: dict[str, str | None] | None = None  # rank 0's values, once agreed
@@ -41,8 +42,11 @@ def job_setting(name: str) -> str | None:
 
 def agree(dist: Dist) -> None:
     """Makes rank 0's values of JOB_VARIABLES every rank's (every rank calls it), and has
-    rank 0 say once, per variable, which ranks saw another value."""
+    rank 0 say once, per variable, which ranks saw another value. A rank alone has no one
+    to disagree with: it goes on reading its own environment."""
     global _agreed
+    if dist.world == 1:
+        return
     own = {name: os.environ.get(name) for name in JOB_VARIABLES}
     decided = dist.bcast(own if dist.rank == 0 else None, root=0)
     differing = dist.allgather([name for name in JOB_VARIABLES if own[name] != decided[name]])

@@ -241,9 +241,6 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
         if timeout_s is not None:
             _job_dist.timeout_s = timeout_s
         return _job_dist
-    explicit_timeout = timeout_s is not None
-    if timeout_s is None:
-        timeout_s = seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)
     env = dict(os.environ)  # as the launcher left it: MPI_Init adds variables of its own
     # A process started alone: Open MPI 4 would look for its helper daemon on the PATH.
     os.environ.setdefault("OMPI_MCA_ess_singleton_isolated", "1")
@@ -264,11 +261,15 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     if error is not None:
         raise JobError(error)
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    _job_dist = Dist(world, node.Get_rank(), node.Get_size(), node.bcast(world.Get_rank(), root=0), timeout_s)
+    _job_dist = Dist(world, node.Get_rank(), node.Get_size(), node.bcast(world.Get_rank(), root=0),
+                     timeout_s or DEFAULT_MPI_TIMEOUT_S)
     node.Free()
     agree(_job_dist)
-    if not explicit_timeout:
+    if timeout_s is None:
         _job_dist.timeout_s = seconds_from_env("STAR_ENGINE_MPI_TIMEOUT", DEFAULT_MPI_TIMEOUT_S)  # rank 0's
+    # The others' are read later, maybe on GPUs only: a bad value is refused now, on any machine.
+    seconds_from_env("STAR_ENGINE_NCCL_TIMEOUT", DEFAULT_NCCL_TIMEOUT_S)
+    seconds_from_env("STAR_ENGINE_STOP_GRACE", DEFAULT_STOP_GRACE_S)
     return _job_dist
 
 
@@ -425,15 +426,15 @@ class GracefulStop:
 
 # --- Ending a job ------------------------------------------------------------------------
 
-def job_problem(mine: str | None) -> str | None:
-    """What is wrong with the job before any work starts, the same on every rank: every
-    rank's own finding (`mine`), gathered, or a launch that MPI would split; None if
-    nothing is."""
+def job_problem(find: Callable[[], str | None]) -> str | None:
+    """What is wrong with the job before any work starts, the same on every rank: what each
+    rank finds (find(), run once the ranks have agreed on the job's environment), gathered,
+    or a launch that MPI would split; None if nothing is."""
     try:
         dist = init_distributed()
     except JobError as exc:
-        return mine or str(exc)  # each process is alone: only what it finds itself is known
-    found = dist.allgather(mine)
+        return find() or str(exc)  # each process is alone: only what it finds itself is known
+    found = dist.allgather(find())
     problems: dict[str, list[int]] = {}
     for rank, problem in enumerate(found):
         if problem is not None:
@@ -450,9 +451,9 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def leave_together() -> None:
-    """Ends a job that has not started, on every rank, once rank 0 has said why: the ranks
-    wait for one another (a launcher that ends the job when one rank leaves, as mpirun does,
-    would otherwise end rank 0 before its message is out)."""
+    """Called on every rank before all leave for a reason rank 0 has said: the ranks wait for
+    one another (a launcher that ends the job when one rank leaves, as mpirun does, would
+    otherwise end rank 0 before its message is out)."""
     try:
         init_distributed().sync()
     except (JobError, PeerTimeout):
@@ -471,9 +472,10 @@ def run_guarded(main: Callable[[], int]) -> int:
     except SystemExit:
         raise
     except JobError as exc:
-        # Every process finds the same problem: one of them says it; none is joined to another.
+        # Every process finds the same problem: one of them says it.
         if env_rank() == 0:
             sys.stderr.write(f"star_engine: {exc}\n")
+        leave_together()
         return 2
     except PeerTimeout as exc:
         if exc.speaker:

@@ -84,14 +84,19 @@ class Session:
         job with one message, rank 0's, naming the ranks where they differ."""
         from .launch import JobError, job_problem
 
-        try:
-            result, error = load(), None
-        except ValueError as exc:
-            result, error = None, str(exc)
-        problem = job_problem(error)
+        loaded = []
+
+        def find() -> str | None:
+            try:
+                loaded.append(load())
+            except ValueError as exc:
+                return str(exc)
+            return None
+
+        problem = job_problem(find)
         if problem is not None:
             raise JobError(problem)
-        return result
+        return loaded[0]
 
     def _same_model_everywhere(self, config: ModelConfig) -> ModelConfig:
         """`config`, where every rank read the same shape under --model; else a JobError."""

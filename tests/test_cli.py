@@ -215,6 +215,19 @@ def test_an_error_found_before_the_work_reaches_the_user_once_under_mpirun(tmp_p
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("variable", ["STAR_ENGINE_MPI_TIMEOUT", "STAR_ENGINE_NCCL_TIMEOUT",
+                                      "STAR_ENGINE_STOP_GRACE"])
+def test_a_timeout_that_is_not_seconds_is_refused_once_before_the_work_on_any_machine(tmp_path, variable):
+    """Also the NCCL timeout, which only a GPU job would read."""
+    requests = write_jsonl(tmp_path / "in.jsonl", [good("a")])
+    result = run([*mpirun(2), sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--output",
+                  str(tmp_path / "out.jsonl"), *TINY], timeout=120, env={variable: "soon"})
+    assert result.returncode == 2
+    assert result.stderr.count(f"star_engine: {variable}='soon': expected a number of seconds > 0") == 1, \
+        result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_problem_only_some_ranks_find_is_said_once_naming_them(tmp_path):
     """As where nodes see different files: ranks 1 and 2 start in a directory without the
     requests file that rank 0's has. Rank 0 speaks for them, once."""
