@@ -29,7 +29,7 @@ from plan_against_bench import spec_of
 from results_io import save, table
 
 from star_engine.checkpoint import load_config
-from star_engine.costs import model_weights
+from star_engine.costs import Calibration, model_weights
 from star_engine.launch import Place
 from star_engine.plan import PHASE1_MEMORY, Phase1Memory, plan_request
 
@@ -73,7 +73,8 @@ def peaks_of(result: dict, file: str) -> list[Peak]:
         if "ttft_s" not in row:
             continue
         spec = spec_of(row)
-        plan = plan_request(spec.build(Place(0, result["ranks"]), None, config), row["context"],
+        # Balanced blocks as the run laid them out: by the shipped calibration, its default.
+        plan = plan_request(spec.build(Place(0, result["ranks"]), None, config, Calibration.load()), row["context"],
                             result["query_tokens"], result["new_tokens"])
         fixed = plan.memory_bytes(config, element_size, phase1=NONE)
         scaled = [plan.memory_bytes(config, element_size, phase1=basis) for basis in BASIS]
