@@ -12,9 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from results_io import save, table
+from star_engine.measure.tasks import PYTHON_DEPENDENT
 
-from star_engine.tasks import PYTHON_DEPENDENT
+from results_io import save, table
 
 
 def main() -> None:

@@ -15,9 +15,10 @@ import argparse
 
 import torch
 
-from results_io import save, table
 from star_engine import ops
-from star_engine.benchmark import copy_bandwidth, graph_replay_s
+from star_engine.measure.speed import copy_bandwidth, graph_replay_s
+
+from results_io import save, table
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 

@@ -19,14 +19,16 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from results_io import save, table
-from star_engine.attention import StarAttention
-from star_engine.benchmark import copy_bandwidth, decode_bytes
-from star_engine.flags import parse_tokens
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.comm import make_communicator
-from star_engine.launch import init_distributed, select_device
-from star_engine.schedule import Engine
+from star_engine.engine import Engine
+from star_engine.flags import parse_tokens
+from star_engine.launch.devices import select_device
+from star_engine.launch.launcher import init_distributed
+from star_engine.measure.speed import copy_bandwidth, decode_bytes
+
+from results_io import save, table
 
 TOKENS = 64
 KINDS = (("collective", ("nccl",)), ("merge of the ranks", ("lse_merge",)),

@@ -22,10 +22,12 @@ import socket
 import torch
 import torch.distributed as torch_dist
 
-from results_io import median_ms, save, table
-from star_engine.benchmark import graph_replay_s
 from star_engine.comm import NcclCommunicator
-from star_engine.launch import init_distributed, select_device
+from star_engine.launch.devices import select_device
+from star_engine.launch.launcher import init_distributed
+from star_engine.measure.speed import graph_replay_s
+
+from results_io import median_ms, save, table
 
 LAYERS = 32  # calls per captured graph: one decode step of llama-3.1-8b
 

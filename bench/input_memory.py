@@ -116,7 +116,8 @@ def parse_size(text: str) -> int:
 def main() -> None:
     import torch
 
-    import star_engine.results
+    import star_engine.measure.results
+
     from results_io import RESULTS, table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="where the inputs are generated (default: a temporary one)")
     parser.add_argument("--output", default="input_memory", help="results name under bench/results/")
     args = parser.parse_args()
-    environment = star_engine.results.environment(1, torch.device("cpu"), ["python", "bench/input_memory.py"])
+    environment = star_engine.measure.results.environment(1, torch.device("cpu"), ["python", "bench/input_memory.py"])
     workdir = Path(tempfile.mkdtemp(prefix="input_memory-", dir=args.workdir))
     try:
         trees = {environment["commit"]: ROOT}
@@ -158,7 +159,7 @@ def main() -> None:
     print(table(growth, ["commit", "scenario", "smallest_input_bytes", "largest_input_bytes",
                          "peak_rss_growth_mib"]))
     path = RESULTS / f"{args.output}.json"
-    star_engine.results.save(path, {**environment, "model": "tiny", "max_tokens": MAX_TOKENS,
+    star_engine.measure.results.save(path, {**environment, "model": "tiny", "max_tokens": MAX_TOKENS,
                                     "context_chars": CONTEXT_CHARS, "questions_per_context": QUESTIONS,
                                     "rows": rows, "growth": growth})
     print(f"-> {path}")

@@ -22,11 +22,11 @@ import platform
 import re
 from pathlib import Path
 
-from results_io import save, table
-
 from star_engine.attention.star import block_tokens
-from star_engine.tasks import PYTHON_DEPENDENT, TASKS, make_sample, score
+from star_engine.measure.tasks import PYTHON_DEPENDENT, TASKS, make_sample, score
 from star_engine.tokenizer import load_tokenizer
+
+from results_io import save, table
 
 NEEDLE_TASKS = tuple(t for t in TASKS if t.startswith("niah"))
 

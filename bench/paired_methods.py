@@ -13,9 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from results_io import save, table
+from star_engine.measure.tasks import PYTHON_DEPENDENT
 
-from star_engine.tasks import PYTHON_DEPENDENT
+from results_io import save, table
 
 
 def sign_test(wins: int, losses: int) -> float:

@@ -15,12 +15,13 @@ import re
 from pathlib import Path
 
 import torch
-from results_io import save, table
 
-from star_engine.attention import StrategySpec
+from star_engine.attention.spec import StrategySpec
 from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration
-from star_engine.planner import predict
+from star_engine.measure.prediction import predict
+
+from results_io import save, table
 
 MEASURES = (("phase1_s", "phase1_s"), ("ttft_s", "ttft_s"), ("tpot_s", "tpot_s"))
 

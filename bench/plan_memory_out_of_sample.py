@@ -25,13 +25,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from plan_against_bench import spec_of
-from results_io import save, table
 
 from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration, model_weights
-from star_engine.launch import Place
-from star_engine.plan import PHASE1_MEMORY, Phase1Memory, plan_request
+from star_engine.launch.control import Place
+from star_engine.request_plan import PHASE1_MEMORY, Phase1Memory, plan_request
+
+from plan_against_bench import spec_of
+from results_io import save, table
 
 # The model is linear in its three constants (in Phase1Memory's order): a peak's part that
 # each one scales, and the part that none does (the weights and the KV slots).

@@ -20,16 +20,18 @@ import time
 
 import torch
 
-from results_io import save, table
-from star_engine.attention import StarAttention
 from star_engine.attention.backends import BACKENDS, backend_for, set_backend
-from star_engine.benchmark import median_s
-from star_engine.flags import parse_tokens
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_config, load_model
 from star_engine.comm import make_communicator, make_host_group
+from star_engine.engine import Engine
+from star_engine.flags import parse_tokens
 from star_engine.hosts import Hosts
-from star_engine.launch import init_distributed, select_device
-from star_engine.schedule import Engine
+from star_engine.launch.devices import select_device
+from star_engine.launch.launcher import init_distributed
+from star_engine.measure.speed import median_s
+
+from results_io import save, table
 
 
 def matmul_rate(device: torch.device, n: int = 8192) -> float:

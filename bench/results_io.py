@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-import star_engine.benchmark
-import star_engine.results
+import star_engine.measure.speed
+import star_engine.measure.results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -20,7 +20,7 @@ def environment() -> dict:
 
     ranks = MPI.COMM_WORLD.Get_size()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {**star_engine.results.environment(ranks, device, ["python", sys.argv[0]]),
+    return {**star_engine.measure.results.environment(ranks, device, ["python", sys.argv[0]]),
             "gpus": torch.cuda.device_count()}
 
 
@@ -47,4 +47,4 @@ def _fmt(value) -> str:
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     """Median over `repeats` runs of fn() timed with CUDA events, after `warmup` runs."""
-    return star_engine.benchmark.median_s(fn, repeats, warmup) * 1e3
+    return star_engine.measure.speed.median_s(fn, repeats, warmup) * 1e3

@@ -137,7 +137,7 @@ class AnswerFile:
                     given_up.append((line, rid))
             if self._unfinished is not None:
                 if left:
-                    from .results import save
+                    from .measure.results import save
 
                     save(self._unfinished, {"ids": left})
                 else:

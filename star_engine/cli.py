@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .launch import env_rank, job_problem, leave_together, run_guarded
+    from .launch.ending import job_problem, leave_together, run_guarded
+    from .launch.launcher import env_rank
 
     parser = build_parser()
     speaks = env_rank() == 0  # every rank parses the same arguments; one of them speaks
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def _problem(command: ModuleType, args: argparse.Namespace) -> str | None:
     """What this rank finds wrong with the job before any work: the model named, then the
     command's own checks; None if nothing."""
-    from .checkpoint import read_config, resolve  # PyTorch loads here, once the arguments are parsed
+    from .model_source import read_config, resolve
 
     try:
         source = resolve(args.model)

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from . import _C, ops
-from .environment import job_setting
-from .launch import DEFAULT_NCCL_TIMEOUT_S, Dist, Place, gpu_id, seconds_from_env
+from .environment import DEFAULT_NCCL_TIMEOUT_S, job_setting, seconds_from_env
+from .launch.control import Dist, Place
+from .launch.devices import gpu_id
 from .model import HostCollectives
 
 

@@ -16,8 +16,15 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from .launch.control import JobError
+
 if TYPE_CHECKING:
-    from .launch import Dist
+    from .launch.control import Dist
+
+# Seconds a rank waits for GPU work that holds a collective (NCCL, or the peer-memory gather).
+DEFAULT_NCCL_TIMEOUT_S = 600.0
+# Seconds a stop signal leaves the request in hand before the job is abandoned.
+DEFAULT_STOP_GRACE_S = 20.0
 
 JOB_VARIABLES = (
     "STAR_ENGINE_MPI_TIMEOUT",
@@ -60,3 +67,18 @@ def agree(dist: Dist) -> None:
             listed = ", ".join(map(str, ranks))
             print(f"star_engine: note: {name} differs on rank{'s' if len(ranks) > 1 else ''} {listed}; every rank "
                   f"uses rank 0's ({value})", file=sys.stderr, flush=True)
+
+
+def seconds_from_env(var: str, default: float) -> float:
+    """A number of seconds > 0 from the environment variable `var` (the job's value, as the
+    ranks agreed it), else `default`; JobError naming the variable if it is not one."""
+    text = job_setting(var)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise JobError(f"{var}={text!r}: expected a number of seconds > 0")
+    return value

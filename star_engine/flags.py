@@ -12,7 +12,8 @@ import sys
 from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
-from .names import ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_STAR_LAYOUT, DTYPES, STAR_LAYOUTS, STRATEGIES
+from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_STAR_LAYOUT, DTYPES, STAR_LAYOUTS,
+                    STRATEGIES)
 
 if TYPE_CHECKING:
     from .attention.spec import StrategySpec
@@ -112,9 +113,9 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     group.add_argument("--layout", type=kind(layout_name), default=None, metavar="uniform|balanced",
                        help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
                             f"same work, weighed by the device's measured rates{each} (default: {DEFAULT_STAR_LAYOUT})")
-    group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default="broadcast",
+    group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default=DEFAULT_ANCHOR_MODE,
                        help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
-                            "by every rank that needs it (default: broadcast)")
+                            f"by every rank that needs it (default: {DEFAULT_ANCHOR_MODE})")
     parser.set_defaults(star_grid=grid)
 
 
@@ -150,7 +151,7 @@ def _translate_old_anchor_size(args: argparse.Namespace) -> None:
     """--anchor-size as earlier versions read it, with a note that names the new flag: in
     eval a fraction of the block (list), elsewhere tokens when written as an integer."""
     from .attention.spec import parse_fraction
-    from .launch import env_rank
+    from .launch.launcher import env_rank
 
     text = getattr(args, "old_anchor_size", None)
     if text is None:

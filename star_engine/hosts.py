@@ -14,7 +14,7 @@ exchanging only its own heads. `--tp 1` is one rank per host.
 from __future__ import annotations
 
 from .config import ModelConfig
-from .launch import Dist, JobError, Place
+from .launch.control import Dist, JobError, Place
 from .shard import Shard
 
 

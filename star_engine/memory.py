@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import Dist
+from .launch.control import Dist
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -6,6 +6,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash-attn", "flash", "torch")  # kernels.py: the fused ones
 STRATEGIES = ("star", "ring", "dense")
 ANCHOR_MODES = ("recompute", "broadcast")
+DEFAULT_ANCHOR_MODE = "broadcast"  # the same numbers as recompute, about half the phase-1 work
 STAR_LAYOUTS = ("uniform", "balanced")
-# As fast as ring or faster on two or more GPUs, and as accurate as uniform (docs/accuracy.md).
+# The algorithm as published: what a StrategySpec means when it names no layout.
+PUBLISHED_STAR_LAYOUT = "uniform"
+# What the commands run: as fast as ring or faster on two or more GPUs, and as accurate as
+# uniform (docs/accuracy.md).
 DEFAULT_STAR_LAYOUT = "balanced"

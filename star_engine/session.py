@@ -18,7 +18,7 @@ from .costs import Calibration
 
 if TYPE_CHECKING:
     from .config import ModelConfig
-    from .schedule import Engine
+    from .engine import Engine
 
 T = TypeVar("T")
 
@@ -32,7 +32,8 @@ class Session:
         from .checkpoint import load_config, load_model
         from .comm import make_communicator, make_host_group
         from .hosts import Hosts
-        from .launch import init_distributed, select_device
+        from .launch.devices import select_device
+        from .launch.launcher import init_distributed
         from .tokenizer import load_tokenizer
 
         self.args = args
@@ -66,7 +67,7 @@ class Session:
     def _job_calibration(self) -> Calibration:
         """The device's rates that the balanced layout weighs blocks by: the file rank 0
         reads, handed to every rank (a node may hold another file by that name, or none)."""
-        from .launch import JobError
+        from .launch.control import JobError
 
         found: tuple[Calibration | None, str | None] = (None, None)
         if self.dist.rank == 0:
@@ -82,7 +83,8 @@ class Session:
     def _on_every_rank(self, load: Callable[[], T]) -> T:
         """load() on every rank; a ValueError (a file cut short, say) on any of them ends the
         job with one message, rank 0's, naming the ranks where they differ."""
-        from .launch import JobError, job_problem
+        from .launch.control import JobError
+        from .launch.ending import job_problem
 
         loaded = []
 
@@ -100,7 +102,7 @@ class Session:
 
     def _same_model_everywhere(self, config: ModelConfig) -> ModelConfig:
         """`config`, where every rank read the same shape under --model; else a JobError."""
-        from .launch import JobError
+        from .launch.control import JobError
 
         every = self.dist.allgather(config)
         others = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
@@ -115,7 +117,7 @@ class Session:
         a rank that has not the memory ends the job with one line (the same on every rank)
         that says what it needs and the --tp that would fit, not an allocator's traceback
         part way."""
-        from .launch import JobError
+        from .launch.control import JobError
         from .memory import available_memory
 
         tp, hosts = self.hosts.tp, self.hosts.count
@@ -141,8 +143,8 @@ class Session:
     def _bytes_per_rank(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int) -> tuple[int, int]:
         """Weights and (for `run`) KV cache of the busiest rank of `hosts` hosts of tp ranks."""
         from .costs import kv_bytes_per_token, rank_weights
-        from .launch import Place
-        from .schedule import arena_capacities
+        from .engine import arena_capacities
+        from .launch.control import Place
         from .shard import Shard
 
         spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
@@ -164,7 +166,7 @@ class Session:
         return sum(self._bytes_per_rank(config, dtype, tp, hosts)) + WEIGHTS_HEADROOM_BYTES <= free
 
     def _cache_phrase(self, config: ModelConfig) -> str:
-        from .schedule import requests_phrase
+        from .engine import requests_phrase
 
         return requests_phrase(self._max_tokens(config), getattr(self.args, "batch", 1))
 
@@ -182,8 +184,8 @@ class Session:
         """An engine of the strategy `spec` names, sized for `batch` requests at once of up
         to max_tokens (default: --max-tokens, else the model's context length), of which at
         most max_tail come after the context."""
-        from .launch import JobError
-        from .schedule import Engine
+        from .engine import Engine
+        from .launch.control import JobError
 
         trained = self.model.config.max_position_embeddings
         max_tokens = max_tokens or self._max_tokens(self.model.config)

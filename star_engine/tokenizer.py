@@ -8,7 +8,8 @@ the template's tail (end of turn, assistant header).
 
 from __future__ import annotations
 
-from .checkpoint import ModelSource, cache_dir, resolve
+from .checkpoint import cache_dir
+from .model_source import ModelSource, resolve
 
 
 class Tokenizer:

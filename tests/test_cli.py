@@ -286,7 +286,7 @@ def test_a_broken_checkpoint_is_named_in_one_line(tmp_path):
 
 
 def test_a_truncated_gguf_model_is_named_in_one_line_not_a_traceback(tmp_path):
-    from star_engine.checkpoint import resolve
+    from star_engine.model_source import resolve
 
     cut = tmp_path / "model.gguf"
     with resolve("smollm2-135m-instruct").path.open("rb") as whole:
@@ -575,7 +575,7 @@ def test_bench_measures_a_job_one_at_a_time_with_each_context_encoded_once_and_b
 
 
 def test_bench_results_of_other_star_layouts_get_names_of_their_own():
-    from star_engine.attention import StrategySpec
+    from star_engine.attention.spec import StrategySpec
     from star_engine.commands.bench import bench_name
 
     def star(**settings) -> StrategySpec:  # as the command line makes it

@@ -20,7 +20,8 @@ def test_multi_rank_suite(ranks):
 
 
 FAILING_RANK = """
-from star_engine.launch import init_distributed, run_guarded
+from star_engine.launch.launcher import init_distributed
+from star_engine.launch.ending import run_guarded
 def main():
     dist = init_distributed()
     if dist.rank == 1:
@@ -43,7 +44,8 @@ STOPPED_RANK = """
 import os, signal, sys
 import torch
 from star_engine.comm import MpiCommunicator
-from star_engine.launch import init_distributed, run_guarded
+from star_engine.launch.launcher import init_distributed
+from star_engine.launch.ending import run_guarded
 def main():
     dist = init_distributed()
     comm = MpiCommunicator(dist)

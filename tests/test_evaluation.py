@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from star_engine.attention import StrategySpec
-from star_engine.evaluation import summarise, table
+from star_engine.attention.spec import StrategySpec
+from star_engine.measure.accuracy import summarise, table
 
 
 def test_summary_averages_cells_and_relates_star_to_dense():
@@ -28,8 +28,8 @@ def test_a_long_evaluation_hands_over_each_cell_as_soon_as_it_is_measured():
 
     from star_engine.checkpoint import load_model
     from star_engine.comm import make_communicator
-    from star_engine.evaluation import run_evaluation
-    from star_engine.launch import init_distributed
+    from star_engine.launch.launcher import init_distributed
+    from star_engine.measure.accuracy import run_evaluation
     from star_engine.tokenizer import load_tokenizer
 
     dist = init_distributed()

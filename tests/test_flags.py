@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from star_engine.attention import StrategySpec
-from star_engine.attention.spec import parse_fraction
+from star_engine.attention.spec import StrategySpec, parse_fraction
 from star_engine.cli import build_parser
 from star_engine.commands import COMMANDS
 from star_engine.flags import star_specs

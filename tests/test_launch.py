@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from star_engine.launch import check_gpus_not_shared, gpu_index, launcher_size, split_launch_error
+from star_engine.launch.devices import check_gpus_not_shared, gpu_index
+from star_engine.launch.launcher import launcher_size, split_launch_error
 from tests.launcher import run
 
 OPEN_MPI = "Open MPI v4.1.8, package: Open MPI"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from star_engine.attention.local import local_attention
-from star_engine.checkpoint import load_config, load_model, resolve
+from star_engine.checkpoint import load_config, load_model
+from star_engine.model_source import resolve
 from star_engine.config import PRESETS, ModelConfig
 from tests.reference import make_tiny_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 from needle_blocks import values_by_block
 
 from star_engine.attention.star import block_tokens
-from star_engine.tasks import make_sample
+from star_engine.measure.tasks import make_sample
 from star_engine.tokenizer import load_tokenizer
 
 

@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
-from star_engine.attention import DenseAttention, RingAttention, StrategySpec
-from star_engine.costs import Calibration, attention_flops_per_pair, linear_flops_per_token
+from star_engine.attention.dense import DenseAttention
+from star_engine.attention.ring import RingAttention
+from star_engine.attention.spec import StrategySpec
 from star_engine.config import PRESETS
-from star_engine.launch import Place
-from star_engine.planner import predict, recommend
+from star_engine.costs import Calibration, attention_flops_per_pair, linear_flops_per_token
+from star_engine.launch.control import Place
+from star_engine.measure.prediction import predict, recommend
 from tests.launcher import mpirun, run
 
 CONFIG = PRESETS["llama-3.1-8b"]

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from star_engine.attention.star import StarAttention, block_work, first_block_tokens
-from star_engine.costs import Calibration, token_weight
-from star_engine.launch import Place
 from star_engine.config import PRESETS
+from star_engine.costs import Calibration, token_weight
+from star_engine.launch.control import Place
 
 
 def star(world: int, **settings) -> StarAttention:

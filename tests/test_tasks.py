@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from star_engine.tasks import TASKS, make_sample, score
+from star_engine.measure.tasks import TASKS, make_sample, score
 from star_engine.tokenizer import ByteTokenizer, load_tokenizer
 
 

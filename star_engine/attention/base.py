@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import _C
 from ..comm import Communicator
-from ..launch import Place
+from ..launch.control import Place
 from ..model import Transformer
 
 

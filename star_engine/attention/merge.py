@@ -4,8 +4,8 @@ Across ranks the same merge runs inside comm.Communicator.gather_merge."""
 
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 
 def merge_into(o: Tensor, lse: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:

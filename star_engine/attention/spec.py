@@ -1,21 +1,20 @@
 """One description of a strategy, and the one factory that builds it: what every command
-turns its flags into, what results files record, what the evaluation's rows are named by."""
+turns its flags into, what results files record, what the evaluation's rows are named by.
+Without PyTorch until a strategy is built, so that a job's settings are checked at once."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from ..comm import Communicator
 from ..costs import Calibration, token_weight
-from ..launch import Place
-from ..names import STRATEGIES as STRATEGY_NAMES
-from ..config import ModelConfig
-from .base import Strategy
-from .dense import DenseAttention
-from .ring import RingAttention
-from .star import StarAttention, check_star_settings
+from ..names import ANCHOR_MODES, DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT, STAR_LAYOUTS, STRATEGIES
 
-STRATEGIES = dict(zip(STRATEGY_NAMES, (StarAttention, RingAttention, DenseAttention)))
+if TYPE_CHECKING:
+    from ..comm import Communicator
+    from ..config import ModelConfig
+    from ..launch.control import Place
+    from .base import Strategy
 
 
 @dataclass(frozen=True)
@@ -24,22 +23,23 @@ class StrategySpec:
     (default: one per rank); an anchor of anchor_tokens or anchor_fraction of a block
     (default: the whole block); the anchor's K/V broadcast or recomputed; blocks of equal
     size (uniform) or a longer block 0 that makes their work equal (balanced). These defaults
-    are the algorithm as published; the commands' default layout is names.DEFAULT_STAR_LAYOUT."""
+    are the algorithm as published; the commands' default layout is names.DEFAULT_STAR_LAYOUT.
+    ValueError, naming the setting, unless the settings make a layout."""
 
     attn: str = "star"
     block_size: int | None = None
     blocks: int | None = None
     anchor_tokens: int | None = None
     anchor_fraction: float | None = None
-    anchor_mode: str = "broadcast"
-    layout: str = "uniform"
+    anchor_mode: str = DEFAULT_ANCHOR_MODE
+    layout: str = PUBLISHED_STAR_LAYOUT
 
     def __post_init__(self) -> None:
         if self.attn not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.attn!r}: expected one of {', '.join(STRATEGIES)}")
         star_settings = (self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction)
-        if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != "broadcast"
-                                    or self.layout != "uniform"):
+        if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != DEFAULT_ANCHOR_MODE
+                                    or self.layout != PUBLISHED_STAR_LAYOUT):
             raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
                             self.anchor_mode, self.layout)
@@ -49,8 +49,12 @@ class StrategySpec:
         """The strategy, for a model of this shape: a balanced layout weighs its blocks by
         the model's work on the device of `calibration` (the job's, the same on every rank;
         other layouts need none)."""
+        from .dense import DenseAttention
+        from .ring import RingAttention
+        from .star import StarAttention
+
         if self.attn != "star":
-            return STRATEGIES[self.attn](dist, comm)
+            return {"ring": RingAttention, "dense": DenseAttention}[self.attn](dist, comm)
         if self.layout == "balanced" and calibration is None:
             raise ValueError("the balanced layout weighs its blocks by a calibration, and none was given")
         weight = token_weight(config, calibration) if self.layout == "balanced" else 0.0
@@ -73,15 +77,35 @@ class StrategySpec:
             parts.append(f"a={self.anchor_tokens}t")
         elif self.anchor_fraction is not None or len(parts) > 1:
             parts.append(f"a={fraction_text(self.anchor_fraction or 1.0)}")
-        if self.anchor_mode != "broadcast":
+        if self.anchor_mode != DEFAULT_ANCHOR_MODE:
             parts.append(self.anchor_mode)
-        if self.layout != "uniform":
+        if self.layout != PUBLISHED_STAR_LAYOUT:
             parts.append(self.layout)
         return " ".join(parts)
 
     def as_dict(self) -> dict:
         """The settings that differ from the defaults, for results files."""
         return {k: v for k, v in asdict(self).items() if v != getattr(StrategySpec, k, None) or k == "attn"}
+
+
+def check_star_settings(block_size: int | None, blocks: int | None, anchor_tokens: int | None,
+                        anchor_fraction: float | None, anchor_mode: str, layout: str = PUBLISHED_STAR_LAYOUT) -> None:
+    """Raises ValueError, naming the setting, unless the settings make a layout."""
+    if block_size is not None and blocks is not None:
+        raise ValueError("give the block size in tokens or the number of blocks, not both")
+    if anchor_tokens is not None and anchor_fraction is not None:
+        raise ValueError("give the anchor in tokens or as a fraction of the block, not both")
+    for name, value in (("block size", block_size), ("number of blocks", blocks), ("anchor", anchor_tokens)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if anchor_fraction is not None and not 0 < anchor_fraction <= 1:
+        raise ValueError(f"anchor as a fraction of the block must be in (0, 1], got {anchor_fraction}")
+    if anchor_tokens is not None and block_size is not None and anchor_tokens > block_size:
+        raise ValueError(f"anchor of {anchor_tokens} tokens exceeds the block size {block_size}")
+    if anchor_mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {anchor_mode!r}")
+    if layout not in STAR_LAYOUTS:
+        raise ValueError(f"star layout must be one of {', '.join(STAR_LAYOUTS)}, got {layout!r}")
 
 
 def fraction_text(value: float) -> str:

@@ -31,12 +31,12 @@ from torch import Tensor
 
 from .. import _C
 from ..comm import Communicator
-from ..launch import Place
+from ..launch.control import Place
 from ..model import Transformer
-from ..names import ANCHOR_MODES, STAR_LAYOUTS
+from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT
+from .spec import check_star_settings
 from .base import ContextLayout, Strategy
 from .local import local_attention
-
 
 
 @dataclass(frozen=True)
@@ -47,26 +47,6 @@ class StarLayout(ContextLayout):
 
     def blocks_of(self, rank: int) -> list[int]:
         return [b for b, owner in enumerate(self.owners) if owner == rank]
-
-
-def check_star_settings(block_size: int | None, blocks: int | None, anchor_tokens: int | None,
-                        anchor_fraction: float | None, anchor_mode: str, layout: str = "uniform") -> None:
-    """Raises ValueError, naming the setting, unless the settings make a layout."""
-    if block_size is not None and blocks is not None:
-        raise ValueError("give the block size in tokens or the number of blocks, not both")
-    if anchor_tokens is not None and anchor_fraction is not None:
-        raise ValueError("give the anchor in tokens or as a fraction of the block, not both")
-    for name, value in (("block size", block_size), ("number of blocks", blocks), ("anchor", anchor_tokens)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if anchor_fraction is not None and not 0 < anchor_fraction <= 1:
-        raise ValueError(f"anchor as a fraction of the block must be in (0, 1], got {anchor_fraction}")
-    if anchor_tokens is not None and block_size is not None and anchor_tokens > block_size:
-        raise ValueError(f"anchor of {anchor_tokens} tokens exceeds the block size {block_size}")
-    if anchor_mode not in ANCHOR_MODES:
-        raise ValueError(f"anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {anchor_mode!r}")
-    if layout not in STAR_LAYOUTS:
-        raise ValueError(f"star layout must be one of {', '.join(STAR_LAYOUTS)}, got {layout!r}")
 
 
 def block_tokens(context_len: int, block_size: int | None, blocks: int) -> int:
@@ -102,8 +82,8 @@ class StarAttention(Strategy):
 
     def __init__(self, dist: Place, comm: Communicator | None, *, block_size: int | None = None,
                  blocks: int | None = None, anchor_tokens: int | None = None,
-                 anchor_fraction: float | None = None, anchor_mode: str = "broadcast",
-                 layout: str = "uniform", token_weight: float = 0.0) -> None:
+                 anchor_fraction: float | None = None, anchor_mode: str = DEFAULT_ANCHOR_MODE,
+                 layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0) -> None:
         """At most one of block_size (tokens) and blocks (a count); at most one of
         anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
         pairs as costly as one token's per-token work (costs.token_weight), which the

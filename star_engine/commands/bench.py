@@ -13,7 +13,7 @@ from ..flags import (add_generation_flags, add_model_flags, add_star_flags, posi
 from ..names import DEFAULT_STAR_LAYOUT
 
 if TYPE_CHECKING:
-    from ..attention import StrategySpec
+    from ..attention.spec import StrategySpec
     from ..session import Session
 
 
@@ -52,10 +52,10 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import benchmark
     from ..attention.backends import backend_for
-    from ..plots import plot_bench, plot_job
-    from ..results import environment, save
+    from ..measure import speed
+    from ..measure.plots import plot_bench, plot_job
+    from ..measure.results import environment, save
     from ..session import Session
 
     if args.replot is not None:
@@ -81,19 +81,19 @@ def main(args: argparse.Namespace) -> int:
                   "attention_backend": backend_for(session.device, session.model.embed.weight.dtype),
                   "strategies": [spec.as_dict() for spec in args.specs], "query_tokens": args.query_tokens,
                   "new_tokens": args.max_new_tokens, "complete": complete, **ceilings, "rows": rows,
-                  "speedups": benchmark.speedups(rows)}
+                  "speedups": speed.speedups(rows)}
         if session.dist.rank == 0:
             save(output, result)
         return result
 
-    rows, ceilings = benchmark.run_benchmark(session.model, session.comm, session.dist, args.specs,
+    rows, ceilings = speed.run_benchmark(session.model, session.comm, session.dist, args.specs,
                                              session.calibration, args.lengths,
                                              args.query_tokens, args.max_new_tokens, not args.no_cuda_graph,
                                              session.say,
                                              on_row=lambda rows, ceilings: write(rows, ceilings, complete=False))
     result = write(rows, ceilings, complete=True)
     if session.dist.rank == 0:
-        print(benchmark.table(rows))
+        print(speed.table(rows))
         for s in result["speedups"]:
             parts = [f"{k.replace('over_', 'over ')} {v:.2f}x" for k, v in s.items() if k.startswith("over_")]
             if parts:
@@ -105,14 +105,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
-    from .. import benchmark
-    from ..plots import plot_job
-    from ..results import save
+    from ..measure import speed
+    from ..measure.plots import plot_job
+    from ..measure.results import save
 
     rows, result = [], {}
     for spec in args.specs:
         for length in args.lengths:
-            rows += benchmark.run_job(session.model, session.comm, session.dist, spec, session.calibration, length,
+            rows += speed.run_job(session.model, session.comm, session.dist, spec, session.calibration, length,
                                       args.job,
                                       args.questions_per_context, args.query_tokens, args.max_new_tokens,
                                       not args.no_cuda_graph, session.say, batch=args.batch)
@@ -121,7 +121,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them
                 save(output, result)
     if session.dist.rank == 0:
-        print(benchmark.job_table(rows))
+        print(speed.job_table(rows))
         plotted = plot_job(result, output.with_suffix(".png"))
         session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
                                          " (no plot: matplotlib is not installed)"))

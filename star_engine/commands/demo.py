@@ -29,8 +29,8 @@ def check(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from ..measure.tasks import make_sample, score
     from ..session import Session
-    from ..tasks import make_sample, score
 
     session = Session(args)
     dist = session.dist

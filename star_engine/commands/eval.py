@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..flags import add_model_flags, add_star_flags, positive, star_specs, strategy_names, token_counts
-from ..tasks import TASKS
+from ..measure.tasks import TASKS
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -45,9 +45,9 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import evaluation
-    from ..plots import plot_eval
-    from ..results import environment, save
+    from ..measure import accuracy
+    from ..measure.plots import plot_eval
+    from ..measure.results import environment, save
     from ..session import Session
 
     session = Session(args)
@@ -69,21 +69,21 @@ def main(args: argparse.Namespace) -> int:
                                       {k: earlier_run[k] for k in ("commit", "date", "command")}]
 
     def write(rows: list[dict], complete: bool) -> str:
-        summary = evaluation.summarise(rows)
+        summary = accuracy.summarise(rows)
         result = {**header, "complete": complete, "summary": summary, "rows": rows}
         save(output, result)
-        text = evaluation.table(summary)
+        text = accuracy.table(summary)
         note = "" if complete else "incomplete: the run was stopped before every cell was measured\n"
         output.with_suffix(".txt").write_text(f"{header['command']}\n{args.samples} samples per cell\n{note}\n{text}\n")
         return text
 
-    rows = evaluation.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
+    rows = accuracy.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
                                      args.lengths, args.samples, args.specs, session.calibration, args.seed,
                                      session.say,
                                      on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
     if session.dist.rank == 0:
         print(write(rows, complete=True))
-        plotted = plot_eval(evaluation.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
+        plotted = plot_eval(accuracy.summarise(rows), f"{args.model}: accuracy, {args.samples} samples per cell",
                                   output.with_suffix(".png"))
         session.say(f"saved {output}, the table as {output.with_suffix('.txt')}"
                     + (f" and the plot as {output.with_suffix('.png')}" if plotted else ""))

@@ -53,7 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """Turns the lists into lists, and makes args.specs."""
-    from ..attention import StrategySpec
+    from ..attention.spec import StrategySpec
 
     if args.tp > 1:
         raise ValueError("plan models one rank per host (--tp 1): tensor parallelism is not in its predictions "
@@ -75,16 +75,17 @@ def check(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.calibrate:
         return _calibrate(args)
-    from ..attention import StrategySpec
+    import torch
+
+    from ..attention.spec import StrategySpec
     from ..checkpoint import load_config
     from ..costs import Calibration
-    from ..launch import init_distributed
-    import torch
+    from ..launch.launcher import init_distributed
 
     if init_distributed().rank != 0:
         return 0  # a prediction needs one process: under a launcher, rank 0 makes it
 
-    from ..planner import predict, recommend
+    from ..measure.prediction import predict, recommend
 
     config = load_config(args.model)
     calibration = Calibration.load(args.calibration)
@@ -122,8 +123,8 @@ def _table(predictions: list, memory: float | None) -> str:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from ..calibrate import measure
     from ..costs import Calibration
+    from ..measure.calibration import measure
     from ..session import Session
 
     # A calibration there already (another node count's) keeps the rates this job cannot

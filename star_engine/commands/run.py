@@ -13,13 +13,13 @@ from ..flags import add_generation_flags, add_model_flags, add_star_flags, posit
 from ..names import STRATEGIES
 
 if TYPE_CHECKING:
-    from ..answer_file import AnswerFile
-    from ..launch import GracefulStop
-    from ..plan import RequestPlan
-    from ..request_file import IndexedLine
     from torch import Tensor
 
-    from ..schedule import Engine, Generation
+    from ..answer_file import AnswerFile
+    from ..engine import Engine, Generation
+    from ..launch.stopping import GracefulStop
+    from ..request_file import IndexedLine
+    from ..request_plan import RequestPlan
     from ..session import Session
 
 
@@ -73,7 +73,7 @@ class PreparedRequest:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..launch import GracefulStop
+    from ..launch.stopping import GracefulStop
 
     with GracefulStop() as stop:
         return _answer_requests(args, stop)
@@ -208,8 +208,8 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engin
     """Rank 0: valid, tokenized requests that fit; every other line becomes an error record
     here (once: an earlier run's record of the same line and error stands). A request done
     already is skipped without reading its line again."""
-    from ..plan import RequestTooLarge
     from ..request_file import RequestFile, printable, shown
+    from ..request_plan import RequestTooLarge
 
     with RequestFile(args.input, args.max_new_tokens) as requests:
         total = len(requests.lines)

@@ -27,7 +27,9 @@ def test_multi_gpu_suite(ranks):
 SILENT_PEER = """
 import time, torch
 from star_engine.comm import NcclCommunicator
-from star_engine.launch import init_distributed, run_guarded, select_device
+from star_engine.launch.launcher import init_distributed
+from star_engine.launch.ending import run_guarded
+from star_engine.launch.devices import select_device
 def main():
     dist = init_distributed()
     nccl = NcclCommunicator(dist, select_device("cuda", dist))
@@ -57,11 +59,13 @@ def test_a_stuck_peer_ends_the_job_with_a_clear_message_within_the_timeout(path,
 
 STALLED_REPLAY = """
 import sys, torch
-from star_engine.attention import DenseAttention
+from star_engine.attention.dense import DenseAttention
 from star_engine.checkpoint import load_model
 from star_engine.comm import NcclCommunicator
-from star_engine.launch import init_distributed, run_guarded, select_device
-from star_engine.schedule import Engine
+from star_engine.launch.launcher import init_distributed
+from star_engine.launch.ending import run_guarded
+from star_engine.launch.devices import select_device
+from star_engine.engine import Engine
 
 def stalled_when_captured(broadcast):
     def stalled(self, tensor, root):
@@ -107,7 +111,9 @@ def test_a_replayed_decode_step_that_never_completes_ends_the_job_within_the_tim
 
 ONE_GPU_EACH = """
 import torch
-from star_engine.launch import init_distributed, run_guarded, select_device
+from star_engine.launch.launcher import init_distributed
+from star_engine.launch.ending import run_guarded
+from star_engine.launch.devices import select_device
 def main():
     dist = init_distributed()
     device = select_device("cuda", dist)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, StarAttention
+from star_engine.attention.dense import DenseAttention
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.comm import make_communicator
-from star_engine.launch import init_distributed
-from star_engine.schedule import Engine
+from star_engine.engine import Engine
+from star_engine.launch.launcher import init_distributed
 from tests.reference import make_tiny_checkpoint
 
 GPU, CPU = torch.device("cuda", 0), torch.device("cpu")

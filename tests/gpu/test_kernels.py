@@ -154,7 +154,7 @@ def test_decode_kernel_reads_the_length_from_device_memory():
 def test_layer_kernels_round_like_the_pytorch_ops_of_the_cpu_path(dtype):
     """RMSNorm, RoPE and the SiLU-gated product: one launch each on a GPU, the eager ops on
     the CPU; they may differ by one rounding step (a bf16 ulp is 2^-8 relative)."""
-    from star_engine.model import Rotary, RMSNorm, apply_rope_, silu_mul
+    from star_engine.model import RMSNorm, Rotary, apply_rope_, silu_mul
 
     gen = torch.Generator().manual_seed(0)
     ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}[dtype]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from star_engine.comm import MpiCommunicator
-from star_engine.launch import Dist, init_distributed
+from star_engine.launch.control import Dist
+from star_engine.launch.launcher import init_distributed
 from tests.reference import make_tiny_checkpoint
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, RingAttention, StarAttention
-from star_engine.attention.ring import zigzag_chunks
+from star_engine.attention.dense import DenseAttention
+from star_engine.attention.ring import RingAttention, zigzag_chunks
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
-from star_engine.schedule import Engine
+from star_engine.engine import Engine
 from tests.reference import star_reference_logits, uniform_blocks
 
 NEW_TOKENS = 4
@@ -161,7 +162,7 @@ def test_the_request_plan_is_what_the_ranks_store_and_the_arenas_hold(dist, comm
 
 
 def test_a_request_that_does_not_fit_is_refused_by_its_plan_before_any_compute(dist, comm, model):
-    from star_engine.plan import RequestTooLarge
+    from star_engine.request_plan import RequestTooLarge
 
     engine = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=100, max_tail=20)
     with pytest.raises(RequestTooLarge, match="request needs 101 tokens"):
@@ -241,7 +242,7 @@ def test_decode_steps_are_made_per_number_of_rows_whatever_requests_they_hold(di
 
 
 def test_on_the_kernels_path_decode_steps_have_power_of_two_rows_up_to_the_batch():
-    from star_engine.schedule import decode_rows
+    from star_engine.decoder import decode_rows
 
     assert [decode_rows(n, 8, padded=True) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert [decode_rows(n, 6, padded=True) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
@@ -249,10 +250,10 @@ def test_on_the_kernels_path_decode_steps_have_power_of_two_rows_up_to_the_batch
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_refused_naming_the_batch(dist, comm, model, monkeypatch):
-    import star_engine.schedule as schedule
-    from star_engine.launch import JobError
+    import star_engine.engine as engine_module
+    from star_engine.launch.control import JobError
 
-    monkeypatch.setattr(schedule, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: 1 << 20)
     with pytest.raises(JobError, match="for requests of 4096 tokens, 8 at once needs .* or --batch"):
         Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=4096, batch=8)
 

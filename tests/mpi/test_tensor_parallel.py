@@ -8,11 +8,13 @@ from functools import cache
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, RingAttention, StarAttention
+from star_engine.attention.dense import DenseAttention
+from star_engine.attention.ring import RingAttention
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.comm import MpiCommunicator, MpiHostGroup
+from star_engine.engine import Engine
 from star_engine.hosts import Hosts
-from star_engine.schedule import Engine
 from tests.mpi.test_strategies import NEW_TOKENS, assert_same_tokens_on_every_rank, request
 from tests.reference import causal_attention, star_reference_logits, uniform_blocks
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, RingAttention, StarAttention
+from star_engine.attention.dense import DenseAttention
+from star_engine.attention.ring import RingAttention
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.comm import MpiCommunicator, NcclCommunicator
-from star_engine.launch import select_device
-from star_engine.schedule import Engine
+from star_engine.engine import Engine
+from star_engine.launch.devices import select_device
 from tests.reference import make_tiny_checkpoint
 
 

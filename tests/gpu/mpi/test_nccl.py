@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from star_engine.comm import MpiCommunicator, NcclCommunicator
-from star_engine.launch import select_device
+from star_engine.launch.devices import select_device
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_engine.attention import DenseAttention, RingAttention, StarAttention
+from star_engine.attention.dense import DenseAttention
+from star_engine.attention.ring import RingAttention
+from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_config, load_model
 from star_engine.comm import MpiCommunicator, MpiHostGroup, NcclHostGroup, make_communicator, make_host_group
+from star_engine.engine import Engine
 from star_engine.hosts import Hosts
-from star_engine.launch import select_device
-from star_engine.schedule import Engine
+from star_engine.launch.devices import select_device
 from tests.gpu.mpi.test_engine_gpus import checkpoint  # noqa: F401 - a fixture
 from tests.reference import causal_attention
 

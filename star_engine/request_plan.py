@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attention import ContextLayout, Strategy
-from .costs import kv_bytes_per_token
+from .attention.base import ContextLayout, Strategy
 from .config import ModelConfig
+from .costs import kv_bytes_per_token
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from typing import Callable
 
 import torch
 
-from .attention import StrategySpec
-from .comm import Communicator
-from .costs import Calibration
-from .launch import Dist
-from .model import Transformer
-from .schedule import Engine
+from ..attention.spec import StrategySpec
+from ..comm import Communicator
+from ..costs import Calibration
+from ..engine import Engine
+from ..launch.control import Dist
+from ..model import Transformer
 from .tasks import make_sample, score
 
 # Tokens each task may generate (its answers are short; lists take more).

@@ -10,14 +10,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from .attention import StrategySpec
-from .comm import Communicator
-from .costs import Calibration, kv_bytes_per_token
-from .launch import Dist
-from .memory import every_rank_has_room
-from .model import Transformer
-from .plan import RequestPlan, plan_request
-from .schedule import Engine, Generation
+from ..attention.spec import StrategySpec
+from ..comm import Communicator
+from ..costs import Calibration, kv_bytes_per_token
+from ..engine import Engine, Generation
+from ..launch.control import Dist
+from ..memory import every_rank_has_room
+from ..model import Transformer
+from ..request_plan import RequestPlan, plan_request
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .environment import job_setting
-from .launch import launcher_command
+from ..environment import job_setting
+from ..launch.launcher import launcher_command
 
 
 def environment(ranks: int, device: torch.device, program: list[str]) -> dict:

@@ -1,7 +1,8 @@
-"""The schedule of one request: phase 1 (the strategy encodes the context), then phase 2
-(the query, then one token at a time), with every rank in step and the query rank
-deciding each next token.
-"""
+"""The engine: requests through one strategy. Each request's phase 1 (the strategy
+encodes the context), then phase 2 (the query, then one token at a time), with every rank
+in step and the query rank deciding each next token; alone (generate) or with others
+decoding together, each joining as another leaves (generate_many). A decode step is the
+decoder's (decoder.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .attention import Strategy
-from .attention.decode import DecodeRows, decode_kernel_serves
-from .attention.phase2 import query_attention, token_attention
+from .attention.base import Strategy
+from .attention.decode import decode_kernel_serves
+from .attention.phase2 import query_attention
 from .comm import Communicator
 from .costs import kv_bytes_per_token
-from .launch import Dist, JobError, Place
+from .decoder import Decoder, decode_rows
+from .launch.control import Dist, JobError
 from .memory import available_memory, peak_memory, reset_peak_memory
 from .model import Transformer
-from .plan import RequestPlan, RequestTooLarge, plan_request
+from .request_plan import RequestPlan, RequestTooLarge, plan_request
 
 
 @dataclass
@@ -66,16 +68,6 @@ def cache_flags(batch: int) -> str:
     return "--max-tokens" + (" or --batch" if batch > 1 else "")
 
 
-def decode_rows(requests: int, batch: int, padded: bool) -> int:
-    """The rows of the decode step that serves this many requests at once. Padded (the
-    kernel's path, where each step is a CUDA graph): the next power of two, at most batch,
-    so that an engine captures a handful of graphs whatever sets of requests it meets;
-    else exactly one row per request."""
-    if not padded:
-        return requests
-    return min(batch, 1 << (requests - 1).bit_length())
-
-
 class Engine:
     """Runs requests with one strategy. Sized once: every rank's KV arena holds the
     worst case of a request of up to `max_tokens` tokens (context + query + generated), of
@@ -95,7 +87,7 @@ class Engine:
         self.max_tokens = max_tokens
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph
-        self.decoders: dict[int, _Decoder] = {}  # by their rows
+        self.decoders: dict[int, Decoder] = {}  # by their rows
         self.capacities = arena_capacities(strategy, max_tokens, self.max_tail)
         cfg, weight = model.config, model.embed.weight
         self.batch = batch
@@ -114,7 +106,7 @@ class Engine:
         return self.slots[0].arena
 
     @property
-    def decoder(self) -> "_Decoder | None":
+    def decoder(self) -> "Decoder | None":
         """The decode step of a request run alone, once it has decoded."""
         return self.decoders.get(1)
 
@@ -310,14 +302,14 @@ class Engine:
             context_reused=reused,
         )
 
-    def _decoder(self, requests: int) -> "_Decoder":
+    def _decoder(self, requests: int) -> "Decoder":
         """The decode step for this many requests at once: made (and, on a GPU, captured)
         the first time its number of rows is needed, kept for the engine's life."""
         cfg, weight = self.model.config, self.model.embed.weight
         padded = decode_kernel_serves(self.model.heads, self.model.kv_heads, cfg.head_dim, weight.dtype, weight.device)
         rows = decode_rows(requests, self.batch, padded)
         if rows not in self.decoders:
-            self.decoders[rows] = _Decoder(self.model, rows, self.capacities[self.place.rank], self.comm, self.place,
+            self.decoders[rows] = Decoder(self.model, rows, self.capacities[self.place.rank], self.comm, self.place,
                                            self.cuda_graph)
         return self.decoders[rows]
 
@@ -387,64 +379,3 @@ class _Running:
     @property
     def done(self) -> bool:
         return self.tokens[-1] in self.eos or len(self.tokens) >= self.max_new_tokens
-
-
-class _Decoder:
-    """One decode step of one token for each of up to `rows` requests, with shapes that
-    never change: the tokens and their positions live in device tensors that the step
-    itself advances, each KV length in its arena's (the query rank counts each new token's
-    slot there), and which arena a row reads in DecodeRows' tables. On a GPU whose shapes
-    the decode kernel serves, the step (all layers, the collectives and the merges, the
-    choice of the next tokens and their broadcast) is captured once in a CUDA graph and
-    replayed for every later step, whatever requests its rows hold."""
-
-    def __init__(self, model: Transformer, rows: int, capacity: int, comm: Communicator, place: Place,
-                 cuda_graph: bool) -> None:
-        self.model, self.comm, self.place = model, comm, place
-        cfg, weight = model.config, model.embed.weight
-        self.rows = DecodeRows(rows, cfg.num_layers, model.heads, model.kv_heads, cfg.head_dim, capacity,
-                               weight.dtype, weight.device)
-        self.token_ids = torch.zeros(rows, dtype=torch.int64, device=weight.device)
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=weight.device)
-        self.logits = torch.zeros(rows, cfg.vocab_size, dtype=torch.float32, device=weight.device)
-        self.attend = token_attention(self.rows, comm, place.is_query_rank)
-        self.use_graph = cuda_graph and self.rows.kernel
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.held = 0
-        self.steps = 0  # taken so far, for messages
-
-    def start(self, arenas: list[_C.KVArena], tokens: list[int], positions: list[int]) -> None:
-        """The requests of the next steps, a row each: their (decoding) arenas, the tokens to
-        feed and their positions. Rows beyond them are padding."""
-        self.rows.hold(arenas)
-        self.held, padding = len(tokens), [0] * (self.rows.rows - len(tokens))
-        self.token_ids.copy_(torch.tensor(tokens + padding))
-        self.positions.copy_(torch.tensor(positions + padding))
-
-    def step(self) -> None:
-        self.steps += 1
-        if not self.use_graph:
-            self._step()
-        elif self.graph is None:
-            self._step()  # a real step, which also warms up what the capture records
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the next step; runs nothing
-                self._step()
-        else:
-            self.graph.replay()
-
-    def tokens(self) -> list[int]:
-        """The tokens the last step chose for the requests held, a row each."""
-        how = "replayed from its CUDA graph" if self.graph is not None else "eager"
-        self.comm.synchronize(f"decode step {self.steps} of {self.rows.rows} row{'s' * (self.rows.rows > 1)} ({how})")
-        return self.token_ids[:self.held].tolist()
-
-    def _step(self) -> None:
-        if self.place.is_query_rank:
-            self.rows.add_token()  # the slot of the token fed now, which every layer writes
-        hidden = self.model(self.token_ids, self.positions, self.attend)
-        if self.place.is_query_rank:
-            self.logits.copy_(self.model.logits(hidden))
-            self.token_ids.copy_(self.logits.argmax(-1))
-        self.comm.broadcast(self.token_ids, root=self.place.query_rank)
-        self.positions += 1

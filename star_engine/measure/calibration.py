@@ -10,15 +10,15 @@ from typing import Callable
 
 import torch
 
-from . import _C
-from .attention import StarAttention, StrategySpec
-from .attention.star import block_work
-from .comm import Communicator
-from .costs import Calibration, attention_flops_per_pair, fit_rates, linear_flops_per_token
-from .launch import Dist, Place
-from .model import Transformer
-from .planner import predict
-from .schedule import Engine
+from .. import _C
+from ..attention.spec import StrategySpec
+from ..attention.star import StarAttention, block_work
+from ..comm import Communicator
+from ..costs import Calibration, attention_flops_per_pair, fit_rates, linear_flops_per_token
+from ..engine import Engine
+from ..launch.control import Dist, Place
+from ..model import Transformer
+from .prediction import predict
 
 
 def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: Callable[[str], None]) -> Calibration:
@@ -138,7 +138,7 @@ def _gather_merge_s(comm: Communicator, model: Transformer, dist: Dist) -> float
     graph as in a decode step."""
     cfg, weight = model.config, model.embed.weight
     if weight.is_cuda:
-        from .benchmark import gather_merge_latency
+        from .speed import gather_merge_latency
 
         seconds = gather_merge_latency(comm, cfg.num_heads, cfg.head_dim, weight.dtype, weight.device, cfg.num_layers)
     else:
