@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from .environment import job_setting
+from .json_file import write_json
 
 # The error record of a request that a stop left unfinished twice in a row.
 NOT_FINISHED = "not finished in two runs of the job: raise the time limit"
@@ -137,9 +138,7 @@ class AnswerFile:
                     given_up.append((line, rid))
             if self._unfinished is not None:
                 if left:
-                    from .measure.results import save
-
-                    save(self._unfinished, {"ids": left})
+                    write_json(self._unfinished, {"ids": left})
                 else:
                     self._unfinished.unlink(missing_ok=True)
         return given_up

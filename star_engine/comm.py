@@ -91,7 +91,7 @@ class MpiHostGroup:
         return tensor.copy_(total)
 
     def all_gather(self, tensor: Tensor) -> Tensor:
-        host = _host(tensor.contiguous())
+        host = _on_cpu(tensor.contiguous())
         gathered = torch.empty((self.size, *host.shape), dtype=host.dtype)
         self.dist.wait(self.dist.mpi.Iallgather(_buffer(host), _buffer(gathered)), "a host all-gather")
         return gathered.to(tensor.device)
@@ -133,7 +133,7 @@ def _buffer(tensor: Tensor):
     return tensor.view(-1).view(torch.uint8).numpy()
 
 
-def _host(tensor: Tensor) -> Tensor:
+def _on_cpu(tensor: Tensor) -> Tensor:
     return tensor if tensor.device.type == "cpu" else tensor.cpu()
 
 
@@ -152,7 +152,7 @@ class MpiCommunicator(Communicator):
         if o.numel() != rows * dim:
             raise ValueError(f"gather_merge: o {tuple(o.shape)} does not match lse {tuple(lse.shape)}")
         # One packed float32 message per rank: o's rows, then their lse.
-        packed = _host(torch.cat((o.reshape(-1).float(), lse.reshape(-1).float())))
+        packed = _on_cpu(torch.cat((o.reshape(-1).float(), lse.reshape(-1).float())))
         gathered = torch.empty(self.world, packed.numel(), dtype=torch.float32)
         self.dist.wait(self.comm.Iallgather(_buffer(packed), _buffer(gathered)), "gather_merge")
         self.bytes_sent += packed.nbytes
@@ -161,7 +161,7 @@ class MpiCommunicator(Communicator):
         return merged_o.view(o.shape).to(o.device, o.dtype), merged_lse.view(lse.shape).to(lse.device)
 
     def broadcast(self, tensor: Tensor, root: int) -> Tensor:
-        host = _host(tensor)
+        host = _on_cpu(tensor)
         self.dist.wait(self.comm.Ibcast(_buffer(host), root=root), f"a broadcast from rank {root}")
         if self.rank == root:
             self.bytes_sent += tensor.nbytes
@@ -173,7 +173,7 @@ class MpiCommunicator(Communicator):
         return self.start_send_recv(send, dst, recv, src)()
 
     def start_send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> Callable[[], Tensor]:
-        host_send, host_recv = _host(send), _host(recv)
+        host_send, host_recv = _on_cpu(send), _on_cpu(recv)
         receiving = self.comm.Irecv(_buffer(host_recv), source=src)
         sending = self.comm.Isend(_buffer(host_send), dest=dst)
         self.bytes_sent += send.nbytes

@@ -51,7 +51,7 @@ def arena_capacities(strategy: Strategy, max_tokens: int, max_tail: int) -> list
     """By rank: the KV slots of an arena that holds any request of up to max_tokens tokens,
     at most max_tail of them after the context. A shorter context leaves more room for the
     tail, never more slots on the query rank than max_tokens, whatever the split."""
-    place = strategy.dist
+    place = strategy.place
     max_context = max_tokens - max_tail
     query_share = strategy.context_capacity(place.query_rank, max_context) if max_context else 0
     return [min(max_tokens, query_share + max_tail) if r == place.query_rank
@@ -75,7 +75,7 @@ class Engine:
     its share of the context and the tail. With batch > 1, that many arenas: up to
     `batch` requests decode together (generate_many).
 
-    The strategy runs among the ranks of `comm`, its place (`strategy.dist`): the ranks of
+    The strategy runs among the ranks of `comm`, its place (`strategy.place`): the ranks of
     the job, or under tensor parallelism the ranks of every host that hold the same heads,
     where a rank's arena holds its own heads' K/V and its host's ranks decide each token
     alike. `dist` is the whole job's control plane."""
@@ -83,7 +83,7 @@ class Engine:
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
                  max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None, batch: int = 1) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
-        self.place = strategy.dist
+        self.place = strategy.place
         self.max_tokens = max_tokens
         self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
         self.cuda_graph = cuda_graph

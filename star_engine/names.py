@@ -3,7 +3,9 @@ line answers --help at once); the modules that implement each choice import its 
 from here."""
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash-attn", "flash", "torch")  # kernels.py: the fused ones
+# The fused kernels (attention/kernels.py), in the order "auto" tries them.
+FUSED_ATTENTION_BACKENDS = ("cudnn", "flash-attn", "flash")
+ATTENTION_BACKENDS = ("auto", *FUSED_ATTENTION_BACKENDS, "torch")
 STRATEGIES = ("star", "ring", "dense")
 ANCHOR_MODES = ("recompute", "broadcast")
 DEFAULT_ANCHOR_MODE = "broadcast"  # the same numbers as recompute, about half the phase-1 work

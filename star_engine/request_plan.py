@@ -88,4 +88,4 @@ class RequestPlan:
 def plan_request(strategy: Strategy, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
     if query_len < 1 or max_new_tokens < 1:
         raise ValueError("a request needs at least one query token and max_new_tokens >= 1")
-    return RequestPlan(strategy.layout(context_len), query_len, max_new_tokens, strategy.dist.query_rank)
+    return RequestPlan(strategy.layout(context_len), query_len, max_new_tokens, strategy.place.query_rank)

@@ -8,17 +8,15 @@ import functools
 
 import torch
 
-from ..names import ATTENTION_BACKENDS
-from .kernels import FUSED, agrees, exact_attention_lse, fused_attention_lse, has_flash_attn, probe_inputs
-
-BACKENDS = ATTENTION_BACKENDS
+from ..names import ATTENTION_BACKENDS, FUSED_ATTENTION_BACKENDS
+from .kernels import agrees, exact_attention_lse, fused_attention_lse, has_flash_attn, probe_inputs
 _backend = "auto"
 
 
 def set_backend(name: str) -> None:
-    """Chooses the attention backend of this process (one of BACKENDS)."""
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    """Chooses the attention backend of this process (one of ATTENTION_BACKENDS)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
     if name == "flash-attn" and not has_flash_attn():
         raise ValueError("attention backend flash-attn: the flash-attn package is not installed")
     global _backend
@@ -34,7 +32,7 @@ def backend_for(device: torch.device, dtype: torch.dtype) -> str:
         return "torch"
     if _backend != "auto":
         return _backend
-    for name in FUSED:
+    for name in FUSED_ATTENTION_BACKENDS:
         if _works(name, device):
             return name
     return "torch"

@@ -31,8 +31,8 @@ class ContextLayout:
 class Strategy(ABC):
     name: str
 
-    def __init__(self, dist: Place, comm: Communicator | None) -> None:
-        self.dist, self.comm = dist, comm
+    def __init__(self, place: Place, comm: Communicator | None) -> None:
+        self.place, self.comm = place, comm
 
     @abstractmethod
     def layout(self, context_len: int) -> ContextLayout:

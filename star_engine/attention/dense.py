@@ -19,15 +19,15 @@ class DenseAttention(Strategy):
     name = "dense"
 
     def layout(self, context_len: int) -> ContextLayout:
-        kept = tuple(context_len if r == self.dist.query_rank else 0 for r in range(self.dist.world))
+        kept = tuple(context_len if r == self.place.query_rank else 0 for r in range(self.place.world))
         return ContextLayout(context_len, kept=kept, encoded=kept, received=(0,) * len(kept))
 
     def context_capacity(self, rank: int, max_context: int) -> int:
-        return max_context if rank == self.dist.query_rank else 0
+        return max_context if rank == self.place.query_rank else 0
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: ContextLayout,
                        arena: _C.KVArena) -> None:
-        if not self.dist.is_query_rank or len(context_ids) == 0:
+        if not self.place.is_query_rank or len(context_ids) == 0:
             return
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -19,10 +19,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ..names import ATTENTION_BACKENDS
 from .merge import merge_into
 
-FUSED = ATTENTION_BACKENDS[1:-1]  # cudnn, flash-attn, flash
 
 # Bound on the score matrix of one query chunk (elements), to keep long contexts in memory.
 _MAX_SCORES = 1 << 26
@@ -52,7 +50,7 @@ def exact_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[
 
 
 def fused_attention_lse(kernel: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
-    """One of FUSED, with the mask aligned bottom-right."""
+    """One of FUSED_ATTENTION_BACKENDS, with the mask aligned bottom-right."""
     tq, tk = q.shape[1], k.shape[1]
     if not causal or tq == tk or kernel == "flash-attn":  # flash-attn aligns bottom-right itself
         return _KERNELS[kernel](q, k, v, causal)

@@ -38,21 +38,21 @@ class RingAttention(Strategy):
     name = "ring"
 
     def layout(self, context_len: int) -> RingLayout:
-        spans = tuple(tuple(pair) for pair in zigzag_chunks(context_len, self.dist.world))
+        spans = tuple(tuple(pair) for pair in zigzag_chunks(context_len, self.place.world))
         kept = tuple(sum(end - start for start, end in pair) for pair in spans)
         # A rank attends each other rank's chunks in turn.
         received = tuple(max((k for r, k in enumerate(kept) if r != rank), default=0) for rank in range(len(kept)))
         return RingLayout(context_len, kept=kept, encoded=kept, received=received, spans=spans)
 
     def context_capacity(self, rank: int, max_context: int) -> int:
-        return 2 * -(-max_context // (2 * self.dist.world))  # two chunks, each at most c / 2W rounded up
+        return 2 * -(-max_context // (2 * self.place.world))  # two chunks, each at most c / 2W rounded up
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: RingLayout,
                        arena: _C.KVArena) -> None:
         if len(context_ids) == 0:
             return
         spans = layout.spans
-        positions = torch.cat([torch.arange(s, e, device=context_ids.device) for s, e in spans[self.dist.rank]])
+        positions = torch.cat([torch.arange(s, e, device=context_ids.device) for s, e in spans[self.place.rank]])
         x = model.embed_tokens(context_ids[positions])
         cos, sin = model.rope(positions)
         for layer_idx, layer in enumerate(model.layers):
@@ -61,7 +61,7 @@ class RingAttention(Strategy):
             x = layer.finish(x, self._ring_attention(q, k, v, spans))
 
     def _ring_attention(self, q: Tensor, k: Tensor, v: Tensor, spans: tuple) -> Tensor:
-        rank, world = self.dist.rank, self.dist.world
+        rank, world = self.place.rank, self.place.world
         heads, tokens, dim = q.shape
         o = torch.zeros(heads, tokens, dim, dtype=torch.float32, device=q.device)
         lse = torch.full((heads, tokens), float("-inf"), dtype=torch.float32, device=q.device)

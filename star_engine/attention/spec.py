@@ -44,7 +44,7 @@ class StrategySpec:
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
                             self.anchor_mode, self.layout)
 
-    def build(self, dist: Place, comm: Communicator | None, config: ModelConfig,
+    def build(self, place: Place, comm: Communicator | None, config: ModelConfig,
               calibration: Calibration | None) -> Strategy:
         """The strategy, for a model of this shape: a balanced layout weighs its blocks by
         the model's work on the device of `calibration` (the job's, the same on every rank;
@@ -54,11 +54,11 @@ class StrategySpec:
         from .star import StarAttention
 
         if self.attn != "star":
-            return {"ring": RingAttention, "dense": DenseAttention}[self.attn](dist, comm)
+            return {"ring": RingAttention, "dense": DenseAttention}[self.attn](place, comm)
         if self.layout == "balanced" and calibration is None:
             raise ValueError("the balanced layout weighs its blocks by a calibration, and none was given")
         weight = token_weight(config, calibration) if self.layout == "balanced" else 0.0
-        return StarAttention(dist, comm, block_size=self.block_size, blocks=self.blocks,
+        return StarAttention(place, comm, block_size=self.block_size, blocks=self.blocks,
                              anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
                              anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight)
 

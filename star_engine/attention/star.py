@@ -80,7 +80,7 @@ def blocks_of_rank(rank: int, num_blocks: int, world: int) -> range:
 class StarAttention(Strategy):
     name = "star"
 
-    def __init__(self, dist: Place, comm: Communicator | None, *, block_size: int | None = None,
+    def __init__(self, place: Place, comm: Communicator | None, *, block_size: int | None = None,
                  blocks: int | None = None, anchor_tokens: int | None = None,
                  anchor_fraction: float | None = None, anchor_mode: str = DEFAULT_ANCHOR_MODE,
                  layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0) -> None:
@@ -88,7 +88,7 @@ class StarAttention(Strategy):
         anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
         pairs as costly as one token's per-token work (costs.token_weight), which the
         balanced layout weighs block 0 with."""
-        super().__init__(dist, comm)
+        super().__init__(place, comm)
         check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout)
         self.block_size, self.blocks = block_size, blocks
         self.anchor_tokens, self.anchor_fraction, self.anchor_mode = anchor_tokens, anchor_fraction, anchor_mode
@@ -109,7 +109,7 @@ class StarAttention(Strategy):
     def _block_sizes(self, context_len: int) -> tuple[list[int], int]:
         """The tokens of each block, and the size the anchor is measured in: the blocks'
         (uniform) or the blocks' other than block 0 (balanced)."""
-        count, w = self.blocks or self.dist.world, self.token_weight
+        count, w = self.blocks or self.place.world, self.token_weight
         if self.balanced and self.block_size is not None:
             size = self.block_size
             first = min(context_len, first_block_tokens(block_work(size, self._anchor_for(size), w), w))
@@ -130,7 +130,7 @@ class StarAttention(Strategy):
 
     def layout(self, context_len: int) -> StarLayout:
         """The anchor is clipped to block 0."""
-        world = self.dist.world
+        world = self.place.world
         sizes, nominal = self._block_sizes(context_len)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         blocks = tuple((start, start + size) for start, size in zip(starts, sizes))
@@ -153,7 +153,7 @@ class StarAttention(Strategy):
         return self.anchor_mode == "recompute" or num_blocks == 1
 
     def context_capacity(self, rank: int, max_context: int) -> int:
-        world = self.dist.world
+        world = self.place.world
         if self.balanced and self.block_size is None:
             # With a fixed number of blocks every size grows with the context, but for block
             # 0 taking the others' rounding (fewer than 2 tokens per block).
@@ -172,7 +172,7 @@ class StarAttention(Strategy):
         if not layout.blocks:
             return
         device, anchor = context_ids.device, layout.anchor_size
-        mine = layout.blocks_of(self.dist.rank)
+        mine = layout.blocks_of(self.place.rank)
         broadcast = not self._recomputes_anchor(len(layout.blocks))
 
         # Sequences this rank runs through the layers: its blocks, and the anchor where it

@@ -4,7 +4,6 @@ command), and writing them whole."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..environment import job_setting
+from ..json_file import write_json
 from ..launch.launcher import launcher_command
 
 
@@ -61,7 +61,4 @@ def _cpu_model() -> str:
 def save(path: Path, result: dict) -> None:
     """Writes result as JSON, whole or not at all (a job stopped while writing keeps the
     earlier file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(path)
+    write_json(path, result)
