@@ -8,7 +8,7 @@ the template's tail (end of turn, assistant header).
 
 from __future__ import annotations
 
-from .checkpoint import cache_dir
+from .gguf_file import cache_dir
 from .model_source import ModelSource, resolve
 
 
