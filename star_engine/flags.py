@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
@@ -108,8 +107,6 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
                         help=f"the anchor: the first TOKENS tokens of the context{each} (default: a whole block)")
     anchor.add_argument("--anchor-fraction", type=kind(fraction), default=None, metavar="F",
                         help=f"or the anchor as a fraction of a block: 1/4, 0.5, 1{each}")
-    # The spelling of earlier versions, where the way a number was written chose its unit.
-    anchor.add_argument("--anchor-size", dest="old_anchor_size", default=None, help=argparse.SUPPRESS)
     group.add_argument("--layout", type=kind(layout_name), default=None, metavar="uniform|balanced",
                        help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
                             f"same work, weighed by the device's measured rates{each} (default: {DEFAULT_STAR_LAYOUT})")
@@ -123,8 +120,6 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
     """The specs of the strategies asked for, star's from the layout flags (every
     combination of them with a grid). Raises ValueError naming the flag."""
     from .attention.spec import StrategySpec
-
-    _translate_old_anchor_size(args)
 
     def values(given: object) -> list:  # a grid's flag holds a list, the others one value
         return [None] if given is None else given if args.star_grid else [given]
@@ -145,36 +140,6 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None
     return specs
-
-
-def _translate_old_anchor_size(args: argparse.Namespace) -> None:
-    """--anchor-size as earlier versions read it, with a note that names the new flag: in
-    eval a fraction of the block (list), elsewhere tokens when written as an integer."""
-    from .attention.spec import parse_fraction
-    from .launch.launcher import env_rank
-
-    text = getattr(args, "old_anchor_size", None)
-    if text is None:
-        return
-    args.old_anchor_size = None
-    values = [t.strip() for t in text.split(",") if t.strip()]
-    as_tokens = not args.star_grid and len(values) == 1 and values[0].isdigit()
-    try:
-        if as_tokens:
-            args.anchor_tokens, new = int(values[0]), f"--anchor-tokens {values[0]}"
-            if args.anchor_tokens < 1:
-                raise ValueError(f"{text!r} is not a number of tokens >= 1")
-        else:
-            parsed = [parse_fraction(v) for v in values]
-            if not args.star_grid and len(parsed) != 1:
-                raise ValueError(f"{text!r}: one value")
-            args.anchor_fraction = parsed if args.star_grid else parsed[0]
-            new = f"--anchor-fraction {','.join(values)}"
-    except ValueError as exc:
-        raise ValueError(f"--anchor-size (now --anchor-tokens or --anchor-fraction): {exc}") from None
-    if env_rank() == 0:
-        print(f"star_engine: note: --anchor-size is renamed; --anchor-size {text} is read as {new}, "
-              "which is how to write it from now on", file=sys.stderr)
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int, sized: bool = True) -> None:

@@ -71,19 +71,3 @@ def test_the_other_strategies_take_no_star_settings():
     assert specs("bench", "--attn", "ring,dense", "--blocks", "4") == [StrategySpec("ring"), StrategySpec("dense")]
     with pytest.raises(ValueError, match="ring takes no block or anchor settings"):
         StrategySpec("ring", blocks=4)
-
-
-@pytest.mark.parametrize("command,old,new", [
-    ("run", "4096", StrategySpec(anchor_tokens=4096, layout="balanced")),  # an integer was tokens
-    ("demo", "0.5", StrategySpec(anchor_fraction=0.5, layout="balanced")),  # anything else a fraction
-    ("bench", "block", StrategySpec(anchor_fraction=1.0, layout="balanced")),
-])
-def test_the_earlier_anchor_size_spelling_keeps_its_meaning_with_a_note_naming_the_new_flag(command, old, new, capsys):
-    assert star(command, "--anchor-size", old) == new
-    flag = "--anchor-tokens" if new.anchor_tokens else "--anchor-fraction"
-    assert f"--anchor-size {old} is read as {flag} {old}" in capsys.readouterr().err
-
-
-def test_eval_read_the_earlier_anchor_size_as_fractions_of_the_block(capsys):
-    assert [s.anchor_fraction for s in specs("eval", "--attn", "star", "--anchor-size", "1/4,1")] == [0.25, 1.0]
-    assert "is read as --anchor-fraction 1/4,1" in capsys.readouterr().err
