@@ -517,6 +517,7 @@ def test_help_documents_every_flag():
      "argument --block-size: not allowed with argument --blocks"),
     (["bench", "--model", "tiny", "--attn", "star,flash"], "--attn: unknown strategies ['flash']"),
     (["bench", "--model", "tiny", "--lengths", "32K,lots"], "--lengths '32K,lots': expected token counts"),
+    (["bench", "--model", "tiny", "--batch", "4"], "star_engine: --batch takes effect only with --job REQUESTS"),
 ])
 def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
     result = star_engine(args)

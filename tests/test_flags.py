@@ -3,6 +3,8 @@ command turns them into strategy specs, the one description the factory builds f
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from star_engine.attention.spec import StrategySpec, parse_fraction
@@ -13,12 +15,17 @@ from star_engine.flags import star_specs
 REQUIRED = {"run": ["--input", "in.jsonl", "--output", "out.jsonl"]}
 
 
-def specs(command: str, *flags: str) -> list[StrategySpec]:
+def parse(command: str, *flags: str) -> argparse.Namespace:
     args = build_parser().parse_args([command, *REQUIRED.get(command, []), *flags])
     if command == "run":  # its check also wants the input file
-        return star_specs(args, [args.attn])
-    COMMANDS[command].check(args)
-    return args.specs
+        args.specs = star_specs(args, [args.attn])
+    else:
+        COMMANDS[command].check(args)
+    return args
+
+
+def specs(command: str, *flags: str) -> list[StrategySpec]:
+    return parse(command, *flags).specs
 
 
 def star(command: str, *flags: str) -> StrategySpec:
@@ -71,3 +78,12 @@ def test_the_other_strategies_take_no_star_settings():
     assert specs("bench", "--attn", "ring,dense", "--blocks", "4") == [StrategySpec("ring"), StrategySpec("dense")]
     with pytest.raises(ValueError, match="ring takes no block or anchor settings"):
         StrategySpec("ring", blocks=4)
+
+
+@pytest.mark.parametrize("flags", [["--batch", "4"], ["--questions-per-context", "2"]])
+def test_bench_refuses_the_settings_of_a_job_without_job(flags):
+    with pytest.raises(ValueError, match=f"^{flags[0]} takes effect only with --job REQUESTS$"):
+        parse("bench", *flags)
+    job = parse("bench", "--job", "8", *flags)
+    assert (job.batch, job.questions_per_context) == ((4, 1) if flags[0] == "--batch" else (1, 2))
+    assert (parse("bench").batch, parse("bench").questions_per_context) == (1, 1)

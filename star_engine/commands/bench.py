@@ -35,9 +35,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="measure a job of REQUESTS requests instead: one at a time against each context "
                             "encoded once for its questions (--questions-per-context); requests per hour, "
                             "output tokens per second, each request's latency")
-    bench.add_argument("--questions-per-context", type=positive, default=1, metavar="Q",
+    # None until given, so that one given without --job is refused rather than ignored.
+    bench.add_argument("--questions-per-context", type=positive, default=None, metavar="Q",
                        help="with --job: questions asked of each context (default: 1)")
-    bench.add_argument("--batch", type=positive, default=1, metavar="N",
+    bench.add_argument("--batch", type=positive, default=None, metavar="N",
                        help="with --job: also the job with up to N requests decoding together (default: 1, not)")
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
@@ -47,7 +48,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --lengths into a list, and makes args.specs, the strategies to measure."""
+    """Refuses the flags of a job without --job; turns --lengths into a list, and makes
+    args.specs, the strategies to measure."""
+    job_only = [flag for flag, value in (("--questions-per-context", args.questions_per_context),
+                                         ("--batch", args.batch)) if value is not None]
+    if job_only and args.job is None:
+        raise ValueError(f"{' and '.join(job_only)} take{'s' if len(job_only) == 1 else ''} effect only with "
+                         "--job REQUESTS")
+    args.questions_per_context, args.batch = args.questions_per_context or 1, args.batch or 1
     args.specs, args.lengths = star_specs(args, args.attn), token_counts(args.lengths)
 
 
