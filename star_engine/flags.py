@@ -142,10 +142,12 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
     return specs
 
 
-def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int, sized: bool = True) -> None:
-    parser.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,
-                        help=f"tokens to generate at most, unless a request says otherwise "
-                             f"(default: {max_new_tokens})")
+def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int | None, sized: bool = True,
+                         meaning: str = "tokens to generate at most") -> None:
+    """--max-new-tokens, with the command's meaning of it and its default (None: none, the
+    meaning says what then); with sized also the KV cache's size."""
+    parser.add_argument("--max-new-tokens", type=positive, default=max_new_tokens, metavar="N",
+                        help=meaning if max_new_tokens is None else f"{meaning} (default: {max_new_tokens})")
     if sized:
         parser.add_argument("--max-tokens", type=positive, default=None,
                             help="longest request (context + query + generated tokens) the KV cache is "

@@ -646,6 +646,9 @@ def test_a_resumed_eval_keeps_the_cells_already_measured_and_measures_the_rest(t
     other = star_engine([*common[:-4], "--samples", "3", "--output", str(out), "--resume"], ranks=2)
     assert other.returncode != 0
     assert "has samples_per_cell 2, this run 3" in other.stderr
+    capped = star_engine([*common, "--tasks", "vt", "--max-new-tokens", "8", "--resume"], ranks=2)
+    assert capped.returncode != 0
+    assert "has max_new_tokens None, this run 8" in capped.stderr
 
 
 def test_a_host_of_three_ranks_splitting_the_built_in_model_answers_as_one_rank_does(tmp_path):
