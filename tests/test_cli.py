@@ -461,7 +461,7 @@ def jobs_of_every_command(directory: Path) -> dict[str, list[str]]:
                   "--query-tokens", "8", "--output", str(directory / "bench.json")],
         "bench --job": ["bench", "--model", "tiny", "--attn", "star", "--lengths", "700", "--job", "2",
                         "--max-new-tokens", "2", "--query-tokens", "8", "--output", str(directory / "job.json")],
-        "plan": ["plan", "--model", "tiny", "--context", "8K", "--gpus", "3"],
+        "plan": ["plan", "--model", "tiny", "--lengths", "8K", "--gpus", "3"],
         "plan --calibrate": ["plan", "--calibrate", "--model", "tiny", "--output", str(directory / "rates.json")],
     }
 
@@ -499,7 +499,7 @@ def test_help_answers_without_loading_pytorch():
 
 def test_help_documents_every_flag():
     parser = build_parser()
-    for command in ("run", "demo", "bench", "eval"):
+    for command in ("run", "demo", "bench", "eval", "plan"):
         sub = parser._subparsers._group_actions[0].choices[command]
         help_text = sub.format_help()
         for action in sub._actions:
@@ -518,6 +518,7 @@ def test_help_documents_every_flag():
     (["bench", "--model", "tiny", "--attn", "star,flash"], "--attn: unknown strategies ['flash']"),
     (["bench", "--model", "tiny", "--lengths", "32K,lots"], "--lengths '32K,lots': expected token counts"),
     (["bench", "--model", "tiny", "--batch", "4"], "star_engine: --batch takes effect only with --job REQUESTS"),
+    (["plan", "--model", "tiny", "--lengths", "8K", "--tp", "2"], "unrecognized arguments: --tp 2"),
 ])
 def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
     result = star_engine(args)

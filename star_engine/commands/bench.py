@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
-                     token_counts)
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
+                     positive, star_specs, strategy_names, token_counts)
 from ..names import DEFAULT_STAR_LAYOUT
 
 if TYPE_CHECKING:
@@ -25,9 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "table, and writes JSON and a PNG plot.")
     bench.add_argument("--attn", type=strategy_names, default="star,ring,dense",
                        help="strategies, comma-separated (default: all)")
-    bench.add_argument("--lengths", default="32K,64K,128K,256K,512K,1M",
-                       help="context lengths in tokens, K = 1024 (default: 32K,64K,128K,256K,512K,1M)")
-    bench.add_argument("--query-tokens", type=positive, default=64, help="query tokens (default: 64)")
+    add_lengths_flag(bench, default="32K,64K,128K,256K,512K,1M")
+    add_query_tokens_flag(bench)
     bench.add_argument("--output", type=Path, default=None,
                        help="JSON results (default: e2e_<model>_<ranks>ranks.json in the current directory); "
                             "the plot goes beside it as .png")

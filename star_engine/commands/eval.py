@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
-                     token_counts)
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_star_flags, positive, star_specs,
+                     strategy_names, token_counts)
 from ..measure.tasks import TASKS
 
 
@@ -20,7 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "scores them, prints a table (star's accuracy also relative to dense) and writes "
                     "JSON and a plot.")
     evaluate.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: all: {', '.join(TASKS)})")
-    evaluate.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens (default: 1K,2K,4K)")
+    add_lengths_flag(evaluate, default="1K,2K,4K", of="prompt")
     evaluate.add_argument("--samples", type=positive, default=10, help="samples per task and length (default: 10)")
     evaluate.add_argument("--attn", type=strategy_names, default="star,dense",
                           help="strategies, comma-separated; star once for each layout of the grid its flags "
@@ -33,8 +33,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                "(task, length) cells it lacks or holds in part; same model, seed, samples and "
                                "--max-new-tokens")
     add_model_flags(evaluate)
-    add_star_flags(evaluate, grid=True)
-    evaluate.set_defaults(blocks=[4])
+    add_star_flags(evaluate, grid=True, blocks=4)
     add_generation_flags(evaluate, max_new_tokens=None, sized=False,
                          meaning="tokens each answer may take at most: a task's own number (32; 48 to 96 for the "
                                  "tasks whose answers are lists), or N where that is smaller "
