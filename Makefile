@@ -53,7 +53,7 @@ install-check:
 	$(CHECK)/venv/bin/pip install -q setuptools wheel cmake ninja
 	cd $(CHECK)/src && ../venv/bin/pip install -q --no-build-isolation .
 	cd $(CHECK) && venv/bin/python -c "import star_engine._C, star_engine; print(star_engine.__file__)"
-	cd $(CHECK) && venv/bin/star-engine plan --model llama-3.1-8b --context 32K --gpus 1,2
+	cd $(CHECK) && venv/bin/star-engine plan --model llama-3.1-8b --lengths 32K --gpus 1,2
 
 clean:
 	rm -rf build $(EXTENSION) star_engine/_C*.so *.egg-info

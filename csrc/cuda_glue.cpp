@@ -170,30 +170,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_rows(const at::Tensor& q, co
   return {o, lse};
 }
 
-void kv_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& length) {
-  // k_cache, v_cache: one layer of the arena [KV, capacity, D]; k, v: [KV, 1, D].
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k, &v, &length}) {
-    check_cuda_tensor(*t, "kv_append input");
-  }
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes(),
-              "kv_append: caches must be contiguous [KV, capacity, D]");
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == k_cache.size(0) && k.size(1) == 1 &&
-                  k.size(2) == k_cache.size(2) && v.sizes() == k.sizes() && v.strides() == k.strides() &&
-                  k.stride(2) == 1 && k.scalar_type() == k_cache.scalar_type() &&
-                  v.scalar_type() == k_cache.scalar_type(),
-              "kv_append: k and v must be one token [KV, 1, D] of the cache's dtype");
-  const int64_t row_bytes = k.size(2) * k.element_size();
-  TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * k.element_size()) % 16 == 0,
-              "kv_append: rows must be multiples of 16 bytes");
-  TORCH_CHECK(length.scalar_type() == at::kInt && length.numel() == 1, "kv_append: int32 length");
-  const c10::cuda::CUDAGuard guard(k.device());
-  kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), 0, k_cache.data_ptr(),
-                 v_cache.data_ptr(), k_cache.size(1), length.data_ptr<int32_t>(), DecodeRows{}, 1,
-                 static_cast<int>(k.size(0)), static_cast<int>(row_bytes), current_stream(k));
-}
-
 void kv_append_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_rows,
                     const at::Tensor& v_rows, const at::Tensor& lengths, int64_t capacity) {
   // k, v [KV, rows, D]: row r's token goes to slot lengths[r] - 1 of the layer whose K and V

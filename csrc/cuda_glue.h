@@ -10,11 +10,6 @@ namespace star {
 void lse_merge_gpu(const at::Tensor& o_parts, const at::Tensor& lse_parts, at::Tensor& o,
                    at::Tensor& lse);
 
-// Writes one token's k, v [KV, 1, D] into slot length - 1 of a cache layer [KV, capacity, D]
-// (length: int32 [1], read on the device; a slot outside the layer is not written).
-void kv_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& length);
-
 void register_cuda_bindings(pybind11::module& m);
 
 }  // namespace star

@@ -6,10 +6,36 @@
 #include <sstream>
 
 #ifdef STAR_ENGINE_WITH_CUDA
-#include "cuda_glue.h"
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/kernels.h"
 #endif
 
 namespace star {
+
+#ifdef STAR_ENGINE_WITH_CUDA
+namespace {
+
+// Writes one token's k, v [KV, 1, D] into slot *length - 1 of a layer's caches [KV,
+// capacity, D] (the arena's: contiguous, of k's device and dtype) on the current stream; a
+// slot outside the layer is not written.
+void write_token_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& length) {
+  TORCH_CHECK(v.strides() == k.strides() && k.stride(2) == 1,
+              "KVArena.write_token: k and v must have one layout with contiguous rows");
+  const int64_t row_bytes = k.size(2) * k.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * k.element_size()) % 16 == 0,
+              "KVArena.write_token: rows must be multiples of 16 bytes");
+  const c10::cuda::CUDAGuard guard(k.device());
+  kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), 0, k_cache.data_ptr(),
+                 v_cache.data_ptr(), k_cache.size(1), length.data_ptr<int32_t>(), DecodeRows{}, 1,
+                 static_cast<int>(k.size(0)), static_cast<int>(row_bytes),
+                 at::cuda::getCurrentCUDAStream(k.device().index()).stream());
+}
+
+}  // namespace
+#endif
 
 KVArena::KVArena(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim,
                  int64_t capacity, at::ScalarType dtype, at::Device device)
@@ -118,7 +144,7 @@ void KVArena::write_token(int64_t layer, const at::Tensor& k, const at::Tensor& 
   auto [cache_k, cache_v] = slots(layer);
 #ifdef STAR_ENGINE_WITH_CUDA
   if (storage_.is_cuda()) {  // the slot is read on the device: no host round trip
-    kv_append(cache_k, cache_v, k, v, device_length_);
+    write_token_cuda(cache_k, cache_v, k, v, device_length_);
     return;
   }
 #endif

@@ -1,14 +1,14 @@
 """The flags the commands share, defined once: what each means, its default, its check.
 
 Star's layout has one set of flags in every command: --blocks (a count) or --block-size
-(tokens), --anchor-tokens or --anchor-fraction (of a block), --anchor-mode. eval takes
-comma-separated lists of them, a grid; the others one value each."""
+(tokens), --anchor-tokens or --anchor-fraction (of a block), --layout, --anchor-mode.
+bench, eval and plan take comma-separated lists of them, a grid; run and demo one value
+each."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
@@ -70,7 +70,8 @@ def strategy_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL, tensor_parallel: bool = True) -> None:
+    """The model and how it runs; with tensor_parallel also --tp, for commands that split it."""
     models = ", ".join([*BUILTIN_MODELS, *PRESETS])
     parser.add_argument("--model", default=model,
                         help=f"built-in model or shape preset ({models}), a Hugging Face checkpoint "
@@ -79,10 +80,11 @@ def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL)
                         help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="one GPU per rank, or CPU tensors (default: cuda when available)")
-    parser.add_argument("--tp", type=positive, default=1, metavar="N",
-                        help="tensor parallelism: hosts of N consecutive ranks of one node split the model "
-                             "(heads, MLP, vocabulary) and hold one copy of it together; the strategy runs "
-                             "across hosts (default: 1, every rank holds the whole model)")
+    if tensor_parallel:
+        parser.add_argument("--tp", type=positive, default=1, metavar="N",
+                            help="tensor parallelism: hosts of N consecutive ranks of one node split the model "
+                                 "(heads, MLP, vocabulary) and hold one copy of it together; the strategy runs "
+                                 "across hosts (default: 1, every rank holds the whole model)")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="decode eagerly instead of replaying each step from a CUDA graph")
     parser.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default="auto",
@@ -91,16 +93,19 @@ def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL)
                              "needed) on CPUs and for float32 (default: auto, the first of these that works)")
 
 
-def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
-    """Star's layout. With grid, each flag takes a comma-separated list."""
+def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: int | None = None,
+                   layouts: tuple[str, ...] = (DEFAULT_STAR_LAYOUT,)) -> None:
+    """Star's layout. With grid, each flag takes a comma-separated list, and the default
+    `layouts` may be several; `blocks` is the default number of blocks (None: one per rank)."""
     def kind(parse: Callable[[str], object]) -> Callable[[str], object]:
         return (lambda text: [parse(t) for t in text.split(",") if t.strip()]) if grid else parse
 
     each = "; comma-separated for a grid" if grid else ""
     group = parser.add_argument_group("star's layout (other strategies ignore it)")
     size = group.add_mutually_exclusive_group()
-    size.add_argument("--blocks", type=kind(positive), default=None, metavar="N",
-                      help=f"cut the context into N blocks of equal size{each} (default: one per rank)")
+    size.add_argument("--blocks", type=kind(positive), default=[blocks] if grid and blocks else blocks, metavar="N",
+                      help=f"cut the context into N blocks of equal size{each} "
+                           f"(default: {blocks or 'one per rank'})")
     size.add_argument("--block-size", type=kind(positive), default=None, metavar="TOKENS",
                       help=f"or into blocks of TOKENS tokens, the last one shorter{each}")
     anchor = group.add_mutually_exclusive_group()
@@ -108,11 +113,10 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None:
                         help=f"the anchor: the first TOKENS tokens of the context{each} (default: a whole block)")
     anchor.add_argument("--anchor-fraction", type=kind(fraction), default=None, metavar="F",
                         help=f"or the anchor as a fraction of a block: 1/4, 0.5, 1{each}")
-    # The spelling of earlier versions, where the way a number was written chose its unit.
-    anchor.add_argument("--anchor-size", dest="old_anchor_size", default=None, help=argparse.SUPPRESS)
-    group.add_argument("--layout", type=kind(layout_name), default=None, metavar="uniform|balanced",
+    group.add_argument("--layout", type=kind(layout_name), default=list(layouts) if grid else layouts[0],
+                       metavar="uniform|balanced",
                        help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
-                            f"same work, weighed by the device's measured rates{each} (default: {DEFAULT_STAR_LAYOUT})")
+                            f"same work, weighed by the device's measured rates{each} (default: {','.join(layouts)})")
     group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default=DEFAULT_ANCHOR_MODE,
                        help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
                             f"by every rank that needs it (default: {DEFAULT_ANCHOR_MODE})")
@@ -123,8 +127,6 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
     """The specs of the strategies asked for, star's from the layout flags (every
     combination of them with a grid). Raises ValueError naming the flag."""
     from .attention.spec import StrategySpec
-
-    _translate_old_anchor_size(args)
 
     def values(given: object) -> list:  # a grid's flag holds a list, the others one value
         return [None] if given is None else given if args.star_grid else [given]
@@ -140,47 +142,30 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
             continue
         for size, anchor, layout in grid:
             try:
-                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout or DEFAULT_STAR_LAYOUT,
+                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout,
                                           **{size_key: size, anchor_key: anchor}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None
     return specs
 
 
-def _translate_old_anchor_size(args: argparse.Namespace) -> None:
-    """--anchor-size as earlier versions read it, with a note that names the new flag: in
-    eval a fraction of the block (list), elsewhere tokens when written as an integer."""
-    from .attention.spec import parse_fraction
-    from .launch.launcher import env_rank
-
-    text = getattr(args, "old_anchor_size", None)
-    if text is None:
-        return
-    args.old_anchor_size = None
-    values = [t.strip() for t in text.split(",") if t.strip()]
-    as_tokens = not args.star_grid and len(values) == 1 and values[0].isdigit()
-    try:
-        if as_tokens:
-            args.anchor_tokens, new = int(values[0]), f"--anchor-tokens {values[0]}"
-            if args.anchor_tokens < 1:
-                raise ValueError(f"{text!r} is not a number of tokens >= 1")
-        else:
-            parsed = [parse_fraction(v) for v in values]
-            if not args.star_grid and len(parsed) != 1:
-                raise ValueError(f"{text!r}: one value")
-            args.anchor_fraction = parsed if args.star_grid else parsed[0]
-            new = f"--anchor-fraction {','.join(values)}"
-    except ValueError as exc:
-        raise ValueError(f"--anchor-size (now --anchor-tokens or --anchor-fraction): {exc}") from None
-    if env_rank() == 0:
-        print(f"star_engine: note: --anchor-size is renamed; --anchor-size {text} is read as {new}, "
-              "which is how to write it from now on", file=sys.stderr)
+def add_lengths_flag(parser: argparse.ArgumentParser, default: str, of: str = "context") -> None:
+    """--lengths, which the command turns into a list with token_counts."""
+    parser.add_argument("--lengths", default=default,
+                        help=f"{of} lengths in tokens, comma-separated, K = 1024 (default: {default})")
 
 
-def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int, sized: bool = True) -> None:
-    parser.add_argument("--max-new-tokens", type=positive, default=max_new_tokens,
-                        help=f"tokens to generate at most, unless a request says otherwise "
-                             f"(default: {max_new_tokens})")
+def add_query_tokens_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--query-tokens", type=positive, default=64, metavar="TOKENS",
+                        help="tokens of the query after the context (default: 64)")
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int | None, sized: bool = True,
+                         meaning: str = "tokens to generate at most") -> None:
+    """--max-new-tokens, with the command's meaning of it and its default (None: none, the
+    meaning says what then); with sized also the KV cache's size."""
+    parser.add_argument("--max-new-tokens", type=positive, default=max_new_tokens, metavar="N",
+                        help=meaning if max_new_tokens is None else f"{meaning} (default: {max_new_tokens})")
     if sized:
         parser.add_argument("--max-tokens", type=positive, default=None,
                             help="longest request (context + query + generated tokens) the KV cache is "

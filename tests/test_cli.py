@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -186,12 +185,11 @@ def errors_before_the_work(directory: Path) -> list[tuple[list[str], str]]:
          f"star_engine: --input {directory} is a directory"),
         ([*job, "--model", str(directory / "no-model")], f"star_engine: --model '{directory / 'no-model'}' is neither"),
         ([*job, "--model", str(broken)], f"star_engine: {broken / 'config.json'}: not a model's config.json"),
-        ([*job, "--anchor-size", "0"], "star_engine: --anchor-size (now --anchor-tokens or --anchor-fraction): '0'"),
-        ([*job, "--anchor-size", "abc"], "star_engine: --anchor-size (now --anchor-tokens or --anchor-fraction): "
-                                         "'abc' is not a fraction"),
-        ([*job, "--anchor-size", "2/1"], "star_engine: --anchor-size (now --anchor-tokens or --anchor-fraction): "
-                                         "'2/1' is not a fraction"),
-        ([*job, "--block-size", "64", "--anchor-size", "65"], "anchor of 65 tokens exceeds the block size 64"),
+        ([*job, "--anchor-tokens", "0"], "argument --anchor-tokens: must be >= 1, got 0"),
+        ([*job, "--anchor-fraction", "abc"], "argument --anchor-fraction: 'abc' is not a fraction of the block"),
+        ([*job, "--anchor-fraction", "2/1"], "argument --anchor-fraction: '2/1' is not a fraction of the block"),
+        ([*job, "--block-size", "64", "--anchor-tokens", "65"],
+         "star_engine: star's layout: anchor of 65 tokens exceeds the block size 64"),
     ]
 
 
@@ -463,7 +461,7 @@ def jobs_of_every_command(directory: Path) -> dict[str, list[str]]:
                   "--query-tokens", "8", "--output", str(directory / "bench.json")],
         "bench --job": ["bench", "--model", "tiny", "--attn", "star", "--lengths", "700", "--job", "2",
                         "--max-new-tokens", "2", "--query-tokens", "8", "--output", str(directory / "job.json")],
-        "plan": ["plan", "--model", "tiny", "--context", "8K", "--gpus", "3"],
+        "plan": ["plan", "--model", "tiny", "--lengths", "8K", "--gpus", "3"],
         "plan --calibrate": ["plan", "--calibrate", "--model", "tiny", "--output", str(directory / "rates.json")],
     }
 
@@ -501,12 +499,10 @@ def test_help_answers_without_loading_pytorch():
 
 def test_help_documents_every_flag():
     parser = build_parser()
-    for command in ("run", "demo", "bench", "eval"):
+    for command in ("run", "demo", "bench", "eval", "plan"):
         sub = parser._subparsers._group_actions[0].choices[command]
         help_text = sub.format_help()
         for action in sub._actions:
-            if action.help == argparse.SUPPRESS:
-                continue  # an earlier spelling, still read
             assert action.help, f"{command} {action.option_strings} has no help"
             for flag in action.option_strings:
                 assert flag in help_text
@@ -517,11 +513,12 @@ def test_help_documents_every_flag():
     (["run", "--input", "x", "--output", "o", "--model", "nope"], "--model 'nope' is neither"),
     (["demo", "--block-size", "8", "--anchor-tokens", "9"], "anchor of 9 tokens exceeds the block size 8"),
     (["demo", "--anchor-fraction", "3/2"], "'3/2' is not a fraction of the block in (0, 1]"),
-    (["demo", "--anchor-size", "3/2"], "--anchor-size (now --anchor-tokens or --anchor-fraction): '3/2' is not"),
     (["run", "--input", "x", "--output", "o", "--blocks", "2", "--block-size", "8"],
      "argument --block-size: not allowed with argument --blocks"),
     (["bench", "--model", "tiny", "--attn", "star,flash"], "--attn: unknown strategies ['flash']"),
     (["bench", "--model", "tiny", "--lengths", "32K,lots"], "--lengths '32K,lots': expected token counts"),
+    (["bench", "--model", "tiny", "--batch", "4"], "star_engine: --batch takes effect only with --job REQUESTS"),
+    (["plan", "--model", "tiny", "--lengths", "8K", "--tp", "2"], "unrecognized arguments: --tp 2"),
 ])
 def test_bad_arguments_are_one_clear_line_not_a_traceback(args, message):
     result = star_engine(args)
@@ -650,6 +647,9 @@ def test_a_resumed_eval_keeps_the_cells_already_measured_and_measures_the_rest(t
     other = star_engine([*common[:-4], "--samples", "3", "--output", str(out), "--resume"], ranks=2)
     assert other.returncode != 0
     assert "has samples_per_cell 2, this run 3" in other.stderr
+    capped = star_engine([*common, "--tasks", "vt", "--max-new-tokens", "8", "--resume"], ranks=2)
+    assert capped.returncode != 0
+    assert "has max_new_tokens None, this run 8" in capped.stderr
 
 
 def test_a_host_of_three_ranks_splitting_the_built_in_model_answers_as_one_rank_does(tmp_path):

@@ -39,9 +39,9 @@ def test_cuda_and_nccl_sources_compile_for_hopper(tmp_path):
     assert {"lse_merge.cu.o", "decode_attention.cu.o", "nccl_comm.cpp.o"} <= objects
 
 
-# The CUDA headers of PyTorch name a few CUDA math libraries that the glue never calls;
-# a CPU machine has neither them nor the CUDA build's generated macro header. Empty
-# stand-ins let the compiler check everything the glue itself writes.
+# The CUDA headers of PyTorch name a few CUDA math libraries that the glue and the KV arena
+# never call; a CPU machine has neither them nor the CUDA build's generated macro header.
+# Empty stand-ins let the compiler check everything these sources themselves write.
 _STAND_INS = {
     "c10/cuda/impl/cuda_cmake_macros.h": "",
     "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t; typedef int cusparseStatus_t;",
@@ -55,7 +55,8 @@ _STAND_INS = {
 @pytest.mark.skipif(nvcc() is None, reason="no CUDA compiler (nvcc) on this machine")
 @pytest.mark.skipif(not nccl_headers(), reason="no NCCL headers (pip install nvidia-nccl-cu13)")
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++)")
-def test_the_pytorch_glue_of_the_cuda_side_compiles_against_pytorchs_headers(tmp_path):
+def test_the_pytorch_side_of_the_cuda_code_compiles_against_pytorchs_headers(tmp_path):
+    """The glue, and the KV arena's path to its kernel."""
     import sysconfig
 
     import nvidia.nccl
@@ -71,7 +72,7 @@ def test_the_pytorch_glue_of_the_cuda_side_compiles_against_pytorchs_headers(tmp
     assert cuda_includes, dry_run
     includes = [str(ROOT / "csrc"), str(Path(list(nvidia.nccl.__path__)[0]) / "include"), str(tmp_path),
                 *torch.utils.cpp_extension.include_paths(), *cuda_includes, sysconfig.get_paths()["include"]]
-    for source in ("csrc/cuda_glue.cpp", "csrc/bindings.cpp"):
+    for source in ("csrc/cuda_glue.cpp", "csrc/bindings.cpp", "csrc/kv_arena.cpp"):
         check = subprocess.run(["g++", "-std=gnu++17", "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-DSTAR_ENGINE_WITH_CUDA", *[f"-I{i}" for i in includes], str(ROOT / source)],
                                capture_output=True, text=True, timeout=600)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from star_engine.attention.spec import StrategySpec
-from star_engine.measure.accuracy import summarise, table
+from star_engine.measure.accuracy import new_tokens, summarise, table
 
 
 def test_summary_averages_cells_and_relates_star_to_dense():
@@ -19,6 +19,11 @@ def test_summary_averages_cells_and_relates_star_to_dense():
     text = table(list(summary.values()))
     assert "0.38 (50%)" in text and "0.75" in text
 
+
+def test_max_new_tokens_caps_the_tokens_each_task_generates_never_raises_them():
+    tasks = ("niah_single_1", "vt", "cwe")
+    assert [new_tokens(task) for task in tasks] == [32, 48, 96]  # each task's own: lists take more
+    assert [new_tokens(task, 40) for task in tasks] == [32, 40, 40]
 
 
 def test_a_long_evaluation_hands_over_each_cell_as_soon_as_it_is_measured():

@@ -3,6 +3,8 @@ command turns them into strategy specs, the one description the factory builds f
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from star_engine.attention.spec import StrategySpec, parse_fraction
@@ -11,35 +13,74 @@ from star_engine.commands import COMMANDS
 from star_engine.flags import star_specs
 
 REQUIRED = {"run": ["--input", "in.jsonl", "--output", "out.jsonl"]}
+GRIDS = ["bench", "eval", "plan"]  # the commands that take lists of star's settings
+
+
+def parse(command: str, *flags: str) -> argparse.Namespace:
+    args = build_parser().parse_args([command, *REQUIRED.get(command, []), *flags])
+    if command == "run":  # its check also wants the input file
+        args.specs = star_specs(args, [args.attn])
+    else:
+        COMMANDS[command].check(args)
+    return args
 
 
 def specs(command: str, *flags: str) -> list[StrategySpec]:
-    args = build_parser().parse_args([command, *REQUIRED.get(command, []), *flags])
-    if command == "run":  # its check also wants the input file
-        return star_specs(args, [args.attn])
-    COMMANDS[command].check(args)
-    return args.specs
+    return parse(command, *flags).specs
 
 
 def star(command: str, *flags: str) -> StrategySpec:
     return next(spec for spec in specs(command, *flags) if spec.attn == "star")
 
 
-@pytest.mark.parametrize("command", ["run", "demo", "bench", "eval"])
+def flags_of(command: str) -> set[str]:
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_star_layout_flags_mean_the_same_in_every_command(command):
-    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4") == \
+    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4", "--layout", "balanced") == \
         StrategySpec(blocks=3, anchor_fraction=0.25, layout="balanced")
     assert star(command, "--block-size", "4096", "--anchor-tokens", "1024", "--anchor-mode", "recompute",
                 "--layout", "uniform") == StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
 
 
-def test_the_layout_is_balanced_unless_uniform_is_asked_for_and_eval_can_cross_the_two():
+def test_a_setting_the_commands_share_has_one_spelling_wherever_it_is_offered():
+    every = set(COMMANDS)
+    offered_by = {
+        "--lengths": {"bench", "eval", "plan"},
+        "--query-tokens": {"bench", "plan"},
+        "--max-new-tokens": every,
+        "--tp": every - {"plan"},  # plan predicts one rank per host
+        **{flag: every for flag in ("--model", "--dtype", "--blocks", "--block-size", "--anchor-tokens",
+                                    "--anchor-fraction", "--layout", "--anchor-mode")},
+    }
+    for flag, commands in offered_by.items():
+        assert {command for command in COMMANDS if flag in flags_of(command)} == commands, flag
+    for other_spelling in ("--context", "--layouts", "--anchor-fractions", "--anchor-size"):
+        assert not any(other_spelling in flags_of(command) for command in COMMANDS), other_spelling
+
+
+@pytest.mark.parametrize("command", GRIDS)
+def test_lengths_are_token_counts_in_every_command_that_takes_them(command):
+    assert parse(command, "--lengths", "8K, 1M,5000").lengths == [8192, 1048576, 5000]
+    with pytest.raises(ValueError, match="--lengths '8K,lots': expected token counts"):
+        parse(command, "--lengths", "8K,lots")
+
+
+def test_the_layout_is_balanced_unless_uniform_is_asked_for_and_a_grid_can_cross_the_two():
     assert star("run") == StrategySpec(layout="balanced")
     assert star("run", "--layout", "uniform") == StrategySpec()
     labels = [spec.label for spec in specs("eval", "--attn", "star", "--blocks", "4", "--layout", "uniform,balanced")]
     assert labels == ["star 4b a=1", "star 4b a=1 balanced"]
     with pytest.raises(SystemExit):
         star("demo", "--layout", "lopsided")
+
+
+def test_plan_compares_both_layouts_unless_told_which():
+    assert [spec.label for spec in specs("plan")] == ["star", "star balanced", "ring", "dense"]
+    assert [spec.label for spec in specs("plan", "--attn", "star", "--layout", "balanced")] == ["star balanced"]
 
 
 def test_how_a_number_is_written_never_changes_its_unit():
@@ -59,12 +100,17 @@ def test_blocks_and_block_size_exclude_each_other_as_do_the_anchor_units():
             star("demo", *flags)
 
 
-def test_eval_crosses_its_lists_into_one_method_each_named_by_its_label():
-    labels = [spec.label for spec in specs("eval", "--attn", "star,dense", "--blocks", "2,4",
-                                           "--anchor-fraction", "1/4,1")]
+@pytest.mark.parametrize("command", GRIDS)
+def test_a_grid_crosses_its_lists_into_one_method_each_named_by_its_label(command):
+    labels = [spec.label for spec in specs(command, "--attn", "star,dense", "--blocks", "2,4",
+                                           "--anchor-fraction", "1/4,1", "--layout", "balanced")]
     assert labels == ["star 2b a=1/4 balanced", "star 2b a=1 balanced", "star 4b a=1/4 balanced",
                       "star 4b a=1 balanced", "dense"]
-    assert [spec.label for spec in specs("eval")] == ["star 4b a=1 balanced", "dense"]  # by default 4 blocks
+
+
+def test_eval_cuts_the_context_into_4_blocks_unless_told_otherwise():
+    assert [spec.label for spec in specs("eval")] == ["star 4b a=1 balanced", "dense"]
+    assert star("eval", "--block-size", "512") == StrategySpec(block_size=512, layout="balanced")
 
 
 def test_the_other_strategies_take_no_star_settings():
@@ -73,17 +119,18 @@ def test_the_other_strategies_take_no_star_settings():
         StrategySpec("ring", blocks=4)
 
 
-@pytest.mark.parametrize("command,old,new", [
-    ("run", "4096", StrategySpec(anchor_tokens=4096, layout="balanced")),  # an integer was tokens
-    ("demo", "0.5", StrategySpec(anchor_fraction=0.5, layout="balanced")),  # anything else a fraction
-    ("bench", "block", StrategySpec(anchor_fraction=1.0, layout="balanced")),
-])
-def test_the_earlier_anchor_size_spelling_keeps_its_meaning_with_a_note_naming_the_new_flag(command, old, new, capsys):
-    assert star(command, "--anchor-size", old) == new
-    flag = "--anchor-tokens" if new.anchor_tokens else "--anchor-fraction"
-    assert f"--anchor-size {old} is read as {flag} {old}" in capsys.readouterr().err
+def test_each_command_has_its_default_of_new_tokens_and_query_tokens_mean_the_same():
+    assert {command: parse(command).max_new_tokens for command in COMMANDS} == \
+        {"run": 64, "demo": 12, "bench": 32, "eval": None, "plan": 32}  # eval: each task's own
+    assert parse("eval", "--max-new-tokens", "16").max_new_tokens == 16
+    assert (parse("plan", "--query-tokens", "8").query_tokens, parse("bench", "--query-tokens", "8").query_tokens) == \
+        (8, 8)
 
 
-def test_eval_read_the_earlier_anchor_size_as_fractions_of_the_block(capsys):
-    assert [s.anchor_fraction for s in specs("eval", "--attn", "star", "--anchor-size", "1/4,1")] == [0.25, 1.0]
-    assert "is read as --anchor-fraction 1/4,1" in capsys.readouterr().err
+@pytest.mark.parametrize("flags", [["--batch", "4"], ["--questions-per-context", "2"]])
+def test_bench_refuses_the_settings_of_a_job_without_job(flags):
+    with pytest.raises(ValueError, match=f"^{flags[0]} takes effect only with --job REQUESTS$"):
+        parse("bench", *flags)
+    job = parse("bench", "--job", "8", *flags)
+    assert (job.batch, job.questions_per_context) == ((4, 1) if flags[0] == "--batch" else (1, 2))
+    assert (parse("bench").batch, parse("bench").questions_per_context) == (1, 1)

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
-                     token_counts)
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
+                     positive, star_specs, strategy_names, token_counts)
 from ..names import DEFAULT_STAR_LAYOUT
 
 if TYPE_CHECKING:
@@ -25,9 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "table, and writes JSON and a PNG plot.")
     bench.add_argument("--attn", type=strategy_names, default="star,ring,dense",
                        help="strategies, comma-separated (default: all)")
-    bench.add_argument("--lengths", default="32K,64K,128K,256K,512K,1M",
-                       help="context lengths in tokens, K = 1024 (default: 32K,64K,128K,256K,512K,1M)")
-    bench.add_argument("--query-tokens", type=positive, default=64, help="query tokens (default: 64)")
+    add_lengths_flag(bench, default="32K,64K,128K,256K,512K,1M")
+    add_query_tokens_flag(bench)
     bench.add_argument("--output", type=Path, default=None,
                        help="JSON results (default: e2e_<model>_<ranks>ranks.json in the current directory); "
                             "the plot goes beside it as .png")
@@ -35,9 +34,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="measure a job of REQUESTS requests instead: one at a time against each context "
                             "encoded once for its questions (--questions-per-context); requests per hour, "
                             "output tokens per second, each request's latency")
-    bench.add_argument("--questions-per-context", type=positive, default=1, metavar="Q",
+    # None until given, so that one given without --job is refused rather than ignored.
+    bench.add_argument("--questions-per-context", type=positive, default=None, metavar="Q",
                        help="with --job: questions asked of each context (default: 1)")
-    bench.add_argument("--batch", type=positive, default=1, metavar="N",
+    bench.add_argument("--batch", type=positive, default=None, metavar="N",
                        help="with --job: also the job with up to N requests decoding together (default: 1, not)")
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
@@ -47,7 +47,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --lengths into a list, and makes args.specs, the strategies to measure."""
+    """Refuses the flags of a job without --job; turns --lengths into a list, and makes
+    args.specs, the strategies to measure."""
+    job_only = [flag for flag, value in (("--questions-per-context", args.questions_per_context),
+                                         ("--batch", args.batch)) if value is not None]
+    if job_only and args.job is None:
+        raise ValueError(f"{' and '.join(job_only)} take{'s' if len(job_only) == 1 else ''} effect only with "
+                         "--job REQUESTS")
+    args.questions_per_context, args.batch = args.questions_per_context or 1, args.batch or 1
     args.specs, args.lengths = star_specs(args, args.attn), token_counts(args.lengths)
 
 

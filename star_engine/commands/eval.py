@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..flags import add_model_flags, add_star_flags, positive, star_specs, strategy_names, token_counts
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_star_flags, positive, star_specs,
+                     strategy_names, token_counts)
 from ..measure.tasks import TASKS
 
 
@@ -19,7 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "scores them, prints a table (star's accuracy also relative to dense) and writes "
                     "JSON and a plot.")
     evaluate.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: all: {', '.join(TASKS)})")
-    evaluate.add_argument("--lengths", default="1K,2K,4K", help="prompt lengths in tokens (default: 1K,2K,4K)")
+    add_lengths_flag(evaluate, default="1K,2K,4K", of="prompt")
     evaluate.add_argument("--samples", type=positive, default=10, help="samples per task and length (default: 10)")
     evaluate.add_argument("--attn", type=strategy_names, default="star,dense",
                           help="strategies, comma-separated; star once for each layout of the grid its flags "
@@ -29,10 +30,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                           help="JSON results (default: eval_<model>.json in the current directory); the plot goes beside it")
     evaluate.add_argument("--resume", action="store_true",
                           help="keep what --output already holds (a stopped run's results) and measure only the "
-                               "(task, length) cells it lacks or holds in part; same model, seed and samples")
+                               "(task, length) cells it lacks or holds in part; same model, seed, samples and "
+                               "--max-new-tokens")
     add_model_flags(evaluate)
-    add_star_flags(evaluate, grid=True)
-    evaluate.set_defaults(blocks=[4])
+    add_star_flags(evaluate, grid=True, blocks=4)
+    add_generation_flags(evaluate, max_new_tokens=None, sized=False,
+                         meaning="tokens each answer may take at most: a task's own number (32; 48 to 96 for the "
+                                 "tasks whose answers are lists), or N where that is smaller "
+                                 "(default: each task's own)")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -57,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
     name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
     output = args.output or Path(f"{name}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed}
+    header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
+              "max_new_tokens": args.max_new_tokens}
     earlier: list[dict] = []
     if args.resume:
         earlier_run = _earlier_eval(output, header) if session.dist.rank == 0 else None
@@ -79,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
     rows = accuracy.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
                                      args.lengths, args.samples, args.specs, session.calibration, args.seed,
-                                     session.say,
+                                     session.say, max_new_tokens=args.max_new_tokens,
                                      on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
     if session.dist.rank == 0:
         print(write(rows, complete=True))
@@ -100,7 +106,7 @@ def _earlier_eval(output: Path, header: dict) -> dict | None:
         raise ValueError(f"--resume: {output} is not JSON ({exc})") from None
     if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
         raise ValueError(f"--resume: {output} is not an eval result (no rows)")
-    for key in ("model", "seed", "samples_per_cell"):
+    for key in ("model", "seed", "samples_per_cell", "max_new_tokens"):  # a file without the cap had none
         if earlier.get(key) != header[key]:
             raise ValueError(f"--resume: {output} has {key} {earlier.get(key)!r}, this run {header[key]!r}; "
                              "choose another --output")

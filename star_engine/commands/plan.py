@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..flags import add_model_flags, fraction, positive, strategy_names, token_counts
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
+                     positive, star_specs, strategy_names, token_counts)
+from ..names import STAR_LAYOUTS
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,20 +22,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "model's shape and a calibration (a device's measured rates), and recommends the fastest "
                     "layout that fits in memory or the fewest GPUs that meet --ttft-target. With --calibrate it "
                     "measures this machine's rates instead (launch it like any job, on the ranks to measure).")
-    plan.add_argument("--context", default="128K", help="context tokens, K = 1024; comma-separated for several "
-                                                        "(default: 128K)")
+    add_lengths_flag(plan, default="128K")
     plan.add_argument("--gpus", default="1,2,4,8", help="GPU counts to consider, comma-separated (default: 1,2,4,8)")
     plan.add_argument("--gpus-per-node", type=positive, default=None,
                       help="GPUs of one node; jobs on more go over the network rate of the calibration "
                            "(default: all on one node)")
     plan.add_argument("--attn", type=strategy_names, default="star,ring,dense",
                       help="strategies, comma-separated (default: star,ring,dense)")
-    plan.add_argument("--layouts", default="uniform,balanced", help="star layouts (default: uniform,balanced)")
-    plan.add_argument("--anchor-fractions", default="1",
-                      help="star anchors as fractions of a block, comma-separated; smaller ones are faster and "
-                           "less accurate (docs/accuracy.md) (default: 1)")
-    plan.add_argument("--query-tokens", type=positive, default=64, help="query tokens (default: 64)")
-    plan.add_argument("--max-new-tokens", type=positive, default=32, help="tokens generated (default: 32)")
+    add_query_tokens_flag(plan)
+    add_generation_flags(plan, max_new_tokens=32, sized=False)
     plan.add_argument("--memory-gib", type=float, default=None,
                       help="memory per GPU to plan within (default: the calibrated device's)")
     plan.add_argument("--ttft-target", type=float, default=None, metavar="SECONDS",
@@ -48,28 +45,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                       help="predictions as JSON, or with --calibrate the calibration (default: "
                            "calibration_<device>.json in the current directory); a calibration there "
                            "already keeps the rates this job cannot measure (one node's link, the network)")
-    add_model_flags(plan, model="llama-3.1-8b")
+    # One rank per host: tensor parallelism is in neither the predictions nor the calibration.
+    add_model_flags(plan, model="llama-3.1-8b", tensor_parallel=False)
+    add_star_flags(plan, grid=True, layouts=STAR_LAYOUTS)
 
 
 def check(args: argparse.Namespace) -> None:
     """Turns the lists into lists, and makes args.specs."""
-    from ..attention.spec import StrategySpec
-
-    if args.tp > 1:
-        raise ValueError("plan models one rank per host (--tp 1): tensor parallelism is not in its predictions "
-                         "or its calibration yet")
     if args.calibrate:
         return
-    args.contexts, args.gpu_counts = token_counts(args.context, "--context"), token_counts(args.gpus, "--gpus")
-    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    try:
-        anchors = [fraction(a) for a in args.anchor_fractions.split(",") if a.strip()]
-        args.specs = [StrategySpec(attn) for attn in args.attn if attn != "star"]
-        if "star" in args.attn:
-            args.specs[:0] = [StrategySpec(layout=layout, anchor_fraction=None if anchor == 1 else anchor)
-                              for layout in layouts for anchor in anchors]
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        raise ValueError(f"--layouts/--anchor-fractions: {exc}") from None
+    args.lengths, args.gpu_counts = token_counts(args.lengths), token_counts(args.gpus, "--gpus")
+    args.specs = star_specs(args, args.attn)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,11 +80,11 @@ def main(args: argparse.Namespace) -> int:
     # On one GPU every strategy is dense (one block, no ring): one line says it.
     predictions = [predict(config, spec, gpus, context, args.query_tokens, args.max_new_tokens, calibration,
                            element_size, args.gpus_per_node)
-                   for context in args.contexts for gpus in args.gpu_counts
+                   for context in args.lengths for gpus in args.gpu_counts
                    for spec in (args.specs if gpus > 1 else [StrategySpec("dense")])]
     print(f"{args.model} on {calibration.device} ({calibration.source})")
     print(_table(predictions, memory))
-    for context in args.contexts:
+    for context in args.lengths:
         mine = [p for p in predictions if p.context == context]
         print(recommend(mine, memory, args.ttft_target))
     left_out = sorted({cost for p in predictions for cost in p.left_out})

@@ -41,7 +41,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                           "as they finish (default: 1, one request at a time)")
     add_model_flags(run)
     add_star_flags(run)
-    add_generation_flags(run, max_new_tokens=64)
+    add_generation_flags(run, max_new_tokens=64, meaning="tokens to generate at most, unless a request says otherwise")
 
 
 def check(args: argparse.Namespace) -> None:

@@ -21,13 +21,21 @@ NEW_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "vt": 48, "cwe": 96,
 DEFAULT_NEW_TOKENS = 32
 
 
+def new_tokens(task: str, cap: int | None = None) -> int:
+    """The tokens an answer of `task` may take: the task's own number, or `cap` if smaller."""
+    own = NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS)
+    return own if cap is None else min(own, cap)
+
+
 def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist, tasks: list[str],
                    lengths: list[int], samples: int, specs: list[StrategySpec], calibration: Calibration, seed: int,
                    say: Callable[[str], None],
                    on_cell: Callable[[list[dict]], None] = lambda rows: None,
-                   earlier: list[dict] = (), progress_every_s: float = 60.0) -> list[dict]:
+                   earlier: list[dict] = (), progress_every_s: float = 60.0,
+                   max_new_tokens: int | None = None) -> list[dict]:
     """One row per (task, length, sample, method) on rank 0, the method named by its
-    spec's label; an empty list elsewhere.
+    spec's label; an empty list elsewhere. Each answer takes new_tokens(task, max_new_tokens)
+    tokens at most.
     on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
     keep what it has measured if it is stopped. The (task, length) cells that `earlier`
     (rows of a stopped run, the same on every rank) holds whole are kept, not measured again;
@@ -38,7 +46,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
     asked = {(t, n) for t in tasks for n in lengths}
     rows: list[dict] = [dict(r) for r in earlier if (r["task"], r["length"]) in kept
                         or (r["task"], r["length"]) not in asked] if dist.rank == 0 else []
-    most_new = max(NEW_TOKENS.get(t, DEFAULT_NEW_TOKENS) for t in tasks)
+    most_new = max(new_tokens(t, max_new_tokens) for t in tasks)
     total = len(tasks) * len(lengths) * samples
     done = 0
     clock = _Clock(total - len(kept) * samples)
@@ -61,7 +69,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                 sample = dist.bcast(sample, root=0)
                 context, query = torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids)
                 for method, engine in engines.items():
-                    gen = engine.generate(context, query, NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS))
+                    gen = engine.generate(context, query, new_tokens(task, max_new_tokens))
                     if dist.rank == 0:
                         output = tokenizer.decode(gen.tokens)
                         hit = score(output, sample.answers)
