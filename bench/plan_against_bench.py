@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from star_engine.attention.spec import StrategySpec
 from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration
 from star_engine.measure.prediction import predict
+from star_engine.measure.speed import spec_of
 
 from results_io import save, table
 
 MEASURES = (("phase1_s", "phase1_s"), ("ttft_s", "ttft_s"), ("tpot_s", "tpot_s"))
-
-
-def spec_of(row: dict) -> StrategySpec:
-    """The spec a row ran: recorded, or (rows of earlier versions) read from its description."""
-    if "spec" in row:
-        return StrategySpec(**row["spec"])
-    if row["attn"] != "star":
-        return StrategySpec(row["attn"])
-    fraction = re.search(r"anchor ([0-9.]+) of the block", row.get("describe", ""))
-    return StrategySpec(anchor_fraction=float(fraction[1]) if fraction else None)
 
 
 def compare(result: dict, calibration: Calibration) -> list[dict]:

@@ -5,6 +5,7 @@ range of context lengths. Contexts are random token ids: speed does not depend o
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Iterator
 
@@ -268,6 +269,16 @@ def speedups(rows: list[dict]) -> list[dict]:
 def label(row: dict) -> str:
     """A row's strategy as its spec labels it (rows of earlier versions: its name)."""
     return row.get("label", row["attn"])
+
+
+def spec_of(row: dict) -> StrategySpec:
+    """The spec a row ran: recorded, or (rows of earlier versions) read from its description."""
+    if "spec" in row:
+        return StrategySpec(**row["spec"])
+    if row["attn"] != "star":
+        return StrategySpec(row["attn"])
+    fraction = re.search(r"anchor ([0-9.]+) of the block", row.get("describe", ""))
+    return StrategySpec(anchor_fraction=float(fraction[1]) if fraction else None)
 
 
 def table(rows: list[dict]) -> str:
