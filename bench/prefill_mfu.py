@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from star_engine.attention.backends import BACKENDS, backend_for, set_backend
+from star_engine.attention.backends import backend_for, set_backend
 from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_config, load_model
 from star_engine.comm import make_communicator, make_host_group
@@ -30,6 +30,7 @@ from star_engine.hosts import Hosts
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
 from star_engine.measure.speed import median_s
+from star_engine.names import ATTENTION_BACKENDS
 
 from results_io import save, table
 
@@ -53,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", default="8K,16K,32K,64K,128K")
     parser.add_argument("--model", default="llama-3.1-8b")
-    parser.add_argument("--attn-backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default="auto")
     parser.add_argument("--tp", type=int, default=1, help="GPUs of the host that splits the model (one host)")
     args = parser.parse_args()
     dist = init_distributed()
