@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from star_engine import ops
-from star_engine.measure.speed import copy_bandwidth, graph_replay_s
+from star_engine.measure.timing import copy_bandwidth, graph_replay_s
 
 from results_io import save, table
 

@@ -29,7 +29,7 @@ from star_engine.flags import parse_tokens
 from star_engine.hosts import Hosts
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
-from star_engine.measure.speed import median_s
+from star_engine.measure.timing import median_s
 from star_engine.names import ATTENTION_BACKENDS
 
 from results_io import save, table
@@ -38,7 +38,7 @@ from results_io import save, table
 def matmul_rate(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / median_s(lambda: a @ b, repeats=20)
+    return 2 * n**3 / median_s(lambda: a @ b, device, repeats=20)
 
 
 def phase1_flops(model, block: int, anchor: int) -> float:

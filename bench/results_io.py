@@ -1,5 +1,5 @@
-"""What every benchmark shares: CUDA-event timing, and the JSON of measured rows with where
-and how they were measured."""
+"""What every benchmark shares: the JSON of measured rows with where and how they were
+measured, and the table they print."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-import star_engine.measure.speed
 import star_engine.measure.results
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,8 +42,3 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return "-" if value is None else str(value)
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median over `repeats` runs of fn() timed with CUDA events, after `warmup` runs."""
-    return star_engine.measure.speed.median_s(fn, repeats, warmup) * 1e3

@@ -93,10 +93,12 @@ def rank_weights(config: ModelConfig, tp: int = 1) -> int:
     return config.num_layers * (layer + 2 * hidden) + hidden + vocab
 
 
-def decode_weights(config: ModelConfig) -> int:
-    """Weights one decode step reads: all but the embedding table (of which it reads one
-    row), unless the table is also the output head."""
-    return model_weights(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+def decode_weights(config: ModelConfig, tp: int = 1) -> int:
+    """Weights one decode step reads on the rank of a host of `tp` ranks that holds the most:
+    all it holds but its part of the embedding table (of which it reads one row), unless the
+    table is also the output head."""
+    embedding = 0 if config.tie_word_embeddings else len(Shard.of(config, 0, tp).vocab) * config.hidden_size
+    return rank_weights(config, tp) - embedding
 
 
 def kv_bytes_per_token(config: ModelConfig, element_size: int, kv_heads: int | None = None) -> int:

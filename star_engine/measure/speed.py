@@ -13,20 +13,13 @@ import torch
 
 from ..attention.spec import StrategySpec
 from ..comm import Communicator
-from ..costs import Calibration, kv_bytes_per_token
+from ..costs import Calibration, decode_weights, kv_bytes_per_token
 from ..engine import Engine, Generation
 from ..launch.control import Dist
 from ..memory import every_rank_has_room
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy on one GPU: bytes read plus written per second."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    seconds = median_s(lambda: dst.copy_(src), repeats=30)
-    return 2 * src.nbytes / seconds
+from .timing import copy_bandwidth, graph_replay_s
 
 
 def all_reduce_latency(model: Transformer, layers: int) -> float:
@@ -56,43 +49,6 @@ def gather_merge_latency(comm: Communicator, heads: int, dim: int, dtype: torch.
     return graph_replay_s(step, device) / layers
 
 
-def graph_replay_s(fn: Callable[[], object], device: torch.device, repeats: int = 30) -> float:
-    """Median seconds of one replay of fn() captured in a CUDA graph: the GPU's time, without
-    the host's launch cost. fn runs once first, on a side stream, as capture requires."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_s(graph.replay, repeats=repeats)
-
-
-def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median over `repeats` runs of fn(), timed with CUDA events, in seconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def decode_bytes(model: Transformer) -> int:
-    """Weight bytes one decode step reads on this rank: all its parameters but the
-    embedding table (of which it reads one row), unless the table is also the output head."""
-    skip = "embed.weight" if model.lm_head is not None else None
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name != skip)
-
-
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: list[StrategySpec],
                   calibration: Calibration, lengths: list[int], query_tokens: int, new_tokens: int, cuda_graph: bool,
                   say: Callable[[str], None],
@@ -111,7 +67,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
                                                               weight.device, cfg.num_layers))) if comm.world > 1 else 0.0
         reduce = max(dist.allgather(all_reduce_latency(model, cfg.num_layers))) if model.host is not None else 0.0
         ceilings = {"copy_bandwidth_Bps": bandwidth, "gather_merge_s_per_layer": latency,
-                    "all_reduce_s": reduce, "decode_weight_bytes": max(dist.allgather(decode_bytes(model)))}
+                    "all_reduce_s": reduce, "decode_weight_bytes": decode_weight_bytes(model)}
         say(f"  ceilings: device-to-device copy {bandwidth / 1e9:.0f} GB/s, gather_merge {latency * 1e6:.1f} "
             f"us per layer, all-reduce {reduce * 1e6:.1f} us, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB "
             "of weights per token and rank")
@@ -222,13 +178,18 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
     return rows
 
 
+def decode_weight_bytes(model: Transformer) -> int:
+    """Weight bytes a decode step reads on the rank of the model's host that holds the most."""
+    return decode_weights(model.config, model.shard.size) * model.embed.weight.element_size()
+
+
 def batched_decode_roofline_gain(model: Transformer, plan: RequestPlan, batch: int) -> float:
     """What `batch` requests decoding together gain in tokens per second over one at a time
     if a step takes the time of the bytes it reads: the weights once, plus each request's own
     K/V (the busiest rank's share at the request's full length). Not a bound: a lone step
     also pays fixed costs (launches, collectives) that a step of `batch` shares, so the
     measured gain can exceed it."""
-    weights = decode_bytes(model)
+    weights = decode_weight_bytes(model)
     kv = max(plan.kv_slots) * kv_bytes_per_token(model.config, model.embed.weight.element_size(), model.kv_heads)
     return batch * (weights + kv) / (weights + batch * kv)
 
@@ -297,5 +258,3 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{label(r):>{width}} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s'] - r['phase1_s']:>8.3f} "
                      f"{r['ttft_s']:>8.3f} {tpot:>8} {ratio:>9} {max(r['peak_mem_bytes']) / 2**30:>13.2f}")
     return "\n".join(lines)
-
-
