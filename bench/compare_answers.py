@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 from star_engine.measure.answer_agreement import agreement
+from star_engine.measure.text_table import text_table
 
-from results_io import save, table
+from results_io import save
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="bench/results/<name>.json")
     args = parser.parse_args()
     rows = agreement([json.loads(p.read_text()) for p in args.a], [json.loads(p.read_text()) for p in args.b])
-    print(table(rows, ["length", "method", "answers", "same_score", "same_text"]))
+    print(text_table(rows, ["length", "method", "answers", "same_score", "same_text"]))
     print("saved", save(args.name, rows, a=[str(p) for p in args.a], b=[str(p) for p in args.b]))
 
 

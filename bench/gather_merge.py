@@ -25,9 +25,10 @@ import torch.distributed as torch_dist
 from star_engine.comm import NcclCommunicator
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
+from star_engine.measure.text_table import text_table
 from star_engine.measure.timing import graph_replay_s, median_s
 
-from results_io import save, table
+from results_io import save
 
 LAYERS = 32  # calls per captured graph: one decode step of llama-3.1-8b
 
@@ -106,7 +107,7 @@ def main() -> None:
         row["us_per_layer"] = max(values[i] for values in every)  # the slowest rank's
     cpus = dist.allgather(len(os.sched_getaffinity(0)))  # each rank's; environment() has rank 0's
     if dist.rank == 0:
-        print(table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
+        print(text_table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
         print(f"CPUs each rank may run on: {cpus}")
         # A tuned run, or one through NCCL's sockets (two nodes emulated), is kept beside the default.
         protocol = os.environ.get("NCCL_PROTO")

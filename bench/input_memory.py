@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from star_engine.json_file import write_json
 from star_engine.measure.input_memory import (CONTEXT_CHARS, MAX_TOKENS, QUESTIONS, SCENARIOS, growth, measure_run,
                                               write_requests)
-from star_engine.measure.results import environment, save
+from star_engine.measure.results import environment
+from star_engine.measure.text_table import text_table
 
-from results_io import RESULTS, table
+from results_io import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +68,7 @@ def main() -> None:
                     row = {"commit": commit, "scenario": scenario, "input_bytes": requests.stat().st_size,
                            "requests": len(ids), **measure_run(tree, requests, ids, scenario, workdir)}
                     row["peak_rss_mib"] = round(row["peak_rss_bytes"] / 2**20, 1)
-                    print(table([row], ["commit", "scenario", "input_bytes", "requests", "peak_rss_mib",
+                    print(text_table([row], ["commit", "scenario", "input_bytes", "requests", "peak_rss_mib",
                                              "records_written"]), flush=True)
                     rows.append(row)
             requests.unlink()
@@ -76,11 +78,11 @@ def main() -> None:
         shutil.rmtree(workdir)
     grew = growth(rows)
     print()
-    print(table(grew, ["commit", "scenario", "smallest_input_bytes", "largest_input_bytes",
+    print(text_table(grew, ["commit", "scenario", "smallest_input_bytes", "largest_input_bytes",
                             "peak_rss_growth_mib"]))
     path = RESULTS / f"{args.output}.json"
-    save(path, {**measured, "model": "tiny", "max_tokens": MAX_TOKENS, "context_chars": CONTEXT_CHARS,
-                "questions_per_context": QUESTIONS, "rows": rows, "growth": grew})
+    write_json(path, {**measured, "model": "tiny", "max_tokens": MAX_TOKENS, "context_chars": CONTEXT_CHARS,
+                      "questions_per_context": QUESTIONS, "rows": rows, "growth": grew})
     print(f"-> {path}")
 
 

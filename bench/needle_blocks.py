@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 from star_engine.measure.needle_blocks import last_block_against_the_others, values_by_block
+from star_engine.measure.text_table import text_table
 from star_engine.tokenizer import load_tokenizer
 
-from results_io import save, table
+from results_io import save
 
 
 def main() -> None:
@@ -25,9 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model, ())
     rows = values_by_block([json.loads(path.read_text()) for path in args.eval], tokenizer)
-    print(table(rows, ["length", "method", "needle_block", "values", "found", "dense_found", "lost", "gained"]))
+    print(text_table(rows, ["length", "method", "needle_block", "values", "found", "dense_found", "lost", "gained"]))
     summary = last_block_against_the_others(rows)
-    print(table(summary, ["method", "needles_in", "values", "lost", "gained", "net"]))
+    print(text_table(summary, ["method", "needles_in", "values", "lost", "gained", "net"]))
     print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], summary=summary))
 
 

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from star_engine.measure.paired_methods import paired
+from star_engine.measure.text_table import text_table
 
-from results_io import save, table
+from results_io import save
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = paired([json.loads(p.read_text()) for p in args.eval], args.a, args.b)
     print(f"a = {args.a}, b = {args.b}")
-    print(table(rows, ["length", "samples", "mean_a", "mean_b", "a_higher", "b_higher", "ties", "p_value"]))
+    print(text_table(rows, ["length", "samples", "mean_a", "mean_b", "a_higher", "b_higher", "ties", "p_value"]))
     print("saved", save(args.name, rows, evals=[str(p) for p in args.eval], a=args.a, b=args.b))
 
 

@@ -19,8 +19,9 @@ from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration
 from star_engine.measure.prediction import predict
 from star_engine.measure.speed import spec_of
+from star_engine.measure.text_table import text_table
 
-from results_io import save, table
+from results_io import save
 
 MEASURES = (("phase1_s", "phase1_s"), ("ttft_s", "ttft_s"), ("tpot_s", "tpot_s"))
 
@@ -59,7 +60,7 @@ def main() -> None:
             continue
         rows += compare({**result, "file": path.name}, calibration)
     columns = ["file", "ranks", "strategy", "context", "phase1_s_error", "ttft_s_error", "tpot_s_error", "memory_error"]
-    print(table(rows, columns))
+    print(text_table(rows, columns))
     summary = {}
     for key in columns[4:]:
         errors = [abs(r[key]) for r in rows if key in r]

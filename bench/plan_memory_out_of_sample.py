@@ -15,9 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from star_engine.measure.memory_fit import out_of_sample, peaks_of
+from star_engine.measure.text_table import text_table
 from star_engine.request_plan import PHASE1_MEMORY
 
-from results_io import save, table
+from results_io import save
 
 
 def main() -> None:
@@ -39,11 +40,11 @@ def main() -> None:
         others += peaks_of(results[path], path.name)
 
     judged = out_of_sample(fitted, others)
-    print(table(judged["other_runs"], ["file", "ranks", "strategy", "context", "rank", "measured_gib", "error",
+    print(text_table(judged["other_runs"], ["file", "ranks", "strategy", "context", "rank", "measured_gib", "error",
                                             "work_in_fit"]))
     for name, folds in judged["left_out"].items():
         print(f"left out by {name}:")
-        print(table([{"left out": str(f["left_out"]), "encoded": f["fitted"]["encoded_vectors_per_token"],
+        print(text_table([{"left out": str(f["left_out"]), "encoded": f["fitted"]["encoded_vectors_per_token"],
                            "received": f["fitted"]["received_vectors_per_token"],
                            "workspace GiB": f["fitted"]["workspace_bytes"] / 2**30, "largest error": f["largest"]}
                           for f in folds], ["left out", "encoded", "received", "workspace GiB", "largest error"]))

@@ -29,10 +29,11 @@ from star_engine.flags import parse_tokens
 from star_engine.hosts import Hosts
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
+from star_engine.measure.text_table import text_table
 from star_engine.measure.timing import median_s
 from star_engine.names import ATTENTION_BACKENDS
 
-from results_io import save, table
+from results_io import save
 
 
 def matmul_rate(device: torch.device, n: int = 8192) -> float:
@@ -89,10 +90,10 @@ def main() -> None:
         rows.append({"block": block, "context": 2 * block, "seconds": seconds, "TFLOPs": flops / 1e12,
                      "TFLOP_per_s": flops / seconds / 1e12, "fraction_of_matmul": flops / seconds / peak,
                      "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30})
-        say(table(rows[-1:], list(rows[-1])), flush=True)
+        say(text_table(rows[-1:], list(rows[-1])), flush=True)
         del engine
         torch.cuda.empty_cache()
-    say(table(rows, list(rows[0])))
+    say(text_table(rows, list(rows[0])))
     if dist.rank == 0:
         name = "prefill_mfu" if args.tp == 1 else f"prefill_mfu_{args.model}_tp{args.tp}"
         print("saved", save(name, rows, model=args.model, tp=args.tp, matmul_TFLOP_per_s=peak / 1e12,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .environment import job_setting
+from .json_file import write_json
 from .shard import Shard
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibrations") / "nvidia-h200.json"
@@ -61,8 +62,7 @@ class Calibration:
         return replace(self, source=source, **{name: getattr(earlier, name) for name in taken}), taken
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-
+        write_json(path, asdict(self))
 
 
 def layer_weights(config: ModelConfig) -> int:

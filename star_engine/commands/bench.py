@@ -53,9 +53,10 @@ def check(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..attention.backends import backend_for
+    from ..json_file import write_json
     from ..measure import speed
     from ..measure.plots import plot_bench, plot_job
-    from ..measure.results import environment, save
+    from ..measure.results import environment
     from ..session import Session
 
     if args.replot is not None:
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
                   "new_tokens": args.max_new_tokens, "complete": complete, **ceilings, "rows": rows,
                   "speedups": speed.speedups(rows)}
         if session.dist.rank == 0:
-            save(output, result)
+            write_json(output, result)
         return result
 
     rows, ceilings = speed.run_benchmark(session.model, session.comm, session.dist, args.specs,
@@ -105,9 +106,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
+    from ..json_file import write_json
     from ..measure import speed
     from ..measure.plots import plot_job
-    from ..measure.results import save
 
     rows, result = [], {}
     for spec in args.specs:
@@ -119,7 +120,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
             result = {**measured, "model": args.model, "query_tokens": args.query_tokens,
                       "new_tokens": args.max_new_tokens, "rows": rows}
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them
-                save(output, result)
+                write_json(output, result)
     if session.dist.rank == 0:
         print(speed.job_table(rows))
         plotted = plot_job(result, output.with_suffix(".png"))

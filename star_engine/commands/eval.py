@@ -45,9 +45,10 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..json_file import write_json
     from ..measure import accuracy
     from ..measure.plots import plot_eval
-    from ..measure.results import environment, save
+    from ..measure.results import environment
     from ..session import Session
 
     session = Session(args)
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     def write(rows: list[dict], complete: bool) -> str:
         summary = accuracy.summarise(rows)
         result = {**header, "complete": complete, "summary": summary, "rows": rows}
-        save(output, result)
+        write_json(output, result)
         text = accuracy.table(summary)
         note = "" if complete else "incomplete: the run was stopped before every cell was measured\n"
         output.with_suffix(".txt").write_text(f"{header['command']}\n{args.samples} samples per cell\n{note}\n{text}\n")

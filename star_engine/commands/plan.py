@@ -5,7 +5,6 @@ shape and a device's measured rates; `--calibrate` measures them on this machine
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -80,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
     from ..attention.spec import StrategySpec
     from ..checkpoint import load_config
     from ..costs import Calibration
+    from ..json_file import write_json
     from ..launch.launcher import init_distributed
 
     if init_distributed().rank != 0:
@@ -105,21 +105,22 @@ def main(args: argparse.Namespace) -> int:
     if left_out:
         print(f"not in these predictions, for the calibration has no rate for it: {', '.join(left_out)}")
     if args.output:
-        args.output.write_text(json.dumps({"model": args.model, "calibration": calibration.__dict__,
-                                           "predictions": [p.__dict__ for p in predictions]}, indent=1) + "\n")
+        write_json(args.output, {"model": args.model, "calibration": calibration.__dict__,
+                                 "predictions": [p.__dict__ for p in predictions]})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
 
 
 def _table(predictions: list, memory: float | None) -> str:
-    width = max(len(p.label) for p in predictions)
-    lines = [f"{'context':>8} {'gpus':>4} {'strategy':<{width}} {'phase1 s':>9} {'ttft s':>8} {'tpot ms':>8} "
-             f"{'GiB/rank':>8}"]
-    for p in predictions:
-        over = "  over memory" if memory and p.memory_needed_bytes > memory else ""
-        lines.append(f"{p.context:>8} {p.gpus:>4} {p.label:<{width}} {p.phase1_s:>9.3f} {p.ttft_s:>8.3f} "
-                     f"{p.tpot_s * 1e3:>8.2f} {p.memory_bytes / 2**30:>8.1f}{over}")
-    return "\n".join(lines)
+    from ..measure.text_table import text_table
+
+    lines = [{"context": p.context, "gpus": p.gpus, "strategy": p.label, "phase1 s": f"{p.phase1_s:.3f}",
+              "ttft s": f"{p.ttft_s:.3f}", "tpot ms": f"{p.tpot_s * 1e3:.2f}",
+              "GiB/rank": f"{p.memory_bytes / 2**30:.1f}",
+              "": "over memory" if memory and p.memory_needed_bytes > memory else ""}
+             for p in predictions]
+    return text_table(lines, ["context", "gpus", "strategy", "phase1 s", "ttft s", "tpot ms", "GiB/rank", ""],
+                      left={"strategy", ""})
 
 
 def _calibrate(args: argparse.Namespace) -> int:

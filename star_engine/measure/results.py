@@ -1,5 +1,5 @@
-"""Results files: where and how a figure was measured (device, ranks, commit, date, the
-command), and writing them whole."""
+"""Where and how a figure was measured (device, ranks, commit, date, the command), as every
+results file records it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..environment import job_setting
-from ..json_file import write_json
 from ..launch.launcher import launcher_command
 
 
@@ -56,9 +55,3 @@ def _cpu_model() -> str:
         lines = []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else platform.processor() or platform.machine()
-
-
-def save(path: Path, result: dict) -> None:
-    """Writes result as JSON, whole or not at all (a job stopped while writing keeps the
-    earlier file)."""
-    write_json(path, result)

@@ -19,6 +19,7 @@ from ..launch.control import Dist
 from ..memory import every_rank_has_room
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
+from .text_table import text_table
 from .timing import copy_bandwidth, graph_replay_s
 
 
@@ -195,21 +196,24 @@ def batched_decode_roofline_gain(model: Transformer, plan: RequestPlan, batch: i
 
 
 def job_table(rows: list[dict]) -> str:
-    width = max([len(r["label"]) for r in rows] + [5])
-    lines = [f"{'attn':>{width}} {'context':>8} {'requests':>8} {'per ctx':>7} {'mode':>13} {'wall s':>8} "
-             f"{'req/hour':>9} {'tokens/s':>9} {'decode/s':>9} {'x alone':>7} {'mean ttft s':>11}"]
+    """Per run of a job: its requests, wall time, rates, decoding's gain over one request at
+    a time (and the roofline's, where batched), the mean time to first token."""
     alone = {(r["label"], r["context"]): r for r in rows if r["mode"] == "one at a time"}
+    lines = []
     for r in rows:
         first = alone.get((r["label"], r["context"]))
         gain = (r["decode_tokens_per_s"] / first["decode_tokens_per_s"]
                 if first and r["decode_tokens_per_s"] and first["decode_tokens_per_s"] else None)
-        lines.append(f"{r['label']:>{width}} {r['context']:>8} {r['requests']:>8} {r['questions_per_context']:>7} "
-                     f"{r['mode']:>13} {r['wall_s']:>8.2f} {r['requests_per_hour']:>9.0f} "
-                     f"{r['output_tokens_per_s']:>9.1f} {r['decode_tokens_per_s'] or 0:>9.1f} "
-                     f"{f'{gain:.2f}x' if gain else '':>7} {sum(r['ttft_s']) / len(r['ttft_s']):>11.3f}"
-                     + (f"  (roofline gain {r['decode_roofline_gain_x']:.2f}x)"
-                        if "decode_roofline_gain_x" in r else ""))
-    return "\n".join(lines)
+        lines.append({"attn": r["label"], "context": r["context"], "requests": r["requests"],
+                      "per ctx": r["questions_per_context"], "mode": r["mode"], "wall s": f"{r['wall_s']:.2f}",
+                      "req/hour": f"{r['requests_per_hour']:.0f}", "tokens/s": f"{r['output_tokens_per_s']:.1f}",
+                      "decode/s": f"{r['decode_tokens_per_s'] or 0:.1f}",
+                      "x alone": None if gain is None else f"{gain:.2f}x",
+                      "mean ttft s": f"{sum(r['ttft_s']) / len(r['ttft_s']):.3f}",
+                      "roofline gain": (f"{r['decode_roofline_gain_x']:.2f}x" if "decode_roofline_gain_x" in r
+                                        else None)})
+    return text_table(lines, ["attn", "context", "requests", "per ctx", "mode", "wall s", "req/hour", "tokens/s",
+                              "decode/s", "x alone", "mean ttft s", "roofline gain"], left={"attn", "mode"})
 
 
 def speedups(rows: list[dict]) -> list[dict]:
@@ -246,15 +250,16 @@ def table(rows: list[dict]) -> str:
     """Per run: phase 1, the query pass (phase 2 up to the first token), time to first
     token, time per output token and its ratio to the roofline, peak memory of the
     busiest rank."""
-    width = max([len(label(r)) for r in rows] + [5])
-    lines = [f"{'attn':>{width}} {'context':>8} {'phase1 s':>9} {'query s':>8} {'ttft s':>8} {'tpot ms':>8} "
-             f"{'/roofline':>9} {'peak GiB/rank':>13}"]
+    lines = []
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{label(r):>{width}} {r['context']:>8} {'skipped: ' + r['skipped']:>41}")
+            lines.append({"attn": label(r), "context": r["context"], "": f"skipped: {r['skipped']}"})
             continue
-        tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}"
-        ratio = "-" if r["tpot_s"] is None or "tpot_roofline_s" not in r else f"{r['tpot_s'] / r['tpot_roofline_s']:.2f}"
-        lines.append(f"{label(r):>{width}} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s'] - r['phase1_s']:>8.3f} "
-                     f"{r['ttft_s']:>8.3f} {tpot:>8} {ratio:>9} {max(r['peak_mem_bytes']) / 2**30:>13.2f}")
-    return "\n".join(lines)
+        ratio = None if r["tpot_s"] is None or "tpot_roofline_s" not in r else r["tpot_s"] / r["tpot_roofline_s"]
+        lines.append({"attn": label(r), "context": r["context"], "phase1 s": f"{r['phase1_s']:.3f}",
+                      "query s": f"{r['ttft_s'] - r['phase1_s']:.3f}", "ttft s": f"{r['ttft_s']:.3f}",
+                      "tpot ms": None if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}",
+                      "/roofline": None if ratio is None else f"{ratio:.2f}",
+                      "peak GiB/rank": f"{max(r['peak_mem_bytes']) / 2**30:.2f}"})
+    return text_table(lines, ["attn", "context", "phase1 s", "query s", "ttft s", "tpot ms", "/roofline",
+                              "peak GiB/rank", ""], left={"attn", ""})
