@@ -56,7 +56,7 @@ def main() -> None:
     measured = environment(1, torch.device("cpu"), ["python", "bench/input_memory.py"])
     workdir = Path(tempfile.mkdtemp(prefix="input_memory-", dir=args.workdir))
     try:
-        trees = {measured["commit"]: ROOT}
+        trees = {measured.get("commit", "this tree"): ROOT}
         if args.baseline:
             trees[args.baseline] = baseline_tree(args.baseline, workdir)
         rows = []

@@ -35,7 +35,7 @@ def compare(result: dict, calibration: Calibration) -> list[dict]:
             continue
         p = predict(config, spec_of(row), result["ranks"], row["context"], result["query_tokens"],
                     result["new_tokens"], calibration, element_size)
-        entry = {"file": result["file"], "commit": result["commit"], "ranks": result["ranks"],
+        entry = {"file": result["file"], "commit": result.get("commit"), "ranks": result["ranks"],
                  "strategy": p.label, "context": row["context"]}
         for measured, predicted in MEASURES:
             if row.get(measured) is not None:

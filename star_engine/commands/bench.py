@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
                      token_counts)
-from ..names import DEFAULT_STAR_LAYOUT
+from ..names import DEFAULT_STAR_LAYOUT, RESULTS_DIRECTORY
 
 if TYPE_CHECKING:
     from ..attention.spec import StrategySpec
@@ -29,8 +29,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="context lengths in tokens, K = 1024 (default: 32K,64K,128K,256K,512K,1M)")
     bench.add_argument("--query-tokens", type=positive, default=64, help="query tokens (default: 64)")
     bench.add_argument("--output", type=Path, default=None,
-                       help="JSON results (default: e2e_<model>_<ranks>ranks.json in the current directory); "
-                            "the plot goes beside it as .png")
+                       help=f"JSON results (default: {RESULTS_DIRECTORY}/e2e_<model>_<ranks>ranks.json, or "
+                            "job_... with --job); the plot goes beside it as .png")
     bench.add_argument("--job", type=positive, default=None, metavar="REQUESTS",
                        help="measure a job of REQUESTS requests instead: one at a time against each context "
                             "encoded once for its questions (--questions-per-context); requests per hour, "
@@ -68,13 +68,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     session = Session(args)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
-    session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
-                f"{session.dist.world} rank(s)")
     name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"],
                       session.hosts.tp)
     if args.job is not None:
-        return _job(args, session, measured, args.output or Path(f"{name.replace('e2e_', 'job_', 1)}.json"))
-    output = args.output or Path(f"{name}.json")
+        name = name.replace("e2e_", "job_", 1)
+    output = args.output or Path(RESULTS_DIRECTORY, f"{name}.json")
+    session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
+                f"{session.dist.world} rank(s); results to {output}")
+    if args.job is not None:
+        return _job(args, session, measured, output)
 
     def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
         result = {**measured, "model": args.model,

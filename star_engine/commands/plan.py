@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..flags import add_model_flags, fraction, positive, strategy_names, token_counts
+from ..names import RESULTS_DIRECTORY
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -44,9 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                       help="measure this machine's rates with the model (random weights are as good) and write "
                            "them to --output")
     plan.add_argument("--output", type=Path, default=None,
-                      help="predictions as JSON, or with --calibrate the calibration (default: "
-                           "calibration_<device>.json in the current directory); a calibration there "
-                           "already keeps the rates this job cannot measure (one node's link, the network)")
+                      help="predictions as JSON (default: none), or with --calibrate the calibration (default: "
+                           f"{RESULTS_DIRECTORY}/calibration_<device>.json); a calibration there already keeps the "
+                           "rates this job cannot measure (one node's link, the network)")
     add_model_flags(plan, model="llama-3.1-8b")
 
 
@@ -136,7 +137,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")
     calibration = measure(session.model, args.model, session.comm, session.dist, session.say)
     if session.dist.rank == 0:
-        output = args.output or Path(f"calibration_{calibration.device.replace(' ', '-').lower()}.json")
+        device = calibration.device.replace(" ", "-").lower()
+        output = args.output or Path(RESULTS_DIRECTORY, f"calibration_{device}.json")
         if earlier is not None:
             calibration, taken = calibration.filled_from(earlier)
             if taken:
