@@ -16,9 +16,10 @@ import argparse
 import torch
 
 from star_engine import ops
-from star_engine.measure.speed import copy_bandwidth, graph_replay_s
+from star_engine.measure.text_table import text_table
+from star_engine.measure.timing import copy_bandwidth, graph_replay_s
 
-from results_io import save, table
+from results_io import save
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
@@ -57,7 +58,7 @@ def main() -> None:
                          "fraction_of_copy": bandwidth / copy})
             del caches
     print(f"device-to-device copy: {copy / 1e9:.0f} GB/s (read + write)")
-    print(table(rows, ["shape", "length", "splits", "time_us", "read_GBps", "fraction_of_copy"]))
+    print(text_table(rows, ["shape", "length", "splits", "time_us", "read_GBps", "fraction_of_copy"]))
     print("saved", save("decode_attention", rows, copy_GBps=copy / 1e9))
 
 

@@ -26,9 +26,11 @@ from star_engine.engine import Engine
 from star_engine.flags import parse_tokens
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
-from star_engine.measure.speed import copy_bandwidth, decode_bytes
+from star_engine.measure.speed import decode_weight_bytes
+from star_engine.measure.text_table import text_table
+from star_engine.measure.timing import copy_bandwidth
 
-from results_io import save, table
+from results_io import save
 
 TOKENS = 64
 KINDS = (("collective", ("nccl",)), ("merge of the ranks", ("lse_merge",)),
@@ -84,9 +86,9 @@ def main() -> None:
                  "launches_per_token": sum(r["launches_per_token"] for r in rows)})
     rows.append({"kind": "measured time per output token", "us_per_token": gen.metrics.tpot_s * 1e6})
     rows.append({"kind": "roofline: weights + local K/V at copy bandwidth",
-                 "us_per_token": (decode_bytes(model) + kv_bytes) / bandwidth * 1e6})
+                 "us_per_token": (decode_weight_bytes(model) + kv_bytes) / bandwidth * 1e6})
     if dist.rank == 0:
-        print(table(rows, ["kind", "us_per_token", "launches_per_token"]))
+        print(text_table(rows, ["kind", "us_per_token", "launches_per_token"]))
         nccl_gather = dist.world > 1 and getattr(comm, "peer", None) is None  # not the default path
         name = f"decode_step_{dist.world}ranks" + ("_nccl_gather" if nccl_gather else "")
         print("saved", save(name, rows, model=args.model, context=context,

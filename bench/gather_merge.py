@@ -25,22 +25,23 @@ import torch.distributed as torch_dist
 from star_engine.comm import NcclCommunicator
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
-from star_engine.measure.speed import graph_replay_s
+from star_engine.measure.text_table import text_table
+from star_engine.measure.timing import graph_replay_s, median_s
 
-from results_io import median_ms, save, table
+from results_io import save
 
 LAYERS = 32  # calls per captured graph: one decode step of llama-3.1-8b
 
 
-def per_call_us(fn, calls: int) -> float:
+def per_call_us(fn, device: torch.device, calls: int) -> float:
     """Median time of `calls` back-to-back calls (one fn()), divided by calls."""
-    return median_ms(fn, repeats=30) * 1e3 / calls
+    return median_s(fn, device, repeats=30) * 1e6 / calls
 
 
-def busy_cycles_per_us() -> float:
+def busy_cycles_per_us(device: torch.device) -> float:
     """Clock cycles of torch.cuda._sleep per microsecond on this GPU."""
     cycles = 10_000_000
-    return cycles / (median_ms(lambda: torch.cuda._sleep(cycles), repeats=5) * 1e3)
+    return cycles / (median_s(lambda: torch.cuda._sleep(cycles), device, repeats=5) * 1e6)
 
 
 def eager_and_graph_us(call, o: torch.Tensor, lse: torch.Tensor, between_us: float,
@@ -55,7 +56,7 @@ def eager_and_graph_us(call, o: torch.Tensor, lse: torch.Tensor, between_us: flo
                 torch.cuda._sleep(cycles)
             call(o, lse)
 
-    return (per_call_us(layers, LAYERS) - between_us,
+    return (per_call_us(layers, o.device, LAYERS) - between_us,
             graph_replay_s(layers, o.device) * 1e6 / LAYERS - between_us)
 
 
@@ -75,7 +76,7 @@ def main() -> None:
     paths = {"NCCL all-gather + merge kernel": nccl.nccl.gather_merge}
     if nccl.peer is not None:
         paths["peer memory, one kernel"] = nccl.peer.gather_merge
-    cycles_per_us = busy_cycles_per_us() if args.between_us else 0.0
+    cycles_per_us = busy_cycles_per_us(device) if args.between_us else 0.0
     timings = {path: eager_and_graph_us(call, o, lse, args.between_us, cycles_per_us)
                for path, call in paths.items()}
 
@@ -90,7 +91,7 @@ def main() -> None:
         for _ in range(LAYERS):
             torch_dist.all_gather_into_tensor(gathered, packed)
 
-    reference = per_call_us(torch_layers, LAYERS)
+    reference = per_call_us(torch_layers, device, LAYERS)
     torch_dist.destroy_process_group()
 
     rows = []
@@ -106,7 +107,7 @@ def main() -> None:
         row["us_per_layer"] = max(values[i] for values in every)  # the slowest rank's
     cpus = dist.allgather(len(os.sched_getaffinity(0)))  # each rank's; environment() has rank 0's
     if dist.rank == 0:
-        print(table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
+        print(text_table(rows, ["ranks", "bytes_per_rank", "what", "us_per_layer"]))
         print(f"CPUs each rank may run on: {cpus}")
         # A tuned run, or one through NCCL's sockets (two nodes emulated), is kept beside the default.
         protocol = os.environ.get("NCCL_PROTO")

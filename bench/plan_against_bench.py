@@ -11,29 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from star_engine.attention.spec import StrategySpec
 from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration
 from star_engine.measure.prediction import predict
+from star_engine.measure.speed import spec_of
+from star_engine.measure.text_table import text_table
 
-from results_io import save, table
+from results_io import save
 
 MEASURES = (("phase1_s", "phase1_s"), ("ttft_s", "ttft_s"), ("tpot_s", "tpot_s"))
-
-
-def spec_of(row: dict) -> StrategySpec:
-    """The spec a row ran: recorded, or (rows of earlier versions) read from its description."""
-    if "spec" in row:
-        return StrategySpec(**row["spec"])
-    if row["attn"] != "star":
-        return StrategySpec(row["attn"])
-    fraction = re.search(r"anchor ([0-9.]+) of the block", row.get("describe", ""))
-    return StrategySpec(anchor_fraction=float(fraction[1]) if fraction else None)
 
 
 def compare(result: dict, calibration: Calibration) -> list[dict]:
@@ -45,7 +35,7 @@ def compare(result: dict, calibration: Calibration) -> list[dict]:
             continue
         p = predict(config, spec_of(row), result["ranks"], row["context"], result["query_tokens"],
                     result["new_tokens"], calibration, element_size)
-        entry = {"file": result["file"], "commit": result["commit"], "ranks": result["ranks"],
+        entry = {"file": result["file"], "commit": result.get("commit"), "ranks": result["ranks"],
                  "strategy": p.label, "context": row["context"]}
         for measured, predicted in MEASURES:
             if row.get(measured) is not None:
@@ -70,7 +60,7 @@ def main() -> None:
             continue
         rows += compare({**result, "file": path.name}, calibration)
     columns = ["file", "ranks", "strategy", "context", "phase1_s_error", "ttft_s_error", "tpot_s_error", "memory_error"]
-    print(table(rows, columns))
+    print(text_table(rows, columns))
     summary = {}
     for key in columns[4:]:
         errors = [abs(r[key]) for r in rows if key in r]

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from star_engine.attention.backends import BACKENDS, backend_for, set_backend
+from star_engine.attention.backends import backend_for, set_backend
 from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_config, load_model
 from star_engine.comm import make_communicator, make_host_group
@@ -29,15 +29,17 @@ from star_engine.flags import parse_tokens
 from star_engine.hosts import Hosts
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
-from star_engine.measure.speed import median_s
+from star_engine.measure.text_table import text_table
+from star_engine.measure.timing import median_s
+from star_engine.names import ATTENTION_BACKENDS
 
-from results_io import save, table
+from results_io import save
 
 
 def matmul_rate(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / median_s(lambda: a @ b, repeats=20)
+    return 2 * n**3 / median_s(lambda: a @ b, device, repeats=20)
 
 
 def phase1_flops(model, block: int, anchor: int) -> float:
@@ -53,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", default="8K,16K,32K,64K,128K")
     parser.add_argument("--model", default="llama-3.1-8b")
-    parser.add_argument("--attn-backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default="auto")
     parser.add_argument("--tp", type=int, default=1, help="GPUs of the host that splits the model (one host)")
     args = parser.parse_args()
     dist = init_distributed()
@@ -88,10 +90,10 @@ def main() -> None:
         rows.append({"block": block, "context": 2 * block, "seconds": seconds, "TFLOPs": flops / 1e12,
                      "TFLOP_per_s": flops / seconds / 1e12, "fraction_of_matmul": flops / seconds / peak,
                      "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30})
-        say(table(rows[-1:], list(rows[-1])), flush=True)
+        say(text_table(rows[-1:], list(rows[-1])), flush=True)
         del engine
         torch.cuda.empty_cache()
-    say(table(rows, list(rows[0])))
+    say(text_table(rows, list(rows[0])))
     if dist.rank == 0:
         name = "prefill_mfu" if args.tp == 1 else f"prefill_mfu_{args.model}_tp{args.tp}"
         print("saved", save(name, rows, model=args.model, tp=args.tp, matmul_TFLOP_per_s=peak / 1e12,

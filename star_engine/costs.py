@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .environment import job_setting
+from .json_file import write_json
 from .shard import Shard
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibrations") / "nvidia-h200.json"
@@ -61,8 +62,7 @@ class Calibration:
         return replace(self, source=source, **{name: getattr(earlier, name) for name in taken}), taken
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-
+        write_json(path, asdict(self))
 
 
 def layer_weights(config: ModelConfig) -> int:
@@ -93,10 +93,12 @@ def rank_weights(config: ModelConfig, tp: int = 1) -> int:
     return config.num_layers * (layer + 2 * hidden) + hidden + vocab
 
 
-def decode_weights(config: ModelConfig) -> int:
-    """Weights one decode step reads: all but the embedding table (of which it reads one
-    row), unless the table is also the output head."""
-    return model_weights(config) - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+def decode_weights(config: ModelConfig, tp: int = 1) -> int:
+    """Weights one decode step reads on the rank of a host of `tp` ranks that holds the most:
+    all it holds but its part of the embedding table (of which it reads one row), unless the
+    table is also the output head."""
+    embedding = 0 if config.tie_word_embeddings else len(Shard.of(config, 0, tp).vocab) * config.hidden_size
+    return rank_weights(config, tp) - embedding
 
 
 def kv_bytes_per_token(config: ModelConfig, element_size: int, kv_heads: int | None = None) -> int:

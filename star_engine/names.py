@@ -15,3 +15,7 @@ PUBLISHED_STAR_LAYOUT = "uniform"
 # What the commands run: as fast as ring or faster on two or more GPUs, and as accurate as
 # uniform (docs/accuracy.md).
 DEFAULT_STAR_LAYOUT = "balanced"
+# Where bench, eval and plan --calibrate write what they measure unless --output says: a
+# directory of its own in the current one (the repository's .gitignore lists it), not
+# files among the user's.
+RESULTS_DIRECTORY = "star_engine_results"

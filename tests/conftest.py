@@ -1,12 +1,6 @@
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-# The analysis scripts of bench/ import each other as top-level modules (results_io); so do
-# their tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 # tests/mpi and tests/gpu/mpi only make sense on the ranks of an mpirun job (see
 # test_distributed.py beside each); tests/gpu needs a GPU.

@@ -425,7 +425,7 @@ def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came
 def test_rank_0_holds_one_request_at_a_time_not_the_input_file(tmp_path):
     """Every request of a 100 MB input read, tokenized and refused (longer than --max-tokens)
     takes rank 0 no more memory than a one-document input of the same kind does."""
-    from input_memory import peak_rss_bytes, write_requests
+    from star_engine.measure.input_memory import peak_rss_bytes, write_requests
 
     peaks = {}
     for size in (1_000_000, 100_000_000):

@@ -1,8 +1,8 @@
-"""bench/compare_answers.py: how often two runs answered the same samples alike."""
+"""How often two runs answered the same samples alike."""
 
 from __future__ import annotations
 
-from compare_answers import agreement
+from star_engine.measure.answer_agreement import agreement
 
 
 def result(python: str | None, answers: dict[tuple, tuple[float, str]]) -> dict:

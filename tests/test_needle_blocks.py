@@ -1,14 +1,14 @@
-"""bench/needle_blocks.py: each expected value is counted in the star block that holds its
-needle, paired with dense on the same sample."""
+"""Which star block held each needle: each expected value is counted in the star block that
+holds its needle, paired with dense on the same sample."""
 
 from __future__ import annotations
 
 import collections
 
 import pytest
-from needle_blocks import values_by_block
 
 from star_engine.attention.star import block_tokens
+from star_engine.measure.needle_blocks import values_by_block
 from star_engine.measure.tasks import make_sample
 from star_engine.tokenizer import load_tokenizer
 

@@ -1,9 +1,10 @@
-"""bench/paired_methods.py: two methods compared sample by sample, with an exact sign test."""
+"""Two methods compared sample by sample, with an exact sign test."""
 
 from __future__ import annotations
 
 import pytest
-from paired_methods import paired, sign_test
+
+from star_engine.measure.paired_methods import paired, sign_test
 
 
 def test_the_sign_test_is_the_exact_binomial_one():

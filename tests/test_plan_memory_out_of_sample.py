@@ -1,14 +1,13 @@
-"""bench/plan_memory_out_of_sample.py: the planner's memory model fitted again without the
-peaks it then predicts."""
+"""The planner's memory model fitted again without the peaks it then predicts."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
-from plan_memory_out_of_sample import fit, held_out, peaks_of
 
 from star_engine.attention.spec import StrategySpec
+from star_engine.measure.memory_fit import fit, held_out, peaks_of
 from star_engine.request_plan import Phase1Memory
 
 TRUTH = Phase1Memory(encoded_vectors_per_token=4.0, received_vectors_per_token=3.0, workspace_bytes=3 << 28)

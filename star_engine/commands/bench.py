@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
                      positive, star_specs, strategy_names, token_counts)
-from ..names import DEFAULT_STAR_LAYOUT
+from ..names import DEFAULT_STAR_LAYOUT, RESULTS_DIRECTORY
 
 if TYPE_CHECKING:
     from ..attention.spec import StrategySpec
@@ -28,8 +28,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_lengths_flag(bench, default="32K,64K,128K,256K,512K,1M")
     add_query_tokens_flag(bench)
     bench.add_argument("--output", type=Path, default=None,
-                       help="JSON results (default: e2e_<model>_<ranks>ranks.json in the current directory); "
-                            "the plot goes beside it as .png")
+                       help=f"JSON results (default: {RESULTS_DIRECTORY}/e2e_<model>_<ranks>ranks.json, or "
+                            "job_... with --job); the plot goes beside it as .png")
     bench.add_argument("--job", type=positive, default=None, metavar="REQUESTS",
                        help="measure a job of REQUESTS requests instead: one at a time against each context "
                             "encoded once for its questions (--questions-per-context); requests per hour, "
@@ -60,9 +60,10 @@ def check(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..attention.backends import backend_for
+    from ..json_file import write_json
     from ..measure import speed
     from ..measure.plots import plot_bench, plot_job
-    from ..measure.results import environment, save
+    from ..measure.results import environment
     from ..session import Session
 
     if args.replot is not None:
@@ -74,13 +75,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     session = Session(args)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
-    session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
-                f"{session.dist.world} rank(s)")
     name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"],
                       session.hosts.tp)
     if args.job is not None:
-        return _job(args, session, measured, args.output or Path(f"{name.replace('e2e_', 'job_', 1)}.json"))
-    output = args.output or Path(f"{name}.json")
+        name = name.replace("e2e_", "job_", 1)
+    output = args.output or Path(RESULTS_DIRECTORY, f"{name}.json")
+    session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
+                f"{session.dist.world} rank(s); results to {output}")
+    if args.job is not None:
+        return _job(args, session, measured, output)
 
     def write(rows: list[dict], ceilings: dict, complete: bool) -> dict:
         result = {**measured, "model": args.model,
@@ -90,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
                   "new_tokens": args.max_new_tokens, "complete": complete, **ceilings, "rows": rows,
                   "speedups": speed.speedups(rows)}
         if session.dist.rank == 0:
-            save(output, result)
+            write_json(output, result)
         return result
 
     rows, ceilings = speed.run_benchmark(session.model, session.comm, session.dist, args.specs,
@@ -112,9 +115,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
+    from ..json_file import write_json
     from ..measure import speed
     from ..measure.plots import plot_job
-    from ..measure.results import save
 
     rows, result = [], {}
     for spec in args.specs:
@@ -126,7 +129,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
             result = {**measured, "model": args.model, "query_tokens": args.query_tokens,
                       "new_tokens": args.max_new_tokens, "rows": rows}
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them
-                save(output, result)
+                write_json(output, result)
     if session.dist.rank == 0:
         print(speed.job_table(rows))
         plotted = plot_job(result, output.with_suffix(".png"))

@@ -55,18 +55,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list, world: int) -> str:
-    def mib(values: list[int]) -> str:
-        return f"{max(values) / 2**20:.0f}"
+    """The methods side by side: a column each, a line per measure."""
+    from ..measure.text_table import text_table
 
-    header = ["", *(f"{attn} ({world} rank{'s' if world > 1 else ''})" for attn, _, _, _ in rows)]
-    lines = [
-        ["answer", *(repr(text) for _, text, _, _ in rows)],
-        ["correct", *("yes" if hit == 1 else "no" for _, _, hit, _ in rows)],
-        ["phase 1 (s)", *(f"{m.phase1_s:.3f}" for _, _, _, m in rows)],
-        ["first token (s)", *(f"{m.ttft_s:.3f}" for _, _, _, m in rows)],
-        ["per token (ms)", *("-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f}" for _, _, _, m in rows)],
-        ["peak memory, max rank (MiB)", *(mib(m.peak_mem_bytes) for _, _, _, m in rows)],
-    ]
-    table = [header, *lines]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+    methods = [f"{attn} ({world} rank{'s' if world > 1 else ''})" for attn, _, _, _ in rows]
+    measures = {
+        "answer": [repr(text) for _, text, _, _ in rows],
+        "correct": ["yes" if hit == 1 else "no" for _, _, hit, _ in rows],
+        "phase 1 (s)": [f"{m.phase1_s:.3f}" for _, _, _, m in rows],
+        "first token (s)": [f"{m.ttft_s:.3f}" for _, _, _, m in rows],
+        "per token (ms)": ["-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f}" for _, _, _, m in rows],
+        "peak memory, max rank (MiB)": [f"{max(m.peak_mem_bytes) / 2**20:.0f}" for _, _, _, m in rows],
+    }
+    lines = [{"": measure, **dict(zip(methods, values))} for measure, values in measures.items()]
+    return text_table(lines, ["", *methods], left={"", *methods})

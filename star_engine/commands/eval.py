@@ -10,6 +10,7 @@ from pathlib import Path
 from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_star_flags, positive, star_specs,
                      strategy_names, token_counts)
 from ..measure.tasks import TASKS
+from ..names import RESULTS_DIRECTORY
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -27,7 +28,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                "give (default: star,dense)")
     evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
     evaluate.add_argument("--output", type=Path, default=None,
-                          help="JSON results (default: eval_<model>.json in the current directory); the plot goes beside it")
+                          help=f"JSON results (default: {RESULTS_DIRECTORY}/eval_<model>.json); the table and the "
+                               "plot go beside it")
     evaluate.add_argument("--resume", action="store_true",
                           help="keep what --output already holds (a stopped run's results) and measure only the "
                                "(task, length) cells it lacks or holds in part; same model, seed, samples and "
@@ -50,17 +52,18 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..json_file import write_json
     from ..measure import accuracy
     from ..measure.plots import plot_eval
-    from ..measure.results import environment, save
+    from ..measure.results import environment
     from ..session import Session
 
     session = Session(args)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
-    session.say(f"star_engine eval: {len(args.tasks)} tasks x {len(args.lengths)} lengths x {args.samples} samples, "
-                f"{len(args.specs)} methods")
     name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
-    output = args.output or Path(f"{name}.json")
+    output = args.output or Path(RESULTS_DIRECTORY, f"{name}.json")
+    session.say(f"star_engine eval: {len(args.tasks)} tasks x {len(args.lengths)} lengths x {args.samples} samples, "
+                f"{len(args.specs)} methods; results to {output}")
     output.parent.mkdir(parents=True, exist_ok=True)
     header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
               "max_new_tokens": args.max_new_tokens}
@@ -72,12 +75,12 @@ def main(args: argparse.Namespace) -> int:
             earlier = earlier_run["rows"]
             # Which runs measured which cells: a resumed file may hold several commits' rows.
             header["earlier_runs"] = [*earlier_run.get("earlier_runs", []),
-                                      {k: earlier_run[k] for k in ("commit", "date", "command")}]
+                                      {k: earlier_run[k] for k in ("commit", "date", "command") if k in earlier_run}]
 
     def write(rows: list[dict], complete: bool) -> str:
         summary = accuracy.summarise(rows)
         result = {**header, "complete": complete, "summary": summary, "rows": rows}
-        save(output, result)
+        write_json(output, result)
         text = accuracy.table(summary)
         note = "" if complete else "incomplete: the run was stopped before every cell was measured\n"
         output.with_suffix(".txt").write_text(f"{header['command']}\n{args.samples} samples per cell\n{note}\n{text}\n")

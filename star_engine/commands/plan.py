@@ -5,13 +5,12 @@ shape and a device's measured rates; `--calibrate` measures them on this machine
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
                      positive, star_specs, strategy_names, token_counts)
-from ..names import STAR_LAYOUTS
+from ..names import RESULTS_DIRECTORY, STAR_LAYOUTS
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -42,9 +41,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                       help="measure this machine's rates with the model (random weights are as good) and write "
                            "them to --output")
     plan.add_argument("--output", type=Path, default=None,
-                      help="predictions as JSON, or with --calibrate the calibration (default: "
-                           "calibration_<device>.json in the current directory); a calibration there "
-                           "already keeps the rates this job cannot measure (one node's link, the network)")
+                      help="predictions as JSON (default: none), or with --calibrate the calibration (default: "
+                           f"{RESULTS_DIRECTORY}/calibration_<device>.json); a calibration there already keeps the "
+                           "rates this job cannot measure (one node's link, the network)")
     # One rank per host: tensor parallelism is in neither the predictions nor the calibration.
     add_model_flags(plan, model="llama-3.1-8b", tensor_parallel=False)
     add_star_flags(plan, grid=True, layouts=STAR_LAYOUTS)
@@ -66,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from ..attention.spec import StrategySpec
     from ..checkpoint import load_config
     from ..costs import Calibration
+    from ..json_file import write_json
     from ..launch.launcher import init_distributed
 
     if init_distributed().rank != 0:
@@ -91,21 +91,22 @@ def main(args: argparse.Namespace) -> int:
     if left_out:
         print(f"not in these predictions, for the calibration has no rate for it: {', '.join(left_out)}")
     if args.output:
-        args.output.write_text(json.dumps({"model": args.model, "calibration": calibration.__dict__,
-                                           "predictions": [p.__dict__ for p in predictions]}, indent=1) + "\n")
+        write_json(args.output, {"model": args.model, "calibration": calibration.__dict__,
+                                 "predictions": [p.__dict__ for p in predictions]})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
 
 
 def _table(predictions: list, memory: float | None) -> str:
-    width = max(len(p.label) for p in predictions)
-    lines = [f"{'context':>8} {'gpus':>4} {'strategy':<{width}} {'phase1 s':>9} {'ttft s':>8} {'tpot ms':>8} "
-             f"{'GiB/rank':>8}"]
-    for p in predictions:
-        over = "  over memory" if memory and p.memory_needed_bytes > memory else ""
-        lines.append(f"{p.context:>8} {p.gpus:>4} {p.label:<{width}} {p.phase1_s:>9.3f} {p.ttft_s:>8.3f} "
-                     f"{p.tpot_s * 1e3:>8.2f} {p.memory_bytes / 2**30:>8.1f}{over}")
-    return "\n".join(lines)
+    from ..measure.text_table import text_table
+
+    lines = [{"context": p.context, "gpus": p.gpus, "strategy": p.label, "phase1 s": f"{p.phase1_s:.3f}",
+              "ttft s": f"{p.ttft_s:.3f}", "tpot ms": f"{p.tpot_s * 1e3:.2f}",
+              "GiB/rank": f"{p.memory_bytes / 2**30:.1f}",
+              "": "over memory" if memory and p.memory_needed_bytes > memory else ""}
+             for p in predictions]
+    return text_table(lines, ["context", "gpus", "strategy", "phase1 s", "ttft s", "tpot ms", "GiB/rank", ""],
+                      left={"strategy", ""})
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -121,7 +122,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")
     calibration = measure(session.model, args.model, session.comm, session.dist, session.say)
     if session.dist.rank == 0:
-        output = args.output or Path(f"calibration_{calibration.device.replace(' ', '-').lower()}.json")
+        device = calibration.device.replace(" ", "-").lower()
+        output = args.output or Path(RESULTS_DIRECTORY, f"calibration_{device}.json")
         if earlier is not None:
             calibration, taken = calibration.filled_from(earlier)
             if taken:

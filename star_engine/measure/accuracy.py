@@ -15,6 +15,7 @@ from ..engine import Engine
 from ..launch.control import Dist
 from ..model import Transformer
 from .tasks import make_sample, score
+from .text_table import text_table
 
 # Tokens each task may generate (its answers are short; lists take more).
 NEW_TOKENS = {"niah_multivalue": 64, "niah_multiquery": 64, "vt": 48, "cwe": 96, "fwe": 48}
@@ -143,21 +144,12 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    methods_seen = list(dict.fromkeys(s["method"] for s in summary))
-    cells = {(s["task"], s["length"], s["method"]): s for s in summary}
-    keys = list(dict.fromkeys((s["task"], s["length"]) for s in summary))
-    width = max(len(m) for m in methods_seen) + 2
-    lines = [f"{'task':<16} {'length':>7} " + "".join(f"{m:>{width}}" for m in methods_seen)]
-    for task, length in keys:
-        parts = []
-        for m in methods_seen:
-            cell = cells.get((task, length, m))
-            if cell is None:
-                parts.append(f"{'-':>{width}}")
-                continue
-            text = f"{cell['accuracy']:.2f}"
-            if cell.get("relative_to_dense") is not None:
-                text += f" ({cell['relative_to_dense'] * 100:.0f}%)"
-            parts.append(f"{text:>{width}}")
-        lines.append(f"{task:<16} {length:>7} " + "".join(parts))
-    return "\n".join(lines)
+    """A line per (task, length): each method's accuracy, and star's relative to dense."""
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    lines: dict[tuple, dict] = {}
+    for s in summary:
+        text = f"{s['accuracy']:.2f}"
+        if s.get("relative_to_dense") is not None:
+            text += f" ({s['relative_to_dense'] * 100:.0f}%)"
+        lines.setdefault((s["task"], s["length"]), {"task": s["task"], "length": s["length"]})[s["method"]] = text
+    return text_table(list(lines.values()), ["task", "length", *methods], left={"task"})

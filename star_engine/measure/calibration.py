@@ -4,7 +4,6 @@ ranks, gather_merge, and what a query pass and a decode step cost beyond those."
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -19,6 +18,7 @@ from ..engine import Engine
 from ..launch.control import Dist, Place
 from ..model import Transformer
 from .prediction import predict
+from .timing import copy_bandwidth, median_s
 
 
 def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: Callable[[str], None]) -> Calibration:
@@ -31,7 +31,7 @@ def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: 
     base = 4096 if cuda else 128  # block sizes: base x 1, 2, 4, 8
     rates = _phase1_rates(model, [base * m for m in (1, 2, 4, 8)], say) if dist.rank == 0 else None
     dist.sync()
-    copy = _copy_bandwidth(device) if dist.rank == 0 else None
+    copy = copy_bandwidth(device) if dist.rank == 0 else None
     nbytes = (64 << 20) if cuda else (8 << 20)
     link = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=False))
     network = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=True))
@@ -56,23 +56,6 @@ def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: 
                           f"{model.embed.weight.dtype}")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_s(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    fn()  # warm up: kernels loaded, heuristics chosen, memory allocated
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def _phase1_rates(model: Transformer, blocks: list[int], say: Callable[[str], None]) -> tuple[float, float]:
     """Phase 1 of two blocks (block 0 alone, block 1 after an anchor of a block) on this
     rank alone, at each size; the two rates that explain the times."""
@@ -88,19 +71,12 @@ def _phase1_rates(model: Transformer, blocks: list[int], say: Callable[[str], No
             arena.clear()
             star.encode_context(model, ids, layout, arena)
 
-        seconds.append(_median_s(encode, weight.device, repeats=3))
+        seconds.append(median_s(encode, weight.device, repeats=3, warmup=1))
         linear.append(2 * block * linear_flops_per_token(cfg))
         attention.append((block_work(block, 0, 0.0) + block_work(block, block, 0.0)) * attention_flops_per_pair(cfg))
         say(f"  phase 1, two blocks of {block}: {seconds[-1]:.3f} s")
         del arena
     return fit_rates(linear, attention, seconds)
-
-
-def _copy_bandwidth(device: torch.device) -> float:
-    """Bytes read plus written per second by a large copy in the device's memory."""
-    src = torch.empty((1 << 30) if device.type == "cuda" else (64 << 20), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), device)
 
 
 def _partner(dist: Dist, across_nodes: bool) -> int | None:
@@ -128,7 +104,7 @@ def _pair_bandwidth(comm: Communicator, dist: Dist, device: torch.device, nbytes
             comm.send_recv(send, partner, recv, partner)
             comm.synchronize()
 
-        seconds = _median_s(step, device)
+        seconds = median_s(step, device, repeats=5, warmup=1)
     rates = [nbytes / s for s in dist.allgather(seconds) if s is not None]
     return min(rates) if rates else None
 
@@ -144,8 +120,8 @@ def _gather_merge_s(comm: Communicator, model: Transformer, dist: Dist) -> float
     else:
         o = torch.randn(cfg.num_heads, 1, cfg.head_dim, dtype=weight.dtype)
         lse = torch.randn(cfg.num_heads, 1)
-        seconds = _median_s(lambda: [comm.gather_merge(o, lse) for _ in range(cfg.num_layers)],
-                            weight.device, repeats=9) / cfg.num_layers
+        seconds = median_s(lambda: [comm.gather_merge(o, lse) for _ in range(cfg.num_layers)],
+                           weight.device, repeats=9, warmup=1) / cfg.num_layers
     return max(dist.allgather(seconds))
 
 

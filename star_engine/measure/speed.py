@@ -5,6 +5,7 @@ range of context lengths. Contexts are random token ids: speed does not depend o
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Iterator
 
@@ -12,20 +13,14 @@ import torch
 
 from ..attention.spec import StrategySpec
 from ..comm import Communicator
-from ..costs import Calibration, kv_bytes_per_token
+from ..costs import Calibration, decode_weights, kv_bytes_per_token
 from ..engine import Engine, Generation
 from ..launch.control import Dist
 from ..memory import every_rank_has_room
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy on one GPU: bytes read plus written per second."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    seconds = median_s(lambda: dst.copy_(src), repeats=30)
-    return 2 * src.nbytes / seconds
+from .text_table import text_table
+from .timing import copy_bandwidth, graph_replay_s
 
 
 def all_reduce_latency(model: Transformer, layers: int) -> float:
@@ -55,43 +50,6 @@ def gather_merge_latency(comm: Communicator, heads: int, dim: int, dtype: torch.
     return graph_replay_s(step, device) / layers
 
 
-def graph_replay_s(fn: Callable[[], object], device: torch.device, repeats: int = 30) -> float:
-    """Median seconds of one replay of fn() captured in a CUDA graph: the GPU's time, without
-    the host's launch cost. fn runs once first, on a side stream, as capture requires."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_s(graph.replay, repeats=repeats)
-
-
-def median_s(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median over `repeats` runs of fn(), timed with CUDA events, in seconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def decode_bytes(model: Transformer) -> int:
-    """Weight bytes one decode step reads on this rank: all its parameters but the
-    embedding table (of which it reads one row), unless the table is also the output head."""
-    skip = "embed.weight" if model.lm_head is not None else None
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name != skip)
-
-
 def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: list[StrategySpec],
                   calibration: Calibration, lengths: list[int], query_tokens: int, new_tokens: int, cuda_graph: bool,
                   say: Callable[[str], None],
@@ -110,7 +68,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
                                                               weight.device, cfg.num_layers))) if comm.world > 1 else 0.0
         reduce = max(dist.allgather(all_reduce_latency(model, cfg.num_layers))) if model.host is not None else 0.0
         ceilings = {"copy_bandwidth_Bps": bandwidth, "gather_merge_s_per_layer": latency,
-                    "all_reduce_s": reduce, "decode_weight_bytes": max(dist.allgather(decode_bytes(model)))}
+                    "all_reduce_s": reduce, "decode_weight_bytes": decode_weight_bytes(model)}
         say(f"  ceilings: device-to-device copy {bandwidth / 1e9:.0f} GB/s, gather_merge {latency * 1e6:.1f} "
             f"us per layer, all-reduce {reduce * 1e6:.1f} us, {ceilings['decode_weight_bytes'] / 2**30:.2f} GiB "
             "of weights per token and rank")
@@ -221,33 +179,41 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
     return rows
 
 
+def decode_weight_bytes(model: Transformer) -> int:
+    """Weight bytes a decode step reads on the rank of the model's host that holds the most."""
+    return decode_weights(model.config, model.shard.size) * model.embed.weight.element_size()
+
+
 def batched_decode_roofline_gain(model: Transformer, plan: RequestPlan, batch: int) -> float:
     """What `batch` requests decoding together gain in tokens per second over one at a time
     if a step takes the time of the bytes it reads: the weights once, plus each request's own
     K/V (the busiest rank's share at the request's full length). Not a bound: a lone step
     also pays fixed costs (launches, collectives) that a step of `batch` shares, so the
     measured gain can exceed it."""
-    weights = decode_bytes(model)
+    weights = decode_weight_bytes(model)
     kv = max(plan.kv_slots) * kv_bytes_per_token(model.config, model.embed.weight.element_size(), model.kv_heads)
     return batch * (weights + kv) / (weights + batch * kv)
 
 
 def job_table(rows: list[dict]) -> str:
-    width = max([len(r["label"]) for r in rows] + [5])
-    lines = [f"{'attn':>{width}} {'context':>8} {'requests':>8} {'per ctx':>7} {'mode':>13} {'wall s':>8} "
-             f"{'req/hour':>9} {'tokens/s':>9} {'decode/s':>9} {'x alone':>7} {'mean ttft s':>11}"]
+    """Per run of a job: its requests, wall time, rates, decoding's gain over one request at
+    a time (and the roofline's, where batched), the mean time to first token."""
     alone = {(r["label"], r["context"]): r for r in rows if r["mode"] == "one at a time"}
+    lines = []
     for r in rows:
         first = alone.get((r["label"], r["context"]))
         gain = (r["decode_tokens_per_s"] / first["decode_tokens_per_s"]
                 if first and r["decode_tokens_per_s"] and first["decode_tokens_per_s"] else None)
-        lines.append(f"{r['label']:>{width}} {r['context']:>8} {r['requests']:>8} {r['questions_per_context']:>7} "
-                     f"{r['mode']:>13} {r['wall_s']:>8.2f} {r['requests_per_hour']:>9.0f} "
-                     f"{r['output_tokens_per_s']:>9.1f} {r['decode_tokens_per_s'] or 0:>9.1f} "
-                     f"{f'{gain:.2f}x' if gain else '':>7} {sum(r['ttft_s']) / len(r['ttft_s']):>11.3f}"
-                     + (f"  (roofline gain {r['decode_roofline_gain_x']:.2f}x)"
-                        if "decode_roofline_gain_x" in r else ""))
-    return "\n".join(lines)
+        lines.append({"attn": r["label"], "context": r["context"], "requests": r["requests"],
+                      "per ctx": r["questions_per_context"], "mode": r["mode"], "wall s": f"{r['wall_s']:.2f}",
+                      "req/hour": f"{r['requests_per_hour']:.0f}", "tokens/s": f"{r['output_tokens_per_s']:.1f}",
+                      "decode/s": f"{r['decode_tokens_per_s'] or 0:.1f}",
+                      "x alone": None if gain is None else f"{gain:.2f}x",
+                      "mean ttft s": f"{sum(r['ttft_s']) / len(r['ttft_s']):.3f}",
+                      "roofline gain": (f"{r['decode_roofline_gain_x']:.2f}x" if "decode_roofline_gain_x" in r
+                                        else None)})
+    return text_table(lines, ["attn", "context", "requests", "per ctx", "mode", "wall s", "req/hour", "tokens/s",
+                              "decode/s", "x alone", "mean ttft s", "roofline gain"], left={"attn", "mode"})
 
 
 def speedups(rows: list[dict]) -> list[dict]:
@@ -270,21 +236,30 @@ def label(row: dict) -> str:
     return row.get("label", row["attn"])
 
 
+def spec_of(row: dict) -> StrategySpec:
+    """The spec a row ran: recorded, or (rows of earlier versions) read from its description."""
+    if "spec" in row:
+        return StrategySpec(**row["spec"])
+    if row["attn"] != "star":
+        return StrategySpec(row["attn"])
+    fraction = re.search(r"anchor ([0-9.]+) of the block", row.get("describe", ""))
+    return StrategySpec(anchor_fraction=float(fraction[1]) if fraction else None)
+
+
 def table(rows: list[dict]) -> str:
     """Per run: phase 1, the query pass (phase 2 up to the first token), time to first
     token, time per output token and its ratio to the roofline, peak memory of the
     busiest rank."""
-    width = max([len(label(r)) for r in rows] + [5])
-    lines = [f"{'attn':>{width}} {'context':>8} {'phase1 s':>9} {'query s':>8} {'ttft s':>8} {'tpot ms':>8} "
-             f"{'/roofline':>9} {'peak GiB/rank':>13}"]
+    lines = []
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{label(r):>{width}} {r['context']:>8} {'skipped: ' + r['skipped']:>41}")
+            lines.append({"attn": label(r), "context": r["context"], "": f"skipped: {r['skipped']}"})
             continue
-        tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}"
-        ratio = "-" if r["tpot_s"] is None or "tpot_roofline_s" not in r else f"{r['tpot_s'] / r['tpot_roofline_s']:.2f}"
-        lines.append(f"{label(r):>{width}} {r['context']:>8} {r['phase1_s']:>9.3f} {r['ttft_s'] - r['phase1_s']:>8.3f} "
-                     f"{r['ttft_s']:>8.3f} {tpot:>8} {ratio:>9} {max(r['peak_mem_bytes']) / 2**30:>13.2f}")
-    return "\n".join(lines)
-
-
+        ratio = None if r["tpot_s"] is None or "tpot_roofline_s" not in r else r["tpot_s"] / r["tpot_roofline_s"]
+        lines.append({"attn": label(r), "context": r["context"], "phase1 s": f"{r['phase1_s']:.3f}",
+                      "query s": f"{r['ttft_s'] - r['phase1_s']:.3f}", "ttft s": f"{r['ttft_s']:.3f}",
+                      "tpot ms": None if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.2f}",
+                      "/roofline": None if ratio is None else f"{ratio:.2f}",
+                      "peak GiB/rank": f"{max(r['peak_mem_bytes']) / 2**30:.2f}"})
+    return text_table(lines, ["attn", "context", "phase1 s", "query s", "ttft s", "tpot ms", "/roofline",
+                              "peak GiB/rank", ""], left={"attn", ""})
