@@ -143,9 +143,9 @@ class Session:
     def _bytes_per_rank(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int) -> tuple[int, int]:
         """Weights and (for `run`) KV cache of the busiest rank of `hosts` hosts of tp ranks."""
         from .costs import kv_bytes_per_token, rank_weights
-        from .engine import arena_capacities
         from .launch.control import Place
         from .shard import Shard
+        from .slots import arena_capacities
 
         spec, batch = getattr(self.args, "spec", None), getattr(self.args, "batch", 1)
         max_tokens = self._max_tokens(config)
