@@ -27,6 +27,7 @@ from star_engine.flags import parse_tokens
 from star_engine.launch.devices import select_device
 from star_engine.launch.launcher import init_distributed
 from star_engine.measure.speed import copy_bandwidth, decode_bytes
+from star_engine.settings import KVCacheSettings
 
 from results_io import save, table
 
@@ -67,8 +68,8 @@ def main() -> None:
     model = load_model(args.model, torch.bfloat16, device)
     comm = make_communicator(dist, device)
     context, query = parse_tokens(args.context), 64
-    engine = Engine(model, StarAttention(dist, comm), comm, dist, context + query + TOKENS + 1,
-                    max_tail=query + TOKENS + 1)
+    engine = Engine(model, StarAttention(dist, comm), comm, dist,
+                    KVCacheSettings(context + query + TOKENS + 1, max_tail=query + TOKENS + 1))
     ids = torch.randint(0, model.config.vocab_size, (context + query,), generator=torch.Generator().manual_seed(0))
     engine.generate(ids[:-query], ids[-query:], 4, stop_at_eos=False)  # captures the decode graph
     base, base_n = kernel_time(engine, ids, query, 1)

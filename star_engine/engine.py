@@ -24,6 +24,7 @@ from .launch.control import Dist, JobError
 from .memory import available_memory, peak_memory, reset_peak_memory
 from .model import Transformer
 from .request_plan import RequestPlan, RequestTooLarge, plan_request
+from .settings import KVCacheSettings
 from .slots import RunningRequest, Slot, arena_capacities, context_digest
 
 
@@ -58,10 +59,10 @@ def cache_flags(batch: int) -> str:
 
 
 class Engine:
-    """Runs requests with one strategy. Sized once: every rank's KV arena holds the
-    worst case of a request of up to `max_tokens` tokens (context + query + generated), of
-    which at most `max_tail` (default: all) come after the context. The query rank keeps
-    its share of the context and the tail. With batch > 1, that many arenas: up to
+    """Runs requests with one strategy. Sized once, as `cache` says: every rank's KV arena
+    holds the worst case of a request of up to its max_tokens tokens (context + query +
+    generated), of which at most its max_tail come after the context. The query rank keeps
+    its share of the context and the tail. With a batch > 1, that many arenas: up to
     `batch` requests decode together (generate_many).
 
     The strategy runs among the ranks of `comm`, its place (`strategy.place`): the ranks of
@@ -70,24 +71,24 @@ class Engine:
     alike. `dist` is the whole job's control plane."""
 
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
-                 max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None, batch: int = 1) -> None:
+                 cache: KVCacheSettings, cuda_graph: bool = True) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
         self.place = strategy.place
-        self.max_tokens = max_tokens
-        self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
+        cfg, weight = model.config, model.embed.weight
+        self.max_tokens = cache.tokens(cfg.max_position_embeddings)
+        self.max_tail = self.max_tokens if cache.max_tail is None else min(cache.max_tail, self.max_tokens)
+        self.batch = cache.batch
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Decoder] = {}  # by their rows
-        self.capacities = arena_capacities(strategy, max_tokens, self.max_tail)
-        cfg, weight = model.config, model.embed.weight
-        self.batch = batch
-        self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads))
+        self.capacities = arena_capacities(strategy, self.max_tokens, self.max_tail)
+        self._check_memory(self.batch * kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads))
         try:
             self.slots = [Slot(_C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
                                           self.capacities[self.place.rank], weight.dtype, weight.device))
-                          for _ in range(batch)]
+                          for _ in range(self.batch)]
         except (RuntimeError, MemoryError) as exc:
-            raise ValueError(f"the KV cache for {requests_phrase(max_tokens, batch)} could not be allocated "
-                             f"({cache_flags(batch)}): {str(exc).splitlines()[0]}") from None
+            raise ValueError(f"the KV cache for {requests_phrase(self.max_tokens, self.batch)} could not be "
+                             f"allocated ({cache_flags(self.batch)}): {str(exc).splitlines()[0]}") from None
 
     @property
     def arena(self) -> _C.KVArena:

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, star_specs, strategy_names,
-                     token_counts)
+from ..flags import (add_generation_flags, add_model_flags, add_star_flags, positive, runtime_settings, star_specs,
+                     strategy_names, token_counts)
 from ..names import DEFAULT_STAR_LAYOUT
 
 if TYPE_CHECKING:
@@ -47,7 +47,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --lengths into a list, and makes args.specs, the strategies to measure."""
+    """Turns --lengths into a list, and makes the settings: args.runtime and args.specs, the
+    strategies to measure."""
+    args.runtime = runtime_settings(args)
     args.specs, args.lengths = star_specs(args, args.attn), token_counts(args.lengths)
 
 
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--replot needs matplotlib: pip install matplotlib")
         print(f"saved {args.replot.with_suffix('.png')}")
         return 0
-    session = Session(args)
+    session = Session(args.runtime)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
                 f"{session.dist.world} rank(s)")
@@ -88,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
     rows, ceilings = speed.run_benchmark(session.model, session.comm, session.dist, args.specs,
                                              session.calibration, args.lengths,
-                                             args.query_tokens, args.max_new_tokens, not args.no_cuda_graph,
+                                             args.query_tokens, args.max_new_tokens, args.runtime.cuda_graph,
                                              session.say,
                                              on_row=lambda rows, ceilings: write(rows, ceilings, complete=False))
     result = write(rows, ceilings, complete=True)
@@ -115,7 +117,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
             rows += speed.run_job(session.model, session.comm, session.dist, spec, session.calibration, length,
                                       args.job,
                                       args.questions_per_context, args.query_tokens, args.max_new_tokens,
-                                      not args.no_cuda_graph, session.say, batch=args.batch)
+                                      args.runtime.cuda_graph, session.say, batch=args.batch)
             result = {**measured, "model": args.model, "query_tokens": args.query_tokens,
                       "new_tokens": args.max_new_tokens, "rows": rows}
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them

@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..flags import add_model_flags, add_star_flags, positive, star_specs, strategy_names, token_counts
+from ..flags import (add_model_flags, add_star_flags, positive, runtime_settings, star_specs, strategy_names,
+                     token_counts)
 from ..measure.tasks import TASKS
 
 
@@ -36,7 +37,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --tasks and --lengths into lists, and makes args.specs, the methods."""
+    """Turns --tasks and --lengths into lists, and makes the settings: args.runtime and
+    args.specs, the methods."""
+    args.runtime = runtime_settings(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -50,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     from ..measure.results import environment, save
     from ..session import Session
 
-    session = Session(args)
+    session = Session(args.runtime)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     session.say(f"star_engine eval: {len(args.tasks)} tasks x {len(args.lengths)} lengths x {args.samples} samples, "
                 f"{len(args.specs)} methods")

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..flags import add_model_flags, fraction, positive, strategy_names, token_counts
+from ..flags import add_model_flags, fraction, positive, runtime_settings, strategy_names, token_counts
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -52,9 +52,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns the lists into lists, and makes args.specs."""
+    """Turns the lists into lists, and makes the settings: args.runtime and args.specs."""
     from ..attention.spec import StrategySpec
 
+    args.runtime = runtime_settings(args)
     if args.tp > 1:
         raise ValueError("plan models one rank per host (--tp 1): tensor parallelism is not in its predictions "
                          "or its calibration yet")
@@ -129,7 +130,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     # A calibration there already (another node count's) keeps the rates this job cannot
     # measure; anything else there is refused before the measuring starts.
-    session = Session(args)
+    session = Session(args.runtime)
     earlier = (Calibration.load(args.output) if session.dist.rank == 0 and args.output and args.output.exists()
                else None)
     session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")

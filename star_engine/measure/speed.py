@@ -6,6 +6,7 @@ range of context lengths. Contexts are random token ids: speed does not depend o
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
@@ -18,6 +19,7 @@ from ..launch.control import Dist
 from ..memory import every_rank_has_room
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
+from ..settings import KVCacheSettings
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -127,7 +129,7 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)
                 continue
-            engine = Engine(model, strategy, comm, dist, plan.total, cuda_graph=cuda_graph, max_tail=plan.tail)
+            engine = Engine(model, strategy, comm, dist, KVCacheSettings(plan.total, max_tail=plan.tail), cuda_graph)
             ids = torch.randint(0, cfg.vocab_size, (length + query_tokens,), generator=torch.Generator().manual_seed(0))
             # Always new_tokens tokens: random weights may produce an end-of-sequence id.
             if i == 0:  # once untimed: kernel loading, library heuristics, graph capture
@@ -198,8 +200,8 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             f"decoding {result['decode_tokens_per_s'] or 0:.1f} tokens/s")
         return result
 
-    engine = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist, length + query_tokens + new_tokens,
-                    cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
+    cache = KVCacheSettings(length + query_tokens + new_tokens, max_tail=query_tokens + new_tokens)
+    engine = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist, cache, cuda_graph)
     engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
     rows = []
     for reuse in (False, True) if questions > 1 else (False,):
@@ -210,8 +212,7 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
     if batch > 1:
         del engine
         together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
-                          length + query_tokens + new_tokens,
-                          cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens, batch=batch)
+                          replace(cache, batch=batch), cuda_graph)
         plan = together.plan(length, query_tokens, new_tokens)
         list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
         together.forget_contexts()
