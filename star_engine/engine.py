@@ -17,11 +17,11 @@ from . import _C
 from .attention.base import Strategy
 from .attention.decode import decode_kernel_serves
 from .attention.phase2 import query_attention
+from .budget import JobMemory, cache_flags, requests_phrase
 from .comm import Communicator
-from .costs import kv_bytes_per_token
 from .decoder import Decoder, decode_rows
-from .launch.control import Dist, JobError
-from .memory import available_memory, peak_memory, reset_peak_memory
+from .launch.control import Dist
+from .memory import peak_memory, reset_peak_memory
 from .model import Transformer
 from .request_plan import RequestPlan, RequestTooLarge, plan_request
 from .settings import KVCacheSettings
@@ -48,16 +48,6 @@ class Generation:
     logits: list[Tensor] = field(default_factory=list)
 
 
-def requests_phrase(max_tokens: int, batch: int) -> str:
-    """What a KV cache is sized for, as messages say it."""
-    return f"requests of {max_tokens} tokens" + (f", {batch} at once" if batch > 1 else "")
-
-
-def cache_flags(batch: int) -> str:
-    """The flags that size a KV cache."""
-    return "--max-tokens" + (" or --batch" if batch > 1 else "")
-
-
 class Engine:
     """Runs requests with one strategy. Sized once, as `cache` says: every rank's KV arena
     holds the worst case of a request of up to its max_tokens tokens (context + query +
@@ -81,7 +71,9 @@ class Engine:
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Decoder] = {}  # by their rows
         self.capacities = arena_capacities(strategy, self.max_tokens, self.max_tail)
-        self._check_memory(self.batch * kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads))
+        # Before any arena exists: arenas a rank has not the memory for end the job in one line.
+        JobMemory(cfg, weight.dtype, self.place.world, self.batch * max(self.capacities), self.max_tokens,
+                  self.batch).refuse_unless_it_fits(dist, weight.device, model.shard.size)
         try:
             self.slots = [Slot(_C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
                                           self.capacities[self.place.rank], weight.dtype, weight.device))
@@ -104,17 +96,6 @@ class Engine:
         """The next request encodes its context, whatever the arenas hold."""
         for slot in self.slots:
             slot.encoded = None
-
-    def _check_memory(self, bytes_per_slot: int) -> None:
-        """Refuses, the same on every rank, arenas that a rank has no memory for."""
-        free = available_memory(self.model.embed.weight.device)
-        need = self.capacities[self.place.rank] * bytes_per_slot
-        every = self.dist.allgather((need, free))
-        for rank, (need, free) in enumerate(every):
-            if free is not None and need > free:
-                raise JobError(f"a KV cache for {requests_phrase(self.max_tokens, self.batch)} needs "
-                               f"{need / 2**30:.1f} GiB on rank {rank}, which has "
-                               f"{free / 2**30:.1f} GiB free: a smaller {cache_flags(self.batch)}, or more ranks")
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""

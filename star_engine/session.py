@@ -17,14 +17,11 @@ from .costs import Calibration
 from .settings import KVCacheSettings, RuntimeSettings
 
 if TYPE_CHECKING:
+    from .budget import JobMemory
     from .config import ModelConfig
     from .engine import Engine
 
 T = TypeVar("T")
-
-# Beyond the weights, what a rank needs at the least to run anything (activations, kernels'
-# workspace, the smallest KV cache).
-WEIGHTS_HEADROOM_BYTES = 1 << 30
 
 
 class Session:
@@ -56,7 +53,7 @@ class Session:
         self.calibration = self._job_calibration()
         config = self._same_model_everywhere(self._on_every_rank(lambda: load_config(runtime.model)))
         shard = self.hosts.shard(config)
-        self._refuse_what_cannot_fit(config, dtype, spec, cache)
+        self._job_memory(config, dtype, spec, cache).refuse_unless_it_fits(self.dist, self.device, tp, runtime.model)
         host = make_host_group(self.hosts.members, self.device) if self.hosts.members is not None else None
         self.model = self._on_every_rank(lambda: load_model(runtime.model, dtype, self.device, shard=shard, host=host))
         set_backend(runtime.attn_backend)
@@ -115,64 +112,22 @@ class Session:
                            f"{', '.join(map(str, others))} than on rank 0: every rank must read the same checkpoint")
         return config
 
-    def _refuse_what_cannot_fit(self, config: ModelConfig, dtype: torch.dtype, spec: StrategySpec | None,
-                                cache: KVCacheSettings | None) -> None:
-        """Before any weight is built: a rank holds its host's share of the weights (all of
-        them with --tp 1), and with spec and cache (run's engine) its KV cache too, so a rank
-        that has not the memory ends the job with one line (the same on every rank) that
-        says what it needs and the --tp that would fit, not an allocator's traceback part way."""
-        from .engine import cache_flags, requests_phrase
-        from .launch.control import JobError
-        from .memory import available_memory
-
-        tp, hosts = self.hosts.tp, self.hosts.count
-        free = [f for f in self.dist.allgather(available_memory(self.device)) if f is not None]
-        if not free:
-            return
-        least = min(free)
-        weights, kv = self._bytes_per_rank(config, dtype, tp, hosts, spec, cache)
-        if weights + kv + WEIGHTS_HEADROOM_BYTES <= least:
-            return
-        fits = next((n for n in (2, 4, 8, 16)
-                     if n > tp and self._fits(config, dtype, n, hosts, spec, cache, least)), None)
-        advice = (f"--tp {fits} (with {fits * hosts} ranks) would fit" if fits else
-                  f"no --tp up to 16 would fit with {plural(hosts, 'host')}")
-        every = "every rank" if tp == 1 else f"every rank of a host of {tp}"
-        if weights + WEIGHTS_HEADROOM_BYTES > least:
-            raise JobError(f"{self.runtime.model} in {str(dtype).removeprefix('torch.')} takes "
-                           f"{weights / 2**30:.1f} GiB of weights on {every}, and a rank's {self.device.type} has "
-                           f"{least / 2**30:.1f} GiB free: {advice}, or a device with more memory, a smaller "
-                           "--dtype or model")
-        requests = requests_phrase(cache.tokens(config.max_position_embeddings), cache.batch)
-        raise JobError(f"a KV cache for {requests} needs {kv / 2**30:.1f} GiB on {every}, which has "
-                       f"{(least - weights) / 2**30:.1f} GiB free beside the weights: a smaller "
-                       f"{cache_flags(cache.batch)}, more ranks, or {advice}")
-
-    def _bytes_per_rank(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int,
-                        spec: StrategySpec | None, cache: KVCacheSettings | None) -> tuple[int, int]:
-        """Weights and (with spec and cache) KV cache of the busiest rank of `hosts` hosts of tp ranks."""
-        from .costs import kv_bytes_per_token, rank_weights
+    def _job_memory(self, config: ModelConfig, dtype: torch.dtype, spec: StrategySpec | None,
+                    cache: KVCacheSettings | None) -> JobMemory:
+        """What the busiest rank will hold: its host's share of the weights (all of them with
+        --tp 1), and the KV cache of the engine `spec` and `cache` describe, if given (unless
+        its requests go beyond the trained positions unasked, which Session.engine refuses)."""
+        from .budget import JobMemory
         from .launch.control import Place
-        from .shard import Shard
         from .slots import arena_capacities
 
-        weights = rank_weights(config, tp) * dtype.itemsize
-        trained = config.max_position_embeddings
+        hosts, trained = self.hosts.count, config.max_position_embeddings
         max_tokens = cache.tokens(trained) if cache is not None else trained
         if spec is None or cache is None or (max_tokens > trained and not cache.beyond_trained_positions):
-            return weights, 0
-        slots = max(arena_capacities(spec.build(Place(0, hosts), None, config, self.calibration), max_tokens,
-                                     max_tokens))
-        kv_heads = len(Shard.of(config, 0, tp).kv_heads)
-        return weights, cache.batch * slots * kv_bytes_per_token(config, dtype.itemsize, kv_heads)
-
-    def _fits(self, config: ModelConfig, dtype: torch.dtype, tp: int, hosts: int, spec: StrategySpec | None,
-              cache: KVCacheSettings | None, free: int) -> bool:
-        from .shard import split_problem
-
-        if split_problem(config, tp):
-            return False
-        return sum(self._bytes_per_rank(config, dtype, tp, hosts, spec, cache)) + WEIGHTS_HEADROOM_BYTES <= free
+            return JobMemory(config, dtype, hosts)
+        strategy = spec.build(Place(0, hosts), None, config, self.calibration)
+        slots = max(arena_capacities(strategy, max_tokens, max_tokens))
+        return JobMemory(config, dtype, hosts, cache.batch * slots, max_tokens, cache.batch)
 
     def say(self, message: str) -> None:
         """A progress line on stderr, from rank 0."""

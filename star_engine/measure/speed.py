@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 import torch
 
 from ..attention.spec import StrategySpec
+from ..budget import fits, least_free_memory, request_budget
 from ..comm import Communicator
 from ..costs import Calibration, kv_bytes_per_token
 from ..engine import Engine, Generation
 from ..launch.control import Dist
-from ..memory import every_rank_has_room
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
 from ..settings import KVCacheSettings
@@ -123,8 +123,8 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             plan = plan_request(strategy, length, query_tokens, new_tokens)
             row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
                    "tp": dist.world // comm.world, "context": length, "describe": strategy.describe()}
-            needed = plan.memory_needed_bytes(cfg, weight.element_size(), model.kv_heads)[comm.rank]
-            if not every_rank_has_room(dist, needed, weight.device):
+            budget = request_budget(plan, cfg, weight.element_size(), model.shard.size)
+            if not fits(budget, least_free_memory(dist, weight.device), weights_in_place=True):
                 say(f"  {spec.label} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)

@@ -251,10 +251,10 @@ def test_on_the_kernels_path_decode_steps_have_power_of_two_rows_up_to_the_batch
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_refused_naming_the_batch(dist, comm, model, monkeypatch):
-    import star_engine.engine as engine_module
+    import star_engine.budget as budget_module
     from star_engine.launch.control import JobError
 
-    monkeypatch.setattr(engine_module, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(budget_module, "available_memory", lambda device: 1 << 20)
     with pytest.raises(JobError, match="for requests of 4096 tokens, 8 at once needs .* or --batch"):
         Engine(model, StarAttention(dist, comm), comm, dist, KVCacheSettings(4096, batch=8))
 
