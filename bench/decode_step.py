@@ -29,6 +29,7 @@ from star_engine.launch.launcher import init_distributed
 from star_engine.measure.speed import decode_weight_bytes
 from star_engine.measure.text_table import text_table
 from star_engine.measure.timing import copy_bandwidth
+from star_engine.settings import KVCacheSettings
 
 from results_io import save
 
@@ -69,8 +70,8 @@ def main() -> None:
     model = load_model(args.model, torch.bfloat16, device)
     comm = make_communicator(dist, device)
     context, query = parse_tokens(args.context), 64
-    engine = Engine(model, StarAttention(dist, comm), comm, dist, context + query + TOKENS + 1,
-                    max_tail=query + TOKENS + 1)
+    engine = Engine(model, StarAttention(dist, comm), comm, dist,
+                    KVCacheSettings(context + query + TOKENS + 1, max_tail=query + TOKENS + 1))
     ids = torch.randint(0, model.config.vocab_size, (context + query,), generator=torch.Generator().manual_seed(0))
     engine.generate(ids[:-query], ids[-query:], 4, stop_at_eos=False)  # captures the decode graph
     base, base_n = kernel_time(engine, ids, query, 1)

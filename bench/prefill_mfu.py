@@ -32,6 +32,7 @@ from star_engine.launch.launcher import init_distributed
 from star_engine.measure.text_table import text_table
 from star_engine.measure.timing import median_s
 from star_engine.names import ATTENTION_BACKENDS
+from star_engine.settings import KVCacheSettings
 
 from results_io import save
 
@@ -74,7 +75,7 @@ def main() -> None:
     rows = []
     for i, block in enumerate(map(parse_tokens, args.blocks.split(","))):
         strategy = StarAttention(hosts.place, comm, block_size=block, anchor_tokens=block)
-        engine = Engine(model, strategy, comm, dist, 2 * block)
+        engine = Engine(model, strategy, comm, dist, KVCacheSettings(2 * block))
         ids = torch.randint(0, model.config.vocab_size, (2 * block,), generator=torch.Generator().manual_seed(i)).to(device)
         layout = strategy.layout(len(ids))
         runs = 2 if i == 0 else 1  # the first size once more, untimed: kernel loading and tuning

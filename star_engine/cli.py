@@ -51,14 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _problem(command: ModuleType, args: argparse.Namespace) -> str | None:
-    """What this rank finds wrong with the job before any work: the model named, then the
-    command's own checks; None if nothing."""
-    from .model_source import read_config, resolve
-
+    """What this rank finds wrong with the job before any work (the command's check, the
+    model named first); None if nothing."""
     try:
-        source = resolve(args.model)
-        if source.kind == "hf":
-            read_config(source.path / "config.json")
         command.check(args)
     except ValueError as exc:
         return str(exc)

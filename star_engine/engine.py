@@ -6,7 +6,6 @@ decoder's (decoder.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -18,13 +17,15 @@ from . import _C
 from .attention.base import Strategy
 from .attention.decode import decode_kernel_serves
 from .attention.phase2 import query_attention
+from .budget import JobMemory, cache_flags, requests_phrase
 from .comm import Communicator
-from .costs import kv_bytes_per_token
 from .decoder import Decoder, decode_rows
-from .launch.control import Dist, JobError
-from .memory import available_memory, peak_memory, reset_peak_memory
+from .launch.control import Dist
+from .memory import peak_memory, reset_peak_memory
 from .model import Transformer
 from .request_plan import RequestPlan, RequestTooLarge, plan_request
+from .settings import KVCacheSettings
+from .slots import RunningRequest, Slot, arena_capacities, context_digest
 
 
 @dataclass
@@ -47,32 +48,11 @@ class Generation:
     logits: list[Tensor] = field(default_factory=list)
 
 
-def arena_capacities(strategy: Strategy, max_tokens: int, max_tail: int) -> list[int]:
-    """By rank: the KV slots of an arena that holds any request of up to max_tokens tokens,
-    at most max_tail of them after the context. A shorter context leaves more room for the
-    tail, never more slots on the query rank than max_tokens, whatever the split."""
-    place = strategy.place
-    max_context = max_tokens - max_tail
-    query_share = strategy.context_capacity(place.query_rank, max_context) if max_context else 0
-    return [min(max_tokens, query_share + max_tail) if r == place.query_rank
-            else strategy.context_capacity(r, max_tokens) for r in range(place.world)]
-
-
-def requests_phrase(max_tokens: int, batch: int) -> str:
-    """What a KV cache is sized for, as messages say it."""
-    return f"requests of {max_tokens} tokens" + (f", {batch} at once" if batch > 1 else "")
-
-
-def cache_flags(batch: int) -> str:
-    """The flags that size a KV cache."""
-    return "--max-tokens" + (" or --batch" if batch > 1 else "")
-
-
 class Engine:
-    """Runs requests with one strategy. Sized once: every rank's KV arena holds the
-    worst case of a request of up to `max_tokens` tokens (context + query + generated), of
-    which at most `max_tail` (default: all) come after the context. The query rank keeps
-    its share of the context and the tail. With batch > 1, that many arenas: up to
+    """Runs requests with one strategy. Sized once, as `cache` says: every rank's KV arena
+    holds the worst case of a request of up to its max_tokens tokens (context + query +
+    generated), of which at most its max_tail come after the context. The query rank keeps
+    its share of the context and the tail. With a batch > 1, that many arenas: up to
     `batch` requests decode together (generate_many).
 
     The strategy runs among the ranks of `comm`, its place (`strategy.place`): the ranks of
@@ -81,24 +61,26 @@ class Engine:
     alike. `dist` is the whole job's control plane."""
 
     def __init__(self, model: Transformer, strategy: Strategy, comm: Communicator, dist: Dist,
-                 max_tokens: int, cuda_graph: bool = True, max_tail: int | None = None, batch: int = 1) -> None:
+                 cache: KVCacheSettings, cuda_graph: bool = True) -> None:
         self.model, self.strategy, self.comm, self.dist = model, strategy, comm, dist
         self.place = strategy.place
-        self.max_tokens = max_tokens
-        self.max_tail = max_tokens if max_tail is None else min(max_tail, max_tokens)
+        cfg, weight = model.config, model.embed.weight
+        self.max_tokens = cache.tokens(cfg.max_position_embeddings)
+        self.max_tail = self.max_tokens if cache.max_tail is None else min(cache.max_tail, self.max_tokens)
+        self.batch = cache.batch
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Decoder] = {}  # by their rows
-        self.capacities = arena_capacities(strategy, max_tokens, self.max_tail)
-        cfg, weight = model.config, model.embed.weight
-        self.batch = batch
-        self._check_memory(batch * kv_bytes_per_token(cfg, weight.element_size(), model.kv_heads))
+        self.capacities = arena_capacities(strategy, self.max_tokens, self.max_tail)
+        # Before any arena exists: arenas a rank has not the memory for end the job in one line.
+        JobMemory(cfg, weight.dtype, self.place.world, self.batch * max(self.capacities), self.max_tokens,
+                  self.batch).refuse_unless_it_fits(dist, weight.device, model.shard.size)
         try:
-            self.slots = [_Slot(_C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
-                                           self.capacities[self.place.rank], weight.dtype, weight.device))
-                          for _ in range(batch)]
+            self.slots = [Slot(_C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
+                                          self.capacities[self.place.rank], weight.dtype, weight.device))
+                          for _ in range(self.batch)]
         except (RuntimeError, MemoryError) as exc:
-            raise ValueError(f"the KV cache for {requests_phrase(max_tokens, batch)} could not be allocated "
-                             f"({cache_flags(batch)}): {str(exc).splitlines()[0]}") from None
+            raise ValueError(f"the KV cache for {requests_phrase(self.max_tokens, self.batch)} could not be "
+                             f"allocated ({cache_flags(self.batch)}): {str(exc).splitlines()[0]}") from None
 
     @property
     def arena(self) -> _C.KVArena:
@@ -114,17 +96,6 @@ class Engine:
         """The next request encodes its context, whatever the arenas hold."""
         for slot in self.slots:
             slot.encoded = None
-
-    def _check_memory(self, bytes_per_slot: int) -> None:
-        """Refuses, the same on every rank, arenas that a rank has no memory for."""
-        free = available_memory(self.model.embed.weight.device)
-        need = self.capacities[self.place.rank] * bytes_per_slot
-        every = self.dist.allgather((need, free))
-        for rank, (need, free) in enumerate(every):
-            if free is not None and need > free:
-                raise JobError(f"a KV cache for {requests_phrase(self.max_tokens, self.batch)} needs "
-                               f"{need / 2**30:.1f} GiB on rank {rank}, which has "
-                               f"{free / 2**30:.1f} GiB free: a smaller {cache_flags(self.batch)}, or more ranks")
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""
@@ -158,7 +129,8 @@ class Engine:
         self.dist.sync()
         start = time.perf_counter()
         # Only where it may be reused is a context recognised (by its ids, before they move).
-        phase1, reused = self._encode(slot, context_ids, plan, _digest(context_ids) if reuse_context else None, start)
+        digest = context_digest(context_ids) if reuse_context else None
+        phase1, reused = self._encode(slot, context_ids, plan, digest, start)
         logits: list[Tensor] = []
         tokens = [self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)]
         first = self._elapsed(start, "the query pass")
@@ -225,7 +197,7 @@ class Engine:
             raise ValueError("the plan is another request's")
         return plan
 
-    def _encode(self, slot: "_Slot", context_ids: Tensor, plan: RequestPlan, digest: str | None,
+    def _encode(self, slot: Slot, context_ids: Tensor, plan: RequestPlan, digest: str | None,
                 start: float) -> tuple[float, bool]:
         """Phase 1 of the context into the slot's arena, unless the slot holds it already
         (digest: the context's, where it may be reused), or another slot does and its K/V is
@@ -246,7 +218,7 @@ class Engine:
         slot.encoded = (digest, slot.arena.length(0)) if digest is not None else None
         return self._elapsed(start, "phase 1"), False
 
-    def _query(self, slot: "_Slot", context_len: int, query_ids: Tensor, keep: list[Tensor] | None) -> int:
+    def _query(self, slot: Slot, context_len: int, query_ids: Tensor, keep: list[Tensor] | None) -> int:
         """The query's tokens in one pass over the slot's arena: the first generated token."""
         device = self.model.embed.weight.device
         attend = query_attention(slot.arena, self.comm, self.place.is_query_rank)
@@ -254,10 +226,10 @@ class Engine:
         return self._next_token(self.model(query_ids.to(device), positions, attend), keep)
 
     def _admit(self, index: int, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan,
-               free: list["_Slot"], eos: set[int], keep_logits: bool) -> "_Running":
+               free: list[Slot], eos: set[int], keep_logits: bool) -> RunningRequest:
         """A request's phase 1 and query, in a free slot (one that holds its context, if any)."""
         plan = self._checked_plan(context_ids, query_ids, plan.max_new_tokens, plan)
-        digest = _digest(context_ids)
+        digest = context_digest(context_ids)
         slot = next((s for s in free if s.holds(digest)), free[-1])
         free.remove(slot)
         sent_before = self.comm.bytes_sent
@@ -266,10 +238,10 @@ class Engine:
         phase1, reused = self._encode(slot, context_ids, plan, digest, start)
         logits: list[Tensor] = []
         token = self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)
-        return _Running(index, slot, [token], len(context_ids) + len(query_ids), plan.max_new_tokens, eos,
-                        start, self._elapsed(start, "the query pass"), phase1, reused, sent_before, logits)
+        return RunningRequest(index, slot, [token], len(context_ids) + len(query_ids), plan.max_new_tokens, eos,
+                              start, self._elapsed(start, "the query pass"), phase1, reused, sent_before, logits)
 
-    def _step_together(self, running: list["_Running"], keep_logits: bool) -> None:
+    def _step_together(self, running: list[RunningRequest], keep_logits: bool) -> None:
         """One decode step of every running request: a token each, in one forward pass."""
         decoder = self._decoder(len(running))
         decoder.start([run.slot.arena for run in running], [run.tokens[-1] for run in running],
@@ -281,7 +253,7 @@ class Engine:
             if keep_logits and self.place.is_query_rank:
                 run.logits.append(decoder.logits[row:row + 1].clone())
 
-    def _finished(self, run: "_Running") -> Generation:
+    def _finished(self, run: RunningRequest) -> Generation:
         total = self._elapsed(run.start)
         return Generation(run.tokens, self._metrics(run.phase1, run.first, total, len(run.tokens), run.reused,
                                                     run.sent_before), run.logits)
@@ -332,50 +304,3 @@ class Engine:
         if self.model.embed.weight.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
-
-
-def _digest(ids: Tensor) -> str:
-    """What recognises a context: its token ids."""
-    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
-
-
-class _Slot:
-    """A request's place in the engine: its KV arena, and the context the arena holds
-    where it may be reused (its digest and this rank's length of it)."""
-
-    def __init__(self, arena: _C.KVArena) -> None:
-        self.arena = arena
-        self.encoded: tuple[str, int] | None = None
-
-    def holds(self, digest: str) -> bool:
-        return self.encoded is not None and self.encoded[0] == digest
-
-    def copy_context_to(self, other: "_Slot") -> None:
-        """Its context's K/V into another (cleared) slot's arena: this rank's part of it, the
-        same on every rank as the phase 1 that made it; also while this one decodes."""
-        length = self.encoded[1]
-        for layer in range(self.arena.num_layers):
-            keys, values = self.arena.slots(layer)
-            other.arena.append(layer, keys[:, :length], values[:, :length])
-        other.encoded = self.encoded
-
-
-@dataclass
-class _Running:
-    """A request of generate_many between its first token and its last."""
-    index: int
-    slot: _Slot
-    tokens: list[int]
-    position: int  # of the token fed next (its last)
-    max_new_tokens: int
-    eos: set[int]
-    start: float
-    first: float
-    phase1: float
-    reused: bool
-    sent_before: int
-    logits: list[Tensor]  # with keep_logits, on the query rank: as Generation.logits
-
-    @property
-    def done(self) -> bool:
-        return self.tokens[-1] in self.eos or len(self.tokens) >= self.max_new_tokens

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
 from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_STAR_LAYOUT, DTYPES, STAR_LAYOUTS,
                     STRATEGIES)
+from .settings import KVCacheSettings, RuntimeSettings
 
 if TYPE_CHECKING:
     from .attention.spec import StrategySpec
@@ -85,6 +86,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: str = DEFAULT_MODEL,
                             help="tensor parallelism: hosts of N consecutive ranks of one node split the model "
                                  "(heads, MLP, vocabulary) and hold one copy of it together; the strategy runs "
                                  "across hosts (default: 1, every rank holds the whole model)")
+    else:
+        parser.set_defaults(tp=1)  # every rank holds the whole model
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="decode eagerly instead of replaying each step from a CUDA graph")
     parser.add_argument("--attn-backend", choices=ATTENTION_BACKENDS, default="auto",
@@ -173,3 +176,18 @@ def add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int | 
         parser.add_argument("--beyond-trained-positions", action="store_true",
                             help="allow --max-tokens beyond the positions the model was trained for (with a "
                                  "warning): its answers there cannot be trusted")
+
+
+def runtime_settings(args: argparse.Namespace) -> RuntimeSettings:
+    """What the model flags ask for; ValueError where --model names nothing the engine reads."""
+    from .model_source import read_config, resolve
+
+    source = resolve(args.model)
+    if source.kind == "hf":
+        read_config(source.path / "config.json")
+    return RuntimeSettings(args.model, args.dtype, args.device, args.tp, args.attn_backend, not args.no_cuda_graph)
+
+
+def kv_cache_settings(args: argparse.Namespace, batch: int = 1) -> KVCacheSettings:
+    """What the generation flags size a KV cache for, `batch` requests at once."""
+    return KVCacheSettings(args.max_tokens, batch, beyond_trained_positions=args.beyond_trained_positions)

@@ -1,11 +1,9 @@
 """Memory of this rank: the peak of a request (GPU memory allocated, or the process's
-resident memory on a CPU), and whether the ranks have room for a run."""
+resident memory on a CPU), and what it could still allocate (which budget.py weighs)."""
 
 from __future__ import annotations
 
 import torch
-
-from .launch.control import Dist
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -36,16 +34,6 @@ def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return _proc_kib("/proc/meminfo", "MemAvailable:")
-
-
-def every_rank_has_room(dist: Dist, needed_bytes: int, device: torch.device) -> bool:
-    """Whether every rank's GPU has needed_bytes (its own need) free; decided together,
-    so that ranks never part. CPU memory is not checked."""
-    ok = True
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        ok = needed_bytes < free
-    return all(dist.allgather(ok))
 
 
 def _proc_kib(path: str, field: str) -> int | None:

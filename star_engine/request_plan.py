@@ -1,6 +1,6 @@
 """The plan of one request: its strategy's layout of the context and what each rank must
-hold for it. Made once per request; the engine's check, its arenas' sizing, bench's memory
-estimate and the schedule itself all read it."""
+hold for it. Made once per request; the engine's check, its arenas' sizing, the memory
+budget's estimate (budget.py) and the engine's loop all read it."""
 
 from __future__ import annotations
 
@@ -33,9 +33,6 @@ class Phase1Memory:
 # which it predicts within 6%; judged on peaks it was not fitted to in
 # bench/results/plan_memory_out_of_sample_h200.json.
 PHASE1_MEMORY = Phase1Memory(encoded_vectors_per_token=4.5, received_vectors_per_token=3.5, workspace_bytes=1 << 29)
-# What a rank must have free beyond the estimate before a request runs: the allocator's
-# fragmentation, and devices and kernels other than those it was fitted on.
-HEADROOM_FACTOR, HEADROOM_BYTES = 1.1, 1 << 30
 
 
 class RequestTooLarge(ValueError):
@@ -71,18 +68,17 @@ class RequestPlan:
     def memory_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None,
                      phase1: Phase1Memory = PHASE1_MEMORY) -> tuple[int, ...]:
         """By rank: the estimated peak memory of the request besides the weights: its KV
-        slots (of `kv_heads`, a rank's under tensor parallelism), and phase 1's activations
-        and received K/V."""
+        slots (of `kv_heads`, a rank's under tensor parallelism), and phase 1's transients."""
         kv = kv_bytes_per_token(config, element_size, kv_heads)
-        vector = config.hidden_size * element_size
-        layout = self.layout
-        return tuple(round(slots * kv + phase1.bytes(vector, encoded, received))
-                     for slots, encoded, received in zip(self.kv_slots, layout.encoded, layout.received))
+        return tuple(round(slots * kv + transients)
+                     for slots, transients in zip(self.kv_slots, self.transient_bytes(config, element_size, phase1)))
 
-    def memory_needed_bytes(self, config: ModelConfig, element_size: int, kv_heads: int | None = None) -> tuple[int, ...]:
-        """By rank: the free memory a rank must have for the request: the estimate and headroom."""
-        return tuple(round(HEADROOM_FACTOR * m + HEADROOM_BYTES)
-                     for m in self.memory_bytes(config, element_size, kv_heads))
+    def transient_bytes(self, config: ModelConfig, element_size: int,
+                        phase1: Phase1Memory = PHASE1_MEMORY) -> tuple[float, ...]:
+        """By rank: phase 1's activations, received K/V and workspace, as `phase1` estimates them."""
+        vector = config.hidden_size * element_size
+        return tuple(phase1.bytes(vector, encoded, received)
+                     for encoded, received in zip(self.layout.encoded, self.layout.received))
 
 
 def plan_request(strategy: Strategy, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
-                     positive, star_specs, strategy_names, token_counts)
+                     positive, runtime_settings, star_specs, strategy_names, token_counts)
 from ..names import DEFAULT_STAR_LAYOUT, RESULTS_DIRECTORY
 
 if TYPE_CHECKING:
@@ -47,14 +47,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Refuses the flags of a job without --job; turns --lengths into a list, and makes
-    args.specs, the strategies to measure."""
+    """Refuses the flags of a job without --job; turns --lengths into a list, and makes the
+    settings: args.runtime and args.specs, the strategies to measure."""
     job_only = [flag for flag, value in (("--questions-per-context", args.questions_per_context),
                                          ("--batch", args.batch)) if value is not None]
     if job_only and args.job is None:
         raise ValueError(f"{' and '.join(job_only)} take{'s' if len(job_only) == 1 else ''} effect only with "
                          "--job REQUESTS")
     args.questions_per_context, args.batch = args.questions_per_context or 1, args.batch or 1
+    args.runtime = runtime_settings(args)
     args.specs, args.lengths = star_specs(args, args.attn), token_counts(args.lengths)
 
 
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--replot needs matplotlib: pip install matplotlib")
         print(f"saved {args.replot.with_suffix('.png')}")
         return 0
-    session = Session(args)
+    session = Session(args.runtime)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     name = bench_name(args.model, session.dist.world, [spec for spec in args.specs if spec.attn == "star"],
                       session.hosts.tp)
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
 
     rows, ceilings = speed.run_benchmark(session.model, session.comm, session.dist, args.specs,
                                              session.calibration, args.lengths,
-                                             args.query_tokens, args.max_new_tokens, not args.no_cuda_graph,
+                                             args.query_tokens, args.max_new_tokens, args.runtime.cuda_graph,
                                              session.say,
                                              on_row=lambda rows, ceilings: write(rows, ceilings, complete=False))
     result = write(rows, ceilings, complete=True)
@@ -125,7 +126,7 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
             rows += speed.run_job(session.model, session.comm, session.dist, spec, session.calibration, length,
                                       args.job,
                                       args.questions_per_context, args.query_tokens, args.max_new_tokens,
-                                      not args.no_cuda_graph, session.say, batch=args.batch)
+                                      args.runtime.cuda_graph, session.say, batch=args.batch)
             result = {**measured, "model": args.model, "query_tokens": args.query_tokens,
                       "new_tokens": args.max_new_tokens, "rows": rows}
             if session.dist.rank == 0:  # after every length, so that a stopped run keeps them

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..flags import add_generation_flags, add_model_flags, add_star_flags, positive, star_specs
+from ..flags import (add_generation_flags, add_model_flags, add_star_flags, kv_cache_settings, positive,
+                     runtime_settings, star_specs)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -22,8 +23,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Also makes args.specs: star as the flags lay it out, and dense."""
-    args.specs = star_specs(args, ["star", "dense"])
+    """Also makes the settings: args.runtime, args.cache and args.specs, star as the flags
+    lay it out and dense."""
+    args.runtime = runtime_settings(args)
+    args.specs, args.cache = star_specs(args, ["star", "dense"]), kv_cache_settings(args)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -32,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     from ..measure.tasks import make_sample, score
     from ..session import Session
 
-    session = Session(args)
+    session = Session(args.runtime)
     dist = session.dist
     sample = make_sample("niah_single_1", session.tokenizer, args.context_tokens, args.seed) if dist.rank == 0 else None
     sample = dist.bcast(sample, root=0)
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
                 f"\nExpected: {', '.join(sample.answers)}\n")
     rows = []
     for spec in args.specs:
-        engine = session.engine(spec)
+        engine = session.engine(spec, args.cache)
         session.say(f"running {engine.strategy.describe()} ...")
         gen = engine.generate(torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids),
                               args.max_new_tokens)

@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_star_flags, positive, star_specs,
-                     strategy_names, token_counts)
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_star_flags, positive,
+                     runtime_settings, star_specs, strategy_names, token_counts)
 from ..measure.tasks import TASKS
 from ..names import RESULTS_DIRECTORY
 
@@ -43,7 +43,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns --tasks and --lengths into lists, and makes args.specs, the methods."""
+    """Turns --tasks and --lengths into lists, and makes the settings: args.runtime and
+    args.specs, the methods."""
+    args.runtime = runtime_settings(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -58,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     from ..measure.results import environment
     from ..session import Session
 
-    session = Session(args)
+    session = Session(args.runtime)
     measured = environment(session.dist.world, session.device, ["python", "-m", "star_engine"])
     name = f"eval_{Path(args.model).stem if Path(args.model).exists() else args.model}"
     output = args.output or Path(RESULTS_DIRECTORY, f"{name}.json")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
-                     positive, star_specs, strategy_names, token_counts)
+                     positive, runtime_settings, star_specs, strategy_names, token_counts)
 from ..names import RESULTS_DIRECTORY, STAR_LAYOUTS
 
 
@@ -50,7 +50,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Turns the lists into lists, and makes args.specs."""
+    """Turns the lists into lists, and makes the settings: args.runtime and args.specs."""
+    args.runtime = runtime_settings(args)
     if args.calibrate:
         return
     args.lengths, args.gpu_counts = token_counts(args.lengths), token_counts(args.gpus, "--gpus")
@@ -116,7 +117,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     # A calibration there already (another node count's) keeps the rates this job cannot
     # measure; anything else there is refused before the measuring starts.
-    session = Session(args)
+    session = Session(args.runtime)
     earlier = (Calibration.load(args.output) if session.dist.rank == 0 and args.output and args.output.exists()
                else None)
     session.say("star_engine plan --calibrate: measuring phase 1, memory, the link and gather_merge ...")

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..flags import add_generation_flags, add_model_flags, add_star_flags, positive, star_specs
+from ..flags import (add_generation_flags, add_model_flags, add_star_flags, kv_cache_settings, positive,
+                     runtime_settings, star_specs)
 from ..names import STRATEGIES
 
 if TYPE_CHECKING:
@@ -45,10 +46,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Also makes args.spec, the strategy to run."""
+    """Also makes the settings: args.runtime, args.cache and args.spec, the strategy to run."""
     from ..answer_file import check_answer_file, is_stream
 
+    args.runtime = runtime_settings(args)
     [args.spec] = star_specs(args, [args.attn])
+    args.cache = kv_cache_settings(args, args.batch)
     if args.input.is_dir():
         raise ValueError(f"--input {args.input} is a directory; give the requests file")
     if not args.input.is_file():
@@ -86,10 +89,10 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
     from ..answer_file import AnswerFile
     from ..session import Session
 
-    session = Session(args)
-    engine = session.engine(args.spec, batch=args.batch)
+    session = Session(args.runtime, args.spec, args.cache)
+    engine = session.engine(args.spec, args.cache)
     dist = session.dist
-    batch = f", {args.batch} at once" if args.batch > 1 else ""
+    batch = f", {engine.batch} at once" if engine.batch > 1 else ""
     session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request{batch}")
     answers = AnswerFile(args.output, stop.writing) if dist.rank == 0 else None
     if answers is not None:
@@ -98,7 +101,7 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
         work = _prepared_requests(args, session, engine, answers) if dist.rank == 0 else None
         handed = _HandOut(work, session, stop, answers)
         answered = 0
-        for request, gen in _answered(engine, iter(handed), args.batch):
+        for request, gen in _answered(engine, iter(handed)):
             answered += 1
             if answers is not None:
                 _write_answer(answers, session, request, gen)
@@ -158,10 +161,10 @@ class _HandOut:
             yield _Request(request, context, torch.as_tensor(request.query_ids))
 
 
-def _answered(engine: Engine, requests: Iterator[_Request], batch: int) -> Iterator[tuple[_Request, Generation]]:
-    """Each request with its answer: one at a time, or up to `batch` decoding together (in the
-    order they finish)."""
-    if batch == 1:
+def _answered(engine: Engine, requests: Iterator[_Request]) -> Iterator[tuple[_Request, Generation]]:
+    """Each request with its answer: one at a time, or up to the engine's batch decoding
+    together (in the order they finish)."""
+    if engine.batch == 1:
         for r in requests:
             yield r, engine.generate(r.context, r.query, r.prepared.plan.max_new_tokens, plan=r.prepared.plan,
                                      reuse_context=True)

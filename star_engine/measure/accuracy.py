@@ -14,6 +14,7 @@ from ..costs import Calibration
 from ..engine import Engine
 from ..launch.control import Dist
 from ..model import Transformer
+from ..settings import KVCacheSettings
 from .tasks import make_sample, score
 from .text_table import text_table
 
@@ -58,7 +59,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
             done += len(tasks) * samples
             continue
         engines = {spec.label: Engine(model, spec.build(comm.place, comm, model.config, calibration), comm, dist,
-                                      length + most_new)
+                                      KVCacheSettings(length + most_new))
                    for spec in specs}
         for task in tasks:
             if (task, length) in kept:

@@ -17,6 +17,7 @@ from ..costs import Calibration, attention_flops_per_pair, fit_rates, linear_flo
 from ..engine import Engine
 from ..launch.control import Dist, Place
 from ..model import Transformer
+from ..settings import KVCacheSettings
 from .prediction import predict
 from .timing import copy_bandwidth, median_s
 
@@ -132,7 +133,7 @@ def _overheads(model: Transformer, comm: Communicator, dist: Dist, rates: Calibr
     cfg, weight = model.config, model.embed.weight
     query_tokens, new_tokens = 64, 17
     engine = Engine(model, StrategySpec().build(comm.place, comm, cfg, None), comm, dist,
-                    context + query_tokens + new_tokens)
+                    KVCacheSettings(context + query_tokens + new_tokens))
     ids = torch.randint(0, cfg.vocab_size, (context + query_tokens,), generator=torch.Generator().manual_seed(0))
     runs = [engine.generate(ids[:context], ids[context:], new_tokens, stop_at_eos=False) for _ in range(3)]
     metrics = sorted((run.metrics for run in runs[1:]), key=lambda m: m.ttft_s)[0]  # the first warms up

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from ..attention.ring import RingLayout
 from ..attention.spec import StrategySpec
 from ..attention.star import StarLayout, block_work
+from ..budget import request_budget
 from ..config import ModelConfig
-from ..costs import (Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token, linear_flops_per_token,
-                     model_weights)
+from ..costs import Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token, linear_flops_per_token
 from ..launch.control import Place
 from ..request_plan import plan_request
 
@@ -104,10 +104,9 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
     # A decode step half way through the generation, on the rank with the most K/V.
     slots = [kept + (query_tokens + new_tokens // 2 if r == gpus - 1 else 0) for r, kept in enumerate(layout.kept)]
     tpot = (weights + max(slots) * kv_token) * read_s + gather + (calibration.decode_overhead_s or 0.0)
-    weight_bytes = model_weights(config) * element_size
-    memory = weight_bytes + max(plan.memory_bytes(config, element_size))
-    needed = weight_bytes + max(plan.memory_needed_bytes(config, element_size))
-    return Prediction(spec.label, gpus, context, phase1, phase1 + query, tpot, memory, needed, per_rank, left_out)
+    budget = request_budget(plan, config, element_size)
+    return Prediction(spec.label, gpus, context, phase1, phase1 + query, tpot, budget.peak, budget.needed, per_rank,
+                      left_out)
 
 
 def recommend(predictions: list[Prediction], memory_bytes: float | None, ttft_target_s: float | None) -> str:

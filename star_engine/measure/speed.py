@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
 
 from ..attention.spec import StrategySpec
+from ..budget import fits, least_free_memory, request_budget
 from ..comm import Communicator
 from ..costs import Calibration, decode_weights, kv_bytes_per_token
 from ..engine import Engine, Generation
 from ..launch.control import Dist
-from ..memory import every_rank_has_room
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
+from ..settings import KVCacheSettings
 from .text_table import text_table
 from .timing import copy_bandwidth, graph_replay_s
 
@@ -79,13 +81,13 @@ def run_benchmark(model: Transformer, comm: Communicator, dist: Dist, specs: lis
             plan = plan_request(strategy, length, query_tokens, new_tokens)
             row = {"attn": spec.attn, "label": spec.label, "spec": spec.as_dict(), "ranks": dist.world,
                    "tp": dist.world // comm.world, "context": length, "describe": strategy.describe()}
-            needed = plan.memory_needed_bytes(cfg, weight.element_size(), model.kv_heads)[comm.rank]
-            if not every_rank_has_room(dist, needed, weight.device):
+            budget = request_budget(plan, cfg, weight.element_size(), model.shard.size)
+            if not fits(budget, least_free_memory(dist, weight.device), weights_in_place=True):
                 say(f"  {spec.label} {length:>8} tokens: skipped, does not fit in memory")
                 rows.append({**row, "skipped": "memory"})
                 on_row(rows, ceilings)
                 continue
-            engine = Engine(model, strategy, comm, dist, plan.total, cuda_graph=cuda_graph, max_tail=plan.tail)
+            engine = Engine(model, strategy, comm, dist, KVCacheSettings(plan.total, max_tail=plan.tail), cuda_graph)
             ids = torch.randint(0, cfg.vocab_size, (length + query_tokens,), generator=torch.Generator().manual_seed(0))
             # Always new_tokens tokens: random weights may produce an end-of-sequence id.
             if i == 0:  # once untimed: kernel loading, library heuristics, graph capture
@@ -156,8 +158,8 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             f"decoding {result['decode_tokens_per_s'] or 0:.1f} tokens/s")
         return result
 
-    engine = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist, length + query_tokens + new_tokens,
-                    cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens)
+    cache = KVCacheSettings(length + query_tokens + new_tokens, max_tail=query_tokens + new_tokens)
+    engine = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist, cache, cuda_graph)
     engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
     rows = []
     for reuse in (False, True) if questions > 1 else (False,):
@@ -168,8 +170,7 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
     if batch > 1:
         del engine
         together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
-                          length + query_tokens + new_tokens,
-                          cuda_graph=cuda_graph, max_tail=query_tokens + new_tokens, batch=batch)
+                          replace(cache, batch=batch), cuda_graph)
         plan = together.plan(length, query_tokens, new_tokens)
         list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
         together.forget_contexts()

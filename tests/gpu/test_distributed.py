@@ -66,6 +66,7 @@ from star_engine.launch.launcher import init_distributed
 from star_engine.launch.ending import run_guarded
 from star_engine.launch.devices import select_device
 from star_engine.engine import Engine
+from star_engine.settings import KVCacheSettings
 
 def stalled_when_captured(broadcast):
     def stalled(self, tensor, root):
@@ -79,7 +80,7 @@ def main():
     device = select_device("cuda", dist)
     comm = NcclCommunicator(dist, device)
     engine = Engine(load_model(sys.argv[1], torch.bfloat16, device), DenseAttention(dist, comm), comm, dist,
-                    max_tokens=512)
+                    KVCacheSettings(512))
     NcclCommunicator.broadcast = stalled_when_captured(NcclCommunicator.broadcast)
     ids = torch.arange(100) % 300
     print("decoding", flush=True)

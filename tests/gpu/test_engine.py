@@ -12,6 +12,7 @@ from star_engine.checkpoint import load_model
 from star_engine.comm import make_communicator
 from star_engine.engine import Engine
 from star_engine.launch.launcher import init_distributed
+from star_engine.settings import KVCacheSettings
 from tests.reference import make_tiny_checkpoint
 
 GPU, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -37,7 +38,7 @@ def request(seed: int = 0, context: int = 1190):
 def engine(dist, checkpoint, device, dtype, strategy_cls, cuda_graph=True, **kwargs):
     model = load_model(str(checkpoint), dtype, device)
     comm = make_communicator(dist, device)
-    return Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, max_tokens=2048, cuda_graph=cuda_graph)
+    return Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, KVCacheSettings(2048), cuda_graph)
 
 
 @pytest.mark.parametrize("strategy_cls,kwargs", [(DenseAttention, {}), (StarAttention, {"block_size": 300})])
@@ -75,9 +76,10 @@ def test_requests_decoded_together_on_the_gpu_get_the_tokens_each_gets_alone(dis
     model = load_model(str(checkpoint), torch.float32, GPU)
     comm = make_communicator(dist, GPU)
     requests = [(*request(seed, context), new) for seed, context, new in BATCHED]
-    alone = Engine(model, StarAttention(dist, comm, block_size=300), comm, dist, max_tokens=2048, cuda_graph=False)
+    alone = Engine(model, StarAttention(dist, comm, block_size=300), comm, dist, KVCacheSettings(2048),
+                   cuda_graph=False)
     want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
-    together = Engine(model, StarAttention(dist, comm, block_size=300), comm, dist, max_tokens=2048, batch=3)
+    together = Engine(model, StarAttention(dist, comm, block_size=300), comm, dist, KVCacheSettings(2048, batch=3))
     got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
                                       stop_at_eos=False))
     assert [got[i].tokens for i in range(len(requests))] == want
@@ -90,10 +92,10 @@ def test_requests_decoded_together_in_bfloat16_follow_each_alone_in_float32(dist
     requests = [(*request(seed, context), new) for seed, context, new in BATCHED]
     comm = make_communicator(dist, GPU)
     model32 = load_model(str(checkpoint), torch.float32, GPU)
-    alone = Engine(model32, StarAttention(dist, comm, block_size=300), comm, dist, max_tokens=2048)
+    alone = Engine(model32, StarAttention(dist, comm, block_size=300), comm, dist, KVCacheSettings(2048))
     want = [alone.generate(c, q, n, stop_at_eos=False, keep_logits=True) for c, q, n in requests]
     model16 = load_model(str(checkpoint), torch.bfloat16, GPU)
-    together = Engine(model16, StarAttention(dist, comm, block_size=300), comm, dist, max_tokens=2048, batch=3)
+    together = Engine(model16, StarAttention(dist, comm, block_size=300), comm, dist, KVCacheSettings(2048, batch=3))
     got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
                                       stop_at_eos=False, keep_logits=True))
     assert any(decoder.graph is not None for decoder in together.decoders.values())
@@ -120,7 +122,7 @@ def test_decode_steps_captured_first_stay_exact_after_a_larger_batch_has_run(dis
     large = [(*request(seed, 100 + 10 * seed), 4) for seed in range(3, 19)]
     answers = {}
     for graphed in (True, False):
-        engine = Engine(model, DenseAttention(dist, comm), comm, dist, max_tokens=1024, batch=16, cuda_graph=graphed)
+        engine = Engine(model, DenseAttention(dist, comm), comm, dist, KVCacheSettings(1024, batch=16), graphed)
 
         def answer(requests):
             jobs = [(c, q, engine.plan(len(c), len(q), n)) for c, q, n in requests]
@@ -142,7 +144,7 @@ def test_a_batch_step_replayed_from_its_cuda_graph_equals_the_eager_batch_step(d
                                                                           (3, 300, 7), (4, 900, 10)]]
     answers = {}
     for graphed in (True, False):
-        engine = Engine(model, DenseAttention(dist, comm), comm, dist, max_tokens=2048, batch=4, cuda_graph=graphed)
+        engine = Engine(model, DenseAttention(dist, comm), comm, dist, KVCacheSettings(2048, batch=4), graphed)
         jobs = [(c, q, engine.plan(len(c), len(q), n)) for c, q, n in requests]
         answers[graphed] = {i: gen.tokens for i, gen in engine.generate_many(jobs, stop_at_eos=False)}
         assert all(decoder.graph is not None for decoder in engine.decoders.values()) == graphed
@@ -161,7 +163,7 @@ def test_a_large_batch_in_bfloat16_answers_alike_from_cuda_graphs_and_eagerly(di
                  int(torch.randint(4, 40, (1,), generator=sizes))) for seed in range(90)]
     answers = {}
     for graphed in (True, False):
-        engine = Engine(model, DenseAttention(dist, comm), comm, dist, max_tokens=2048, batch=40, cuda_graph=graphed)
+        engine = Engine(model, DenseAttention(dist, comm), comm, dist, KVCacheSettings(2048, batch=40), graphed)
         jobs = [(c, q, engine.plan(len(c), len(q), n)) for c, q, n in requests]
         answers[graphed] = {i: gen.tokens for i, gen in engine.generate_many(jobs, stop_at_eos=False)}
     assert 64 in engine.decoders

@@ -10,6 +10,7 @@ from star_engine.attention.ring import RingAttention, zigzag_chunks
 from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.engine import Engine
+from star_engine.settings import KVCacheSettings
 from tests.reference import star_reference_logits, uniform_blocks
 
 NEW_TOKENS = 4
@@ -27,7 +28,7 @@ def request(context_len: int, query_len: int = 5, seed: int = 0) -> tuple[torch.
 
 
 def run(model, strategy, comm, dist, context, query):
-    engine = Engine(model, strategy, comm, dist, max_tokens=512)
+    engine = Engine(model, strategy, comm, dist, KVCacheSettings(512))
     return engine.generate(context, query, NEW_TOKENS, keep_logits=True)
 
 
@@ -145,7 +146,7 @@ def test_a_number_of_blocks_cuts_the_context_into_that_many_equal_blocks(dist, c
                                       dict(block_size=7, anchor_tokens=3, anchor_mode="recompute"), {}])
 def test_the_request_plan_is_what_the_ranks_store_and_the_arenas_hold(dist, comm, model, settings):
     star = StarAttention(dist, comm, **settings)
-    engine = Engine(model, star, comm, dist, max_tokens=512)
+    engine = Engine(model, star, comm, dist, KVCacheSettings(512))
     context, query = request(97)
     plan = engine.plan(97, len(query), 3)
     assert sum(plan.layout.kept) == 97 and plan.kv_slots[dist.query_rank] == plan.layout.kept[dist.query_rank] + len(query) + 3
@@ -164,7 +165,7 @@ def test_the_request_plan_is_what_the_ranks_store_and_the_arenas_hold(dist, comm
 def test_a_request_that_does_not_fit_is_refused_by_its_plan_before_any_compute(dist, comm, model):
     from star_engine.request_plan import RequestTooLarge
 
-    engine = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=100, max_tail=20)
+    engine = Engine(model, StarAttention(dist, comm), comm, dist, KVCacheSettings(100, max_tail=20))
     with pytest.raises(RequestTooLarge, match="request needs 101 tokens"):
         engine.plan(90, 5, 6)
     with pytest.raises(RequestTooLarge, match="at most 20 after the context"):
@@ -182,10 +183,10 @@ def test_a_request_that_does_not_fit_is_refused_by_its_plan_before_any_compute(d
 def test_a_context_encoded_once_answers_each_question_as_if_it_came_alone(dist, comm, model, make):
     context, first = request(90, seed=8)
     _, second = request(90, query_len=7, seed=9)
-    shared = Engine(model, make(dist, comm), comm, dist, max_tokens=512)
+    shared = Engine(model, make(dist, comm), comm, dist, KVCacheSettings(512))
     shared.generate(context, first, NEW_TOKENS, reuse_context=True)
     again = shared.generate(context, second, NEW_TOKENS, keep_logits=True, reuse_context=True)
-    alone = Engine(model, make(dist, comm), comm, dist, max_tokens=512).generate(
+    alone = Engine(model, make(dist, comm), comm, dist, KVCacheSettings(512)).generate(
         context, second, NEW_TOKENS, keep_logits=True)
     assert again.metrics.context_reused and again.metrics.phase1_s == 0.0
     assert not alone.metrics.context_reused
@@ -215,10 +216,10 @@ def test_requests_decoded_together_get_the_tokens_each_gets_alone(dist, comm, mo
         context, _ = request(context_len, seed=seed)
         _, query = request(context_len, query_len=query_len, seed=seed + 10)
         requests.append((context, query, new_tokens))
-    alone = Engine(model, make(dist, comm), comm, dist, max_tokens=256)
+    alone = Engine(model, make(dist, comm), comm, dist, KVCacheSettings(256))
     want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
 
-    together = Engine(model, make(dist, comm), comm, dist, max_tokens=256, batch=3)
+    together = Engine(model, make(dist, comm), comm, dist, KVCacheSettings(256, batch=3))
     jobs = [(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests]
     finished = list(together.generate_many(jobs, stop_at_eos=False))
     got = dict(finished)
@@ -232,9 +233,9 @@ def test_requests_decoded_together_get_the_tokens_each_gets_alone(dist, comm, mo
 
 def test_decode_steps_are_made_per_number_of_rows_whatever_requests_they_hold(dist, comm, model):
     requests = [(*request(30 + 7 * i, seed=i), 2 + i % 4) for i in range(7)]
-    alone = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=128)
+    alone = Engine(model, StarAttention(dist, comm), comm, dist, KVCacheSettings(128))
     want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
-    together = Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=128, batch=3)
+    together = Engine(model, StarAttention(dist, comm), comm, dist, KVCacheSettings(128, batch=3))
     got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
                                       stop_at_eos=False))
     assert [got[i].tokens for i in range(len(requests))] == want
@@ -250,12 +251,12 @@ def test_on_the_kernels_path_decode_steps_have_power_of_two_rows_up_to_the_batch
 
 
 def test_a_batch_that_does_not_fit_in_memory_is_refused_naming_the_batch(dist, comm, model, monkeypatch):
-    import star_engine.engine as engine_module
+    import star_engine.budget as budget_module
     from star_engine.launch.control import JobError
 
-    monkeypatch.setattr(engine_module, "available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(budget_module, "available_memory", lambda device: 1 << 20)
     with pytest.raises(JobError, match="for requests of 4096 tokens, 8 at once needs .* or --batch"):
-        Engine(model, StarAttention(dist, comm), comm, dist, max_tokens=4096, batch=8)
+        Engine(model, StarAttention(dist, comm), comm, dist, KVCacheSettings(4096, batch=8))
 
 
 @pytest.mark.parametrize("context_len", [97, 64, 5])  # 5: fewer tokens than chunks on 3-4 ranks

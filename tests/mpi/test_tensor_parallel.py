@@ -15,6 +15,7 @@ from star_engine.checkpoint import load_model
 from star_engine.comm import MpiCommunicator, MpiHostGroup
 from star_engine.engine import Engine
 from star_engine.hosts import Hosts
+from star_engine.settings import KVCacheSettings
 from tests.mpi.test_strategies import NEW_TOKENS, assert_same_tokens_on_every_rank, request
 from tests.reference import causal_attention, star_reference_logits, uniform_blocks
 
@@ -66,7 +67,8 @@ def test_ring_and_dense_across_hosts_give_dense_attentions_tokens(dist, tiny_che
     hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
     context, query = request(90, seed=3)
     strategy = (DenseAttention if attn == "dense" else RingAttention)(hosts.place, peers)
-    gen = Engine(model, strategy, peers, dist, max_tokens=256).generate(context, query, NEW_TOKENS, keep_logits=True)
+    engine = Engine(model, strategy, peers, dist, KVCacheSettings(256))
+    gen = engine.generate(context, query, NEW_TOKENS, keep_logits=True)
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if hosts.place.is_query_rank:
         want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, [(0, 90)], 0)
@@ -80,7 +82,8 @@ def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkp
     hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
     context, query = request(97, seed=4)
     strategy = StarAttention(hosts.place, peers, block_size=16, anchor_tokens=16, anchor_mode=mode)
-    gen = Engine(model, strategy, peers, dist, max_tokens=256).generate(context, query, NEW_TOKENS, keep_logits=True)
+    engine = Engine(model, strategy, peers, dist, KVCacheSettings(256))
+    gen = engine.generate(context, query, NEW_TOKENS, keep_logits=True)
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if hosts.place.is_query_rank:
         want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 16), 16)
@@ -91,9 +94,10 @@ def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkp
 def test_requests_decoded_together_across_hosts_get_the_tokens_each_gets_alone(dist, tiny_checkpoint, tp):
     hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
     requests = [(*request(30 + 11 * i, seed=i), 2 + i % 3) for i in range(4)]
-    alone = Engine(model, StarAttention(hosts.place, peers, block_size=16), peers, dist, max_tokens=128)
+    alone = Engine(model, StarAttention(hosts.place, peers, block_size=16), peers, dist, KVCacheSettings(128))
     want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
-    together = Engine(model, StarAttention(hosts.place, peers, block_size=16), peers, dist, max_tokens=128, batch=2)
+    together = Engine(model, StarAttention(hosts.place, peers, block_size=16), peers, dist,
+                      KVCacheSettings(128, batch=2))
     got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
                                       stop_at_eos=False))
     assert [got[i].tokens for i in range(len(requests))] == want

@@ -15,6 +15,7 @@ from star_engine.checkpoint import load_model
 from star_engine.comm import MpiCommunicator, NcclCommunicator
 from star_engine.engine import Engine
 from star_engine.launch.devices import select_device
+from star_engine.settings import KVCacheSettings
 from tests.reference import make_tiny_checkpoint
 
 
@@ -35,7 +36,7 @@ def gpu(dist):
 
 def run(dist, comm, model, strategy_cls, cuda_graph=True, **kwargs):
     ids = torch.randint(0, 300, (1210,), generator=torch.Generator().manual_seed(4))
-    engine = Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, max_tokens=2048, cuda_graph=cuda_graph)
+    engine = Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, KVCacheSettings(2048), cuda_graph)
     return engine.generate(ids[:1200], ids[1200:], 10, keep_logits=True)
 
 

@@ -15,6 +15,7 @@ from star_engine.comm import MpiCommunicator, MpiHostGroup, NcclHostGroup, make_
 from star_engine.engine import Engine
 from star_engine.hosts import Hosts
 from star_engine.launch.devices import select_device
+from star_engine.settings import KVCacheSettings
 from tests.gpu.mpi.test_engine_gpus import checkpoint  # noqa: F401 - a fixture
 from tests.reference import causal_attention
 
@@ -44,8 +45,7 @@ def on_cpus(hosts, checkpoint):  # noqa: F811
 
 
 def engine(dist, hosts, model, comm, strategy_cls, cuda_graph=True, **kwargs):
-    return Engine(model, strategy_cls(hosts.place, comm, **kwargs), comm, dist, max_tokens=2048,
-                  cuda_graph=cuda_graph)
+    return Engine(model, strategy_cls(hosts.place, comm, **kwargs), comm, dist, KVCacheSettings(2048), cuda_graph)
 
 
 def answer(engine):
