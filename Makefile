@@ -38,8 +38,11 @@ $(EXTENSION): $(VENV)/.installed CMakeLists.txt $(wildcard csrc/*) $(wildcard cs
 demo: setup
 	$(MPIRUN) -np $(NP) $(PY) -m star_engine demo
 
+# Two at a time (most tests wait on subprocesses, MPI and Slurm), by file; then, by
+# themselves, the tests that measure this machine's speed.
 test: setup
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rs -n 2 --dist loadfile -m "not alone"
+	$(PY) -m pytest tests -q -rs -m alone
 
 # The README's install, into a fresh environment from a copy of the files git knows (so that
 # no build of this checkout is reused): PyTorch, the build's tools, then the package without

@@ -466,7 +466,8 @@ def jobs_of_every_command(directory: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("command", ["run", "demo", "eval", "bench", "bench --job", "plan", "plan --calibrate"])
+@pytest.mark.parametrize("command", ["run", "demo", "eval", "bench", "bench --job", "plan",
+                                     pytest.param("plan --calibrate", marks=pytest.mark.alone)])
 def test_every_command_runs_on_rank_0_s_settings_when_a_rank_sees_others(tmp_path, command):
     """mpirun hands no environment to other nodes unless told to: here rank 1 alone is given
     a calibration (its balanced blocks would differ). Every rank computes with rank 0's, and

@@ -71,6 +71,7 @@ def test_plan_prints_a_table_and_advice_and_saves_its_predictions(tmp_path):
     assert {p["label"] for p in saved["predictions"]} == {"dense", "star", "star balanced", "ring"}
 
 
+@pytest.mark.alone
 def test_calibrate_measures_every_rate_on_the_ranks_it_is_launched_with(tmp_path):
     out = tmp_path / "cpu.json"
     result = run([*mpirun(2), sys.executable, "-m", "star_engine", "plan", "--calibrate", "--model", "tiny",

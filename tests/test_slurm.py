@@ -290,6 +290,7 @@ def _wait_for(condition, what: str, seconds: float = 180):
     raise AssertionError(f"waited {seconds:g} s for {what}")
 
 
+@pytest.mark.alone
 def test_a_calibration_across_two_nodes_measures_the_network_and_keeps_the_one_node_link(tmp_path, slurm):
     out = tmp_path / "cpu.json"
     calibrate = [sys.executable, "-m", "star_engine", "plan", "--calibrate", "--model", "tiny", "--output", str(out)]
