@@ -16,7 +16,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from .launch.control import JobError
+from .launch.control import JobError, ranks_named
 
 if TYPE_CHECKING:
     from .launch.control import Dist
@@ -64,9 +64,8 @@ def agree(dist: Dist) -> None:
         ranks = [rank for rank, names in enumerate(differing) if name in names]
         if ranks:
             value = "unset" if decided[name] is None else f"{decided[name]!r}"
-            listed = ", ".join(map(str, ranks))
-            print(f"star_engine: note: {name} differs on rank{'s' if len(ranks) > 1 else ''} {listed}; every rank "
-                  f"uses rank 0's ({value})", file=sys.stderr, flush=True)
+            print(f"star_engine: note: {name} differs on {ranks_named(ranks)}; every rank uses rank 0's ({value})",
+                  file=sys.stderr, flush=True)
 
 
 def seconds_from_env(var: str, default: float) -> float:

@@ -103,13 +103,13 @@ class Session:
 
     def _same_model_everywhere(self, config: ModelConfig) -> ModelConfig:
         """`config`, where every rank read the same shape under --model; else a JobError."""
-        from .launch.control import JobError
+        from .launch.control import JobError, ranks_named
 
         every = self.dist.allgather(config)
         others = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
         if others:
-            raise JobError(f"--model {self.runtime.model} is another model on rank{'s' * (len(others) > 1)} "
-                           f"{', '.join(map(str, others))} than on rank 0: every rank must read the same checkpoint")
+            raise JobError(f"--model {self.runtime.model} is another model on {ranks_named(others)} than on rank 0: "
+                           "every rank must read the same checkpoint")
         return config
 
     def _job_memory(self, config: ModelConfig, dtype: torch.dtype, spec: StrategySpec | None,

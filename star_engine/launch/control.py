@@ -153,11 +153,15 @@ class Dist(Place):
         silent = [r for r, request in receiving.items() if not request.Test()]
         answering = sorted({self.rank, *(r for r in others if r not in silent)})
         if silent:
-            names = ", ".join(map(str, silent))
-            message = (f"{waited}: rank{'s' if len(silent) > 1 else ''} {names} did not answer (stopped, "
+            message = (f"{waited}: {ranks_named(silent)} did not answer (stopped, "
                        f"hung, dead, or busy longer than {timeout_var})")
         elif others:
             message = f"{waited}, while every rank answers: the ranks wait in different operations"
         else:
             message = waited
         return PeerTimeout(message, speaker=answering[0] == self.rank)
+
+
+def ranks_named(ranks: list[int]) -> str:
+    """'rank 2', 'ranks 1, 3': some ranks of a job, as messages name them."""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"

@@ -10,7 +10,7 @@ import time
 import traceback
 from typing import Callable
 
-from .control import JobError, PeerTimeout
+from .control import JobError, PeerTimeout, ranks_named
 from .launcher import env_rank, init_distributed
 
 
@@ -31,11 +31,7 @@ def job_problem(find: Callable[[], str | None]) -> str | None:
         return None
     if len(problems) == 1 and len(next(iter(problems.values()))) == dist.world:
         return next(iter(problems))
-    return "; ".join(f"{_ranks(ranks)}: {problem}" for problem, ranks in problems.items())
-
-
-def _ranks(ranks: list[int]) -> str:
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+    return "; ".join(f"{ranks_named(ranks)}: {problem}" for problem, ranks in problems.items())
 
 
 def leave_together() -> None:
