@@ -67,9 +67,9 @@ def main(args: argparse.Namespace) -> int:
     from ..checkpoint import load_config
     from ..costs import Calibration
     from ..json_file import write_json
-    from ..launch.launcher import init_distributed
+    from ..launch.launcher import env_rank
 
-    if init_distributed().rank != 0:
+    if env_rank() != 0:
         return 0  # a prediction needs one process: under a launcher, rank 0 makes it
 
     from ..measure.prediction import predict, recommend

