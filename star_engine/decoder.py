@@ -45,7 +45,7 @@ class Decoder:
         self.use_graph = cuda_graph and self.rows.kernel
         self.graph: torch.cuda.CUDAGraph | None = None
         self.held = 0
-        self.steps = 0  # taken so far, for messages
+        self.steps, self.replayed = 0, False  # taken so far, and how the last one ran: for messages
 
     def start(self, arenas: list[_C.KVArena], tokens: list[int], positions: list[int]) -> None:
         """The requests of the next steps, a row each: their (decoding) arenas, the tokens to
@@ -57,6 +57,7 @@ class Decoder:
 
     def step(self) -> None:
         self.steps += 1
+        self.replayed = self.graph is not None
         if not self.use_graph:
             self._step()
         elif self.graph is None:
@@ -69,7 +70,7 @@ class Decoder:
 
     def tokens(self) -> list[int]:
         """The tokens the last step chose for the requests held, a row each."""
-        how = "replayed from its CUDA graph" if self.graph is not None else "eager"
+        how = "replayed from its CUDA graph" if self.replayed else "eager"
         self.comm.synchronize(f"decode step {self.steps} of {self.rows.rows} row{'s' * (self.rows.rows > 1)} ({how})")
         return self.token_ids[:self.held].tolist()
 
