@@ -55,6 +55,10 @@ class Decoder:
         self.token_ids.copy_(torch.tensor(tokens + padding))
         self.positions.copy_(torch.tensor(positions + padding))
 
+    def release(self) -> None:
+        """Holds no arena until the next start."""
+        self.rows.release()
+
     def step(self) -> None:
         self.steps += 1
         self.replayed = self.graph is not None

@@ -74,13 +74,26 @@ class Engine:
         # Before any arena exists: arenas a rank has not the memory for end the job in one line.
         JobMemory(cfg, weight.dtype, self.place.world, self.batch * max(self.capacities), self.max_tokens,
                   self.batch).refuse_unless_it_fits(dist, weight.device, model.shard.size)
+        self.slots: list[Slot] = []
+        self.unpark()
+
+    def unpark(self) -> None:
+        """Allocates the arenas (at the start, and after park)."""
+        cfg, weight = self.model.config, self.model.embed.weight
         try:
-            self.slots = [Slot(_C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim,
+            self.slots = [Slot(_C.KVArena(cfg.num_layers, self.model.kv_heads, cfg.head_dim,
                                           self.capacities[self.place.rank], weight.dtype, weight.device))
                           for _ in range(self.batch)]
         except (RuntimeError, MemoryError) as exc:
             raise ValueError(f"the KV cache for {requests_phrase(self.max_tokens, self.batch)} could not be "
                              f"allocated ({cache_flags(self.batch)}): {str(exc).splitlines()[0]}") from None
+
+    def park(self) -> None:
+        """Frees the arenas, and what the decoders hold of them, until unpark: another engine
+        of this rank (another group's) then has their memory. Contexts encoded are forgotten."""
+        for decoder in self.decoders.values():
+            decoder.release()
+        self.slots = []
 
     @property
     def arena(self) -> _C.KVArena:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
 from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_STAR_LAYOUT, DTYPES, STAR_LAYOUTS,
                     STRATEGIES)
-from .settings import KVCacheSettings, RuntimeSettings
+from .settings import KVCacheSettings, RuntimeSettings, ScaleOutSettings
 
 if TYPE_CHECKING:
     from .attention.spec import StrategySpec
@@ -191,3 +191,33 @@ def runtime_settings(args: argparse.Namespace) -> RuntimeSettings:
 def kv_cache_settings(args: argparse.Namespace, batch: int = 1) -> KVCacheSettings:
     """What the generation flags size a KV cache for, `batch` requests at once."""
     return KVCacheSettings(args.max_tokens, batch, beyond_trained_positions=args.beyond_trained_positions)
+
+
+def hosts_per_request(text: str) -> str:
+    """'auto', 'all' or a number of hosts >= 1."""
+    if text in ("auto", "all") or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, all or a number of hosts, got {text!r}")
+
+
+def add_scale_out_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """How many hosts each request runs on."""
+    parser.add_argument("--hosts-per-request", type=hosts_per_request, default=default, metavar="auto|all|N",
+                        help="hosts a request runs on (a host: one rank, or --tp ranks): all of them; N of them "
+                             "(1, 2, 4, ... or all); or auto: the fewest whose blocks hold at most --max-block "
+                             "tokens of the context, requests of different sizes on different hosts at once "
+                             f"(default: {default})")
+    parser.add_argument("--max-block", type=parse_tokens, default=None, metavar="TOKENS",
+                        help="with --hosts-per-request auto: the most context tokens a host takes; K = 1024 "
+                             "(default: 32K, 16K for models of 30B parameters or more)")
+
+
+def scale_out_settings(args: argparse.Namespace) -> ScaleOutSettings:
+    """What the scale-out flags ask for; ValueError where they contradict star's flags."""
+    auto = args.hosts_per_request == "auto"
+    if args.max_block is not None and not auto:
+        raise ValueError("--max-block takes effect only with --hosts-per-request auto")
+    if auto and (args.blocks is not None or args.block_size is not None):
+        raise ValueError("--blocks and --block-size fix star's blocks; with --hosts-per-request auto a request's "
+                         "hosts (and so its blocks) follow from --max-block")
+    return ScaleOutSettings(args.hosts_per_request, args.max_block)

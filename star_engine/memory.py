@@ -29,10 +29,11 @@ def peak_memory(device: torch.device) -> int:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes this rank could still allocate: the GPU's free memory, or on a CPU the
-    machine's available memory (Linux); None where unknown."""
+    """Bytes this rank could still allocate: the GPU's free memory and what PyTorch holds
+    cached unused, or on a CPU the machine's available memory (Linux); None where unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     return _proc_kib("/proc/meminfo", "MemAvailable:")
 
 

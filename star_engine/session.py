@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
@@ -14,12 +15,13 @@ import torch
 from .attention.backends import backend_for, set_backend
 from .attention.spec import StrategySpec
 from .costs import Calibration
-from .settings import KVCacheSettings, RuntimeSettings
+from .settings import KVCacheSettings, RuntimeSettings, ScaleOutSettings
 
 if TYPE_CHECKING:
     from .budget import JobMemory
     from .config import ModelConfig
     from .engine import Engine
+    from .groups import HostGroup, HostGroups, RequestSizing
 
 T = TypeVar("T")
 
@@ -134,8 +136,56 @@ class Session:
         if self.dist.rank == 0:
             print(message, file=sys.stderr, flush=True)
 
-    def engine(self, spec: StrategySpec, cache: KVCacheSettings) -> Engine:
-        """An engine of the strategy `spec` names, its KV cache sized as `cache` says."""
+    def group_engines(self, spec: StrategySpec, cache: KVCacheSettings, scale_out: ScaleOutSettings
+                      ) -> tuple[HostGroups, dict[int, Engine], RequestSizing]:
+        """The groups of hosts that scale_out asks for, with their communicators, and an
+        engine for each group of this rank, its arenas parked until the group works: on one
+        host dense, on several the strategy of `spec`. The group of all hosts has the KV
+        cache `cache` asks for; smaller groups one for the requests the rule gives them, less
+        where the memory has not room for it (their requests then go to larger groups)."""
+        from .attention.spec import StrategySpec
+        from .budget import JobMemory, fits, least_free_memory
+        from .dispatch import described, group_sizes
+        from .groups import HostGroups, RequestSizing, default_max_block, level_max_tokens
+        from .launch.control import JobError, Place
+        from .slots import arena_capacities
+
+        count, config = self.hosts.count, self.model.config
+        sizes = group_sizes(count) if scale_out.hosts_per_request == "auto" else [scale_out.fixed or count]
+        if sizes[0] not in group_sizes(count):
+            raise JobError(f"--hosts-per-request {sizes[0]}: {described(count)}")
+        groups = HostGroups(self.dist, self.hosts, self.comm, self.device, sizes)
+        if len(sizes) > 1 or sizes[0] < count:
+            memory = f" and {groups.setup_bytes / 2**20:.0f} MiB of GPU memory" if groups.setup_bytes else ""
+            self.say(f"star_engine: {described(count)}; their communicators took {groups.setup_s:.1f} s{memory} "
+                     "per rank")
+        max_block = scale_out.max_block or default_max_block(config)
+        job_tokens = cache.tokens(config.max_position_embeddings)
+        free = least_free_memory(self.dist, self.device)
+        engines: dict[int, Engine] = {}
+        for size in sizes:
+            level_spec = spec if size > 1 else StrategySpec("dense")
+            tokens = job_tokens if size == count else level_max_tokens(size, max_block, job_tokens)
+            while size < count and tokens >= max_block // 4:
+                strategy = level_spec.build(Place(0, size), None, config, self.calibration)
+                slots = max(arena_capacities(strategy, tokens, tokens))
+                memory = JobMemory(config, self.model.embed.weight.dtype, size, cache.batch * slots, tokens, cache.batch)
+                if fits(memory.at(self.hosts.tp), free, weights_in_place=True):
+                    break
+                tokens //= 2  # this group size takes shorter requests; the longer go to larger groups
+            if size < count and tokens < max_block // 4:
+                self.say(f"star_engine: no room for the KV cache of groups of {size} hosts: their requests go "
+                         "to larger groups")
+                continue
+            group = groups.by_size.get(size)
+            if group is not None:
+                engines[size] = self.engine(level_spec, replace(cache, max_tokens=tokens), group)
+                engines[size].park()
+        return groups, engines, RequestSizing(engines, count, scale_out, max_block)
+
+    def engine(self, spec: StrategySpec, cache: KVCacheSettings, group: HostGroup | None = None) -> Engine:
+        """An engine of the strategy `spec` names, its KV cache sized as `cache` says, on the
+        group of hosts `group` (default: all of them)."""
         from .engine import Engine
         from .launch.control import JobError
 
@@ -148,8 +198,9 @@ class Session:
                                "runs it anyway")
             self.say(f"star_engine: warning: requests of up to {max_tokens} tokens, beyond the {trained} positions "
                      f"{self.runtime.model} was trained for")
-        strategy = spec.build(self.comm.place, self.comm, self.model.config, self.calibration)
-        return Engine(self.model, strategy, self.comm, self.dist, cache, cuda_graph=self.runtime.cuda_graph)
+        comm, dist = (self.comm, self.dist) if group is None else (group.comm, group.dist)
+        strategy = spec.build(comm.place, comm, self.model.config, self.calibration)
+        return Engine(self.model, strategy, comm, dist, cache, cuda_graph=self.runtime.cuda_graph)
 
 
 def plural(count: int, noun: str) -> str:

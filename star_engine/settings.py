@@ -34,3 +34,17 @@ class KVCacheSettings:
     def tokens(self, trained: int) -> int:
         """The longest request: max_tokens, else the `trained` positions of the model."""
         return self.max_tokens or trained
+
+
+@dataclass(frozen=True)
+class ScaleOutSettings:
+    """How many hosts each request runs on: "all" (every request on every host), "auto"
+    (as many as its context needs, groups.py) or a number of hosts."""
+
+    hosts_per_request: str = "all"
+    max_block: int | None = None  # with auto: tokens of a block at most; None: the model's default
+
+    @property
+    def fixed(self) -> int | None:
+        """The number of hosts every request runs on, where the flag gives one."""
+        return int(self.hosts_per_request) if self.hosts_per_request.isdigit() else None

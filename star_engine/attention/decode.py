@@ -66,6 +66,10 @@ class DecodeRows:
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.int64))
         self.active.fill_(len(arenas))
 
+    def release(self) -> None:
+        """Holds no arena (their memory may go); the next hold rewrites the tables."""
+        self.arenas = []
+
     def add_token(self) -> None:
         """Each request held counts the slot of the token fed now (the query rank's step)."""
         if self.kernel:

@@ -9,18 +9,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..flags import (add_generation_flags, add_model_flags, add_star_flags, kv_cache_settings, positive,
-                     runtime_settings, star_specs)
+from ..flags import (add_generation_flags, add_model_flags, add_scale_out_flags, add_star_flags, kv_cache_settings,
+                     positive, runtime_settings, scale_out_settings, star_specs)
 from ..names import STRATEGIES
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from ..answer_file import AnswerFile
-    from ..engine import Engine, Generation
+    from ..dispatch import Group
+    from ..groups import RequestSizing
+    from ..hand_out import Done, Work
     from ..launch.stopping import GracefulStop
     from ..request_file import IndexedLine
-    from ..request_plan import RequestPlan
     from ..session import Session
 
 
@@ -29,29 +28,33 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "run", help="answer the requests of a JSONL file",
         description='Reads JSONL requests {"id", "context", "query", "max_new_tokens"?} and appends one '
                     'result line per request: {"id", "output", "output_tokens", "context_tokens", '
-                    '"metrics": {"phase1_s", "ttft_s", "tpot_s", "peak_mem_bytes": [per rank]}, "error"}. '
+                    '"hosts", "metrics": {"phase1_s", "ttft_s", "tpot_s", "peak_mem_bytes": [per rank]}, "error"}. '
                     "A bad request gets a line with its error and the run goes on. Ids already answered "
                     "in the output file are skipped, so an interrupted run can be started again.")
     run.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
     run.add_argument("--output", required=True, type=Path, help="results, appended one JSON object per line")
     run.add_argument("--attn", choices=STRATEGIES, default="star",
-                     help="star: blocks over all ranks, approximate; ring: exact, K/V passed around the "
-                          "ranks; dense: the whole context on one rank (default: star)")
+                     help="star: blocks over a request's hosts, approximate; ring: exact, K/V passed around "
+                          "them; dense: the whole context on one of them; a request on one host runs dense "
+                          "(default: star)")
     run.add_argument("--batch", type=positive, default=1, metavar="N",
                      help="requests decoded together, each joining as another leaves; answers are written "
                           "as they finish (default: 1, one request at a time)")
+    add_scale_out_flags(run, default="all")
     add_model_flags(run)
     add_star_flags(run)
     add_generation_flags(run, max_new_tokens=64, meaning="tokens to generate at most, unless a request says otherwise")
 
 
 def check(args: argparse.Namespace) -> None:
-    """Also makes the settings: args.runtime, args.cache and args.spec, the strategy to run."""
+    """Also makes the settings: args.runtime, args.cache, args.scale_out and args.spec, the
+    strategy to run."""
     from ..answer_file import check_answer_file, is_stream
 
     args.runtime = runtime_settings(args)
     [args.spec] = star_specs(args, [args.attn])
     args.cache = kv_cache_settings(args, args.batch)
+    args.scale_out = scale_out_settings(args)
     if args.input.is_dir():
         raise ValueError(f"--input {args.input} is a directory; give the requests file")
     if not args.input.is_file():
@@ -62,17 +65,14 @@ def check(args: argparse.Namespace) -> None:
 
 
 @dataclass(frozen=True)
-class PreparedRequest:
-    """A valid request that fits, tokenized by rank 0 and handed to every rank."""
+class RequestLineInfo:
+    """What rank 0 keeps of a request's line while it is answered."""
     number: int  # its place among the file's requests, from 1
     total: int  # requests in the file
     line: int  # its line in the file
     digest: str  # of its line
     shown_id: str  # its id as progress lines print it
     rid: Any  # its id, as the file gives it
-    context_ids: list[int] | None  # None: the same as the request before's
-    query_ids: list[int]
-    plan: RequestPlan
 
 
 def main(args: argparse.Namespace) -> int:
@@ -83,117 +83,80 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
-    """Rank 0 reads, tokenizes and writes; every rank takes part in each request, and all
-    leave together, between requests (with --batch, once the requests in hand are done),
-    once a rank was asked to stop."""
+    """Rank 0 reads, tokenizes and writes, and hands each request to a group of hosts of
+    its size; every rank works in the groups it is given, and all leave together once the
+    requests are answered, or a rank was asked to stop and the requests in hand are done."""
     from ..answer_file import AnswerFile
-    from ..session import Session
+    from ..hand_out import serve
+    from ..session import Session, plural
 
     session = Session(args.runtime, args.spec, args.cache)
-    engine = session.engine(args.spec, args.cache)
+    groups, engines, sizing = session.group_engines(args.spec, args.cache, args.scale_out)
     dist = session.dist
-    batch = f", {engine.batch} at once" if engine.batch > 1 else ""
-    session.say(f"star_engine: {engine.strategy.describe()}, up to {engine.max_tokens} tokens per request{batch}")
+    if dist.rank == 0:
+        for size, engine in sorted(engines.items()):
+            on = "" if len(engines) == 1 and size == groups.count else f"groups of {plural(size, 'host')}: "
+            batch = f", {engine.batch} at once" if engine.batch > 1 else ""
+            session.say(f"star_engine: {on}{engine.strategy.describe()}, up to {engine.max_tokens} tokens per "
+                        f"request{batch}")
     answers = AnswerFile(args.output, stop.writing) if dist.rank == 0 else None
     if answers is not None:
         stop.before_abandoning(lambda: _note_stop(answers, session))
     try:
-        work = _prepared_requests(args, session, engine, answers) if dist.rank == 0 else None
-        handed = _HandOut(work, session, stop, answers)
-        answered = 0
-        for request, gen in _answered(engine, iter(handed)):
-            answered += 1
-            if answers is not None:
-                _write_answer(answers, session, request, gen)
-        if answers is not None:
-            _note_stop(answers, session)
-        if handed.stopped:
-            session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {answered} "
+        work = _prepared_requests(args, session, sizing, answers) if answers is not None else None
+        counts = {"answered": 0}
+
+        def on_done(done: Done) -> None:
+            counts["answered"] += 1
+            _write_answer(answers, session, done, groups.tp)
+
+        served = serve(dist, groups, engines, stop, work, on_done,
+                       lambda w, group: _handed_out(answers, session, w, group, groups.count),
+                       lookahead=4 * args.batch * groups.count)
+        if answers is None:
+            return stop.EXIT_CODE if served.stopped else 0
+        _note_stop(answers, session)
+        if served.stopped:
+            session.say(f"star_engine: {stop.signal_name or 'stop'} on a rank: stopped after {counts['answered']} "
                         f"answered; the same command answers the rest -> {args.output}")
             return stop.EXIT_CODE
-        if answers is not None:
-            session.say(f"star_engine: {answered} answered, {answers.errors} failed, {answers.skipped} already done"
-                        + (f", {answers.already_reported} errors reported before" if answers.already_reported
-                           else "") + f" -> {args.output}")
+        session.say(f"star_engine: {counts['answered']} answered, {answers.errors} failed, {answers.skipped} "
+                    "already done" + (f", {answers.already_reported} errors reported before"
+                                      if answers.already_reported else "") + f" -> {args.output}")
         return 0
     finally:
         if answers is not None:
             answers.close()
 
 
-@dataclass(frozen=True)
-class _Request:
-    """A request as every rank holds it: its context's ids in full."""
-    prepared: PreparedRequest
-    context: Tensor
-    query: Tensor
+def _handed_out(answers: AnswerFile, session: Session, work: Work, group: Group, hosts: int) -> None:
+    info = work.about
+    answers.hand_out(info.line, info.digest, info.rid)
+    on = "" if group.size == hosts else f" on {hosts_named(group)}"
+    session.say(f"[{info.number}/{info.total}] {info.shown_id}: {work.plan.context_len} context + "
+                f"{len(work.query_ids)} query tokens{on} ...")
 
 
-class _HandOut:
-    """Every rank: the requests rank 0 prepares, one at a time as the engine takes them,
-    until there are none or a rank was asked to stop (then `stopped`). Rank 0 notes each
-    in `answers` as in hand."""
-
-    def __init__(self, work: Iterator[PreparedRequest] | None, session: Session, stop: GracefulStop,
-                 answers: AnswerFile | None) -> None:
-        self.work, self.session, self.stop, self.answers = work, session, stop, answers
-        self.stopped = False
-
-    def __iter__(self) -> Iterator[_Request]:
-        import torch
-
-        dist, context = self.session.dist, None
-        while True:
-            request = next(self.work, None) if self.work is not None else None
-            # Also where the others wait while rank 0 reads and tokenizes.
-            if dist.any(self.stop.requested):
-                self.stopped = True
-                return
-            request = dist.bcast(request, root=0)
-            if request is None:
-                return
-            if self.answers is not None:
-                self.answers.hand_out(request.line, request.digest, request.rid)
-            if request.context_ids is not None:
-                context = torch.as_tensor(request.context_ids)
-            self.session.say(f"[{request.number}/{request.total}] {request.shown_id}: {len(context)} context + "
-                             f"{len(request.query_ids)} query tokens ...")
-            yield _Request(request, context, torch.as_tensor(request.query_ids))
+def hosts_named(group: Group) -> str:
+    """'host 2', 'hosts 0-3'."""
+    return f"host {group.first}" if group.size == 1 else f"hosts {group.first}-{group.first + group.size - 1}"
 
 
-def _answered(engine: Engine, requests: Iterator[_Request]) -> Iterator[tuple[_Request, Generation]]:
-    """Each request with its answer: one at a time, or up to the engine's batch decoding
-    together (in the order they finish)."""
-    if engine.batch == 1:
-        for r in requests:
-            yield r, engine.generate(r.context, r.query, r.prepared.plan.max_new_tokens, plan=r.prepared.plan,
-                                     reuse_context=True)
-        return
-    in_hand: dict[int, _Request] = {}  # by index, until answered: a long job holds only these
-
-    def jobs() -> Iterator[tuple[Tensor, Tensor, RequestPlan]]:
-        for index, r in enumerate(requests):
-            in_hand[index] = r
-            yield r.context, r.query, r.prepared.plan
-
-    for index, gen in engine.generate_many(jobs()):
-        yield in_hand.pop(index), gen
-
-
-def _write_answer(answers: AnswerFile, session: Session, request: _Request, gen: Generation) -> None:
-    prepared, m = request.prepared, gen.metrics
+def _write_answer(answers: AnswerFile, session: Session, done: Done, tp: int) -> None:
+    info, gen, m = done.work.about, done.generation, done.generation.metrics
     answers.write_answer({
-        "id": prepared.rid,
+        "id": info.rid,
         "output": session.tokenizer.decode(gen.tokens),
         "output_tokens": len(gen.tokens),
-        "context_tokens": len(request.context),
-        "query_tokens": len(request.query),
+        "context_tokens": done.work.plan.context_len,
+        "query_tokens": len(done.work.query_ids),
+        "hosts": list(done.group.hosts),
         "metrics": asdict(m),
         "error": None,
     })
     tpot = "-" if m.tpot_s is None else f"{m.tpot_s * 1e3:.1f} ms"
     phase1 = "context encoded before" if m.context_reused else f"phase 1 {m.phase1_s:.2f} s"
-    session.say(f"[{prepared.number}/{prepared.total}] {prepared.shown_id}: {len(gen.tokens)} tokens | {phase1}, "
+    session.say(f"[{info.number}/{info.total}] {info.shown_id}: {len(gen.tokens)} tokens | {phase1}, "
                 f"first token {m.ttft_s:.2f} s, per token {tpot}")
 
 
@@ -206,18 +169,18 @@ def _note_stop(answers: AnswerFile, session: Session) -> None:
         session.say(f"line {line} ({shown(rid)}): {NOT_FINISHED}")
 
 
-def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engine, answers: AnswerFile
-                       ) -> Iterator[PreparedRequest]:
+def _prepared_requests(args: argparse.Namespace, session: Session, sizing: RequestSizing, answers: AnswerFile
+                       ) -> Iterator[Work]:
     """Rank 0: valid, tokenized requests that fit; every other line becomes an error record
     here (once: an earlier run's record of the same line and error stands). A request done
     already is skipped without reading its line again."""
+    from ..hand_out import Work
     from ..request_file import RequestFile, printable, shown
     from ..request_plan import RequestTooLarge
 
     with RequestFile(args.input, args.max_new_tokens) as requests:
         total = len(requests.lines)
         seen: set[str] = set()
-        last_context_ids: list[int] | None = None  # of the request sent last
         for number, indexed in enumerate(_by_context(requests.lines), start=1):
             error = None
             if indexed.id is not None:  # a valid request: done already, or a duplicate, without reading it
@@ -240,17 +203,15 @@ def _prepared_requests(args: argparse.Namespace, session: Session, engine: Engin
                     error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
             if error is None:
                 try:
-                    plan = engine.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
+                    hosts, plan = sizing.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
                 except RequestTooLarge as exc:
                     error = f"{exc} (--max-tokens)"
             if error is not None:
                 if answers.write_error(line.number, line.digest, line.id, error):
                     session.say(f"[{number}/{total}] line {line.number}: {printable(error)}")
                 continue
-            same_context = context_ids == last_context_ids
-            last_context_ids = context_ids
-            yield PreparedRequest(number, total, line.number, line.digest, line.shown_id, line.id,
-                                  None if same_context else context_ids, query_ids, plan)
+            yield Work(number, context_ids, query_ids, plan, hosts,
+                       RequestLineInfo(number, total, line.number, line.digest, line.shown_id, line.id))
 
 
 def _by_context(lines: list[IndexedLine]) -> list[IndexedLine]:

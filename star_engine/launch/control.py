@@ -59,10 +59,14 @@ class Dist(Place):
         self.node_of = tuple(sorted(set(leaders)).index(leader) for leader in leaders)  # by rank: 0, 1, ...
         self.nodes = len(set(leaders))
 
-    def group(self, color: int, key: int) -> "Dist":
+    def group(self, color: int | None, key: int) -> "Dist | None":
         """The ranks that pass the same color, numbered by key: a Dist of their own (every
-        rank of this one must call it)."""
-        sub = self.mpi.Split(color, key)
+        rank of this one must call it; those that pass None get None)."""
+        from mpi4py import MPI
+
+        sub = self.mpi.Split(MPI.UNDEFINED if color is None else color, key)
+        if color is None:
+            return None
         nodes = sub.allgather(self.node_of[self.rank])
         mine = [r for r, node in enumerate(nodes) if node == nodes[sub.Get_rank()]]
         return Dist(sub, mine.index(sub.Get_rank()), len(mine), self.node_of[self.rank], self.timeout_s)

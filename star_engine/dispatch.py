@@ -1,0 +1,163 @@
+"""Which group of hosts runs which request, and when: the policy rank 0 follows when it
+hands requests out (hand_out.py carries its decisions over MPI). Pure bookkeeping, without
+MPI or PyTorch, so that it is tested alone.
+
+Requests wait in the order they arrive, each for a group of its size. A group that runs
+takes the oldest request of its size each time it has room (its continuous batch), until
+none waits or it is told to drain: then it finishes what it holds and its hosts are free.
+Free hosts start a group for any size that has requests waiting.
+
+Fairness: the oldest waiting request whose size no group serves reserves a group of its
+size (the one with the most hosts free). The reserved hosts take no new work: a group that
+runs on any of them drains, and one that is free stays free, until the reserved group can
+start. Every waiting request so becomes, in turn, the oldest, and none waits behind a
+stream of others of another size; requests younger than it run meanwhile wherever hosts
+outside the reservation are free.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Group:
+    """`size` consecutive hosts from `first`: the index-th group of its size."""
+    size: int
+    index: int
+
+    @property
+    def first(self) -> int:
+        return self.size * self.index
+
+    @property
+    def hosts(self) -> range:
+        return range(self.first, self.first + self.size)
+
+    def overlaps(self, other: Group) -> bool:
+        return self.first < other.first + other.size and other.first < self.first + self.size
+
+
+def group_sizes(hosts: int) -> list[int]:
+    """The sizes of the groups of `hosts` hosts: the powers of two below it, and all."""
+    return [1 << k for k in range(hosts.bit_length()) if 1 << k < hosts] + [hosts]
+
+
+def groups_of_size(size: int, hosts: int) -> list[Group]:
+    """The aligned groups of `size` of `hosts` hosts: hosts left over where `size` does not
+    divide their number belong to no group of that size."""
+    return [Group(size, index) for index in range(hosts // size)]
+
+
+def described(hosts: int) -> str:
+    """'4 hosts form groups of 1, 2 and 4'; where hosts are left over, which groups exist:
+    '6 hosts form groups of 1, 2, 4 (hosts 0-3) and 6'."""
+    parts = []
+    for size in group_sizes(hosts):
+        covered = size * (hosts // size)
+        parts.append(f"{size}" if covered == hosts else f"{size} (hosts 0-{covered - 1})")
+    listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+    return f"{hosts} host{'s' * (hosts != 1)} form groups of {listed}"
+
+
+class Dispatch:
+    """The state of the job's hosts and of the requests not yet handed out, on rank 0.
+    Requests are known by their number; a group by its size and index."""
+
+    def __init__(self, hosts: int) -> None:
+        self.hosts = hosts
+        self.sizes = group_sizes(hosts)
+        self.waiting: OrderedDict[int, int] = OrderedDict()  # request number -> its group size, oldest first
+        self.running: set[Group] = set()
+        self.draining: set[Group] = set()  # running, told to take no new work
+        self.stopped = False
+
+    def add(self, number: int, size: int) -> None:
+        """A request of `number` waits for a group of `size` hosts."""
+        if size not in self.sizes:
+            raise ValueError(f"no group of {size} hosts among {self.hosts}")
+        self.waiting[number] = size
+
+    def stop(self) -> None:
+        """No more work is handed out; what runs finishes."""
+        self.stopped = True
+        self.draining |= self.running
+
+    @property
+    def done(self) -> bool:
+        """Nothing runs, and nothing will: every request is handed out, or the job stops."""
+        return not self.running and (self.stopped or not self.waiting)
+
+    def waiting_for(self, size: int) -> int:
+        return sum(1 for s in self.waiting.values() if s == size)
+
+    def reservation(self) -> tuple[int, Group] | None:
+        """The oldest waiting request that no group serves, and the group it waits for."""
+        serving = {g.size for g in self.running - self.draining}
+        busy = self._busy_hosts()
+        for number, size in self.waiting.items():
+            if size in serving:
+                continue
+            return number, max(groups_of_size(size, self.hosts),
+                               key=lambda g: (sum(h not in busy for h in g.hosts), -g.index))
+        return None
+
+    def start(self) -> list[Group]:
+        """The groups to start now, on free hosts, each of which then asks `give`: the
+        reserved group once its hosts are free, and groups for the sizes that have requests
+        waiting, on hosts outside the reservation."""
+        if self.stopped:
+            return []
+        started = []
+        while True:
+            reservation = self.reservation()
+            reserved = reservation[1] if reservation is not None else None
+            if reserved is None or not self._free(reserved):
+                break
+            self._run(reserved)
+            started.append(reserved)
+        for size in dict.fromkeys(self.waiting.values()):  # sizes, oldest request first
+            wanted = self.waiting_for(size) - sum(1 for g in started if g.size == size)
+            for group in groups_of_size(size, self.hosts):
+                if wanted <= 0:
+                    break
+                if self._free(group) and not (reserved is not None and group.overlaps(reserved)):
+                    self._run(group)
+                    started.append(group)
+                    wanted -= 1
+        return started
+
+    def give(self, group: Group) -> int | None:
+        """The request a running group takes next, or None: it drains (it is told to, none of
+        its size waits, or an older request has reserved some of its hosts)."""
+        if group not in self.running:
+            raise ValueError(f"{group} is not running")
+        if group in self.draining:
+            return None
+        number = next((n for n, size in self.waiting.items() if size == group.size), None)
+        reservation = self.reservation()
+        if number is not None and reservation is not None:
+            older, reserved = reservation
+            if older < number and reserved.overlaps(group):
+                number = None
+        if number is None:
+            self.draining.add(group)
+            return None
+        del self.waiting[number]
+        return number
+
+    def release(self, group: Group) -> None:
+        """A group finished its work: its hosts are free."""
+        self.running.discard(group)
+        self.draining.discard(group)
+
+    def _busy_hosts(self) -> set[int]:
+        return {h for g in self.running for h in g.hosts}
+
+    def _free(self, group: Group) -> bool:
+        busy = self._busy_hosts()
+        return not any(h in busy for h in group.hosts)
+
+    def _run(self, group: Group) -> None:
+        self.running.add(group)

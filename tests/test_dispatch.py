@@ -1,0 +1,152 @@
+"""Groups of hosts, how many hosts a request gets, and which group runs which request when
+(the policy rank 0 follows, without MPI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from star_engine.dispatch import Dispatch, Group, described, group_sizes, groups_of_size
+from star_engine.groups import hosts_by_rule, level_max_tokens
+
+
+def test_hosts_form_aligned_groups_of_powers_of_two_and_one_of_all():
+    assert group_sizes(1) == [1]
+    assert group_sizes(4) == [1, 2, 4]
+    assert group_sizes(8) == [1, 2, 4, 8]
+    assert group_sizes(6) == [1, 2, 4, 6]
+    assert [list(g.hosts) for g in groups_of_size(2, 4)] == [[0, 1], [2, 3]]
+    # Where a size does not divide the hosts, those left over belong to no group of it.
+    assert [list(g.hosts) for g in groups_of_size(4, 6)] == [[0, 1, 2, 3]]
+    assert described(4) == "4 hosts form groups of 1, 2 and 4"
+    assert described(6) == "6 hosts form groups of 1, 2, 4 (hosts 0-3) and 6"
+    assert described(1) == "1 host form groups of 1"
+
+
+@pytest.mark.parametrize("context, hosts", [(100, 1), (32768, 1), (32769, 2), (65536, 2), (65537, 4),
+                                            (131072, 4), (131073, 8), (10**7, 8)])
+def test_a_request_gets_the_fewest_hosts_whose_blocks_hold_at_most_max_block_tokens(context, hosts):
+    assert hosts_by_rule(context, 32768, 8) == hosts
+
+
+def test_the_rule_rounds_up_to_a_group_size_and_stops_at_all_hosts():
+    assert hosts_by_rule(3 * 1024, 1024, 8) == 4  # three blocks' worth: a group of 4
+    assert hosts_by_rule(5 * 1024, 1024, 6) == 6  # more than 4 hosts: all 6
+    assert hosts_by_rule(100 * 1024, 1024, 4) == 4  # more than all: all
+
+
+def test_a_smaller_group_is_sized_for_the_contexts_the_rule_gives_it():
+    assert level_max_tokens(1, 32768, 131072) == 32768 + 8192
+    assert level_max_tokens(2, 32768, 131072) == 2 * 32768 + 8192
+    assert level_max_tokens(2, 32768, 50000) == 50000  # never beyond the job's
+
+
+def test_requests_of_one_size_spread_over_every_free_group_of_it():
+    dispatch = Dispatch(4)
+    for number in range(8):
+        dispatch.add(number, 1)
+    started = dispatch.start()
+    assert started == [Group(1, 0), Group(1, 1), Group(1, 2), Group(1, 3)]
+    assert [dispatch.give(g) for g in started] == [0, 1, 2, 3]
+
+
+def test_a_group_takes_requests_of_its_size_oldest_first_until_none_waits():
+    dispatch = Dispatch(2)
+    for number, size in enumerate([2, 2, 2]):
+        dispatch.add(number, size)
+    [group] = dispatch.start()
+    assert [dispatch.give(group) for _ in range(4)] == [0, 1, 2, None]
+    dispatch.release(group)
+    assert dispatch.done
+
+
+def test_a_large_request_does_not_starve_behind_a_stream_of_small_ones():
+    """Once a request for all hosts waits, the one-host groups take no new work: each drains
+    what it holds, and the large request starts before any small request younger than it."""
+    dispatch = Dispatch(4)
+    for number in range(4):
+        dispatch.add(number, 1)
+    small = dispatch.start()
+    assert [dispatch.give(g) for g in small] == [0, 1, 2, 3]
+    dispatch.add(4, 4)  # the large request
+    for number in range(5, 20):
+        dispatch.add(number, 1)  # and a stream of small ones behind it
+    assert dispatch.reservation() == (4, Group(4, 0))
+    assert [dispatch.give(g) for g in small] == [None] * 4  # every small group drains
+    assert dispatch.start() == []  # its hosts are not free yet
+    for group in small:
+        dispatch.release(group)
+    assert dispatch.start() == [Group(4, 0)]
+    assert dispatch.give(Group(4, 0)) == 4
+
+
+def test_younger_requests_run_beside_a_reservation_on_hosts_outside_it():
+    dispatch = Dispatch(4)
+    dispatch.add(0, 1)
+    assert dispatch.start() == [Group(1, 0)]
+    assert dispatch.give(Group(1, 0)) == 0
+    dispatch.add(1, 4)  # waits for host 0: reserves every host
+    dispatch.add(2, 1)
+    assert dispatch.start() == []  # the younger request waits: no host lies outside the reservation
+
+    dispatch = Dispatch(4)
+    for number in range(3):
+        dispatch.add(number, 1)
+    started = dispatch.start()  # hosts 0, 1, 2
+    assert [dispatch.give(g) for g in started] == [0, 1, 2]
+    dispatch.release(Group(1, 1))  # host 1 free, and host 3
+    dispatch.add(3, 2)  # reserves hosts 0-1 (as free as hosts 2-3, and first)
+    dispatch.add(4, 1)  # younger: starts on host 3, outside the reservation, not on host 1
+    assert dispatch.reservation() == (3, Group(2, 0))
+    assert dispatch.start() == [Group(1, 3)]
+    assert dispatch.give(Group(1, 0)) is None  # on the reserved hosts: drains
+    assert dispatch.give(Group(1, 3)) == 4
+
+
+def test_requests_older_than_a_reservation_are_still_taken_by_their_group():
+    dispatch = Dispatch(2)
+    dispatch.add(0, 1)
+    dispatch.add(1, 2)
+    dispatch.add(2, 1)
+    [group] = dispatch.start()  # request 0's: host 1 stays free for the reservation of request 1
+    assert group.size == 1
+    assert dispatch.give(group) == 0  # older than the reservation
+    assert dispatch.give(group) is None  # request 2 is younger: the group drains
+    dispatch.release(group)
+    assert dispatch.start() == [Group(2, 0)]
+
+
+@pytest.mark.parametrize("hosts", [2, 3, 4, 6, 8])
+def test_every_request_is_handed_out_once_and_groups_never_share_a_host(hosts):
+    import random
+
+    generator = random.Random(hosts)
+    dispatch = Dispatch(hosts)
+    sizes = group_sizes(hosts)
+    for number in range(60):
+        dispatch.add(number, generator.choice(sizes))
+    handed, running = [], []
+    while not dispatch.done:
+        running += dispatch.start()
+        busy = [h for g in running for h in g.hosts]
+        assert len(busy) == len(set(busy)), running
+        group = running.pop(generator.randrange(len(running)))
+        number = dispatch.give(group)
+        if number is None:
+            dispatch.release(group)
+        else:
+            handed.append(number)
+            running.append(group)
+    assert sorted(handed) == list(range(60))
+
+
+def test_a_stop_hands_out_nothing_more_and_ends_once_what_runs_is_released():
+    dispatch = Dispatch(2)
+    for number in range(4):
+        dispatch.add(number, 1)
+    started = dispatch.start()
+    dispatch.stop()
+    assert [dispatch.give(g) for g in started] == [None, None]
+    assert not dispatch.done
+    for group in started:
+        dispatch.release(group)
+    assert dispatch.done and dispatch.start() == []
