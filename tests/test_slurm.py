@@ -19,6 +19,7 @@ from star_engine.costs import Calibration
 from tests.launcher import ROOT, mpirun, run, start
 from tests.test_cli import errors_before_the_work, good, read_jsonl, write_jsonl
 from tests.test_distributed import FAILING_RANK
+from tests.test_scale_out import mixed_requests
 
 CLUSTER_DIR = Path(os.environ.get("STAR_SLURM_DIR", "/tmp/star_engine-slurm"))
 SCRIPTS = ROOT / "examples" / "slurm"
@@ -204,10 +205,10 @@ class StoppableJob:
     def answered(self) -> list[str]:
         return [r["id"] for r in read_jsonl(self.out)] if self.out.exists() else []
 
-    def submit_and_stop(self, scancel: list[str], *options: str) -> str:
+    def submit_and_stop(self, scancel: list[str], *options: str, run_flags: tuple[str, ...] = ()) -> str:
         before = len(self.answered())
-        job = run(["sbatch", "--parsable", *options, str(SCRIPTS / self.script), "--max-new-tokens", "600"],
-                  timeout=30, cwd=self.directory, env=self.env)
+        job = run(["sbatch", "--parsable", *options, str(SCRIPTS / self.script), "--max-new-tokens", "600",
+                   *run_flags], timeout=30, cwd=self.directory, env=self.env)
         assert job.returncode == 0, job.stderr
         job_id = job.stdout.strip()
         _wait_for(lambda: len(self.answered()) > before, f"job {job_id}'s answer")
@@ -232,6 +233,27 @@ def test_a_job_stopped_by_sigterm_goes_on_where_it_stopped_resubmitted_or_requeu
     assert "SIGTERM on a rank: stopped after" in _log(tmp_path)
     # Requeueable (the script's default): the job puts itself back in the queue and ends the work.
     job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"]))
+
+
+def test_an_auto_scaled_job_across_two_nodes_answers_as_under_mpirun_and_goes_on_once_requeued(tmp_path, slurm):
+    """Each request on the group of hosts its context needs, groups within and across the
+    nodes; stopped and requeued, the job answers every id once."""
+    requests = write_jsonl(tmp_path / "mixed.jsonl", mixed_requests(12))
+    run_it = [sys.executable, "-m", "star_engine", "run", "--input", str(requests), *TINY,
+              "--hosts-per-request", "auto", "--max-block", "256"]
+    one_node = run([*mpirun(4), *run_it, "--output", str(tmp_path / "one.jsonl")], timeout=300)
+    assert one_node.returncode == 0, one_node.stderr
+    two_nodes = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=2", "-n", "4", *run_it,
+                      "--output", str(tmp_path / "two.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
+    assert two_nodes.returncode == 0, two_nodes.stderr
+    # Which group of a size takes a request depends on timing; its size and answer do not.
+    answers = {r["id"]: (len(r["hosts"]), r["output"]) for r in read_jsonl(tmp_path / "two.jsonl")}
+    assert answers == {r["id"]: (len(r["hosts"]), r["output"]) for r in read_jsonl(tmp_path / "one.jsonl")}
+    assert {size for size, _ in answers.values()} == {1, 2, 4}
+    (tmp_path / "requeued").mkdir()
+    job = StoppableJob("run.sbatch", tmp_path / "requeued", slurm)  # two groups of two hosts at once
+    job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"], run_flags=("--hosts-per-request", "auto",
+                                                                                 "--max-block", "1024")))
 
 
 def test_the_mpirun_job_script_passes_the_notice_on_to_the_ranks_and_goes_on(tmp_path, slurm):
