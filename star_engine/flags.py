@@ -39,6 +39,11 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def counts_list(text: str) -> list[int]:
+    """'12,3,1' -> [12, 3, 1]: numbers >= 1."""
+    return [positive(t.strip()) for t in text.split(",") if t.strip()]
+
+
 def parse_tokens(text: str) -> int:
     """'32K' -> 32768, '1M' -> 1048576, '5000' -> 5000."""
     scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
@@ -200,24 +205,31 @@ def hosts_per_request(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, all or a number of hosts, got {text!r}")
 
 
-def add_scale_out_flags(parser: argparse.ArgumentParser, default: str) -> None:
-    """How many hosts each request runs on."""
-    parser.add_argument("--hosts-per-request", type=hosts_per_request, default=default, metavar="auto|all|N",
+def add_scale_out_flags(parser: argparse.ArgumentParser, default: str, several: bool = False) -> None:
+    """How many hosts each request runs on; with several, a comma-separated list of ways."""
+    kind = (lambda text: [hosts_per_request(t.strip()) for t in text.split(",") if t.strip()]) if several \
+        else hosts_per_request
+    each = "; comma-separated to compare" if several else ""
+    parser.add_argument("--hosts-per-request", type=kind, default=[default] if several else default,
+                        metavar="auto|all|N",
                         help="hosts a request runs on (a host: one rank, or --tp ranks): all of them; N of them "
                              "(1, 2, 4, ... or all); or auto: the fewest whose blocks hold at most --max-block "
-                             "tokens of the context, requests of different sizes on different hosts at once "
+                             f"tokens of the context, requests of different sizes on different hosts at once{each} "
                              f"(default: {default})")
     parser.add_argument("--max-block", type=parse_tokens, default=None, metavar="TOKENS",
                         help="with --hosts-per-request auto: the most context tokens a host takes; K = 1024 "
                              "(default: 32K, 16K for models of 30B parameters or more)")
 
 
-def scale_out_settings(args: argparse.Namespace) -> ScaleOutSettings:
-    """What the scale-out flags ask for; ValueError where they contradict star's flags."""
-    auto = args.hosts_per_request == "auto"
+def scale_out_settings(args: argparse.Namespace) -> list[ScaleOutSettings]:
+    """What the scale-out flags ask for (a way each, where the flag takes several);
+    ValueError where they contradict star's flags."""
+    ways = args.hosts_per_request if isinstance(args.hosts_per_request, list) else [args.hosts_per_request]
+    auto = "auto" in ways
     if args.max_block is not None and not auto:
         raise ValueError("--max-block takes effect only with --hosts-per-request auto")
-    if auto and (args.blocks is not None or args.block_size is not None):
+    blocks = [getattr(args, flag) for flag in ("blocks", "block_size")]
+    if auto and any(b is not None and b != [None] for b in blocks):
         raise ValueError("--blocks and --block-size fix star's blocks; with --hosts-per-request auto a request's "
                          "hosts (and so its blocks) follow from --max-block")
-    return ScaleOutSettings(args.hosts_per_request, args.max_block)
+    return [ScaleOutSettings(way, args.max_block if way == "auto" else None) for way in ways]

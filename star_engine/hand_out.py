@@ -70,10 +70,12 @@ class Served:
 
 def serve(dist: Dist, groups: HostGroups, engines: dict[int, Engine], stop: GracefulStop,
           source: Iterator[Work] | None, on_done: Callable[[Done], None] | None,
-          on_hand_out: Callable[[Work, Group], None] | None = None, lookahead: int = 64) -> Served:
+          on_hand_out: Callable[[Work, Group], None] | None = None, lookahead: int = 64,
+          stop_at_eos: bool = True) -> Served:
     """Every rank: the requests of `source` (rank 0's; None elsewhere) answered on the groups
     their `hosts` name; on_done and on_hand_out run on rank 0, in its hand-out thread, for
-    each. Ends once every request is answered, or after a stop once the work in hand is."""
+    each. Ends once every request is answered, or after a stop once the work in hand is.
+    stop_at_eos=False: every answer as long as its max_new_tokens (benchmarks)."""
     # One communicator each way: rank 0 is both the hand-out's thread and a worker, and
     # neither may take the other's messages.
     to_hand_out, to_ranks = dist.mpi.Dup(), dist.mpi.Dup()
@@ -87,7 +89,7 @@ def serve(dist: Dist, groups: HostGroups, engines: dict[int, Engine], stop: Grac
     start, busy = time.perf_counter(), 0.0
     while (size := orders.next_group()) is not None:
         began = time.perf_counter()
-        _work_in(groups.by_size[size], engines[size], orders, stop)
+        _work_in(groups.by_size[size], engines[size], orders, stop, stop_at_eos)
         busy += time.perf_counter() - began
     wall = time.perf_counter() - start
     if thread is not None:
@@ -98,19 +100,20 @@ def serve(dist: Dist, groups: HostGroups, engines: dict[int, Engine], stop: Grac
     return Served(orders.stopped, wall, every)
 
 
-def answered(engine: Engine, requests: Iterator[tuple[Tensor, Tensor, RequestPlan]]
+def answered(engine: Engine, requests: Iterator[tuple[Tensor, Tensor, RequestPlan]], stop_at_eos: bool = True
              ) -> Iterator[tuple[int, Generation]]:
     """(index among `requests`, answer) of each request (context ids, query ids, plan): one
     at a time, each context encoded once for the requests after it that share it, or up to
     the engine's batch decoding together, in the order they finish."""
     if engine.batch > 1:
-        yield from engine.generate_many(requests)
+        yield from engine.generate_many(requests, stop_at_eos=stop_at_eos)
         return
     for index, (context, query, plan) in enumerate(requests):
-        yield index, engine.generate(context, query, plan.max_new_tokens, plan=plan, reuse_context=True)
+        yield index, engine.generate(context, query, plan.max_new_tokens, plan=plan, reuse_context=True,
+                                     stop_at_eos=stop_at_eos)
 
 
-def _work_in(group: HostGroup, engine: Engine, orders: _Orders, stop: GracefulStop) -> None:
+def _work_in(group: HostGroup, engine: Engine, orders: _Orders, stop: GracefulStop, stop_at_eos: bool) -> None:
     """This rank's part in a group's work: the requests rank 0 gives it, until none."""
     import torch
 
@@ -131,7 +134,7 @@ def _work_in(group: HostGroup, engine: Engine, orders: _Orders, stop: GracefulSt
             taken[next(numbers)] = (work, time.time())
             yield context, torch.as_tensor(work.query_ids), work.plan
 
-    for index, generation in answered(engine, requests()):
+    for index, generation in answered(engine, requests(), stop_at_eos):
         work, started = taken.pop(index)
         if group.leader:
             orders.send(_ANSWER, (work.number, generation, group.group, started, time.time()))

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
-                     positive, runtime_settings, star_specs, strategy_names, token_counts)
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag,
+                     add_scale_out_flags, add_star_flags, counts_list, positive, runtime_settings, scale_out_settings,
+                     star_specs, strategy_names, token_counts)
 from ..names import DEFAULT_STAR_LAYOUT, RESULTS_DIRECTORY
 
 if TYPE_CHECKING:
@@ -39,6 +40,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="with --job: questions asked of each context (default: 1)")
     bench.add_argument("--batch", type=positive, default=None, metavar="N",
                        help="with --job: also the job with up to N requests decoding together (default: 1, not)")
+    bench.add_argument("--mix", type=counts_list, default=None, metavar="N,N,...",
+                       help="with --job: one job of requests of every --lengths length at once, in these "
+                            "proportions (e.g. 12,3,1), served as run serves them, each way of "
+                            "--hosts-per-request; each request's hosts, latency and time to first token, each "
+                            "rank's busy fraction, and a timeline")
+    add_scale_out_flags(bench, default="all", several=True)
     bench.add_argument("--replot", type=Path, default=None, metavar="JSON",
                        help="only draw the plot of an earlier result (e.g. made where matplotlib is missing)")
     add_model_flags(bench, model="llama-3.1-8b")
@@ -57,19 +64,33 @@ def check(args: argparse.Namespace) -> None:
     args.questions_per_context, args.batch = args.questions_per_context or 1, args.batch or 1
     args.runtime = runtime_settings(args)
     args.specs, args.lengths = star_specs(args, args.attn), token_counts(args.lengths)
+    args.ways = scale_out_settings(args)
+    if args.mix is None:
+        if args.hosts_per_request != ["all"] or args.max_block is not None:
+            raise ValueError("--hosts-per-request and --max-block take effect only with --mix (a job of mixed lengths)")
+        return
+    if args.job is None:
+        raise ValueError("--mix takes effect only with --job REQUESTS")
+    if len(args.mix) != len(args.lengths):
+        raise ValueError(f"--mix gives {len(args.mix)} proportions for {len(args.lengths)} --lengths")
+    if len(args.specs) != 1:
+        raise ValueError("a job of mixed lengths measures one strategy: give one --attn and one star layout")
+    if args.questions_per_context > 1:
+        raise ValueError("a job of mixed lengths asks one question of each context: no --questions-per-context")
 
 
 def main(args: argparse.Namespace) -> int:
     from ..attention.backends import backend_for
     from ..json_file import write_json
     from ..measure import speed
-    from ..measure.plots import plot_bench, plot_job
+    from ..measure.plots import plot_bench, plot_job, plot_mixed_job
     from ..measure.results import environment
     from ..session import Session
 
     if args.replot is not None:
         earlier = json.loads(args.replot.read_text())
-        plot = plot_job if earlier["rows"] and "mode" in earlier["rows"][0] else plot_bench
+        plot = (plot_mixed_job if "mix" in earlier else plot_job if earlier["rows"] and "mode" in earlier["rows"][0]
+                else plot_bench)
         if not plot(earlier, args.replot.with_suffix(".png")):
             raise ValueError("--replot needs matplotlib: pip install matplotlib")
         print(f"saved {args.replot.with_suffix('.png')}")
@@ -83,6 +104,9 @@ def main(args: argparse.Namespace) -> int:
     output = args.output or Path(RESULTS_DIRECTORY, f"{name}.json")
     session.say(f"star_engine bench: {', '.join(args.attn)} at {len(args.lengths)} lengths on "
                 f"{session.dist.world} rank(s); results to {output}")
+    if args.mix is not None:
+        return _mixed_job(args, session, measured, output.with_name(output.name.replace("job_", "job_mixed_", 1)
+                                                                    if args.output is None else output.name))
     if args.job is not None:
         return _job(args, session, measured, output)
 
@@ -134,6 +158,35 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
     if session.dist.rank == 0:
         print(speed.job_table(rows))
         plotted = plot_job(result, output.with_suffix(".png"))
+        session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
+                                         " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+def _mixed_job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
+    from ..json_file import write_json
+    from ..measure.mixed_job import comparison, mixed_lengths, run_mixed_job, table
+    from ..measure.plots import plot_mixed_job
+
+    lengths = mixed_lengths(args.lengths, args.mix, args.job)
+    session.say(f"a job of {len(lengths)} requests: " + ", ".join(
+        f"{lengths.count(n)} of {n} tokens" for n in args.lengths) + f", {args.max_new_tokens} new tokens each, "
+        f"batch {args.batch}")
+    rows = run_mixed_job(session, args.specs[0], lengths, args.query_tokens, args.max_new_tokens, args.batch,
+                         args.ways, session.say)
+    if session.dist.rank == 0:  # the answers came back to rank 0
+        result = {**measured, "model": args.model, "strategy": args.specs[0].as_dict(), "lengths": args.lengths,
+                  "mix": args.mix, "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
+                  "batch": args.batch, "rows": rows, "auto_against_all": comparison(rows)}
+        write_json(output, result)
+        print(table(rows))
+        if result["auto_against_all"]:
+            c = result["auto_against_all"]
+            print(f"auto against all: {c['requests_per_hour_x']:.2f}x the requests per hour; {c['shortest']}-token "
+                  f"requests' latency {c['shortest_latency_median_x']:.2f}x (median), "
+                  f"{c['shortest_latency_p90_x']:.2f}x (90th percentile); {c['longest']}-token requests' time to "
+                  f"first token {c['longest_ttft_median_x']:.2f}x (median)")
+        plotted = plot_mixed_job(result, output.with_suffix(".png"))
         session.say(f"saved {output}" + (f" and {output.with_suffix('.png')}" if plotted else
                                          " (no plot: matplotlib is not installed)"))
     return 0

@@ -54,7 +54,7 @@ def check(args: argparse.Namespace) -> None:
     args.runtime = runtime_settings(args)
     [args.spec] = star_specs(args, [args.attn])
     args.cache = kv_cache_settings(args, args.batch)
-    args.scale_out = scale_out_settings(args)
+    [args.scale_out] = scale_out_settings(args)
     if args.input.is_dir():
         raise ValueError(f"--input {args.input} is a directory; give the requests file")
     if not args.input.is_file():

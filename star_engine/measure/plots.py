@@ -110,3 +110,46 @@ def plot_eval(summary: list[dict], title: str, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_mixed_job(result: dict, path: Path) -> bool:
+    """A timeline of each way a job of mixed lengths was served: hosts against time, a bar
+    for each request from when its group took it to its answer, coloured by its length.
+    Returns False when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = result["rows"]
+    lengths = sorted({r["context"] for row in rows for r in row["requests"]})
+    colours = {n: plt.cm.viridis(i / max(1, len(lengths) - 1)) for i, n in enumerate(lengths)}
+    hosts = max(h for row in rows for r in row["requests"] for h in r["hosts"]) + 1
+    end = max(row["wall_s"] for row in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.2 + 0.5 * hosts * len(rows)), sharex=True, squeeze=False)
+    lanes = result["batch"]  # a host's row holds a lane for each request its group decodes at once
+    for ax, row in zip(axes[:, 0], rows):
+        free_from: dict[int, list[float]] = {h: [0.0] * lanes for h in range(hosts)}
+        for r in sorted(row["requests"], key=lambda r: r["started_s"]):
+            ends = free_from[r["hosts"][0]]
+            lane = min(range(lanes), key=lambda k: (ends[k] > r["started_s"] + 1e-9, k))
+            for h in r["hosts"]:
+                free_from[h][lane] = r["finished_s"]
+                ax.broken_barh([(r["started_s"], r["finished_s"] - r["started_s"])],
+                               (h - 0.4 + 0.8 * lane / lanes, 0.8 / lanes), facecolor=colours[r["context"]],
+                               edgecolor="white", linewidth=0.3)
+        busy = ", ".join(f"{b:.0%}" for b in row["busy_fraction"])
+        ax.set_title(f"--hosts-per-request {row['hosts_per_request']}: {row['wall_s']:.1f} s, "
+                     f"{row['requests_per_hour']:.0f} requests/hour; each rank busy {busy}", fontsize="medium")
+        ax.set_yticks(range(hosts), [f"host {h}" for h in range(hosts)])
+        ax.set_ylim(hosts - 0.5, -0.5)
+        ax.set_xlim(0, end * 1.01)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[n]) for n in lengths]
+    axes[0, 0].legend(handles, [f"{n} tokens" for n in lengths], fontsize="small", loc="upper right")
+    axes[-1, 0].set_xlabel("time from the job's start (s)")
+    fig.suptitle(f"{result['model']} on {result['ranks']} x {result['device']}: {sum(result['mix'])} parts "
+                 f"{':'.join(map(str, result['mix']))} of {', '.join(map(str, result['lengths']))} tokens, "
+                 f"batch {result['batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
