@@ -7,12 +7,12 @@ takes the oldest request of its size each time it has room (its continuous batch
 none waits or it is told to drain: then it finishes what it holds and its hosts are free.
 Free hosts start a group for any size that has requests waiting.
 
-Fairness: the oldest waiting request whose size no group serves reserves a group of its
-size (the one with the most hosts free). The reserved hosts take no new work: a group that
-runs on any of them drains, and one that is free stays free, until the reserved group can
-start. Every waiting request so becomes, in turn, the oldest, and none waits behind a
-stream of others of another size; requests younger than it run meanwhile wherever hosts
-outside the reservation are free.
+Fairness: larger requests go first. The largest waiting request that no group serves (the
+oldest of them) reserves a group of its size (the one with the most hosts free); the groups
+of smaller sizes on its hosts take no new work (they drain), and its free hosts stay free,
+until the reserved group can start. A large request so never starves behind a stream of
+small ones; a small one waits at most for the larger requests of the job, which a group of
+their size takes as they come, and runs meanwhile on any hosts outside the reservation.
 """
 
 from __future__ import annotations
@@ -93,15 +93,16 @@ class Dispatch:
         return sum(1 for s in self.waiting.values() if s == size)
 
     def reservation(self) -> tuple[int, Group] | None:
-        """The oldest waiting request that no group serves, and the group it waits for."""
+        """The largest waiting request that no group serves (the oldest of them), and the
+        group it waits for."""
         serving = {g.size for g in self.running - self.draining}
+        unserved = [(size, number) for number, size in self.waiting.items() if size not in serving]
+        if not unserved:
+            return None
+        size, number = max(unserved, key=lambda item: (item[0], -item[1]))
         busy = self._busy_hosts()
-        for number, size in self.waiting.items():
-            if size in serving:
-                continue
-            return number, max(groups_of_size(size, self.hosts),
-                               key=lambda g: (sum(h not in busy for h in g.hosts), -g.index))
-        return None
+        return number, max(groups_of_size(size, self.hosts),
+                           key=lambda g: (sum(h not in busy for h in g.hosts), -g.index))
 
     def start(self) -> list[Group]:
         """The groups to start now, on free hosts, each of which then asks `give`: the
@@ -130,16 +131,16 @@ class Dispatch:
 
     def give(self, group: Group) -> int | None:
         """The request a running group takes next, or None: it drains (it is told to, none of
-        its size waits, or an older request has reserved some of its hosts)."""
+        its size waits, or a larger request has reserved some of its hosts)."""
         if group not in self.running:
             raise ValueError(f"{group} is not running")
         if group in self.draining:
             return None
         number = next((n for n, size in self.waiting.items() if size == group.size), None)
         reservation = self.reservation()
-        if number is not None and reservation is not None:
-            older, reserved = reservation
-            if older < number and reserved.overlaps(group):
+        if reservation is not None:
+            reserved = reservation[1]
+            if reserved.size > group.size and reserved.overlaps(group):
                 number = None
         if number is None:
             self.draining.add(group)

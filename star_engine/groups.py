@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 MAX_BLOCK_TOKENS, LARGE_MODEL_MAX_BLOCK_TOKENS, LARGE_MODEL_PARAMETERS = 32 << 10, 16 << 10, 30e9
 
 
+# Where a smaller group's KV cache would hold requests of fewer tokens than this, it takes none.
+MIN_GROUP_TOKENS = 1024
+
+
 def default_max_block(config: ModelConfig) -> int:
     """--max-block's default for a model of this shape."""
     return LARGE_MODEL_MAX_BLOCK_TOKENS if model_weights(config) >= LARGE_MODEL_PARAMETERS else MAX_BLOCK_TOKENS

@@ -146,7 +146,7 @@ class Session:
         from .attention.spec import StrategySpec
         from .budget import JobMemory, fits, least_free_memory
         from .dispatch import described, group_sizes
-        from .groups import HostGroups, RequestSizing, default_max_block, level_max_tokens
+        from .groups import MIN_GROUP_TOKENS, HostGroups, RequestSizing, default_max_block, level_max_tokens
         from .launch.control import JobError, Place
         from .slots import arena_capacities
 
@@ -166,14 +166,16 @@ class Session:
         for size in sizes:
             level_spec = spec if size > 1 else StrategySpec("dense")
             tokens = job_tokens if size == count else level_max_tokens(size, max_block, job_tokens)
-            while size < count and tokens >= max_block // 4:
+
+            def fitting(tokens: int) -> bool:
                 strategy = level_spec.build(Place(0, size), None, config, self.calibration)
                 slots = max(arena_capacities(strategy, tokens, tokens))
                 memory = JobMemory(config, self.model.embed.weight.dtype, size, cache.batch * slots, tokens, cache.batch)
-                if fits(memory.at(self.hosts.tp), free, weights_in_place=True):
-                    break
+                return fits(memory.at(self.hosts.tp), free, weights_in_place=True)
+
+            while size < count and tokens >= MIN_GROUP_TOKENS and not fitting(tokens):
                 tokens //= 2  # this group size takes shorter requests; the longer go to larger groups
-            if size < count and tokens < max_block // 4:
+            if size < count and tokens < MIN_GROUP_TOKENS:
                 self.say(f"star_engine: no room for the KV cache of groups of {size} hosts: their requests go "
                          "to larger groups")
                 continue

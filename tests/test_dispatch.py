@@ -102,17 +102,17 @@ def test_younger_requests_run_beside_a_reservation_on_hosts_outside_it():
     assert dispatch.give(Group(1, 3)) == 4
 
 
-def test_requests_older_than_a_reservation_are_still_taken_by_their_group():
+def test_larger_requests_go_first_and_their_group_keeps_its_work_while_smaller_ones_wait():
     dispatch = Dispatch(2)
-    dispatch.add(0, 1)
-    dispatch.add(1, 2)
-    dispatch.add(2, 1)
-    [group] = dispatch.start()  # request 0's: host 1 stays free for the reservation of request 1
-    assert group.size == 1
-    assert dispatch.give(group) == 0  # older than the reservation
-    assert dispatch.give(group) is None  # request 2 is younger: the group drains
+    for number, size in enumerate([1, 2, 1, 2]):
+        dispatch.add(number, size)
+    assert dispatch.start() == [Group(2, 0)]  # the requests of both hosts reserve them first
+    group = Group(2, 0)
+    assert [dispatch.give(group) for _ in range(3)] == [1, 3, None]  # older small requests do not drain it
     dispatch.release(group)
-    assert dispatch.start() == [Group(2, 0)]
+    started = dispatch.start()
+    assert started == [Group(1, 0), Group(1, 1)]
+    assert [dispatch.give(g) for g in started] == [0, 2]
 
 
 @pytest.mark.parametrize("hosts", [2, 3, 4, 6, 8])

@@ -35,6 +35,7 @@ class Prediction:
     memory_needed_bytes: int  # what that rank must have for the request to run: the estimate and headroom
     phase1_per_rank_s: list[float] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # costs the calibration has no rate for
+    decode_kv_s: float = 0.0  # of tpot_s, reading this request's K/V: what a batch's step pays per request
 
 
 def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, query_tokens: int,
@@ -103,10 +104,11 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
              + gather + (calibration.query_overhead_s or 0.0))
     # A decode step half way through the generation, on the rank with the most K/V.
     slots = [kept + (query_tokens + new_tokens // 2 if r == gpus - 1 else 0) for r, kept in enumerate(layout.kept)]
-    tpot = (weights + max(slots) * kv_token) * read_s + gather + (calibration.decode_overhead_s or 0.0)
+    kv_read = max(slots) * kv_token * read_s
+    tpot = weights * read_s + kv_read + gather + (calibration.decode_overhead_s or 0.0)
     budget = request_budget(plan, config, element_size)
     return Prediction(spec.label, gpus, context, phase1, phase1 + query, tpot, budget.peak, budget.needed, per_rank,
-                      left_out)
+                      left_out, kv_read)
 
 
 def recommend(predictions: list[Prediction], memory_bytes: float | None, ttft_target_s: float | None) -> str:

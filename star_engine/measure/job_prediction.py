@@ -1,0 +1,84 @@
+"""What a job of many requests will take, served as `run` serves them with each way of
+--hosts-per-request: each request's cost predicted alone (prediction.py) on the group size
+it gets, then the job played out under the policy the runtime follows (dispatch.py). A
+group admits requests one at a time (phase 1 and the query) between the decode steps of
+those it holds, up to its batch; a step reads the weights once and each row's K/V."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..attention.spec import StrategySpec
+from ..config import ModelConfig
+from ..costs import Calibration
+from ..dispatch import Dispatch, Group
+from ..groups import default_max_block, hosts_by_rule
+from ..settings import ScaleOutSettings
+from .prediction import Prediction, predict
+
+
+@dataclass
+class _Running:
+    """A group of the played-out job: its clock, and its rows (tokens still to decode, the
+    K/V read of a step, the request)."""
+    clock: float
+    rows: list[list] = field(default_factory=list)
+    exhausted: bool = False
+
+
+def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: list[int], query_tokens: int,
+                new_tokens: int, batch: int, way: ScaleOutSettings, calibration: Calibration, element_size: int = 2,
+                gpus_per_node: int | None = None) -> dict:
+    """The predicted wall time and rates of the job of these context lengths (in order) on
+    `hosts` hosts of one GPU each, and the group size each length gets."""
+    max_block = way.max_block or default_max_block(config)
+    fixed = way.fixed
+
+    def size_of(length: int) -> int:
+        if way.hosts_per_request == "auto":
+            return hosts_by_rule(length, max_block, hosts)
+        return fixed or hosts
+
+    costs: dict[tuple[int, int], Prediction] = {}
+    for length in set(lengths):
+        size = size_of(length)
+        costs[length, size] = predict(config, spec if size > 1 else StrategySpec("dense"), size, length,
+                                      query_tokens, new_tokens, calibration, element_size, gpus_per_node)
+    dispatch = Dispatch(hosts)
+    for number, length in enumerate(lengths):
+        dispatch.add(number, size_of(length))
+    running: dict[Group, _Running] = {group: _Running(0.0) for group in dispatch.start()}
+    first, finished = {}, {}
+    while running:
+        group = min(running, key=lambda g: (running[g].clock, g.first, g.size))
+        state = running[group]
+        if len(state.rows) < batch and not state.exhausted:
+            number = dispatch.give(group)
+            if number is not None:
+                cost = costs[lengths[number], group.size]
+                state.clock += cost.ttft_s
+                first[number] = cost.ttft_s
+                if new_tokens > 1:
+                    state.rows.append([new_tokens - 1, cost.decode_kv_s, number, cost.tpot_s - cost.decode_kv_s])
+                else:
+                    finished[number] = state.clock
+                continue
+            state.exhausted = True
+        if state.rows:
+            state.clock += max(row[3] for row in state.rows) + sum(row[1] for row in state.rows)
+            for row in state.rows:
+                row[0] -= 1
+                if row[0] == 0:
+                    finished[row[2]] = state.clock
+            state.rows = [row for row in state.rows if row[0] > 0]
+            continue
+        dispatch.release(group)
+        del running[group]
+        running.update({g: _Running(state.clock) for g in dispatch.start()})
+    wall = max(finished.values())
+    return {"hosts_per_request": way.hosts_per_request, "hosts": hosts, "wall_s": wall,
+            "requests_per_hour": len(lengths) / wall * 3600,
+            "output_tokens_per_s": len(lengths) * new_tokens / wall,
+            "hosts_by_length": {str(n): size_of(n) for n in sorted(set(lengths))},
+            "ttft_s_by_length": {str(n): costs[n, size_of(n)].ttft_s for n in sorted(set(lengths))},
+            "latency_s": [finished[i] for i in range(len(lengths))]}
