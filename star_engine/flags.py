@@ -210,7 +210,7 @@ def add_scale_out_flags(parser: argparse.ArgumentParser, default: str, several: 
     kind = (lambda text: [hosts_per_request(t.strip()) for t in text.split(",") if t.strip()]) if several \
         else hosts_per_request
     each = "; comma-separated to compare" if several else ""
-    parser.add_argument("--hosts-per-request", type=kind, default=[default] if several else default,
+    parser.add_argument("--hosts-per-request", type=kind, default=kind(default),
                         metavar="auto|all|N",
                         help="hosts a request runs on (a host: one rank, or --tp ranks): all of them; N of them "
                              "(1, 2, 4, ... or all); or auto: the fewest whose blocks hold at most --max-block "

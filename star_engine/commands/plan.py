@@ -8,8 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag, add_star_flags,
-                     positive, runtime_settings, star_specs, strategy_names, token_counts)
+from ..flags import (add_generation_flags, add_lengths_flag, add_model_flags, add_query_tokens_flag,
+                     add_scale_out_flags, add_star_flags, counts_list, positive, runtime_settings, scale_out_settings,
+                     star_specs, strategy_names, token_counts)
 from ..names import RESULTS_DIRECTORY, STAR_LAYOUTS
 
 
@@ -40,6 +41,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--calibrate", action="store_true",
                       help="measure this machine's rates with the model (random weights are as good) and write "
                            "them to --output")
+    plan.add_argument("--job", type=positive, default=None, metavar="REQUESTS",
+                      help="predict a job of REQUESTS requests instead, of the --lengths in the proportions of "
+                           "--mix, served as run serves them with each way of --hosts-per-request (as bench "
+                           "--job --mix measures it): its wall time, requests per hour, and the hosts each "
+                           "length gets, on each --gpus count")
+    plan.add_argument("--mix", type=counts_list, default=None, metavar="N,N,...",
+                      help="with --job: the proportions of the --lengths (default: equal)")
+    plan.add_argument("--batch", type=positive, default=1, metavar="N",
+                      help="with --job: requests each group decodes together (default: 1)")
+    add_scale_out_flags(plan, default="auto,all", several=True)
     plan.add_argument("--output", type=Path, default=None,
                       help="predictions as JSON (default: none), or with --calibrate the calibration (default: "
                            f"{RESULTS_DIRECTORY}/calibration_<device>.json); a calibration there already keeps the "
@@ -56,6 +67,16 @@ def check(args: argparse.Namespace) -> None:
         return
     args.lengths, args.gpu_counts = token_counts(args.lengths), token_counts(args.gpus, "--gpus")
     args.specs = star_specs(args, args.attn)
+    args.ways = scale_out_settings(args)
+    if args.job is None:
+        if args.mix is not None:
+            raise ValueError("--mix takes effect only with --job REQUESTS")
+        return
+    args.mix = args.mix or [1] * len(args.lengths)
+    if len(args.mix) != len(args.lengths):
+        raise ValueError(f"--mix gives {len(args.mix)} proportions for {len(args.lengths)} --lengths")
+    if len(args.specs) != 1:
+        raise ValueError("a job is predicted for one strategy: give one --attn and one star layout")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     calibration = Calibration.load(args.calibration)
     element_size = getattr(torch, args.dtype or "bfloat16").itemsize
+    if args.job is not None:
+        return _job(args, config, calibration, element_size)
     memory = args.memory_gib * 2**30 if args.memory_gib else calibration.memory_bytes
     # On one GPU every strategy is dense (one block, no ring): one line says it.
     predictions = [predict(config, spec, gpus, context, args.query_tokens, args.max_new_tokens, calibration,
@@ -94,6 +117,31 @@ def main(args: argparse.Namespace) -> int:
     if args.output:
         write_json(args.output, {"model": args.model, "calibration": calibration.__dict__,
                                  "predictions": [p.__dict__ for p in predictions]})
+        print(f"saved {args.output}", file=sys.stderr)
+    return 0
+
+
+def _job(args: argparse.Namespace, config, calibration, element_size: int) -> int:
+    from ..json_file import write_json
+    from ..measure.job_prediction import predict_job
+    from ..measure.mixed_job import mixed_lengths
+    from ..measure.text_table import text_table
+
+    lengths = mixed_lengths(args.lengths, args.mix, args.job)
+    print(f"{args.model} on {calibration.device} ({calibration.source}): {len(lengths)} requests, "
+          + ", ".join(f"{lengths.count(n)} of {n} tokens" for n in args.lengths)
+          + f", {args.max_new_tokens} new tokens each, batch {args.batch}")
+    jobs = [predict_job(config, args.specs[0], gpus, lengths, args.query_tokens, args.max_new_tokens, args.batch,
+                        way, calibration, element_size, args.gpus_per_node)
+            for gpus in args.gpu_counts for way in args.ways]
+    print(text_table([{"gpus": j["hosts"], "hosts/request": j["hosts_per_request"], "wall s": f"{j['wall_s']:.1f}",
+                       "req/hour": f"{j['requests_per_hour']:.0f}",
+                       "hosts by length": ", ".join(f"{n}: {h}" for n, h in j["hosts_by_length"].items())}
+                      for j in jobs], ["gpus", "hosts/request", "wall s", "req/hour", "hosts by length"],
+                     left={"hosts/request", "hosts by length"}))
+    if args.output:
+        write_json(args.output, {"model": args.model, "calibration": calibration.__dict__, "lengths": args.lengths,
+                                 "mix": args.mix, "batch": args.batch, "jobs": jobs})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
 

@@ -17,6 +17,8 @@ import torch
 from ..hand_out import Done, Work, serve
 from ..settings import KVCacheSettings, ScaleOutSettings
 
+WARM_UP_TOKENS = 4  # of each warm-up request: enough for every decode bucket of a full batch
+
 if TYPE_CHECKING:
     from ..attention.spec import StrategySpec
     from ..session import Session
@@ -54,13 +56,14 @@ def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], quer
                     out.append(Work(i, contexts[i], queries[i], plan, hosts))
                 return out
 
-            # Untimed: each group size's kernels and decode graphs, on every group of it.
+            # Untimed: each group size's kernels and decode graphs (a full batch of a few tokens
+            # each), on every group of it.
             shortest = lengths.index(min(lengths))
             warm = None
             if session.dist.rank == 0:  # rank 0 has an engine of every group size
                 sizes = [s for s in sorted(engines) for _ in range(batch * groups.count // s)]
                 warm = iter([Work(k, contexts[shortest], queries[shortest],
-                                  engines[size].plan(lengths[shortest], query_tokens, new_tokens), size)
+                                  engines[size].plan(lengths[shortest], query_tokens, WARM_UP_TOKENS), size)
                              for k, size in enumerate(sizes)])
             serve(session.dist, groups, engines, stop, warm, None, stop_at_eos=False)
             done: list[Done] = []
