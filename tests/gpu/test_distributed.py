@@ -140,3 +140,29 @@ def test_each_rank_takes_the_gpu_its_launcher_made_visible_and_never_shares_one(
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
     assert [line.split(":")[0] for line in lines] == ["rank 0 sees 1", "rank 1 sees 1"]
     assert lines[0].split(": ")[1] != lines[1].split(": ")[1]
+
+
+def test_auto_scale_out_on_one_gpu_runs_each_request_on_its_one_host_as_dense(tmp_path):
+    """One GPU is one host: every request on it, dense (exact), through the hand-out and the
+    group's engine, decode replayed from CUDA graphs (bfloat16); the answers --attn dense
+    gives, bit for bit (the same kernels)."""
+    import json
+
+    from tests.reference import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=512)  # head_dim 64: the decode kernel and its graphs
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"id": f"r{i}", "context": "The code is 4417. " * (20 + 30 * i),
+                                            "query": "What is the code?"}) + "\n" for i in range(5)))
+    outputs = {}
+    for name, flags in (("auto", ["--hosts-per-request", "auto", "--max-block", "256"]), ("dense", ["--attn", "dense"])):
+        out = tmp_path / f"{name}.jsonl"
+        result = run([sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--output", str(out),
+                      "--model", str(model), "--device", "cuda", "--max-new-tokens", "6",
+                      *flags], timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        outputs[name] = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert {r["id"]: r["output"] for r in outputs["auto"].values()} == \
+        {r["id"]: r["output"] for r in outputs["dense"].values()}
+    assert all(r["hosts"] == [0] for r in outputs["auto"].values())
