@@ -17,7 +17,7 @@ import torch
 
 from star_engine.checkpoint import load_config
 from star_engine.costs import Calibration
-from star_engine.measure.prediction import predict
+from star_engine.prediction import predict
 from star_engine.measure.speed import spec_of
 from star_engine.measure.text_table import text_table
 

@@ -30,6 +30,16 @@ def positive(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     from .attention.spec import parse_fraction
 
@@ -232,4 +242,10 @@ def scale_out_settings(args: argparse.Namespace) -> list[ScaleOutSettings]:
     if auto and any(b is not None and b != [None] for b in blocks):
         raise ValueError("--blocks and --block-size fix star's blocks; with --hosts-per-request auto a request's "
                          "hosts (and so its blocks) follow from --max-block")
-    return [ScaleOutSettings(way, args.max_block if way == "auto" else None) for way in ways]
+    target = getattr(args, "ttft_target", None)  # run's
+    if target is not None and not auto:
+        raise ValueError("--ttft-target takes effect only with --hosts-per-request auto")
+    if target is not None and args.max_block is not None:
+        raise ValueError("give --ttft-target or --max-block, not both: each sets how many hosts a request gets")
+    return [ScaleOutSettings(way, args.max_block if way == "auto" else None, target if way == "auto" else None)
+            for way in ways]

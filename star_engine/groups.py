@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .costs import model_weights
 from .dispatch import Group, group_sizes, groups_of_size
@@ -113,16 +113,24 @@ class RequestSizing:
     """On rank 0: the group size and plan of each request, from the request and the flags
     alone. `engines`: an engine of each group size in use (rank 0 is in a group of each)."""
 
-    def __init__(self, engines: dict[int, Engine], hosts: int, settings: ScaleOutSettings, max_block: int) -> None:
+    def __init__(self, engines: dict[int, Engine], hosts: int, settings: ScaleOutSettings, max_block: int,
+                 predicted_ttft: Callable[[int, int, int, int], float] | None = None) -> None:
+        """predicted_ttft(hosts, context, query, new tokens): the planner's, for --ttft-target."""
         self.engines, self.hosts, self.settings, self.max_block = engines, hosts, settings, max_block
+        self.predicted_ttft = predicted_ttft
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> tuple[int, RequestPlan]:
-        """(hosts, plan): with auto, the fewest hosts by the rule, raised to the first group
-        size whose engine holds the request; RequestTooLarge where none does."""
+        """(hosts, plan): with auto, the fewest hosts by the rule (or predicted to meet the
+        time-to-first-token target), raised to the first group size whose engine holds the
+        request; RequestTooLarge where none does."""
         if self.settings.hosts_per_request != "auto":
             size = self.settings.fixed or self.hosts
             return size, self.engines[size].plan(context_len, query_len, max_new_tokens)
-        least = hosts_by_rule(context_len, self.max_block, self.hosts)
+        if self.settings.ttft_target_s is not None:
+            least = next((size for size in sorted(self.engines) if size == self.hosts or self.predicted_ttft(
+                size, context_len, query_len, max_new_tokens) <= self.settings.ttft_target_s), self.hosts)
+        else:
+            least = hosts_by_rule(context_len, self.max_block, self.hosts)
         refusal = None
         for size in sorted(s for s in self.engines if s >= least):
             try:

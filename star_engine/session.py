@@ -183,7 +183,20 @@ class Session:
             if group is not None:
                 engines[size] = self.engine(level_spec, replace(cache, max_tokens=tokens), group)
                 engines[size].park()
-        return groups, engines, RequestSizing(engines, count, scale_out, max_block)
+        return groups, engines, RequestSizing(engines, count, scale_out, max_block, self._predicted_ttft(spec))
+
+    def _predicted_ttft(self, spec: StrategySpec) -> Callable[[int, int, int, int], float]:
+        """The planner's time to first token of a request on some hosts, from the job's calibration."""
+        from .attention.spec import StrategySpec
+        from .prediction import predict
+
+        config, element_size = self.model.config, self.model.embed.weight.element_size()
+
+        def ttft(hosts: int, context: int, query: int, new_tokens: int) -> float:
+            on = spec if hosts > 1 else StrategySpec("dense")
+            return predict(config, on, hosts, context, query, new_tokens, self.calibration, element_size).ttft_s
+
+        return ttft
 
     def engine(self, spec: StrategySpec, cache: KVCacheSettings, group: HostGroup | None = None) -> Engine:
         """An engine of the strategy `spec` names, its KV cache sized as `cache` says, on the

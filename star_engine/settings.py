@@ -43,6 +43,7 @@ class ScaleOutSettings:
 
     hosts_per_request: str = "all"
     max_block: int | None = None  # with auto: tokens of a block at most; None: the model's default
+    ttft_target_s: float | None = None  # with auto: the fewest hosts predicted to meet it, instead
 
     @property
     def fixed(self) -> int | None:

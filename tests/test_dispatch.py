@@ -150,3 +150,49 @@ def test_a_stop_hands_out_nothing_more_and_ends_once_what_runs_is_released():
     for group in started:
         dispatch.release(group)
     assert dispatch.done and dispatch.start() == []
+
+
+class GroupEngine:
+    """An engine of groups of some size: plans requests of up to `tokens` tokens."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def plan(self, context: int, query: int, new: int):
+        from star_engine.request_plan import RequestTooLarge
+
+        if context + query + new > self.tokens:
+            raise RequestTooLarge(f"request needs {context + query + new} tokens, the limit is {self.tokens}")
+        return ("plan", context)
+
+
+def test_a_request_a_smaller_group_cannot_hold_goes_to_the_next_larger_one():
+    from star_engine.groups import RequestSizing
+    from star_engine.request_plan import RequestTooLarge
+    from star_engine.settings import ScaleOutSettings
+
+    engines = {1: GroupEngine(1000), 2: GroupEngine(1500), 4: GroupEngine(9000)}
+    sizing = RequestSizing(engines, 4, ScaleOutSettings("auto", 800), 800)
+    assert sizing.plan(700, 10, 10)[0] == 1
+    assert sizing.plan(990, 10, 10)[0] == 2  # one block by the rule, but one host's cache is too small
+    assert sizing.plan(1600, 10, 10)[0] == 4
+    with pytest.raises(RequestTooLarge, match="the limit is 9000"):
+        sizing.plan(9000, 10, 10)
+    assert RequestSizing(engines, 4, ScaleOutSettings("2"), 800).plan(10, 1, 1)[0] == 2
+    assert RequestSizing(engines, 4, ScaleOutSettings("all"), 800).plan(10, 1, 1)[0] == 4
+
+
+def test_with_a_time_to_first_token_target_a_request_gets_the_fewest_hosts_predicted_to_meet_it():
+    from star_engine.groups import RequestSizing
+    from star_engine.settings import ScaleOutSettings
+
+    engines = {1: GroupEngine(10**6), 2: GroupEngine(10**6), 4: GroupEngine(10**6)}
+
+    def predicted(hosts, context, query, new):  # seconds: quadratic work shared by the hosts
+        return (context / 1000) ** 2 / hosts
+
+    sizing = RequestSizing(engines, 4, ScaleOutSettings("auto", None, 10.0), 32768, predicted)
+    assert sizing.plan(3000, 1, 1)[0] == 1  # 9 s on one host
+    assert sizing.plan(4000, 1, 1)[0] == 2  # 16 s on one, 8 s on two
+    assert sizing.plan(6000, 1, 1)[0] == 4  # 9 s on four
+    assert sizing.plan(20000, 1, 1)[0] == 4  # none meets it: all hosts

@@ -13,7 +13,7 @@ from star_engine.attention.spec import StrategySpec
 from star_engine.config import PRESETS
 from star_engine.costs import Calibration, attention_flops_per_pair, linear_flops_per_token
 from star_engine.launch.control import Place
-from star_engine.measure.prediction import predict, recommend
+from star_engine.prediction import predict, recommend
 from tests.launcher import mpirun, run
 
 CONFIG = PRESETS["llama-3.1-8b"]

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     if env_rank() != 0:
         return 0  # a prediction needs one process: under a launcher, rank 0 makes it
 
-    from ..measure.prediction import predict, recommend
+    from ..prediction import predict, recommend
 
     config = load_config(args.model)
     calibration = Calibration.load(args.calibration)

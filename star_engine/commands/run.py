@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..flags import (add_generation_flags, add_model_flags, add_scale_out_flags, add_star_flags, kv_cache_settings,
-                     positive, runtime_settings, scale_out_settings, star_specs)
+                     positive, positive_seconds, runtime_settings, scale_out_settings, star_specs)
 from ..names import STRATEGIES
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                      help="requests decoded together, each joining as another leaves; answers are written "
                           "as they finish (default: 1, one request at a time)")
     add_scale_out_flags(run, default="all")
+    run.add_argument("--ttft-target", type=positive_seconds, default=None, metavar="SECONDS",
+                     help="with --hosts-per-request auto: each request on the fewest hosts the planner predicts "
+                          "to reach its first token within SECONDS (from the job's calibration, "
+                          "STAR_ENGINE_CALIBRATION), instead of by --max-block; all hosts where none does")
     add_model_flags(run)
     add_star_flags(run)
     add_generation_flags(run, max_new_tokens=64, meaning="tokens to generate at most, unless a request says otherwise")

@@ -18,7 +18,7 @@ from ..engine import Engine
 from ..launch.control import Dist, Place
 from ..model import Transformer
 from ..settings import KVCacheSettings
-from .prediction import predict
+from ..prediction import predict
 from .timing import copy_bandwidth, median_s
 
 

@@ -14,7 +14,7 @@ from ..costs import Calibration
 from ..dispatch import Dispatch, Group
 from ..groups import default_max_block, hosts_by_rule
 from ..settings import ScaleOutSettings
-from .prediction import Prediction, predict
+from ..prediction import Prediction, predict
 
 
 @dataclass

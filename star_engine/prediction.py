@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..attention.ring import RingLayout
-from ..attention.spec import StrategySpec
-from ..attention.star import StarLayout, block_work
-from ..budget import request_budget
-from ..config import ModelConfig
-from ..costs import Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token, linear_flops_per_token
-from ..launch.control import Place
-from ..request_plan import plan_request
+from .attention.ring import RingLayout
+from .attention.spec import StrategySpec
+from .attention.star import StarLayout, block_work
+from .budget import request_budget
+from .config import ModelConfig
+from .costs import Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token, linear_flops_per_token
+from .launch.control import Place
+from .request_plan import plan_request
 
 
 @dataclass
