@@ -7,6 +7,11 @@ takes the oldest request of its size each time it has room (its continuous batch
 none waits or it is told to drain: then it finishes what it holds and its hosts are free.
 Free hosts start a group for any size that has requests waiting.
 
+Balance: where several groups of a size run, one that holds requests takes no more while
+another of its size holds less work (tokens of context): it is told "later", decodes a
+step, and asks again; so requests of a size spread over its groups by their work, not by
+which group asked first.
+
 Fairness: larger requests go first. The largest waiting request that no group serves (the
 oldest of them) reserves a group of its size (the one with the most hosts free); the groups
 of smaller sizes on its hosts take no new work (they drain), and its free hosts stay free,
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+
+LATER = "later"  # what `give` says to a group that holds work while another of its size holds less
 
 
 @dataclass(frozen=True)
@@ -69,15 +76,23 @@ class Dispatch:
         self.hosts = hosts
         self.sizes = group_sizes(hosts)
         self.waiting: OrderedDict[int, int] = OrderedDict()  # request number -> its group size, oldest first
+        self.work: dict[int, int] = {}  # request number -> its work (tokens), until answered
+        self.holding: dict[Group, set[int]] = {}  # a running group -> the requests it holds
         self.running: set[Group] = set()
         self.draining: set[Group] = set()  # running, told to take no new work
         self.stopped = False
 
-    def add(self, number: int, size: int) -> None:
-        """A request of `number` waits for a group of `size` hosts."""
+    def add(self, number: int, size: int, work: int = 1) -> None:
+        """A request of `number` waits for a group of `size` hosts; `work`: its tokens."""
         if size not in self.sizes:
             raise ValueError(f"no group of {size} hosts among {self.hosts}")
         self.waiting[number] = size
+        self.work[number] = work
+
+    def answered(self, group: Group, number: int) -> None:
+        """The group answered a request it held."""
+        self.holding[group].discard(number)
+        del self.work[number]
 
     def stop(self) -> None:
         """No more work is handed out; what runs finishes."""
@@ -129,9 +144,10 @@ class Dispatch:
                     wanted -= 1
         return started
 
-    def give(self, group: Group) -> int | None:
-        """The request a running group takes next, or None: it drains (it is told to, none of
-        its size waits, or a larger request has reserved some of its hosts)."""
+    def give(self, group: Group) -> int | str | None:
+        """The request a running group takes next; LATER (another group of its size holds
+        less work); or None: it drains (it is told to, none of its size waits, or a larger
+        request has reserved some of its hosts)."""
         if group not in self.running:
             raise ValueError(f"{group} is not running")
         if group in self.draining:
@@ -145,13 +161,22 @@ class Dispatch:
         if number is None:
             self.draining.add(group)
             return None
+        held = self._held(group)
+        if held and any(self._held(g) < held for g in self.running - self.draining if g.size == group.size):
+            return LATER
         del self.waiting[number]
+        self.holding[group].add(number)
         return number
+
+    def _held(self, group: Group) -> int:
+        return sum(self.work[n] for n in self.holding[group])
 
     def release(self, group: Group) -> None:
         """A group finished its work: its hosts are free."""
         self.running.discard(group)
         self.draining.discard(group)
+        for number in self.holding.pop(group, set()):
+            self.work.pop(number, None)
 
     def _busy_hosts(self) -> set[int]:
         return {h for g in self.running for h in g.hosts}
@@ -162,3 +187,4 @@ class Dispatch:
 
     def _run(self, group: Group) -> None:
         self.running.add(group)
+        self.holding[group] = set()

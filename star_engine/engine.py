@@ -28,6 +28,10 @@ from .settings import KVCacheSettings
 from .slots import RunningRequest, Slot, arena_capacities, context_digest
 
 
+# What a source of requests for generate_many yields for "none now, but do not stop asking".
+LATER = object()
+
+
 @dataclass
 class Metrics:
     phase1_s: float  # slowest rank's context encoding
@@ -167,13 +171,14 @@ class Engine:
         K/V, and one gather_merge for all rows. A request joins as soon as a slot is free
         (its context encoded, or copied from a slot that holds it, and its query run between
         two steps) and leaves when it is done. Yields (its index in `requests`, its
-        generation) as each finishes. Every rank must pass the same requests; each answer is
-        the one the request gets alone. keep_logits: as for generate. On GPUs each set of requests that decodes together
-        has its step captured in a CUDA graph (decoders)."""
+        generation) as each finishes. `requests` may yield LATER while some decode: no request
+        now, ask again after the next step. Every rank must pass the same requests; each
+        answer is the one the request gets alone. keep_logits: as for generate. On GPUs each
+        set of requests that decodes together has its step captured in a CUDA graph."""
         device = self.model.embed.weight.device
         eos = set(self.model.config.eos_token_ids) if stop_at_eos else set()
         reset_peak_memory(device)
-        pending = enumerate(requests)
+        pending, taken = iter(requests), 0
         free, running = list(reversed(self.slots)), []
         exhausted = False
         while True:
@@ -182,8 +187,11 @@ class Engine:
                 if item is None:
                     exhausted = True
                     break
-                index, (context_ids, query_ids, plan) = item
-                run = self._admit(index, context_ids, query_ids, plan, free, eos, keep_logits)
+                if item is LATER:
+                    break  # none now: the next step's free slots ask again
+                context_ids, query_ids, plan = item
+                run = self._admit(taken, context_ids, query_ids, plan, free, eos, keep_logits)
+                taken += 1
                 if run.done:
                     free.append(run.slot)
                     yield run.index, self._finished(run)

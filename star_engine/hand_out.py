@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .dispatch import Dispatch, Group
+from .dispatch import LATER, Dispatch, Group
 from .launch.control import PeerTimeout
 
 if TYPE_CHECKING:
@@ -121,7 +121,9 @@ def _work_in(group: HostGroup, engine: Engine, orders: _Orders, stop: GracefulSt
     taken: dict[int, tuple[Work, float]] = {}  # by index among the group's requests, until answered
     numbers = itertools.count()
 
-    def requests() -> Iterator[tuple[Tensor, Tensor, RequestPlan]]:
+    def requests() -> Iterator[tuple[Tensor, Tensor, RequestPlan] | object]:
+        from .engine import LATER as LATER_FOR_THE_ENGINE
+
         context = None
         while True:
             asked_to_stop = group.dist.any(stop.requested)
@@ -129,6 +131,9 @@ def _work_in(group: HostGroup, engine: Engine, orders: _Orders, stop: GracefulSt
             work = group.dist.bcast(work, root=0)
             if work is None:
                 return
+            if work == LATER:
+                yield LATER_FOR_THE_ENGINE
+                continue
             if work.context_ids is not None:
                 context = torch.as_tensor(work.context_ids)
             taken[next(numbers)] = (work, time.time())
@@ -161,7 +166,7 @@ class _Orders:
             return None
         return order[1]
 
-    def ask(self, group: Group, asked_to_stop: bool) -> Work | None:
+    def ask(self, group: Group, asked_to_stop: bool) -> Work | str | None:
         self.send(_ASK, (group, asked_to_stop))
         return self._receive(_GIVE, patience=self.timeout_s)
 
@@ -248,6 +253,7 @@ class _HandOut:
                 self._send(self._give(group), source, _GIVE)
             elif tag == _ANSWER:
                 number, generation, group, started, finished = message
+                self.dispatch.answered(group, number)
                 if self.on_done is not None:
                     self.on_done(Done(self.in_hand.pop(number), generation, group, started, finished))
             elif tag == _RELEASED:
@@ -259,13 +265,14 @@ class _HandOut:
                 self.dispatch.stop()
         return received
 
-    def _give(self, group: Group) -> Work | None:
-        """The group's next request, its context left out where the group has it already."""
+    def _give(self, group: Group) -> Work | str | None:
+        """The group's next request (its context left out where the group has it already),
+        LATER, or None."""
         while not self.exhausted and not self.dispatch.waiting_for(group.size) and self._read_one():
             pass
         number = self.dispatch.give(group)
-        if number is None:
-            return None
+        if number is None or number == LATER:
+            return number
         work = self.waiting.pop(number)
         self.in_hand[number] = work
         if self.on_hand_out is not None:
@@ -283,7 +290,7 @@ class _HandOut:
             self.exhausted = True
             return False
         self.waiting[work.number] = work
-        self.dispatch.add(work.number, work.hosts)
+        self.dispatch.add(work.number, work.hosts, work.plan.total)
         return True
 
     def _ranks_of(self, group: Group) -> range:

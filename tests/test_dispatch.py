@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from star_engine.dispatch import Dispatch, Group, described, group_sizes, groups_of_size
+from star_engine.dispatch import LATER, Dispatch, Group, described, group_sizes, groups_of_size
 from star_engine.groups import hosts_by_rule, level_max_tokens
 
 
@@ -47,6 +47,18 @@ def test_requests_of_one_size_spread_over_every_free_group_of_it():
     started = dispatch.start()
     assert started == [Group(1, 0), Group(1, 1), Group(1, 2), Group(1, 3)]
     assert [dispatch.give(g) for g in started] == [0, 1, 2, 3]
+
+
+def test_a_group_that_holds_more_work_than_another_of_its_size_takes_no_more_for_now():
+    dispatch = Dispatch(2)
+    for number, tokens in enumerate([7000, 1000, 1000, 1000, 1000]):
+        dispatch.add(number, 1, tokens)
+    one, two = dispatch.start()
+    assert (dispatch.give(one), dispatch.give(two)) == (0, 1)
+    assert dispatch.give(one) == LATER  # 7000 tokens against 1000
+    assert [dispatch.give(two) for _ in range(3)] == [2, 3, 4]  # up to 4000
+    dispatch.answered(one, 0)
+    assert dispatch.give(one) is None  # none waits: it drains
 
 
 def test_a_group_takes_requests_of_its_size_oldest_first_until_none_waits():
@@ -133,6 +145,9 @@ def test_every_request_is_handed_out_once_and_groups_never_share_a_host(hosts):
         number = dispatch.give(group)
         if number is None:
             dispatch.release(group)
+        elif number == LATER:  # it decodes a step, and a request it held ends
+            dispatch.answered(group, min(dispatch.holding[group]))
+            running.append(group)
         else:
             handed.append(number)
             running.append(group)

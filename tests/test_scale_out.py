@@ -3,6 +3,10 @@ of different sizes side by side, each answered as it is alone on a group of that
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from star_engine.groups import hosts_by_rule
 from tests.test_cli import read_jsonl, star_engine, write_jsonl
 
@@ -93,3 +97,36 @@ def test_a_number_of_hosts_that_is_no_group_size_is_refused_in_one_line(tmp_path
     result = star_engine(["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TINY,
                           "--max-block", "1K"])
     assert result.returncode == 2 and "--max-block takes effect only with --hosts-per-request auto" in result.stderr
+
+
+def test_bench_measures_a_job_of_mixed_lengths_served_each_way_with_its_timeline(tmp_path):
+    out = tmp_path / "mixed.json"
+    result = star_engine(["bench", "--model", "tiny", "--job", "12", "--lengths", "256,1K,2K", "--mix", "4,1,1",
+                          "--hosts-per-request", "auto,all", "--max-block", "512", "--batch", "2",
+                          "--max-new-tokens", "4", "--attn", "star", "--output", str(out)], ranks=4)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(out.read_text())
+    auto, every = measured["rows"]
+    assert (auto["hosts_per_request"], every["hosts_per_request"]) == ("auto", "all")
+    assert [r["context"] for r in auto["requests"]] == [r["context"] for r in every["requests"]]
+    assert {n: s["hosts"] for n, s in auto["by_length"].items()} == {"256": [1], "1024": [2], "2048": [4]}
+    assert all(s["hosts"] == [4] for s in every["by_length"].values())
+    for row in (auto, every):
+        assert len(row["requests"]) == 12 and all(r["output_tokens"] == 4 for r in row["requests"])
+        assert len(row["busy_fraction"]) == 4 and all(0 < b <= 1 for b in row["busy_fraction"])
+        assert all(0 <= r["started_s"] < r["finished_s"] <= row["wall_s"] for r in row["requests"])
+    ratio = measured["auto_against_all"]["requests_per_hour_x"]
+    assert ratio == pytest.approx(auto["requests_per_hour"] / every["requests_per_hour"])
+    assert "auto against all:" in result.stdout
+    assert out.with_suffix(".png").exists() or "no plot" in result.stderr
+
+
+def test_plan_predicts_a_job_of_mixed_lengths_with_each_way_of_serving_it():
+    result = star_engine(["plan", "--job", "64", "--lengths", "4K,32K,128K", "--mix", "12,3,1", "--batch", "8",
+                          "--gpus", "1,4", "--max-new-tokens", "256", "--attn", "star", "--layout", "balanced"])
+    assert result.returncode == 0, result.stderr
+    lines = {tuple(line.split()[:2]): line for line in result.stdout.splitlines()[2:]}
+    assert "4096: 1, 32768: 1, 131072: 4" in lines["4", "auto"]
+    assert "4096: 4, 32768: 4, 131072: 4" in lines["4", "all"]
+    # One GPU is one host whatever the way.
+    assert lines["1", "auto"].split()[2:4] == lines["1", "all"].split()[2:4]

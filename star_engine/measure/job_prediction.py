@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..attention.spec import StrategySpec
 from ..config import ModelConfig
 from ..costs import Calibration
-from ..dispatch import Dispatch, Group
+from ..dispatch import LATER, Dispatch, Group
 from ..groups import default_max_block, hosts_by_rule
 from ..settings import ScaleOutSettings
 from ..prediction import Prediction, predict
@@ -46,7 +46,7 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
                                       query_tokens, new_tokens, calibration, element_size, gpus_per_node)
     dispatch = Dispatch(hosts)
     for number, length in enumerate(lengths):
-        dispatch.add(number, size_of(length))
+        dispatch.add(number, size_of(length), length + query_tokens + new_tokens)
     running: dict[Group, _Running] = {group: _Running(0.0) for group in dispatch.start()}
     first, finished = {}, {}
     while running:
@@ -54,7 +54,9 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
         state = running[group]
         if len(state.rows) < batch and not state.exhausted:
             number = dispatch.give(group)
-            if number is not None:
+            if number == LATER and not state.rows:
+                raise AssertionError("a group told to wait holds no request")
+            if number is not None and number != LATER:
                 cost = costs[lengths[number], group.size]
                 state.clock += cost.ttft_s
                 first[number] = cost.ttft_s
@@ -62,14 +64,16 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
                     state.rows.append([new_tokens - 1, cost.decode_kv_s, number, cost.tpot_s - cost.decode_kv_s])
                 else:
                     finished[number] = state.clock
+                    dispatch.answered(group, number)
                 continue
-            state.exhausted = True
+            state.exhausted = number is None
         if state.rows:
             state.clock += max(row[3] for row in state.rows) + sum(row[1] for row in state.rows)
             for row in state.rows:
                 row[0] -= 1
                 if row[0] == 0:
                     finished[row[2]] = state.clock
+                    dispatch.answered(group, row[2])
             state.rows = [row for row in state.rows if row[0] > 0]
             continue
         dispatch.release(group)
