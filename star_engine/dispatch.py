@@ -8,9 +8,9 @@ none waits or it is told to drain: then it finishes what it holds and its hosts 
 Free hosts start a group for any size that has requests waiting.
 
 Balance: where several groups of a size run, one that holds requests takes no more while
-another of its size holds less work (tokens of context): it is told "later", decodes a
-step, and asks again; so requests of a size spread over its groups by their work, not by
-which group asked first.
+another of its size holds less work (the requests' predicted seconds): it is told
+"later", decodes a step, and asks again; so requests of a size spread over its groups by
+their work, not by which group asked first.
 
 Fairness: larger requests go first. The largest waiting request that no group serves (the
 oldest of them) reserves a group of its size (the one with the most hosts free); the groups
@@ -76,14 +76,14 @@ class Dispatch:
         self.hosts = hosts
         self.sizes = group_sizes(hosts)
         self.waiting: OrderedDict[int, int] = OrderedDict()  # request number -> its group size, oldest first
-        self.work: dict[int, int] = {}  # request number -> its work (tokens), until answered
+        self.work: dict[int, float] = {}  # request number -> its work (predicted seconds), until answered
         self.holding: dict[Group, set[int]] = {}  # a running group -> the requests it holds
         self.running: set[Group] = set()
         self.draining: set[Group] = set()  # running, told to take no new work
         self.stopped = False
 
-    def add(self, number: int, size: int, work: int = 1) -> None:
-        """A request of `number` waits for a group of `size` hosts; `work`: its tokens."""
+    def add(self, number: int, size: int, work: float = 1.0) -> None:
+        """A request of `number` waits for a group of `size` hosts; `work`: its cost."""
         if size not in self.sizes:
             raise ValueError(f"no group of {size} hosts among {self.hosts}")
         self.waiting[number] = size
@@ -168,7 +168,7 @@ class Dispatch:
         self.holding[group].add(number)
         return number
 
-    def _held(self, group: Group) -> int:
+    def _held(self, group: Group) -> float:
         return sum(self.work[n] for n in self.holding[group])
 
     def release(self, group: Group) -> None:

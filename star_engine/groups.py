@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .comm import Communicator
     from .config import ModelConfig
     from .engine import Engine
+    from .prediction import Prediction
     from .request_plan import RequestPlan
     from .settings import ScaleOutSettings
     from .hosts import Hosts
@@ -114,10 +115,18 @@ class RequestSizing:
     alone. `engines`: an engine of each group size in use (rank 0 is in a group of each)."""
 
     def __init__(self, engines: dict[int, Engine], hosts: int, settings: ScaleOutSettings, max_block: int,
-                 predicted_ttft: Callable[[int, int, int, int], float] | None = None) -> None:
-        """predicted_ttft(hosts, context, query, new tokens): the planner's, for --ttft-target."""
+                 predicted: Callable[[int, int, int, int], Prediction] | None = None) -> None:
+        """predicted(hosts, context, query, new tokens): the planner's prediction of a request."""
         self.engines, self.hosts, self.settings, self.max_block = engines, hosts, settings, max_block
-        self.predicted_ttft = predicted_ttft
+        self.predicted = predicted
+
+    def cost(self, hosts: int, plan: RequestPlan) -> float:
+        """The request's predicted seconds on its group (phase 1, the query, its tokens), which
+        the hand-out balances groups of a size by; its tokens where nothing predicts."""
+        if self.predicted is None:
+            return float(plan.total)
+        p = self.predicted(hosts, plan.context_len, plan.query_len, plan.max_new_tokens)
+        return p.ttft_s + (plan.max_new_tokens - 1) * p.tpot_s
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> tuple[int, RequestPlan]:
         """(hosts, plan): with auto, the fewest hosts by the rule (or predicted to meet the
@@ -127,8 +136,8 @@ class RequestSizing:
             size = self.settings.fixed or self.hosts
             return size, self.engines[size].plan(context_len, query_len, max_new_tokens)
         if self.settings.ttft_target_s is not None:
-            least = next((size for size in sorted(self.engines) if size == self.hosts or self.predicted_ttft(
-                size, context_len, query_len, max_new_tokens) <= self.settings.ttft_target_s), self.hosts)
+            least = next((size for size in sorted(self.engines) if size == self.hosts or self.predicted(
+                size, context_len, query_len, max_new_tokens).ttft_s <= self.settings.ttft_target_s), self.hosts)
         else:
             least = hosts_by_rule(context_len, self.max_block, self.hosts)
         refusal = None

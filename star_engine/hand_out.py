@@ -40,13 +40,14 @@ _ASK, _ANSWER, _RELEASED, _STOP, _ORDER, _GIVE = range(1, 7)  # message tags
 @dataclass(frozen=True)
 class Work:
     """A request as rank 0 hands it out: its number, its token ids (context None: the same
-    as the request the group had before), its plan on a group of `hosts` hosts, and what
-    the caller needs back with its answer."""
+    as the request the group had before), its plan on a group of `hosts` hosts, its cost
+    there, and what the caller needs back with its answer."""
     number: int
     context_ids: list[int] | None
     query_ids: list[int]
     plan: RequestPlan
     hosts: int
+    cost: float  # its predicted seconds on its group, which groups of a size are balanced by
     about: Any = None
 
 
@@ -290,7 +291,7 @@ class _HandOut:
             self.exhausted = True
             return False
         self.waiting[work.number] = work
-        self.dispatch.add(work.number, work.hosts, work.plan.total)
+        self.dispatch.add(work.number, work.hosts, work.cost)
         return True
 
     def _ranks_of(self, group: Group) -> range:

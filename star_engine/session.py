@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
     from .engine import Engine
     from .groups import HostGroup, HostGroups, RequestSizing
+    from .prediction import Prediction
 
 T = TypeVar("T")
 
@@ -183,20 +184,20 @@ class Session:
             if group is not None:
                 engines[size] = self.engine(level_spec, replace(cache, max_tokens=tokens), group)
                 engines[size].park()
-        return groups, engines, RequestSizing(engines, count, scale_out, max_block, self._predicted_ttft(spec))
+        return groups, engines, RequestSizing(engines, count, scale_out, max_block, self._predicted(spec))
 
-    def _predicted_ttft(self, spec: StrategySpec) -> Callable[[int, int, int, int], float]:
-        """The planner's time to first token of a request on some hosts, from the job's calibration."""
+    def _predicted(self, spec: StrategySpec) -> Callable[[int, int, int, int], Prediction]:
+        """The planner's prediction of a request on some hosts, from the job's calibration."""
         from .attention.spec import StrategySpec
         from .prediction import predict
 
         config, element_size = self.model.config, self.model.embed.weight.element_size()
 
-        def ttft(hosts: int, context: int, query: int, new_tokens: int) -> float:
+        def predicted(hosts: int, context: int, query: int, new_tokens: int) -> Prediction:
             on = spec if hosts > 1 else StrategySpec("dense")
-            return predict(config, on, hosts, context, query, new_tokens, self.calibration, element_size).ttft_s
+            return predict(config, on, hosts, context, query, new_tokens, self.calibration, element_size)
 
-        return ttft
+        return predicted
 
     def engine(self, spec: StrategySpec, cache: KVCacheSettings, group: HostGroup | None = None) -> Engine:
         """An engine of the strategy `spec` names, its KV cache sized as `cache` says, on the

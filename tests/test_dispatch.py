@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from star_engine.dispatch import LATER, Dispatch, Group, described, group_sizes, groups_of_size
@@ -204,7 +206,7 @@ def test_with_a_time_to_first_token_target_a_request_gets_the_fewest_hosts_predi
     engines = {1: GroupEngine(10**6), 2: GroupEngine(10**6), 4: GroupEngine(10**6)}
 
     def predicted(hosts, context, query, new):  # seconds: quadratic work shared by the hosts
-        return (context / 1000) ** 2 / hosts
+        return SimpleNamespace(ttft_s=(context / 1000) ** 2 / hosts, tpot_s=0.01)
 
     sizing = RequestSizing(engines, 4, ScaleOutSettings("auto", None, 10.0), 32768, predicted)
     assert sizing.plan(3000, 1, 1)[0] == 1  # 9 s on one host

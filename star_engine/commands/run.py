@@ -214,7 +214,7 @@ def _prepared_requests(args: argparse.Namespace, session: Session, sizing: Reque
                 if answers.write_error(line.number, line.digest, line.id, error):
                     session.say(f"[{number}/{total}] line {line.number}: {printable(error)}")
                 continue
-            yield Work(number, context_ids, query_ids, plan, hosts,
+            yield Work(number, context_ids, query_ids, plan, hosts, sizing.cost(hosts, plan),
                        RequestLineInfo(number, total, line.number, line.digest, line.shown_id, line.id))
 
 

@@ -23,16 +23,17 @@ from .timing import copy_bandwidth, median_s
 
 
 def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: Callable[[str], None]) -> Calibration:
-    """Every rank takes part; rank 0's measurements (the others wait where they are not
-    needed, so that ranks sharing a machine do not slow each other). The link between ranks
-    of a node where a node has two; on several nodes the network between them and
+    """Every rank takes part; rank 0's measurements. Phase 1 and the copy run on every rank
+    at once, as a job's ranks compute: where ranks share a machine's cores (CPU ranks) the
+    rates are those each gets beside the others, not one rank's alone. The link between
+    ranks of a node where a node has two; on several nodes the network between them and
     gather_merge across them, else gather_merge within the node."""
     weight = model.embed.weight
     device, cuda = weight.device, weight.is_cuda
     base = 4096 if cuda else 128  # block sizes: base x 1, 2, 4, 8
-    rates = _phase1_rates(model, [base * m for m in (1, 2, 4, 8)], say) if dist.rank == 0 else None
+    rates = _phase1_rates(model, [base * m for m in (1, 2, 4, 8)], say if dist.rank == 0 else lambda _: None)
     dist.sync()
-    copy = copy_bandwidth(device) if dist.rank == 0 else None
+    copy = copy_bandwidth(device)
     nbytes = (64 << 20) if cuda else (8 << 20)
     link = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=False))
     network = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=True))
@@ -59,7 +60,7 @@ def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: 
 
 def _phase1_rates(model: Transformer, blocks: list[int], say: Callable[[str], None]) -> tuple[float, float]:
     """Phase 1 of two blocks (block 0 alone, block 1 after an anchor of a block) on this
-    rank alone, at each size; the two rates that explain the times."""
+    rank, at each size; the two rates that explain the times."""
     cfg, weight = model.config, model.embed.weight
     linear, attention, seconds = [], [], []
     for block in blocks:

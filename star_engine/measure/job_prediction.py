@@ -46,7 +46,8 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
                                       query_tokens, new_tokens, calibration, element_size, gpus_per_node)
     dispatch = Dispatch(hosts)
     for number, length in enumerate(lengths):
-        dispatch.add(number, size_of(length), length + query_tokens + new_tokens)
+        cost = costs[length, size_of(length)]
+        dispatch.add(number, size_of(length), cost.ttft_s + (new_tokens - 1) * cost.tpot_s)
     running: dict[Group, _Running] = {group: _Running(0.0) for group in dispatch.start()}
     first, finished = {}, {}
     while running:

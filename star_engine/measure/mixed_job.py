@@ -53,7 +53,7 @@ def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], quer
                 out = []
                 for i in indices:
                     hosts, plan = sizing.plan(lengths[i], query_tokens, new_tokens)
-                    out.append(Work(i, contexts[i], queries[i], plan, hosts))
+                    out.append(Work(i, contexts[i], queries[i], plan, hosts, sizing.cost(hosts, plan)))
                 return out
 
             # Untimed: each group size's kernels and decode graphs (a full batch of a few tokens
@@ -63,7 +63,7 @@ def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], quer
             if session.dist.rank == 0:  # rank 0 has an engine of every group size
                 sizes = [s for s in sorted(engines) for _ in range(batch * groups.count // s)]
                 warm = iter([Work(k, contexts[shortest], queries[shortest],
-                                  engines[size].plan(lengths[shortest], query_tokens, WARM_UP_TOKENS), size)
+                                  engines[size].plan(lengths[shortest], query_tokens, WARM_UP_TOKENS), size, 1.0)
                              for k, size in enumerate(sizes)])
             serve(session.dist, groups, engines, stop, warm, None, stop_at_eos=False)
             done: list[Done] = []
