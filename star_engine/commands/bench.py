@@ -177,7 +177,8 @@ def _mixed_job(args: argparse.Namespace, session: Session, measured: dict, outpu
     if session.dist.rank == 0:  # the answers came back to rank 0
         result = {**measured, "model": args.model, "strategy": args.specs[0].as_dict(), "lengths": args.lengths,
                   "mix": args.mix, "query_tokens": args.query_tokens, "new_tokens": args.max_new_tokens,
-                  "batch": args.batch, "rows": rows, "auto_against_all": comparison(rows)}
+                  "batch": args.batch, "calibration": session.calibration.source, "rows": rows,
+                  "auto_against_all": comparison(rows)}
         write_json(output, result)
         print(table(rows))
         if result["auto_against_all"]:
