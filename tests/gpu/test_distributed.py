@@ -148,10 +148,7 @@ def test_auto_scale_out_on_one_gpu_runs_each_request_on_its_one_host_as_dense(tm
     gives, bit for bit (the same kernels)."""
     import json
 
-    from tests.reference import make_tiny_checkpoint
-
-    model = make_tiny_checkpoint(tmp_path / "tiny", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=512)  # head_dim 64: the decode kernel and its graphs
+    model = "llama-3.1-8b"  # random weights; head_dim 128: the decode kernel and its graphs
     requests = tmp_path / "in.jsonl"
     requests.write_text("".join(json.dumps({"id": f"r{i}", "context": "The code is 4417. " * (20 + 30 * i),
                                             "query": "What is the code?"}) + "\n" for i in range(5)))
@@ -159,7 +156,7 @@ def test_auto_scale_out_on_one_gpu_runs_each_request_on_its_one_host_as_dense(tm
     for name, flags in (("auto", ["--hosts-per-request", "auto", "--max-block", "256"]), ("dense", ["--attn", "dense"])):
         out = tmp_path / f"{name}.jsonl"
         result = run([sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--output", str(out),
-                      "--model", str(model), "--device", "cuda", "--max-new-tokens", "6",
+                      "--model", model, "--device", "cuda", "--max-tokens", "4096", "--max-new-tokens", "6",
                       *flags], timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[name] = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
