@@ -140,8 +140,13 @@ def _job(args: argparse.Namespace, config, calibration, element_size: int) -> in
                       for j in jobs], ["gpus", "hosts/request", "wall s", "req/hour", "hosts by length"],
                      left={"hosts/request", "hosts by length"}))
     if args.output:
-        write_json(args.output, {"model": args.model, "calibration": calibration.__dict__, "lengths": args.lengths,
-                                 "mix": args.mix, "batch": args.batch, "jobs": jobs})
+        import torch
+
+        from ..measure.results import environment
+
+        made = environment(1, torch.device("cpu"), ["python", "-m", "star_engine"])  # where predicted, not measured
+        write_json(args.output, {"predicted_on": made, "model": args.model, "calibration": calibration.__dict__,
+                                 "lengths": args.lengths, "mix": args.mix, "batch": args.batch, "jobs": jobs})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
 
