@@ -174,9 +174,11 @@ class Session:
                 memory = JobMemory(config, self.model.embed.weight.dtype, size, cache.batch * slots, tokens, cache.batch)
                 return fits(memory.at(self.hosts.tp), free, weights_in_place=True)
 
-            while size < count and tokens >= MIN_GROUP_TOKENS and not fitting(tokens):
-                tokens //= 2  # this group size takes shorter requests; the longer go to larger groups
-            if size < count and tokens < MIN_GROUP_TOKENS:
+            while size < count and tokens and not fitting(tokens):
+                # This group size takes shorter requests (the longer go to larger groups); none
+                # below MIN_GROUP_TOKENS.
+                tokens = tokens // 2 if tokens // 2 >= MIN_GROUP_TOKENS else 0
+            if not tokens:
                 self.say(f"star_engine: no room for the KV cache of groups of {size} hosts: their requests go "
                          "to larger groups")
                 continue

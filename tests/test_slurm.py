@@ -68,6 +68,17 @@ def test_srun_with_pmix_answers_as_mpirun_does(tmp_path, slurm):
     assert _answers(tmp_path / "srun.jsonl") == _answers(tmp_path / "mpirun.jsonl")
 
 
+def on_one_node_and_on_two(run_it: list[str], tmp_path: Path, slurm: dict[str, str]) -> subprocess.CompletedProcess:
+    """`run_it` on 4 ranks of one node (mpirun, into one.jsonl) and of two nodes (srun, two
+    ranks each, over TCP, into two.jsonl); the second's result. Both must succeed."""
+    one_node = run([*mpirun(4), *run_it, "--output", str(tmp_path / "one.jsonl")], timeout=300)
+    assert one_node.returncode == 0, one_node.stderr
+    two_nodes = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=2", "-n", "4", *run_it,
+                      "--output", str(tmp_path / "two.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
+    assert two_nodes.returncode == 0, two_nodes.stderr
+    return two_nodes
+
+
 def test_hosts_of_two_ranks_on_each_of_two_nodes_answer_as_on_one_node_and_a_host_across_nodes_is_refused(
         tmp_path, slurm):
     """--tp 2 over the two nodes: each node one host (the model split in two), star across
@@ -76,11 +87,7 @@ def test_hosts_of_two_ranks_on_each_of_two_nodes_answer_as_on_one_node_and_a_hos
     requests = requests_file(tmp_path, 3)
     run_it = [sys.executable, "-m", "star_engine", "run", "--input", str(requests), "--model", "tiny",
               "--max-new-tokens", "12", "--tp", "2"]
-    one_node = run([*mpirun(4), *run_it, "--output", str(tmp_path / "one.jsonl")], timeout=300)
-    assert one_node.returncode == 0, one_node.stderr
-    two_nodes = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=2", "-n", "4", *run_it,
-                      "--output", str(tmp_path / "two.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
-    assert two_nodes.returncode == 0, two_nodes.stderr
+    two_nodes = on_one_node_and_on_two(run_it, tmp_path, slurm)
     assert "on 4 ranks (2 nodes, 2 hosts of 2)" in two_nodes.stderr
     assert _answers(tmp_path / "two.jsonl") == _answers(tmp_path / "one.jsonl")
     across = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=1", "-n", "2", *run_it,
@@ -239,13 +246,8 @@ def test_an_auto_scaled_job_across_two_nodes_answers_as_under_mpirun_and_goes_on
     """Each request on the group of hosts its context needs, groups within and across the
     nodes; stopped and requeued, the job answers every id once."""
     requests = write_jsonl(tmp_path / "mixed.jsonl", mixed_requests(12))
-    run_it = [sys.executable, "-m", "star_engine", "run", "--input", str(requests), *TINY,
-              "--hosts-per-request", "auto", "--max-block", "256"]
-    one_node = run([*mpirun(4), *run_it, "--output", str(tmp_path / "one.jsonl")], timeout=300)
-    assert one_node.returncode == 0, one_node.stderr
-    two_nodes = srun(["--mpi=pmix", "-p", "two", "--ntasks-per-node=2", "-n", "4", *run_it,
-                      "--output", str(tmp_path / "two.jsonl")], slurm, OMPI_MCA_btl="self,tcp")
-    assert two_nodes.returncode == 0, two_nodes.stderr
+    on_one_node_and_on_two([sys.executable, "-m", "star_engine", "run", "--input", str(requests), *TINY,
+                            "--hosts-per-request", "auto", "--max-block", "256"], tmp_path, slurm)
     # Which group of a size takes a request depends on timing; its size and answer do not.
     answers = {r["id"]: (len(r["hosts"]), r["output"]) for r in read_jsonl(tmp_path / "two.jsonl")}
     assert answers == {r["id"]: (len(r["hosts"]), r["output"]) for r in read_jsonl(tmp_path / "one.jsonl")}

@@ -67,11 +67,11 @@ def check(args: argparse.Namespace) -> None:
         return
     args.lengths, args.gpu_counts = token_counts(args.lengths), token_counts(args.gpus, "--gpus")
     args.specs = star_specs(args, args.attn)
-    args.ways = scale_out_settings(args)
     if args.job is None:
         if args.mix is not None:
             raise ValueError("--mix takes effect only with --job REQUESTS")
         return
+    args.ways = scale_out_settings(args)
     args.mix = args.mix or [1] * len(args.lengths)
     if len(args.mix) != len(args.lengths):
         raise ValueError(f"--mix gives {len(args.mix)} proportions for {len(args.lengths)} --lengths")
