@@ -23,22 +23,16 @@ from .timing import copy_bandwidth, median_s
 
 
 def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: Callable[[str], None]) -> Calibration:
-    """Every rank takes part; rank 0's measurements. Phase 1 and the copy run at once on
-    every rank of rank 0's node, as a job's ranks compute: where ranks share a node's cores
-    (CPU ranks) the rates are those each gets beside the others, not one rank's alone; the
-    ranks of other nodes wait. The link between ranks of a node where a node has two; on
-    several nodes the network between them and gather_merge across them, else gather_merge
-    within the node."""
+    """Every rank takes part; rank 0's measurements (the others wait where they are not
+    needed, so that ranks sharing a machine do not slow each other). The link between ranks
+    of a node where a node has two; on several nodes the network between them and
+    gather_merge across them, else gather_merge within the node."""
     weight = model.embed.weight
     device, cuda = weight.device, weight.is_cuda
     base = 4096 if cuda else 128  # block sizes: base x 1, 2, 4, 8
-    beside_rank_0 = dist.node_of[dist.rank] == dist.node_of[0]
+    rates = _phase1_rates(model, [base * m for m in (1, 2, 4, 8)], say) if dist.rank == 0 else None
     dist.sync()
-    times = _phase1_times(model, [base * m for m in (1, 2, 4, 8)], say if dist.rank == 0 else lambda _: None) \
-        if beside_rank_0 else None
-    rates = fit_rates(*times) if dist.rank == 0 else None
-    dist.sync()
-    copy = copy_bandwidth(device) if beside_rank_0 else None
+    copy = copy_bandwidth(device) if dist.rank == 0 else None
     nbytes = (64 << 20) if cuda else (8 << 20)
     link = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=False))
     network = _pair_bandwidth(comm, dist, device, nbytes, _partner(dist, across_nodes=True))
@@ -63,11 +57,9 @@ def measure(model: Transformer, name: str, comm: Communicator, dist: Dist, say: 
                           f"{model.embed.weight.dtype}")
 
 
-def _phase1_times(model: Transformer, blocks: list[int], say: Callable[[str], None]
-                  ) -> tuple[list[float], list[float], list[float]]:
+def _phase1_rates(model: Transformer, blocks: list[int], say: Callable[[str], None]) -> tuple[float, float]:
     """Phase 1 of two blocks (block 0 alone, block 1 after an anchor of a block) on this
-    rank, at each size: its linear and attention FLOPs and seconds, which fit_rates turns
-    into the two rates that explain the times."""
+    rank alone, at each size; the two rates that explain the times."""
     cfg, weight = model.config, model.embed.weight
     linear, attention, seconds = [], [], []
     for block in blocks:
@@ -85,7 +77,7 @@ def _phase1_times(model: Transformer, blocks: list[int], say: Callable[[str], No
         attention.append((block_work(block, 0, 0.0) + block_work(block, block, 0.0)) * attention_flops_per_pair(cfg))
         say(f"  phase 1, two blocks of {block}: {seconds[-1]:.3f} s")
         del arena
-    return linear, attention, seconds
+    return fit_rates(linear, attention, seconds)
 
 
 def _partner(dist: Dist, across_nodes: bool) -> int | None:
