@@ -96,7 +96,9 @@ class HostGroups:
                 continue
             # Every rank takes part in each split, the ranks of hosts left over with no color.
             ranks = dist.group(group.index if member else None, dist.rank)
-            peers = dist.group(group.index * hosts.tp + hosts.tp_rank if member else None, dist.rank)
+            # With --tp 1 a group's ranks are its strategy's peers.
+            peers = ranks if hosts.tp == 1 else dist.group(group.index * hosts.tp + hosts.tp_rank if member else None,
+                                                           dist.rank)
             if member:
                 try:
                     self.by_size[size] = HostGroup(group, ranks, make_communicator(peers, device))

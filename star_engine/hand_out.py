@@ -172,8 +172,7 @@ class _Orders:
         return self._receive(_GIVE, patience=self.timeout_s)
 
     def send(self, tag: int, message: Any) -> None:
-        self._sending = [request for request in self._sending if not request.Test()]
-        self._sending.append(self.to_hand_out.isend(message, dest=0, tag=tag))
+        self._sending = _sent(self._sending, self.to_hand_out, message, 0, tag)
 
     def _receive(self, tag: int, patience: float | None) -> Any:
         """The next message from rank 0 with `tag`. Waiting for an order, without bound (a long
@@ -298,5 +297,9 @@ class _HandOut:
         return range(group.first * self.tp, (group.first + group.size) * self.tp)
 
     def _send(self, message: Any, rank: int, tag: int) -> None:
-        self._sending = [request for request in self._sending if not request.Test()]
-        self._sending.append(self.to_ranks.isend(message, dest=rank, tag=tag))
+        self._sending = _sent(self._sending, self.to_ranks, message, rank, tag)
+
+
+def _sent(sending: list[Any], comm: Any, message: Any, dest: int, tag: int) -> list[Any]:
+    """The sends still in flight, the completed ones dropped, after a new one of `message`."""
+    return [request for request in sending if not request.Test()] + [comm.isend(message, dest=dest, tag=tag)]

@@ -165,13 +165,12 @@ def _job(args: argparse.Namespace, session: Session, measured: dict, output: Pat
 
 def _mixed_job(args: argparse.Namespace, session: Session, measured: dict, output: Path) -> int:
     from ..json_file import write_json
-    from ..measure.mixed_job import comparison, mixed_lengths, run_mixed_job, table
+    from ..measure.mixed_job import comparison, mix_phrase, mixed_lengths, run_mixed_job, table
     from ..measure.plots import plot_mixed_job
 
     lengths = mixed_lengths(args.lengths, args.mix, args.job)
-    session.say(f"a job of {len(lengths)} requests: " + ", ".join(
-        f"{lengths.count(n)} of {n} tokens" for n in args.lengths) + f", {args.max_new_tokens} new tokens each, "
-        f"batch {args.batch}")
+    session.say(f"a job of {len(lengths)} requests: {mix_phrase(lengths, args.lengths)}, {args.max_new_tokens} new "
+                f"tokens each, batch {args.batch}")
     rows = run_mixed_job(session, args.specs[0], lengths, args.query_tokens, args.max_new_tokens, args.batch,
                          args.ways, session.say)
     if session.dist.rank == 0:  # the answers came back to rank 0

@@ -124,13 +124,12 @@ def main(args: argparse.Namespace) -> int:
 def _job(args: argparse.Namespace, config, calibration, element_size: int) -> int:
     from ..json_file import write_json
     from ..measure.job_prediction import predict_job
-    from ..measure.mixed_job import mixed_lengths
+    from ..measure.mixed_job import mix_phrase, mixed_lengths
     from ..measure.text_table import text_table
 
     lengths = mixed_lengths(args.lengths, args.mix, args.job)
     print(f"{args.model} on {calibration.device} ({calibration.source}): {len(lengths)} requests, "
-          + ", ".join(f"{lengths.count(n)} of {n} tokens" for n in args.lengths)
-          + f", {args.max_new_tokens} new tokens each, batch {args.batch}")
+          f"{mix_phrase(lengths, args.lengths)}, {args.max_new_tokens} new tokens each, batch {args.batch}")
     jobs = [predict_job(config, args.specs[0], gpus, lengths, args.query_tokens, args.max_new_tokens, args.batch,
                         way, calibration, element_size, args.gpus_per_node)
             for gpus in args.gpu_counts for way in args.ways]

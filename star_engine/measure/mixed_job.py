@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -34,6 +34,11 @@ def mixed_lengths(lengths: list[int], mix: list[int], requests: int, seed: int =
     return order
 
 
+def mix_phrase(lengths: list[int], distinct: list[int]) -> str:
+    """'12 of 4096 tokens, 3 of 32768 tokens': how many requests of each length a job has."""
+    return ", ".join(f"{lengths.count(n)} of {n} tokens" for n in distinct)
+
+
 def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], query_tokens: int, new_tokens: int,
                   batch: int, ways: list[ScaleOutSettings], say: Callable[[str], None]) -> list[dict]:
     """The job of these context lengths (in order), served each of `ways`: a row each."""
@@ -49,12 +54,10 @@ def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], quer
         for way in ways:
             groups, engines, sizing = session.group_engines(spec, cache, way)
 
-            def works(indices: list[int]) -> list[Work]:
-                out = []
-                for i in indices:
-                    hosts, plan = sizing.plan(lengths[i], query_tokens, new_tokens)
-                    out.append(Work(i, contexts[i], queries[i], plan, hosts, sizing.cost(hosts, plan)))
-                return out
+            def requests() -> Iterator[Work]:  # rank 0's
+                for i, length in enumerate(lengths):
+                    hosts, plan = sizing.plan(length, query_tokens, new_tokens)
+                    yield Work(i, contexts[i], queries[i], plan, hosts, sizing.cost(hosts, plan))
 
             # Untimed: each group size's kernels and decode graphs (a full batch of a few tokens
             # each), on every group of it.
@@ -69,9 +72,8 @@ def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], quer
             done: list[Done] = []
             session.dist.sync()
             start = time.time()
-            served = serve(session.dist, groups, engines, stop,
-                           iter(works(list(range(len(lengths))))) if session.dist.rank == 0 else None, done.append,
-                           stop_at_eos=False)
+            served = serve(session.dist, groups, engines, stop, requests() if session.dist.rank == 0 else None,
+                           done.append, stop_at_eos=False)
             wall = time.time() - start
             if served.stopped:
                 raise KeyboardInterrupt  # the job was asked to stop: no row of a part of it
