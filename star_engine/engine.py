@@ -114,9 +114,10 @@ class Engine:
         for slot in self.slots:
             slot.encoded = None
 
-    def plan(self, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
-        """The request's plan; RequestTooLarge, the same on every rank, if it cannot run."""
-        plan = plan_request(self.strategy, context_len, query_len, max_new_tokens)
+    def plan(self, context_len: int, query_len: int, max_new_tokens: int, shared_context: bool = False) -> RequestPlan:
+        """The request's plan; RequestTooLarge, the same on every rank, if it cannot run.
+        shared_context: other requests ask about this context (plan_request)."""
+        plan = plan_request(self.strategy, context_len, query_len, max_new_tokens, shared_context)
         if plan.total > self.max_tokens:
             raise RequestTooLarge(f"request needs {plan.total} tokens ({context_len} context + {query_len} "
                                   f"query + {max_new_tokens} new), the limit is {self.max_tokens}")
@@ -146,8 +147,8 @@ class Engine:
         self.dist.sync()
         start = time.perf_counter()
         # Only where it may be reused is a context recognised (by its ids, before they move).
-        digest = context_digest(context_ids) if reuse_context else None
-        phase1, reused = self._encode(slot, context_ids, plan, digest, start)
+        digest = self._digest(context_ids, query_ids, plan) if reuse_context else None
+        phase1, reused = self._encode(slot, context_ids, query_ids, plan, digest, start)
         logits: list[Tensor] = []
         tokens = [self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)]
         first = self._elapsed(start, "the query pass")
@@ -218,7 +219,13 @@ class Engine:
             raise ValueError("the plan is another request's")
         return plan
 
-    def _encode(self, slot: Slot, context_ids: Tensor, plan: RequestPlan, digest: str | None,
+    @staticmethod
+    def _digest(context_ids: Tensor, query_ids: Tensor, plan: RequestPlan) -> str:
+        """What names the K/V phase 1 leaves: the context's, or the context's for this
+        query where it was encoded knowing it."""
+        return context_digest(context_ids, query_ids if plan.query_in_phase1 else None)
+
+    def _encode(self, slot: Slot, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan, digest: str | None,
                 start: float) -> tuple[float, bool]:
         """Phase 1 of the context into the slot's arena, unless the slot holds it already
         (digest: the context's, where it may be reused), or another slot does and its K/V is
@@ -235,7 +242,11 @@ class Engine:
             holder.copy_context_to(slot)
             return self._elapsed(start, "a copy of the context's K/V"), True
         device = self.model.embed.weight.device
-        self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena)
+        if plan.query_in_phase1:
+            self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena,
+                                         query_ids=query_ids)
+        else:
+            self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena)
         slot.encoded = (digest, slot.arena.length(0)) if digest is not None else None
         return self._elapsed(start, "phase 1"), False
 
@@ -250,13 +261,13 @@ class Engine:
                free: list[Slot], eos: set[int], keep_logits: bool) -> RunningRequest:
         """A request's phase 1 and query, in a free slot (one that holds its context, if any)."""
         plan = self._checked_plan(context_ids, query_ids, plan.max_new_tokens, plan)
-        digest = context_digest(context_ids)
+        digest = self._digest(context_ids, query_ids, plan)
         slot = next((s for s in free if s.holds(digest)), free[-1])
         free.remove(slot)
         sent_before = self.comm.bytes_sent
         self.dist.sync()
         start = time.perf_counter()
-        phase1, reused = self._encode(slot, context_ids, plan, digest, start)
+        phase1, reused = self._encode(slot, context_ids, query_ids, plan, digest, start)
         logits: list[Tensor] = []
         token = self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)
         return RunningRequest(index, slot, [token], len(context_ids) + len(query_ids), plan.max_new_tokens, eos,

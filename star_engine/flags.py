@@ -21,21 +21,39 @@ if TYPE_CHECKING:
 
 
 def positive(text: str) -> int:
+    return _integer_from(text, 1)
+
+
+def non_negative(text: str) -> int:
+    return _integer_from(text, 0)
+
+
+def _integer_from(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
 
 
+def on_off(text: str) -> bool:
+    if text.strip() not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text.strip() == "on"
+
+
 def positive_seconds(text: str) -> float:
+    return positive_number(text, "seconds")
+
+
+def positive_number(text: str, what: str = "a number") -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
@@ -135,6 +153,21 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                        metavar="uniform|balanced",
                        help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
                             f"same work, weighed by the device's measured rates{each} (default: {','.join(layouts)})")
+    window = group.add_mutually_exclusive_group()
+    window.add_argument("--window-tokens", type=kind(non_negative), default=[0] if grid else 0, metavar="TOKENS",
+                        help="each block but the first is encoded after the anchor and then the TOKENS context "
+                             "tokens just before it (with a small --anchor-tokens: an attention sink plus a local "
+                             f"window){each} (default: 0)")
+    window.add_argument("--window-fraction", type=kind(fraction), default=None, metavar="F",
+                        help=f"or that window as a fraction of a block: 1/4, 0.5, 1{each}")
+    group.add_argument("--anchor-query", type=kind(on_off), default=[False] if grid else False, metavar="off|on",
+                       help="each block but the first is encoded after the anchor and the request's query, so that "
+                            "it knows what is asked; a context that several requests ask about is encoded once "
+                            f"without any query{each} (default: off)")
+    group.add_argument("--block-temperature", type=kind(positive_number), default=[1.0] if grid else 1.0,
+                       metavar="T",
+                       help="phase 2 attends the blocks encoded after the anchor at temperature T (their logits "
+                            f"divided by T), block 0 and the tokens after the context at 1{each} (default: 1)")
     group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default=DEFAULT_ANCHOR_MODE,
                        help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
                             f"by every rank that needs it (default: {DEFAULT_ANCHOR_MODE})")
@@ -151,19 +184,23 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
 
     size_key = "block_size" if args.block_size is not None else "blocks"
     anchor_key = "anchor_tokens" if args.anchor_tokens is not None else "anchor_fraction"
+    window_key = "window_fraction" if args.window_fraction is not None else "window_tokens"
     grid = list(itertools.product(values(getattr(args, size_key)), values(getattr(args, anchor_key)),
-                                  values(args.layout)))
+                                  values(args.layout), values(getattr(args, window_key)), values(args.anchor_query),
+                                  values(args.block_temperature)))
     specs = []
     for attn in strategies:
         if attn != "star":
             specs.append(StrategySpec(attn))
             continue
-        for size, anchor, layout in grid:
+        for size, anchor, layout, window, query, temperature in grid:
             try:
-                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout,
-                                          **{size_key: size, anchor_key: anchor}))
+                specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout, anchor_query=query,
+                                          block_temperature=temperature,
+                                          **{size_key: size, anchor_key: anchor, window_key: window}))
             except ValueError as exc:
-                raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction)") from None
+                raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction, "
+                                 "--window-tokens/--window-fraction)") from None
     return specs
 
 

@@ -45,6 +45,7 @@ class RequestPlan:
     query_len: int
     max_new_tokens: int
     query_rank: int
+    query_in_phase1: bool = False  # the context is encoded knowing the query (and is that question's alone)
 
     @property
     def context_len(self) -> int:
@@ -81,7 +82,11 @@ class RequestPlan:
                      for encoded, received in zip(self.layout.encoded, self.layout.received))
 
 
-def plan_request(strategy: Strategy, context_len: int, query_len: int, max_new_tokens: int) -> RequestPlan:
+def plan_request(strategy: Strategy, context_len: int, query_len: int, max_new_tokens: int,
+                 shared_context: bool = False) -> RequestPlan:
+    """shared_context: other requests ask about the same context, which is then encoded
+    once for all of them, without any one's query, even by a strategy that reads it."""
     if query_len < 1 or max_new_tokens < 1:
         raise ValueError("a request needs at least one query token and max_new_tokens >= 1")
-    return RequestPlan(strategy.layout(context_len), query_len, max_new_tokens, strategy.place.query_rank)
+    return RequestPlan(strategy.layout(context_len), query_len, max_new_tokens, strategy.place.query_rank,
+                       query_in_phase1=strategy.reads_query and not shared_context)

@@ -24,9 +24,13 @@ def arena_capacities(strategy: Strategy, max_tokens: int, max_tail: int) -> list
             else strategy.context_capacity(r, max_tokens) for r in range(place.world)]
 
 
-def context_digest(ids: Tensor) -> str:
-    """What recognises a context: its token ids."""
-    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+def context_digest(ids: Tensor, query_ids: Tensor | None = None) -> str:
+    """What recognises a context's K/V: its token ids, and the query's where it was encoded
+    knowing the query."""
+    digest = hashlib.sha256(ids.cpu().numpy().tobytes())
+    if query_ids is not None:
+        digest.update(b"\0query\0" + query_ids.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Slot:

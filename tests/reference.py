@@ -54,11 +54,15 @@ def uniform_blocks(context_len: int, block_size: int) -> list[tuple[int, int]]:
 
 
 def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, generated: list[int],
-                          blocks: list[tuple[int, int]], anchor_size: int) -> list[Tensor]:
+                          blocks: list[tuple[int, int]], anchor_size: int, window: int = 0,
+                          query_first: bool = False, temperature: float = 1.0) -> list[Tensor]:
     """Star Attention through transformers, in one process: each block's K/V computed from
     [anchor ; block] (anchor at positions 0.., block at its own), block 0 alone; then the query
     and the generated tokens (teacher-forced) attend to all of it. Returns the logits of each
-    forward pass: [query tokens, vocab], then [1, vocab] per generated token but the last."""
+    forward pass: [query tokens, vocab], then [1, vocab] per generated token but the last.
+    window, query_first: between the anchor and a block, the query (with query_first) and the
+    `window` context tokens before the block past the anchor, at the positions just before it;
+    temperature: the keys of every block but block 0 divided by it once encoded."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -73,10 +77,15 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
             skip = 0
             if start > 0:  # the anchor first, through the cache: transformers then masks causally
                 model(anchor[None], position_ids=torch.arange(len(anchor))[None], past_key_values=cache)
-                skip = len(anchor)
+                first = max(anchor_size, start - window)
+                prefix = torch.cat(((query if query_first else query[:0]), context[first:start]))
+                if len(prefix):
+                    model(prefix[None], position_ids=torch.arange(start - len(prefix), start)[None],
+                          past_key_values=cache)
+                skip = len(anchor) + len(prefix)
             model(block[None], position_ids=torch.arange(start, start + len(block))[None], past_key_values=cache)
             for layer in range(n_layers):
-                keys[layer].append(cache.layers[layer].keys[:, :, skip:])
+                keys[layer].append(cache.layers[layer].keys[:, :, skip:] / (temperature if start > 0 else 1.0))
                 values[layer].append(cache.layers[layer].values[:, :, skip:])
         cache = DynamicCache()
         for layer in range(n_layers):

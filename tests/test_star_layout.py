@@ -96,3 +96,23 @@ def test_a_rank_without_block_0_receives_the_anchor_unless_it_recomputes_it(mode
         assert layout.received[rank] == (layout.anchor_size if gets_anchor else 0)
         recomputes = mode == "recompute" and 0 not in layout.blocks_of(rank)
         assert layout.encoded[rank] == layout.kept[rank] + (layout.anchor_size if recomputes else 0)
+
+
+def test_a_window_is_encoded_before_each_block_but_the_first_and_never_reaches_into_the_anchor():
+    layout = star(2, blocks=4, anchor_tokens=100, window_fraction=0.5).layout(4000)
+    assert layout.window_tokens == 500  # half of a block of 1000
+    assert [layout.window(b) for b in (1, 2, 3)] == [(500, 1000), (1500, 2000), (2500, 3000)]
+    # Rank 0 holds blocks 0 and 1, rank 1 blocks 2 and 3: each runs its windows too.
+    assert layout.encoded == (2000 + 500, 2000 + 500 + 500)
+    near = star(2, blocks=4, anchor_fraction=1.0, window_tokens=300).layout(4000)
+    assert near.window(1) == (1000, 1000)  # the anchor is block 1's whole past
+    assert near.window(2) == (1700, 2000)
+
+
+def test_window_settings_are_checked():
+    with pytest.raises(ValueError, match="tokens or as a fraction"):
+        star(2, window_tokens=10, window_fraction=0.5)
+    with pytest.raises(ValueError, match="window must be an integer"):
+        star(2, window_tokens=-1)
+    with pytest.raises(ValueError, match="block temperature"):
+        star(2, block_temperature=0.0)

@@ -30,6 +30,7 @@ class ContextLayout:
 
 class Strategy(ABC):
     name: str
+    reads_query = False  # whether phase 1 encodes the context knowing the request's query
 
     def __init__(self, place: Place, comm: Communicator | None) -> None:
         self.place, self.comm = place, comm
@@ -45,9 +46,10 @@ class Strategy(ABC):
 
     @abstractmethod
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: ContextLayout,
-                       arena: _C.KVArena) -> None:
+                       arena: _C.KVArena, query_ids: Tensor | None = None) -> None:
         """Phase 1: fills this rank's arena with the K/V of its share of the context, as
-        `layout` (this strategy's layout of context_ids) says."""
+        `layout` (this strategy's layout of context_ids) says; query_ids, only where the
+        strategy reads_query and the plan lets it (RequestPlan.query_in_phase1)."""
 
     def describe(self) -> str:
         return self.name

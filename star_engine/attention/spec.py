@@ -24,6 +24,8 @@ class StrategySpec:
     (default: the whole block); the anchor's K/V broadcast or recomputed; blocks of equal
     size (uniform) or a longer block 0 that makes their work equal (balanced). These defaults
     are the algorithm as published; the commands' default layout is names.DEFAULT_STAR_LAYOUT.
+    window_tokens and anchor_query: what else precedes a block in phase 1; block_temperature:
+    phase 2's temperature of the blocks encoded after the anchor (star.py).
     ValueError, naming the setting, unless the settings make a layout."""
 
     attn: str = "star"
@@ -33,16 +35,23 @@ class StrategySpec:
     anchor_fraction: float | None = None
     anchor_mode: str = DEFAULT_ANCHOR_MODE
     layout: str = PUBLISHED_STAR_LAYOUT
+    window_tokens: int = 0
+    window_fraction: float | None = None
+    anchor_query: bool = False
+    block_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.attn not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.attn!r}: expected one of {', '.join(STRATEGIES)}")
         star_settings = (self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction)
         if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != DEFAULT_ANCHOR_MODE
-                                    or self.layout != PUBLISHED_STAR_LAYOUT):
+                                    or self.layout != PUBLISHED_STAR_LAYOUT or self.window_tokens
+                                    or self.window_fraction is not None
+                                    or self.anchor_query or self.block_temperature != 1.0):
             raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
-                            self.anchor_mode, self.layout)
+                            self.anchor_mode, self.layout, self.window_tokens, self.window_fraction,
+                            self.block_temperature)
 
     def build(self, place: Place, comm: Communicator | None, config: ModelConfig,
               calibration: Calibration | None) -> Strategy:
@@ -60,12 +69,15 @@ class StrategySpec:
         weight = token_weight(config, calibration) if self.layout == "balanced" else 0.0
         return StarAttention(place, comm, block_size=self.block_size, blocks=self.blocks,
                              anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
-                             anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight)
+                             anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight,
+                             window_tokens=self.window_tokens, window_fraction=self.window_fraction,
+                             anchor_query=self.anchor_query,
+                             block_temperature=self.block_temperature)
 
     @property
     def label(self) -> str:
         """Short and unique among specs: "dense", "ring", "star", "star 4b a=1/4",
-        "star block=4096 a=512t"."""
+        "star block=4096 a=512t", "star 4b a=64t w=256t +q T=1.1"."""
         if self.attn != "star":
             return self.attn
         parts = ["star"]
@@ -81,6 +93,14 @@ class StrategySpec:
             parts.append(self.anchor_mode)
         if self.layout != PUBLISHED_STAR_LAYOUT:
             parts.append(self.layout)
+        if self.window_tokens:
+            parts.append(f"w={self.window_tokens}t")
+        if self.window_fraction is not None:
+            parts.append(f"w={fraction_text(self.window_fraction)}")
+        if self.anchor_query:
+            parts.append("+q")
+        if self.block_temperature != 1.0:
+            parts.append(f"T={self.block_temperature:g}")
         return " ".join(parts)
 
     def as_dict(self) -> dict:
@@ -89,7 +109,9 @@ class StrategySpec:
 
 
 def check_star_settings(block_size: int | None, blocks: int | None, anchor_tokens: int | None,
-                        anchor_fraction: float | None, anchor_mode: str, layout: str = PUBLISHED_STAR_LAYOUT) -> None:
+                        anchor_fraction: float | None, anchor_mode: str, layout: str = PUBLISHED_STAR_LAYOUT,
+                        window_tokens: int = 0, window_fraction: float | None = None,
+                        block_temperature: float = 1.0) -> None:
     """Raises ValueError, naming the setting, unless the settings make a layout."""
     if block_size is not None and blocks is not None:
         raise ValueError("give the block size in tokens or the number of blocks, not both")
@@ -106,6 +128,14 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
         raise ValueError(f"anchor mode must be one of {', '.join(ANCHOR_MODES)}, got {anchor_mode!r}")
     if layout not in STAR_LAYOUTS:
         raise ValueError(f"star layout must be one of {', '.join(STAR_LAYOUTS)}, got {layout!r}")
+    if not isinstance(window_tokens, int) or isinstance(window_tokens, bool) or window_tokens < 0:
+        raise ValueError(f"window must be an integer >= 0 (tokens), got {window_tokens!r}")
+    if window_fraction is not None and window_tokens:
+        raise ValueError("give the window in tokens or as a fraction of the block, not both")
+    if window_fraction is not None and not 0 < window_fraction <= 1:
+        raise ValueError(f"window as a fraction of the block must be in (0, 1], got {window_fraction}")
+    if not block_temperature > 0 or block_temperature == float("inf"):
+        raise ValueError(f"block temperature must be a number > 0, got {block_temperature!r}")
 
 
 def fraction_text(value: float) -> str:

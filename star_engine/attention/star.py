@@ -14,6 +14,23 @@ device's measured rates: costs.py) to equal that of another block (which also at
 anchor); blocks of equal work, dealt in equal numbers, keep every rank equally busy. The
 anchor is then measured in the other blocks' size.
 
+Two options change what a block other than block 0 is encoded after (both off: the
+algorithm as published). `window_tokens` W (or `window_fraction` of a block, measured as
+the anchor is): the W context tokens just before the block
+(those after the anchor) come between the anchor and the block, at their own positions,
+so that a block sees the text it continues; with a small anchor (the attention sink) this
+is the "sink plus local window" prefix. `anchor_query`: the request's query comes next, at
+the positions just before the window (or the block), so that every block is encoded
+knowing what is asked; block 0, encoded alone, does not see it, and the context's K/V then
+belongs to that one question (engine.py encodes the context again for another). The
+prefix tokens are run through the layers with their block and not kept.
+
+`block_temperature` T calibrates phase 2's merge of the blocks (the attention temperature
+of APE, Yang et al., ICLR 2025, for contexts encoded in parallel): the keys that a block
+other than block 0 keeps are divided by T, so that the query's and the new tokens' logits
+over them are divided by T and each such block draws the attention mass that temperature
+gives it against block 0's exact K/V and the tokens after the context. T = 1: unchanged.
+
 The anchor's K/V depends on the anchor tokens alone, so it is the same on every rank and
 equal to the start of block 0's K/V. anchor_mode says where it comes from: "recompute"
 (each rank that needs it computes it, once for all of its blocks) or "broadcast" (the owner
@@ -34,7 +51,7 @@ from ..comm import Communicator
 from ..launch.control import Place
 from ..model import Transformer
 from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT
-from .spec import check_star_settings
+from .spec import check_star_settings, fraction_text
 from .base import ContextLayout, Strategy
 from .local import local_attention
 
@@ -44,6 +61,12 @@ class StarLayout(ContextLayout):
     blocks: tuple[tuple[int, int], ...]  # [start, end) of each block
     owners: tuple[int, ...]  # rank of each block
     anchor_size: int  # tokens
+    window_tokens: int = 0  # most context tokens before a block that precede it in its prefix
+
+    def window(self, block: int) -> tuple[int, int]:
+        """[start, end) of the context tokens between the anchor and `block` that its prefix holds."""
+        start = self.blocks[block][0]
+        return max(self.anchor_size, start - self.window_tokens), start
 
     def blocks_of(self, rank: int) -> list[int]:
         return [b for b, owner in enumerate(self.owners) if owner == rank]
@@ -83,16 +106,23 @@ class StarAttention(Strategy):
     def __init__(self, place: Place, comm: Communicator | None, *, block_size: int | None = None,
                  blocks: int | None = None, anchor_tokens: int | None = None,
                  anchor_fraction: float | None = None, anchor_mode: str = DEFAULT_ANCHOR_MODE,
-                 layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0) -> None:
+                 layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0, window_tokens: int = 0,
+                 window_fraction: float | None = None, anchor_query: bool = False,
+                 block_temperature: float = 1.0) -> None:
         """At most one of block_size (tokens) and blocks (a count); at most one of
         anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
         pairs as costly as one token's per-token work (costs.token_weight), which the
-        balanced layout weighs block 0 with."""
+        balanced layout weighs block 0 with. window_tokens or window_fraction, anchor_query: what else a
+        block's prefix holds; block_temperature: phase 2's temperature of the other blocks
+        (above)."""
         super().__init__(place, comm)
-        check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout)
+        check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout, window_tokens,
+                            window_fraction, block_temperature)
         self.block_size, self.blocks = block_size, blocks
         self.anchor_tokens, self.anchor_fraction, self.anchor_mode = anchor_tokens, anchor_fraction, anchor_mode
         self.balanced, self.token_weight = layout == "balanced", token_weight
+        self.window_tokens, self.window_fraction, self.reads_query = window_tokens, window_fraction, anchor_query
+        self.key_scale = 1.0 / block_temperature
 
     def describe(self) -> str:
         block = (f"{self.block_size} tokens" if self.block_size else
@@ -100,11 +130,21 @@ class StarAttention(Strategy):
         anchor = (f"{self.anchor_tokens} tokens" if self.anchor_tokens else
                   f"{self.anchor_fraction:g} of the block" if self.anchor_fraction else "the block")
         layout = ", block 0 balanced" if self.balanced else ""
-        return f"star (block {block}{layout}, anchor {anchor}, anchor K/V by {self.anchor_mode})"
+        window = (f", then the {self.window_tokens} tokens before the block" if self.window_tokens else
+                  f", then {fraction_text(self.window_fraction)} of a block before it" if self.window_fraction else "")
+        query = ", then the query" if self.reads_query else ""
+        temperature = f", the other blocks at temperature {1 / self.key_scale:g} in phase 2" \
+            if self.key_scale != 1.0 else ""
+        return (f"star (block {block}{layout}, anchor {anchor}{window}{query}, anchor K/V by {self.anchor_mode}"
+                f"{temperature})")
 
     def _anchor_for(self, block: int) -> int:
         """The anchor's tokens when the blocks (other than a balanced block 0) have `block` tokens."""
         return self.anchor_tokens or (max(1, round(self.anchor_fraction * block)) if self.anchor_fraction else block)
+
+    def _window_for(self, block: int) -> int:
+        """The window's tokens when the blocks (other than a balanced block 0) have `block` tokens."""
+        return round(self.window_fraction * block) if self.window_fraction else self.window_tokens
 
     def _block_sizes(self, context_len: int) -> tuple[list[int], int]:
         """The tokens of each block, and the size the anchor is measured in: the blocks'
@@ -135,18 +175,21 @@ class StarAttention(Strategy):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         blocks = tuple((start, start + size) for start, size in zip(starts, sizes))
         anchor = min(self._anchor_for(nominal), sizes[0]) if sizes else 0
+        window = self._window_for(nominal)
         owners = tuple(r for r in range(world) for _ in blocks_of_rank(r, len(blocks), world))
         kept, encoded, received = [0] * world, [0] * world, [0] * world
-        for (start, end), owner in zip(blocks, owners):
+        for b, ((start, end), owner) in enumerate(zip(blocks, owners)):
             kept[owner] += end - start
+            if b > 0:  # the window it is encoded after (the query's few tokens are not counted)
+                encoded[owner] += start - max(anchor, start - window)
         for rank in range(world):
             mine = [b for b, owner in enumerate(owners) if owner == rank]
             needs_anchor = bool(mine) and 0 not in mine
             recomputes = needs_anchor and self._recomputes_anchor(len(blocks))
-            encoded[rank] = kept[rank] + (anchor if recomputes else 0)
+            encoded[rank] += kept[rank] + (anchor if recomputes else 0)
             received[rank] = anchor if needs_anchor and not recomputes else 0
         return StarLayout(context_len, kept=tuple(kept), encoded=tuple(encoded), received=tuple(received),
-                          blocks=blocks, owners=owners, anchor_size=anchor)
+                          blocks=blocks, owners=owners, anchor_size=anchor, window_tokens=window)
 
     def _recomputes_anchor(self, num_blocks: int) -> bool:
         """Whether ranks without block 0 compute the anchor's K/V themselves."""
@@ -168,17 +211,17 @@ class StarAttention(Strategy):
                    for n in range(1, most_blocks + 1) for mine in [blocks_of_rank(rank, n, world)])
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: StarLayout,
-                       arena: _C.KVArena) -> None:
+                       arena: _C.KVArena, query_ids: Tensor | None = None) -> None:
+        """query_ids: the query, where the blocks are encoded knowing it (anchor_query)."""
         if not layout.blocks:
             return
         device, anchor = context_ids.device, layout.anchor_size
         mine = layout.blocks_of(self.place.rank)
         broadcast = not self._recomputes_anchor(len(layout.blocks))
 
-        # Sequences this rank runs through the layers: its blocks, and the anchor where it
-        # recomputes it.
-        seqs = [_Sequence(context_ids[s:e], torch.arange(s, e, device=device), stored=True, anchored=b != 0)
-                for b in mine for s, e in [layout.blocks[b]]]
+        # Sequences this rank runs through the layers: its blocks, each after its prefix
+        # (the query, the window), and the anchor where it recomputes it.
+        seqs = [self._block_sequence(b, context_ids, layout, query_ids) for b in mine]
         needs_anchor = any(seq.anchored for seq in seqs)
         if needs_anchor and 0 not in mine and not broadcast:
             seqs.insert(0, _Sequence(context_ids[:anchor], torch.arange(anchor, device=device),
@@ -195,7 +238,9 @@ class StarAttention(Strategy):
             for i, seq in enumerate(seqs):
                 q, k, v = layer.qkv(hidden[i], *ropes[i])
                 if seq.stored:
-                    arena.append(layer_idx, k, v)
+                    kept = k[:, seq.prefix:]
+                    arena.append(layer_idx, kept * self.key_scale if seq.anchored and self.key_scale != 1.0 else kept,
+                                 v[:, seq.prefix:])
                 if not seq.anchored:
                     anchor_kv = torch.stack((k[:, :anchor], v[:, :anchor]))
                 qkv.append((q, k, v))
@@ -209,6 +254,22 @@ class StarAttention(Strategy):
                 hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True))
             del qkv
 
+    @staticmethod
+    def _block_sequence(block: int, context_ids: Tensor, layout: StarLayout, query_ids: Tensor | None) -> _Sequence:
+        """Block `block`'s tokens at their positions, after its prefix: [query ; window],
+        which take the positions just before the block (the query's may reach into the
+        anchor's: only their distance to the block matters to the block's tokens)."""
+        device = context_ids.device
+        start, end = layout.blocks[block]
+        if block == 0:
+            return _Sequence(context_ids[start:end], torch.arange(start, end, device=device), stored=True,
+                             anchored=False)
+        first, _ = layout.window(block)
+        query = query_ids.to(device) if query_ids is not None else context_ids[:0]
+        ids = torch.cat((query, context_ids[first:end]))
+        positions = torch.arange(first - len(query), end, device=device)
+        return _Sequence(ids, positions, stored=True, anchored=True, prefix=len(query) + start - first)
+
 
 @dataclass(frozen=True)
 class _Sequence:
@@ -216,3 +277,4 @@ class _Sequence:
     positions: Tensor
     stored: bool  # its K/V goes to the arena (a block) or not (a recomputed anchor)
     anchored: bool  # attends over [anchor ; itself]
+    prefix: int = 0  # its first tokens, which precede the block and are not kept

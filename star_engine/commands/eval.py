@@ -26,6 +26,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--attn", type=strategy_names, default="star,dense",
                           help="strategies, comma-separated; star once for each layout of the grid its flags "
                                "give (default: star,dense)")
+    evaluate.add_argument("--batch", type=positive, default=1, metavar="N",
+                          help="each method answers up to N samples at once, decoding them together: faster, and "
+                               "the same answers but for the rounding of a batch's products in bfloat16 (default: 1)")
     evaluate.add_argument("--seed", type=int, default=0, help="first sample's seed (default: 0)")
     evaluate.add_argument("--output", type=Path, default=None,
                           help=f"JSON results (default: {RESULTS_DIRECTORY}/eval_<model>.json); the table and the "
@@ -68,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
                 f"{len(args.specs)} methods; results to {output}")
     output.parent.mkdir(parents=True, exist_ok=True)
     header = {**measured, "model": args.model, "samples_per_cell": args.samples, "seed": args.seed,
-              "max_new_tokens": args.max_new_tokens}
+              "max_new_tokens": args.max_new_tokens, "batch": args.batch}
     earlier: list[dict] = []
     if args.resume:
         earlier_run = _earlier_eval(output, header) if session.dist.rank == 0 else None
@@ -90,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
     rows = accuracy.run_evaluation(session.model, session.tokenizer, session.comm, session.dist, args.tasks,
                                      args.lengths, args.samples, args.specs, session.calibration, args.seed,
-                                     session.say, max_new_tokens=args.max_new_tokens,
+                                     session.say, max_new_tokens=args.max_new_tokens, batch=args.batch,
                                      on_cell=lambda partial: write(partial, complete=False), earlier=earlier)
     if session.dist.rank == 0:
         print(write(rows, complete=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -184,6 +185,7 @@ def _prepared_requests(args: argparse.Namespace, session: Session, sizing: Reque
 
     with RequestFile(args.input, args.max_new_tokens) as requests:
         total = len(requests.lines)
+        questions = Counter(line.context for line in requests.lines)  # of each context
         seen: set[str] = set()
         for number, indexed in enumerate(_by_context(requests.lines), start=1):
             error = None
@@ -207,7 +209,8 @@ def _prepared_requests(args: argparse.Namespace, session: Session, sizing: Reque
                     error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
             if error is None:
                 try:
-                    hosts, plan = sizing.plan(len(context_ids), len(query_ids), request["max_new_tokens"])
+                    hosts, plan = sizing.plan(len(context_ids), len(query_ids), request["max_new_tokens"],
+                                              shared_context=questions[indexed.context] > 1)
                 except RequestTooLarge as exc:
                     error = f"{exc} (--max-tokens)"
             if error is not None:

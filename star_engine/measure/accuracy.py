@@ -34,10 +34,12 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
                    say: Callable[[str], None],
                    on_cell: Callable[[list[dict]], None] = lambda rows: None,
                    earlier: list[dict] = (), progress_every_s: float = 60.0,
-                   max_new_tokens: int | None = None) -> list[dict]:
+                   max_new_tokens: int | None = None, batch: int = 1) -> list[dict]:
     """One row per (task, length, sample, method) on rank 0, the method named by its
     spec's label; an empty list elsewhere. Each answer takes new_tokens(task, max_new_tokens)
-    tokens at most.
+    tokens at most; each method answers a cell's samples up to `batch` at a time, decoding
+    together (Engine.generate_many: each answer the one its sample gets alone, but for the
+    rounding of a batch's products in bfloat16).
     on_cell(rows so far) runs on rank 0 after each (task, length), so that a long run can
     keep what it has measured if it is stopped. The (task, length) cells that `earlier`
     (rows of a stopped run, the same on every rank) holds whole are kept, not measured again;
@@ -51,7 +53,7 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
     most_new = max(new_tokens(t, max_new_tokens) for t in tasks)
     total = len(tasks) * len(lengths) * samples
     done = 0
-    clock = _Clock(total - len(kept) * samples)
+    clock = _Clock((total - len(kept) * samples) * len(specs))
     if kept:
         say(f"kept {len(kept)} (task, length) cells of the earlier run")
     for length in lengths:
@@ -59,31 +61,35 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
             done += len(tasks) * samples
             continue
         engines = {spec.label: Engine(model, spec.build(comm.place, comm, model.config, calibration), comm, dist,
-                                      KVCacheSettings(length + most_new))
+                                      KVCacheSettings(length + most_new, batch))
                    for spec in specs}
         for task in tasks:
             if (task, length) in kept:
                 done += samples
                 continue
+            cell = [make_sample(task, tokenizer, length, seed + index) for index in range(samples)] \
+                if dist.rank == 0 else None
+            cell = dist.bcast(cell, root=0)
             hits = {label: 0.0 for label in engines}
-            for index in range(samples):
-                sample = make_sample(task, tokenizer, length, seed + index) if dist.rank == 0 else None
-                sample = dist.bcast(sample, root=0)
-                context, query = torch.as_tensor(sample.context_ids), torch.as_tensor(sample.query_ids)
-                for method, engine in engines.items():
-                    gen = engine.generate(context, query, new_tokens(task, max_new_tokens))
+            for method, engine in engines.items():
+                requests = ((torch.as_tensor(s.context_ids), torch.as_tensor(s.query_ids),
+                             engine.plan(len(s.context_ids), len(s.query_ids), new_tokens(task, max_new_tokens)))
+                            for s in cell)
+                for answered, (index, gen) in enumerate(engine.generate_many(requests), start=1):
+                    clock.tick()
                     if dist.rank == 0:
+                        sample = cell[index]
                         output = tokenizer.decode(gen.tokens)
                         hit = score(output, sample.answers)
                         hits[method] += hit
                         rows.append({"task": task, "length": length, "sample": seed + index,
                                      "method": method, "score": hit, "output": output,
                                      "answers": list(sample.answers), "ttft_s": gen.metrics.ttft_s})
-                done += 1
-                clock.tick()
-                if index + 1 < samples and clock.quiet_for() >= progress_every_s:
-                    say(f"  {task} at {length} tokens: {index + 1} of {samples} samples ({clock.left()})")
-                    clock.spoke()
+                    if answered < samples and clock.quiet_for() >= progress_every_s:
+                        say(f"  {task} at {length} tokens, {method}: {answered} of {samples} samples "
+                            f"({clock.left()})")
+                        clock.spoke()
+            done += samples
             say(f"[{done}/{total}{', ' + clock.left() if done < total else ''}] {task} at {length} tokens: " +
                 ", ".join(f"{label} {hits[label] / samples:.2f}" for label in engines))
             clock.spoke()
@@ -94,19 +100,19 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
 
 
 class _Clock:
-    """Time left at the rate measured so far (samples of different lengths cost differently,
+    """Time left at the rate measured so far (answers of different lengths cost differently,
     so it is a guess), and how long progress has been silent."""
 
-    def __init__(self, samples: int) -> None:
+    def __init__(self, answers: int) -> None:
         self.start = self.last_said = time.monotonic()
-        self.samples, self.done = samples, 0
+        self.answers, self.done = answers, 0
 
     def tick(self) -> None:
         self.done += 1
 
     def left(self) -> str:
         rate = (time.monotonic() - self.start) / max(self.done, 1)
-        seconds = round(rate * (self.samples - self.done))
+        seconds = round(rate * (self.answers - self.done))
         return f"about {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
 
     def quiet_for(self) -> float:

@@ -8,7 +8,8 @@ query together are exactly the length asked for, in the model's own tokens and c
 template: the haystack is cut to fit, the needles are kept whole, at unit boundaries.
 Score: the fraction of expected strings found in the output (RULER's string match).
 
-Haystacks: sentences of plain filler written here (niah_single_1 and most others), English
+Haystacks: sentences of plain filler written here (niah_single_1 and most others), one
+sentence written here repeated (niah_multikey_repeated), English
 prose from the Python Language Reference that CPython ships (niah_single_2; PSF License),
 UUID-like noise (niah_single_3), or distractor needles (niah_multikey_2/3).
 """
@@ -36,6 +37,9 @@ _FILLER = (
     "The ferry crossed twice a day, carrying post, sheep and the occasional curious visitor.",
     "Old letters in the attic described storms, weddings and the price of salt in each season.",
 )
+# One sentence, repeated: the haystack in which every stretch of context looks alike, so
+# that a block encoded without its neighbours differs from them only by its needles.
+_REPEATED = "The grass is cut every Sunday and the hedge is trimmed once a month."
 _SYLLABLES = ("ka", "lo", "mi", "ten", "ra", "vu", "sel", "po", "dar", "ni", "qua", "bel", "tor",
               "fi", "gan", "zo", "mer", "li", "os", "pra")
 
@@ -96,6 +100,11 @@ def _uuid(rng: random.Random) -> str:
 def _filler(rng: random.Random) -> Iterator[str]:
     while True:
         yield rng.choice(_FILLER)
+
+
+def _repeated(rng: random.Random) -> Iterator[str]:
+    while True:
+        yield _REPEATED
 
 
 @functools.cache
@@ -178,6 +187,12 @@ def niah_multikey_1(rng: random.Random) -> Task:
     return _niah(rng, _filler, keys, [[_number(rng)] for _ in keys], [0])
 
 
+def niah_multikey_repeated(rng: random.Random) -> Task:
+    """niah_multikey_1 in a haystack of one repeated sentence."""
+    keys = _words(rng, 4)
+    return _niah(rng, _repeated, keys, [[_number(rng)] for _ in keys], [0])
+
+
 def niah_multikey_2(rng: random.Random) -> Task:
     key = _word(rng)
     return _niah(rng, _needle_stream(_word, _number, key), [key], [[_number(rng)]], [0])
@@ -238,6 +253,7 @@ TASKS: dict[str, Callable[[random.Random], Task]] = {
     "niah_single_2": niah_single_2,
     "niah_single_3": niah_single_3,
     "niah_multikey_1": niah_multikey_1,
+    "niah_multikey_repeated": niah_multikey_repeated,
     "niah_multikey_2": niah_multikey_2,
     "niah_multikey_3": niah_multikey_3,
     "niah_multivalue": niah_multivalue,

@@ -41,7 +41,12 @@ def engine(dist, checkpoint, device, dtype, strategy_cls, cuda_graph=True, **kwa
     return Engine(model, strategy_cls(dist, comm, **kwargs), comm, dist, KVCacheSettings(2048), cuda_graph)
 
 
-@pytest.mark.parametrize("strategy_cls,kwargs", [(DenseAttention, {}), (StarAttention, {"block_size": 300})])
+@pytest.mark.parametrize("strategy_cls,kwargs", [
+    (DenseAttention, {}),
+    (StarAttention, {"block_size": 300}),
+    (StarAttention, {"block_size": 300, "anchor_tokens": 16, "window_fraction": 0.5}),  # sink + local window
+    (StarAttention, {"block_size": 300, "anchor_query": True, "block_temperature": 1.2}),
+])
 def test_bfloat16_on_the_gpu_follows_float32_on_the_cpu(dist, checkpoint, strategy_cls, kwargs):
     gpu = engine(dist, checkpoint, GPU, torch.bfloat16, strategy_cls, **kwargs).generate(*request(), 8, keep_logits=True)
     cpu = engine(dist, checkpoint, CPU, torch.float32, strategy_cls, **kwargs).generate(*request(), 8, keep_logits=True)

@@ -82,6 +82,64 @@ def test_distributed_balanced_star_equals_the_single_process_reference_of_its_bl
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window,query_first,temperature,mode", [
+    (10, False, 1.0, "broadcast"),  # a local window shorter than the gap to the anchor
+    (10, False, 1.0, "recompute"),
+    (0, True, 1.0, "broadcast"),    # the query alone
+    (25, True, 1.0, "recompute"),   # both, the window reaching back to the anchor for block 1
+    (0, False, 1.7, "broadcast"),   # phase 2's temperature of the anchored blocks
+])
+def test_star_with_a_window_the_query_or_a_temperature_equals_the_single_process_reference(
+        dist, comm, model, tiny_checkpoint, window, query_first, temperature, mode):
+    context, query = request(97, seed=4)
+    star = StarAttention(dist, comm, block_size=16, anchor_tokens=4, anchor_mode=mode, window_tokens=window,
+                         anchor_query=query_first, block_temperature=temperature)
+    engine = Engine(model, star, comm, dist, KVCacheSettings(512))
+    plan = engine.plan(len(context), len(query), NEW_TOKENS)
+    assert plan.query_in_phase1 == query_first
+    gen = engine.generate(context, query, NEW_TOKENS, plan=plan, keep_logits=True)
+
+    assert_same_tokens_on_every_rank(dist, gen.tokens)
+    if dist.is_query_rank:
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 16), 4,
+                                     window=window, query_first=query_first, temperature=temperature)
+        for got, ref in zip(gen.logits, want):
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_star_whose_window_reaches_back_to_the_anchor_equals_dense(dist, comm, model):
+    """Every block then sees all that precedes it, as under dense attention."""
+    context, query = request(90, seed=6)
+    star = run(model, StarAttention(dist, comm, block_size=20, anchor_tokens=3, window_tokens=90),
+               comm, dist, context, query)
+    dense = run(model, DenseAttention(dist, comm), comm, dist, context, query)
+    assert star.tokens == dense.tokens
+    for a, b in zip(star.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_context_encoded_knowing_one_question_is_not_reused_for_another(dist, comm, model):
+    context, first = request(90, seed=8)
+    _, second = request(90, query_len=7, seed=9)
+    engine = Engine(model, StarAttention(dist, comm, block_size=16, anchor_query=True), comm, dist,
+                    KVCacheSettings(512))
+    engine.generate(context, first, NEW_TOKENS, reuse_context=True)
+    assert not engine.generate(context, second, NEW_TOKENS, reuse_context=True).metrics.context_reused
+    assert engine.generate(context, second, NEW_TOKENS, reuse_context=True).metrics.context_reused
+
+
+def test_a_context_that_several_questions_share_is_encoded_without_the_query(dist, comm, model):
+    context, query = request(90, seed=8)
+    aware = Engine(model, StarAttention(dist, comm, block_size=16, anchor_query=True), comm, dist,
+                   KVCacheSettings(512))
+    shared = aware.generate(context, query, NEW_TOKENS, plan=aware.plan(90, len(query), NEW_TOKENS,
+                                                                         shared_context=True), keep_logits=True)
+    plain = run(model, StarAttention(dist, comm, block_size=16), comm, dist, context, query)
+    assert shared.tokens == plain.tokens
+    for a, b in zip(shared.logits, plain.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_star_with_one_block_equals_dense(dist, comm, model):
     context, query = request(80)
     star = run(model, StarAttention(dist, comm, block_size=80), comm, dist, context, query)

@@ -1,0 +1,145 @@
+"""Star's accuracy levers against star as published and against dense, and what each costs.
+
+Reads evaluations (eval's JSON: dense, star as published, and star with levers, answering
+the same samples) and benchmarks (bench's JSON: the same star variants and ring on the
+Llama-3.1-8B shape). For each star variant, over every task and length the evaluations
+hold: its accuracy as a share of dense's; the share of star's gap to dense it closes (the
+gap of star as published with as many blocks); the exact sign test, sample by sample,
+against star as published; the same for variable tracking alone; and, at one context
+length, its phase-1 time against star as published and its time to first token against
+ring's. Writes the table as JSON and a plot of accuracy against time to first token.
+
+  python bench/star_levers.py --eval E.json [...] --bench B.json [...] --context 128K --name star_levers_smollm2_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from star_engine.flags import token_counts
+from star_engine.measure.paired_methods import paired
+from star_engine.measure.plots import pyplot
+from star_engine.measure.text_table import text_table
+
+from results_io import RESULTS, save
+
+LEVER_PARTS = re.compile(r" (w=\S+|\+q|T=\S+)")
+
+
+def published(label: str) -> str:
+    """The label of star as published with the same blocks and layout: anchor = a block,
+    no window, no query, no temperature."""
+    return re.sub(r" a=\S+", " a=1", LEVER_PARTS.sub("", label))
+
+
+def blocks_of(label: str) -> int | None:
+    found = re.search(r" (\d+)b", label)
+    return int(found.group(1)) if found else None
+
+
+def compare(evals: list[dict], method: str, tasks: set[str] | None = None) -> dict:
+    """Mean scores of the method, dense and star as published over the samples all three
+    answered (of `tasks`, or all), the gap closed, and the sign test against published."""
+    chosen = [{**e, "rows": [r for r in e["rows"] if tasks is None or r["task"] in tasks]} for e in evals]
+    base = published(method)
+    against_base = paired(chosen, method, base)[-1]
+    against_dense = paired(chosen, method, "dense")[-1]
+    base_dense = paired(chosen, base, "dense")[-1]
+    mean, dense, star = against_dense["mean_a"], against_dense["mean_b"], base_dense["mean_a"]
+    gap = None if mean is None or dense is None or star is None or dense == star else (mean - star) / (dense - star)
+    return {"samples": against_base["samples"], "accuracy": mean, "dense": dense, "published": star,
+            "share_of_dense": mean / dense if mean is not None and dense else None, "gap_closed": gap,
+            "higher_than_published": against_base["a_higher"], "lower_than_published": against_base["b_higher"],
+            "p_against_published": against_base["p_value"],
+            "higher_than_dense": against_dense["a_higher"], "lower_than_dense": against_dense["b_higher"]}
+
+
+def costs(benches: list[dict], context: int) -> dict[str, dict]:
+    """Per label at `context`: phase-1 time and time to first token."""
+    found = {}
+    for bench in benches:
+        for row in bench["rows"]:
+            if row["context"] == context and "phase1_s" in row:
+                found[row["label"]] = {"phase1_s": row["phase1_s"], "ttft_s": row["ttft_s"], "device": bench["device"]}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval", type=Path, nargs="+", required=True)
+    parser.add_argument("--bench", type=Path, nargs="*", default=[])
+    parser.add_argument("--context", type=token_counts, default=token_counts("128K"),
+                        help="the benchmark's context length the costs are read at")
+    parser.add_argument("--name", required=True, help="bench/results/<name>.json and .png")
+    args = parser.parse_args()
+    evals = [json.loads(p.read_text()) for p in args.eval]
+    benches = [json.loads(p.read_text()) for p in args.bench]
+    context = args.context[0]
+    at = costs(benches, context)
+    ring = at.get("ring")
+    methods = sorted({r["method"] for e in evals for r in e["rows"] if r["method"].startswith("star")},
+                     key=lambda m: (blocks_of(m) or 0, m != published(m), m))
+    rows = []
+    for method in methods:
+        row = {"method": method, "blocks": blocks_of(method), **compare(evals, method)}
+        vt = compare(evals, method, {"vt"})
+        row.update(vt_accuracy=vt["accuracy"], vt_dense=vt["dense"], vt_published=vt["published"],
+                   vt_gap_closed=vt["gap_closed"], vt_p_against_published=vt["p_against_published"])
+        cost, base_cost = at.get(method), at.get(published(method))
+        if cost is not None:
+            row["phase1_s"], row["ttft_s"] = cost["phase1_s"], cost["ttft_s"]
+            if base_cost is not None:
+                row["phase1_against_published"] = cost["phase1_s"] / base_cost["phase1_s"]
+            if ring is not None:
+                row["ttft_against_ring"] = cost["ttft_s"] / ring["ttft_s"]
+        rows.append(row)
+
+    def shown(value, form: str) -> str:
+        return "-" if value is None else format(value, form)
+    print(text_table([{"method": r["method"], "samples": r["samples"], "accuracy": shown(r["accuracy"], ".3f"),
+                       "of dense": shown(r["share_of_dense"], ".1%"), "gap closed": shown(r["gap_closed"], ".0%"),
+                       "+/- published": f"{r['higher_than_published']}/{r['lower_than_published']}",
+                       "p": shown(r["p_against_published"], ".2g"), "vt": shown(r["vt_accuracy"], ".3f"),
+                       "vt gap closed": shown(r["vt_gap_closed"], ".0%"),
+                       "phase 1 x": shown(r.get("phase1_against_published"), ".3f"),
+                       "ttft / ring": shown(r.get("ttft_against_ring"), ".3f")} for r in rows],
+                     ["method", "samples", "accuracy", "of dense", "gap closed", "+/- published", "p", "vt",
+                      "vt gap closed", "phase 1 x", "ttft / ring"], left={"method"}))
+    path = save(args.name, rows, evals=[str(p) for p in args.eval], benches=[str(p) for p in args.bench],
+                cost_context=context, ring=ring)
+    print("saved", path)
+    if plot(rows, context, RESULTS / f"{args.name}.png"):
+        print("plotted", RESULTS / f"{args.name}.png")
+
+
+def plot(rows: list[dict], context: int, path: Path) -> bool:
+    """Accuracy (share of dense) against time to first token (relative to ring), a point per
+    star variant; ring and dense (exact) at accuracy 1."""
+    plt = pyplot()
+    placed = [r for r in rows if r.get("ttft_against_ring") is not None and r["share_of_dense"] is not None]
+    if plt is None or not placed:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for blocks, marker in ((4, "o"), (8, "s")):
+        mine = [r for r in placed if r["blocks"] == blocks]
+        ax.scatter([r["ttft_against_ring"] for r in mine], [r["share_of_dense"] for r in mine], marker=marker,
+                   label=f"star, {blocks} blocks")
+        for r in mine:
+            ax.annotate(r["method"].replace("star ", ""), (r["ttft_against_ring"], r["share_of_dense"]),
+                        fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.scatter([1.0], [1.0], marker="*", s=120, color="black", label="ring = dense (exact)")
+    ax.set_xlabel(f"time to first token relative to ring, {context // 1024}K tokens, Llama-3.1-8B shape")
+    ax.set_ylabel("accuracy as a share of dense")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    main()
