@@ -114,10 +114,11 @@ class Engine:
         for slot in self.slots:
             slot.encoded = None
 
-    def plan(self, context_len: int, query_len: int, max_new_tokens: int, shared_context: bool = False) -> RequestPlan:
+    def plan(self, context_len: int, query_len: int, max_new_tokens: int, shared_context: bool = False,
+             question_tokens: int | None = None) -> RequestPlan:
         """The request's plan; RequestTooLarge, the same on every rank, if it cannot run.
-        shared_context: other requests ask about this context (plan_request)."""
-        plan = plan_request(self.strategy, context_len, query_len, max_new_tokens, shared_context)
+        shared_context, question_tokens: what phase 1 may read of the query (plan_request)."""
+        plan = plan_request(self.strategy, context_len, query_len, max_new_tokens, shared_context, question_tokens)
         if plan.total > self.max_tokens:
             raise RequestTooLarge(f"request needs {plan.total} tokens ({context_len} context + {query_len} "
                                   f"query + {max_new_tokens} new), the limit is {self.max_tokens}")
@@ -223,7 +224,7 @@ class Engine:
     def _digest(context_ids: Tensor, query_ids: Tensor, plan: RequestPlan) -> str:
         """What names the K/V phase 1 leaves: the context's, or the context's for this
         query where it was encoded knowing it."""
-        return context_digest(context_ids, query_ids if plan.query_in_phase1 else None)
+        return context_digest(context_ids, query_ids[:plan.phase1_query_tokens] if plan.phase1_query_tokens else None)
 
     def _encode(self, slot: Slot, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan, digest: str | None,
                 start: float) -> tuple[float, bool]:
@@ -242,9 +243,9 @@ class Engine:
             holder.copy_context_to(slot)
             return self._elapsed(start, "a copy of the context's K/V"), True
         device = self.model.embed.weight.device
-        if plan.query_in_phase1:
+        if plan.phase1_query_tokens:
             self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena,
-                                         query_ids=query_ids)
+                                         query_ids=query_ids[:plan.phase1_query_tokens])
         else:
             self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena)
         slot.encoded = (digest, slot.arena.length(0)) if digest is not None else None

@@ -131,14 +131,15 @@ class RequestSizing:
         return p.ttft_s + (plan.max_new_tokens - 1) * p.tpot_s
 
     def plan(self, context_len: int, query_len: int, max_new_tokens: int,
-             shared_context: bool = False) -> tuple[int, RequestPlan]:
-        """(hosts, plan): shared_context, where other requests ask about the same context
-        (Engine.plan); with auto, the fewest hosts by the rule (or predicted to meet the
+             shared_context: bool = False, question_tokens: int | None = None) -> tuple[int, RequestPlan]:
+        """(hosts, plan): shared_context and question_tokens say what phase 1 may read of the
+        query (Engine.plan); with auto, the fewest hosts by the rule (or predicted to meet the
         time-to-first-token target), raised to the first group size whose engine holds the
         request; RequestTooLarge where none does."""
         if self.settings.hosts_per_request != "auto":
             size = self.settings.fixed or self.hosts
-            return size, self.engines[size].plan(context_len, query_len, max_new_tokens, shared_context)
+            return size, self.engines[size].plan(context_len, query_len, max_new_tokens, shared_context,
+                                                     question_tokens)
         if self.settings.ttft_target_s is not None:
             least = next((size for size in sorted(self.engines) if size == self.hosts or self.predicted(
                 size, context_len, query_len, max_new_tokens).ttft_s <= self.settings.ttft_target_s), self.hosts)
@@ -147,7 +148,8 @@ class RequestSizing:
         refusal = None
         for size in sorted(s for s in self.engines if s >= least):
             try:
-                return size, self.engines[size].plan(context_len, query_len, max_new_tokens, shared_context)
+                return size, self.engines[size].plan(context_len, query_len, max_new_tokens, shared_context,
+                                                     question_tokens)
             except RequestTooLarge as exc:
                 refusal = exc
         raise refusal

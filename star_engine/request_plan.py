@@ -45,7 +45,7 @@ class RequestPlan:
     query_len: int
     max_new_tokens: int
     query_rank: int
-    query_in_phase1: bool = False  # the context is encoded knowing the query (and is that question's alone)
+    phase1_query_tokens: int = 0  # the first query tokens (the question) phase 1 encodes the context knowing
 
     @property
     def context_len(self) -> int:
@@ -83,10 +83,14 @@ class RequestPlan:
 
 
 def plan_request(strategy: Strategy, context_len: int, query_len: int, max_new_tokens: int,
-                 shared_context: bool = False) -> RequestPlan:
-    """shared_context: other requests ask about the same context, which is then encoded
-    once for all of them, without any one's query, even by a strategy that reads it."""
+                 shared_context: bool = False, question_tokens: int | None = None) -> RequestPlan:
+    """For a strategy that reads the query in phase 1: question_tokens, how many of the
+    query's first tokens are the question (not the chat template's tail or the start of the
+    answer that follow it; default: all), which phase 1 then reads; shared_context: other
+    requests ask about the same context, which is then encoded once for all of them, without
+    any one's question."""
     if query_len < 1 or max_new_tokens < 1:
         raise ValueError("a request needs at least one query token and max_new_tokens >= 1")
+    question = query_len if question_tokens is None else min(question_tokens, query_len)
     return RequestPlan(strategy.layout(context_len), query_len, max_new_tokens, strategy.place.query_rank,
-                       query_in_phase1=strategy.reads_query and not shared_context)
+                       phase1_query_tokens=question if strategy.reads_query and not shared_context else 0)

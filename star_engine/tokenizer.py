@@ -36,6 +36,14 @@ class Tokenizer:
         head, tail = self._frame_text(query)
         return self._head_ids(head), self.encode(tail)
 
+    def question_tokens(self, query: str) -> int:
+        """How many of the first ids of the part after the context are the question itself
+        (before the template's tail): all of them where the question's own ids are not
+        exactly where that part begins."""
+        tail = self.encode(self._frame_text(query)[1])
+        own = self.encode(f"\n\n{query}")
+        return len(own) if tail[:len(own)] == own else len(tail)
+
     def _frame_text(self, query: str) -> tuple[str, str]:
         if not self.hf.chat_template:
             return "", f"\n\n{query}"
@@ -72,6 +80,9 @@ class ByteTokenizer:
 
     def frame(self, query: str) -> tuple[list[int], list[int]]:
         return [], self.encode(f"\n\n{query}")
+
+    def question_tokens(self, query: str) -> int:
+        return len(self.encode(f"\n\n{query}"))
 
 
 def load_tokenizer(spec: str, eos_token_ids: tuple[int, ...]) -> Tokenizer | ByteTokenizer:

@@ -99,3 +99,11 @@ def test_distractor_needles_never_name_the_queried_key(tokenizer, task):
         document = tokenizer.decode(sample.context_ids)
         key = re.search(r"number for (\S+) mentioned", sample.query).group(1)
         assert document.count(f"numbers for {key} is:") == 1
+
+
+def test_the_question_is_the_first_of_the_query_ids_before_the_chat_templates_tail():
+    tokenizer = load_tokenizer("smollm2-135m-instruct", ())
+    sample = make_sample("niah_multikey_repeated", tokenizer, 1000, seed=0)
+    question = tokenizer.decode(sample.query_ids[:sample.question_tokens])
+    assert question.strip() == sample.query
+    assert "assistant" in tokenizer.hf.decode(sample.query_ids[sample.question_tokens:])

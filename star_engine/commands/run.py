@@ -205,12 +205,14 @@ def _prepared_requests(args: argparse.Namespace, session: Session, sizing: Reque
                 request = line.request
                 try:
                     context_ids, query_ids = session.tokenizer.prompt(request["context"], request["query"])
+                    question = session.tokenizer.question_tokens(request["query"])
                 except Exception as exc:  # noqa: BLE001 - whatever a tokenizer rejects is this line's error
                     error = f"the tokenizer cannot read this request: {type(exc).__name__}: {exc}"
             if error is None:
                 try:
                     hosts, plan = sizing.plan(len(context_ids), len(query_ids), request["max_new_tokens"],
-                                              shared_context=questions[indexed.context] > 1)
+                                              shared_context=questions[indexed.context] > 1,
+                                              question_tokens=question)
                 except RequestTooLarge as exc:
                     error = f"{exc} (--max-tokens)"
             if error is not None:

@@ -73,7 +73,8 @@ def run_evaluation(model: Transformer, tokenizer, comm: Communicator, dist: Dist
             hits = {label: 0.0 for label in engines}
             for method, engine in engines.items():
                 requests = ((torch.as_tensor(s.context_ids), torch.as_tensor(s.query_ids),
-                             engine.plan(len(s.context_ids), len(s.query_ids), new_tokens(task, max_new_tokens)))
+                             engine.plan(len(s.context_ids), len(s.query_ids), new_tokens(task, max_new_tokens),
+                                         question_tokens=s.question_tokens))
                             for s in cell)
                 for answered, (index, gen) in enumerate(engine.generate_many(requests), start=1):
                     clock.tick()

@@ -47,6 +47,7 @@ _SYLLABLES = ("ka", "lo", "mi", "ten", "ra", "vu", "sel", "po", "dar", "ni", "qu
 class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def frame(self, query: str) -> tuple[list[int], list[int]]: ...
+    def question_tokens(self, query: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Sample:
     answers: tuple[str, ...]
     needles: tuple[str, ...]  # the facts, in the order they stand in the context
     needle_starts: tuple[int, ...]  # where each begins in context_ids
+    question_tokens: int  # the first query_ids that are the question (before the template's tail)
 
 
 def score(output: str, answers: tuple[str, ...]) -> float:
@@ -299,4 +301,4 @@ def make_sample(task_name: str, tokenizer: TextTokenizer, length: int, seed: int
             body += pending.pop(0)[1]
         body += unit
     return Sample(task_name, head_ids + body, query_ids, task.query, task.answer_prefix, task.answers,
-                  task.needles, tuple(starts))
+                  task.needles, tuple(starts), tokenizer.question_tokens(task.query))

@@ -96,7 +96,7 @@ def test_star_with_a_window_the_query_or_a_temperature_equals_the_single_process
                          anchor_query=query_first, block_temperature=temperature)
     engine = Engine(model, star, comm, dist, KVCacheSettings(512))
     plan = engine.plan(len(context), len(query), NEW_TOKENS)
-    assert plan.query_in_phase1 == query_first
+    assert plan.phase1_query_tokens == (len(query) if query_first else 0)
     gen = engine.generate(context, query, NEW_TOKENS, plan=plan, keep_logits=True)
 
     assert_same_tokens_on_every_rank(dist, gen.tokens)
