@@ -90,6 +90,23 @@ def test_requests_decoded_together_on_the_gpu_get_the_tokens_each_gets_alone(dis
     assert [got[i].tokens for i in range(len(requests))] == want
 
 
+def test_a_batch_of_bfloat16_requests_with_three_query_heads_per_kv_head_decodes_on_the_kernels_path(
+        dist, tmp_path):
+    """The built-in model's shape of heads (9 over 3 KV heads of 64), in bfloat16, where
+    decoding goes through the kernel and its CUDA graphs: eval's batches of 16 ended in a
+    cuBLAS execution failure at their first step on an H200."""
+    path = make_tiny_checkpoint(tmp_path / "nine", hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                intermediate_size=512)
+    model = load_model(str(path), torch.bfloat16, GPU)
+    comm = make_communicator(dist, GPU)
+    requests = [(*request(seed, context), new) for seed, context, new in BATCHED]
+    together = Engine(model, StarAttention(dist, comm, blocks=4), comm, dist, KVCacheSettings(2048, batch=16))
+    got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
+                                      stop_at_eos=False))
+    torch.cuda.synchronize()
+    assert [len(got[i].tokens) for i in range(len(requests))] == [n for _, _, n in requests]
+
+
 def test_requests_decoded_together_in_bfloat16_follow_each_alone_in_float32(dist, checkpoint):
     """bfloat16 products of several rows round apart from one row's, so the batch (its CUDA
     graphs and the decode kernel) is held to float32 as one request on the GPU is: every

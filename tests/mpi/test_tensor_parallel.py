@@ -77,16 +77,23 @@ def test_ring_and_dense_across_hosts_give_dense_attentions_tokens(dist, tiny_che
         assert gen.tokens == [int(step[-1].argmax()) for step in want]
 
 
-@pytest.mark.parametrize("mode", ["broadcast", "recompute"])
-def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkpoint, tp, mode):
+@pytest.mark.parametrize("mode,levers", [
+    ("broadcast", {}),
+    ("recompute", {}),
+    ("broadcast", dict(window_tokens=8, anchor_query=True, block_temperature=1.3)),  # every lever
+])
+def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkpoint, tp, mode, levers):
     hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
     context, query = request(97, seed=4)
-    strategy = StarAttention(hosts.place, peers, block_size=16, anchor_tokens=16, anchor_mode=mode)
+    strategy = StarAttention(hosts.place, peers, block_size=16, anchor_tokens=16, anchor_mode=mode, **levers)
     engine = Engine(model, strategy, peers, dist, KVCacheSettings(256))
     gen = engine.generate(context, query, NEW_TOKENS, keep_logits=True)
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if hosts.place.is_query_rank:
-        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 16), 16)
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 16), 16,
+                                     window=levers.get("window_tokens", 0),
+                                     query_first=levers.get("anchor_query", False),
+                                     temperature=levers.get("block_temperature", 1.0))
         for got, ref in zip(gen.logits, want):
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
