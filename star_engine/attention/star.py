@@ -16,14 +16,14 @@ anchor is then measured in the other blocks' size.
 
 Two options change what a block other than block 0 is encoded after (both off: the
 algorithm as published). `window_tokens` W (or `window_fraction` of a block, measured as
-the anchor is): the W context tokens just before the block
-(those after the anchor) come between the anchor and the block, at their own positions,
-so that a block sees the text it continues; with a small anchor (the attention sink) this
-is the "sink plus local window" prefix. `anchor_query`: the request's query comes next, at
-the positions just before the window (or the block), so that every block is encoded
-knowing what is asked; block 0, encoded alone, does not see it, and the context's K/V then
-belongs to that one question (engine.py encodes the context again for another). The
-prefix tokens are run through the layers with their block and not kept.
+the anchor is): the W context tokens just before the block (those after the anchor) come
+between the anchor and the block, at their own positions, so that a block sees the text it
+continues; with a small anchor (the attention sink) this is the "sink plus local window"
+prefix. `anchor_query`: the request's question comes next, at the positions just before
+the window (or the block), so that every block is encoded knowing what is asked; block 0,
+encoded alone, does not see it, and the context's K/V then belongs to that one question
+(engine.py encodes the context again for another). The prefix tokens are run through the
+layers with their block and not kept.
 
 `block_temperature` T calibrates phase 2's merge of the blocks (the attention temperature
 of APE, Yang et al., ICLR 2025, for contexts encoded in parallel): the keys that a block
@@ -112,9 +112,9 @@ class StarAttention(Strategy):
         """At most one of block_size (tokens) and blocks (a count); at most one of
         anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
         pairs as costly as one token's per-token work (costs.token_weight), which the
-        balanced layout weighs block 0 with. window_tokens or window_fraction, anchor_query: what else a
-        block's prefix holds; block_temperature: phase 2's temperature of the other blocks
-        (above)."""
+        balanced layout weighs block 0 with. window_tokens or window_fraction, and
+        anchor_query: what else a block's prefix holds; block_temperature: phase 2's
+        temperature of the other blocks (above)."""
         super().__init__(place, comm)
         check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout, window_tokens,
                             window_fraction, block_temperature)
@@ -132,7 +132,7 @@ class StarAttention(Strategy):
         layout = ", block 0 balanced" if self.balanced else ""
         window = (f", then the {self.window_tokens} tokens before the block" if self.window_tokens else
                   f", then {fraction_text(self.window_fraction)} of a block before it" if self.window_fraction else "")
-        query = ", then the query" if self.reads_query else ""
+        query = ", then the question" if self.reads_query else ""
         temperature = f", the other blocks at temperature {1 / self.key_scale:g} in phase 2" \
             if self.key_scale != 1.0 else ""
         return (f"star (block {block}{layout}, anchor {anchor}{window}{query}, anchor K/V by {self.anchor_mode}"
@@ -212,7 +212,7 @@ class StarAttention(Strategy):
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: StarLayout,
                        arena: _C.KVArena, query_ids: Tensor | None = None) -> None:
-        """query_ids: the query, where the blocks are encoded knowing it (anchor_query)."""
+        """query_ids: the question, where the blocks are encoded knowing it (anchor_query)."""
         if not layout.blocks:
             return
         device, anchor = context_ids.device, layout.anchor_size
