@@ -96,6 +96,13 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 // and the warps, then the splits, are merged at the end. Fragment layout of mma m16n8k16
 // (PTX ISA): lane = 4 * row + quad; a thread holds row `row` of the accumulators, columns
 // 2 * quad and 2 * quad + 1 of each 8-column tile.
+// One row's partial outputs and lse in the workspace, rounded up to 4 floats: the final
+// merge reads the outputs as float4, so every row's part must start 16-byte aligned (9
+// heads of 64 make 585 floats a split: an odd count put row 1's float4 loads off 16 bytes).
+__host__ __device__ inline int64_t row_workspace_floats(int heads, int head_dim, int splits) {
+  return (static_cast<int64_t>(splits) * heads * (head_dim + 1) + 3) / 4 * 4;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
 decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict__ k_cache,
@@ -121,7 +128,7 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
   }
   q += batch_row * q_row_stride;
   {
-    const int64_t part_floats = static_cast<int64_t>(splits) * gridDim.x * group * (D + 1);
+    const int64_t part_floats = row_workspace_floats(gridDim.x * group, D, splits);
     o_parts += batch_row * part_floats;
     lse_parts += batch_row * part_floats;
     counters += batch_row * gridDim.x;
@@ -361,7 +368,7 @@ void launch(dim3 grid, const void* q, int64_t q_row_stride, const void* k, const
 }  // namespace
 
 int64_t decode_workspace_floats(int heads, int head_dim, int splits) {
-  return static_cast<int64_t>(splits) * heads * (head_dim + 1);
+  return row_workspace_floats(heads, head_dim, splits);
 }
 
 int decode_splits(int64_t capacity, int kv_heads, int multiprocessors, int rows) {

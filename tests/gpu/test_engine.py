@@ -93,8 +93,9 @@ def test_requests_decoded_together_on_the_gpu_get_the_tokens_each_gets_alone(dis
 def test_a_batch_of_bfloat16_requests_with_three_query_heads_per_kv_head_decodes_on_the_kernels_path(
         dist, tmp_path):
     """The built-in model's shape of heads (9 over 3 KV heads of 64), in bfloat16, where
-    decoding goes through the kernel and its CUDA graphs: eval's batches of 16 ended in a
-    cuBLAS execution failure at their first step on an H200."""
+    decoding goes through the kernel and its CUDA graphs, 16 rows a step: eval's batches of
+    16 ended in a cuBLAS execution failure at their first step on an H200 while a row's
+    share of the kernel's workspace could be misaligned for its float4 reads."""
     path = make_tiny_checkpoint(tmp_path / "nine", hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                                 intermediate_size=512)
     model = load_model(str(path), torch.bfloat16, GPU)

@@ -94,15 +94,19 @@ def test_arena_decoding_on_the_gpu_writes_where_the_device_length_says_even_when
         assert torch.equal(gpu.values(layer).cpu(), cpu.values(layer))
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (9, 3, 64)])
-def test_rows_decoded_together_each_get_what_their_arena_gives_alone(heads, kv_heads, dim):
+@pytest.mark.parametrize("heads,kv_heads,dim,requests", [
+    (32, 8, 128, 4),
+    (9, 3, 64, 4),
+    (9, 3, 64, 15),  # 16 rows: few splits, and a row's 9 heads x 65 floats a split not a multiple of 4
+])
+def test_rows_decoded_together_each_get_what_their_arena_gives_alone(heads, kv_heads, dim, requests):
     """One launch for several requests, each over its own arena and length, counts, writes
     and attends exactly as the one-arena kernels do for each request alone (same splits);
     a padding row writes nothing and attends to nothing."""
     from star_engine.attention.decode import DecodeRows
 
     gen = torch.Generator().manual_seed(heads)
-    lengths, capacity = [3000, 1, 700, 0], 3100
+    lengths, capacity = ([3000, 1, 700, 0] + [50 * i for i in range(1, requests - 3)])[:requests], 3100
     arenas = [_C.KVArena(2, kv_heads, dim, capacity, torch.bfloat16, GPU) for _ in lengths]
     for arena, n in zip(arenas, lengths):
         for layer in range(2):
