@@ -175,7 +175,7 @@ class GroupEngine:
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
 
-    def plan(self, context: int, query: int, new: int):
+    def plan(self, context: int, query: int, new: int, shared_context: bool = False, question_tokens=None):
         from star_engine.request_plan import RequestTooLarge
 
         if context + query + new > self.tokens:
