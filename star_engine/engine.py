@@ -221,10 +221,14 @@ class Engine:
         return plan
 
     @staticmethod
-    def _digest(context_ids: Tensor, query_ids: Tensor, plan: RequestPlan) -> str:
+    def _question(query_ids: Tensor, plan: RequestPlan) -> Tensor | None:
+        """The query's tokens that phase 1 reads, if any (the question)."""
+        return query_ids[:plan.phase1_query_tokens] if plan.phase1_query_tokens else None
+
+    def _digest(self, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan) -> str:
         """What names the K/V phase 1 leaves: the context's, or the context's for this
-        query where it was encoded knowing it."""
-        return context_digest(context_ids, query_ids[:plan.phase1_query_tokens] if plan.phase1_query_tokens else None)
+        question where it was encoded knowing it."""
+        return context_digest(context_ids, self._question(query_ids, plan))
 
     def _encode(self, slot: Slot, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan, digest: str | None,
                 start: float) -> tuple[float, bool]:
@@ -243,11 +247,8 @@ class Engine:
             holder.copy_context_to(slot)
             return self._elapsed(start, "a copy of the context's K/V"), True
         device = self.model.embed.weight.device
-        if plan.phase1_query_tokens:
-            self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena,
-                                         query_ids=query_ids[:plan.phase1_query_tokens])
-        else:
-            self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena)
+        self.strategy.encode_context(self.model, context_ids.to(device), plan.layout, slot.arena,
+                                     self._question(query_ids, plan))
         slot.encoded = (digest, slot.arena.length(0)) if digest is not None else None
         return self._elapsed(start, "phase 1"), False
 

@@ -49,7 +49,8 @@ class Strategy(ABC):
                        arena: _C.KVArena, query_ids: Tensor | None = None) -> None:
         """Phase 1: fills this rank's arena with the K/V of its share of the context, as
         `layout` (this strategy's layout of context_ids) says; query_ids, only where the
-        strategy reads_query and the plan lets it: the question (RequestPlan.phase1_query_tokens)."""
+        strategy reads_query and the plan lets it: the question (RequestPlan.phase1_query_tokens),
+        else None."""
 
     def describe(self) -> str:
         return self.name

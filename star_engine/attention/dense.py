@@ -26,7 +26,7 @@ class DenseAttention(Strategy):
         return max_context if rank == self.place.query_rank else 0
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: ContextLayout,
-                       arena: _C.KVArena) -> None:
+                       arena: _C.KVArena, query_ids: Tensor | None = None) -> None:
         if not self.place.is_query_rank or len(context_ids) == 0:
             return
 

@@ -48,7 +48,7 @@ class RingAttention(Strategy):
         return 2 * -(-max_context // (2 * self.place.world))  # two chunks, each at most c / 2W rounded up
 
     def encode_context(self, model: Transformer, context_ids: Tensor, layout: RingLayout,
-                       arena: _C.KVArena) -> None:
+                       arena: _C.KVArena, query_ids: Tensor | None = None) -> None:
         if len(context_ids) == 0:
             return
         spans = layout.spans
