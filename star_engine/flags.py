@@ -161,9 +161,10 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
     window.add_argument("--window-fraction", type=kind(fraction), default=None, metavar="F",
                         help=f"or that window as a fraction of a block: 1/4, 0.5, 1{each}")
     group.add_argument("--anchor-query", type=kind(on_off), default=[False] if grid else False, metavar="off|on",
-                       help="each block but the first is encoded after the anchor and the request's query, so that "
-                            "it knows what is asked; a context that several requests ask about is encoded once "
-                            f"without any query{each} (default: off)")
+                       help="each block but the first is encoded after the anchor and the request's question (the "
+                            "query without the chat template's tail), so that it knows what is asked; a context "
+                            f"that several requests ask about is encoded once without any question{each} "
+                            "(default: off)")
     group.add_argument("--block-temperature", type=kind(positive_number), default=[1.0] if grid else 1.0,
                        metavar="T",
                        help="phase 2 attends the blocks encoded after the anchor at temperature T (their logits "
