@@ -67,6 +67,11 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def share(text: str) -> float:
+    """A share in [0, 1]: 0, 1/10, 0.1, 1."""
+    return 0.0 if text.strip() in ("0", "0.0", "off") else fraction(text)
+
+
 def counts_list(text: str) -> list[int]:
     """'12,3,1' -> [12, 3, 1]: numbers >= 1."""
     return [positive(t.strip()) for t in text.split(",") if t.strip()]
@@ -169,6 +174,10 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                        metavar="T",
                        help="phase 2 attends the blocks encoded after the anchor at temperature T (their logits "
                             f"divided by T), block 0 and the tokens after the context at 1{each} (default: 1)")
+    group.add_argument("--recompute-fraction", type=kind(share), default=[0.0] if grid else 0.0, metavar="R",
+                       help="after phase 1, the K/V of the share R of the tokens outside block 0 that it got most "
+                            "wrong is recomputed over the whole context (selective recompute: R of the per-token "
+                            f"work, and one exact layer to choose them){each} (default: 0, off)")
     group.add_argument("--anchor-mode", choices=ANCHOR_MODES, default=DEFAULT_ANCHOR_MODE,
                        help="the anchor's K/V is computed once and broadcast layer by layer, or recomputed "
                             f"by every rank that needs it (default: {DEFAULT_ANCHOR_MODE})")
@@ -188,16 +197,16 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
     window_key = "window_fraction" if args.window_fraction is not None else "window_tokens"
     grid = list(itertools.product(values(getattr(args, size_key)), values(getattr(args, anchor_key)),
                                   values(args.layout), values(getattr(args, window_key)), values(args.anchor_query),
-                                  values(args.block_temperature)))
+                                  values(args.block_temperature), values(args.recompute_fraction)))
     specs = []
     for attn in strategies:
         if attn != "star":
             specs.append(StrategySpec(attn))
             continue
-        for size, anchor, layout, window, query, temperature in grid:
+        for size, anchor, layout, window, query, temperature, recompute in grid:
             try:
                 specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout, anchor_query=query,
-                                          block_temperature=temperature,
+                                          block_temperature=temperature, recompute_fraction=recompute,
                                           **{size_key: size, anchor_key: anchor, window_key: window}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction, "

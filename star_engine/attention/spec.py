@@ -25,7 +25,8 @@ class StrategySpec:
     size (uniform) or a longer block 0 that makes their work equal (balanced). These defaults
     are the algorithm as published; the commands' default layout is names.DEFAULT_STAR_LAYOUT.
     window_tokens and anchor_query: what else precedes a block in phase 1; block_temperature:
-    phase 2's temperature of the blocks encoded after the anchor (star.py).
+    phase 2's temperature of the blocks encoded after the anchor; recompute_fraction: the
+    share of the tokens outside block 0 whose K/V is recomputed after phase 1 (star.py).
     ValueError, naming the setting, unless the settings make a layout."""
 
     attn: str = "star"
@@ -39,6 +40,7 @@ class StrategySpec:
     window_fraction: float | None = None
     anchor_query: bool = False
     block_temperature: float = 1.0
+    recompute_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.attn not in STRATEGIES:
@@ -47,11 +49,12 @@ class StrategySpec:
         if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != DEFAULT_ANCHOR_MODE
                                     or self.layout != PUBLISHED_STAR_LAYOUT or self.window_tokens
                                     or self.window_fraction is not None
-                                    or self.anchor_query or self.block_temperature != 1.0):
+                                    or self.anchor_query or self.block_temperature != 1.0
+                                    or self.recompute_fraction):
             raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
                             self.anchor_mode, self.layout, self.window_tokens, self.window_fraction,
-                            self.block_temperature)
+                            self.block_temperature, self.recompute_fraction)
 
     def build(self, place: Place, comm: Communicator | None, config: ModelConfig,
               calibration: Calibration | None) -> Strategy:
@@ -72,12 +75,13 @@ class StrategySpec:
                              anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight,
                              window_tokens=self.window_tokens, window_fraction=self.window_fraction,
                              anchor_query=self.anchor_query,
-                             block_temperature=self.block_temperature)
+                             block_temperature=self.block_temperature,
+                             recompute_fraction=self.recompute_fraction)
 
     @property
     def label(self) -> str:
         """Short and unique among specs: "dense", "ring", "star", "star 4b a=1/4",
-        "star block=4096 a=512t", "star 4b a=64t w=256t +q T=1.1"."""
+        "star block=4096 a=512t", "star 4b a=64t w=256t +q T=1.1", "star 4b r=0.1"."""
         if self.attn != "star":
             return self.attn
         parts = ["star"]
@@ -101,6 +105,8 @@ class StrategySpec:
             parts.append("+q")
         if self.block_temperature != 1.0:
             parts.append(f"T={self.block_temperature:g}")
+        if self.recompute_fraction:
+            parts.append(f"r={self.recompute_fraction:g}")
         return " ".join(parts)
 
     def as_dict(self) -> dict:
@@ -111,7 +117,7 @@ class StrategySpec:
 def check_star_settings(block_size: int | None, blocks: int | None, anchor_tokens: int | None,
                         anchor_fraction: float | None, anchor_mode: str, layout: str = PUBLISHED_STAR_LAYOUT,
                         window_tokens: int = 0, window_fraction: float | None = None,
-                        block_temperature: float = 1.0) -> None:
+                        block_temperature: float = 1.0, recompute_fraction: float = 0.0) -> None:
     """Raises ValueError, naming the setting, unless the settings make a layout."""
     if block_size is not None and blocks is not None:
         raise ValueError("give the block size in tokens or the number of blocks, not both")
@@ -136,6 +142,11 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
         raise ValueError(f"window as a fraction of the block must be in (0, 1], got {window_fraction}")
     if not block_temperature > 0 or block_temperature == float("inf"):
         raise ValueError(f"block temperature must be a number > 0, got {block_temperature!r}")
+    if not 0 <= recompute_fraction <= 1:
+        raise ValueError(f"the recompute fraction must be in [0, 1], got {recompute_fraction!r}")
+    if recompute_fraction and block_temperature != 1.0:
+        raise ValueError("the recompute reads the keys as phase 1 wrote them, which a block temperature changes: "
+                         "give one of the two")
 
 
 def fraction_text(value: float) -> str:

@@ -25,6 +25,10 @@ encoded alone, does not see it, and the context's K/V then belongs to that one q
 (engine.py encodes the context again for another). The prefix tokens are run through the
 layers with their block and not kept.
 
+`recompute_fraction` r: after phase 1, the K/V of the fraction r of the tokens outside
+block 0 that phase 1 got most wrong is recomputed exactly over the whole context
+(CacheBlend's selective recompute: recompute.py).
+
 `block_temperature` T calibrates phase 2's merge of the blocks (the attention temperature
 of APE, Yang et al., ICLR 2025, for contexts encoded in parallel): the keys that a block
 other than block 0 keeps are divided by T, so that the query's and the new tokens' logits
@@ -54,6 +58,7 @@ from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT
 from .spec import check_star_settings, fraction_text
 from .base import ContextLayout, Strategy
 from .local import local_attention
+from .recompute import recompute_context
 
 
 @dataclass(frozen=True)
@@ -108,21 +113,23 @@ class StarAttention(Strategy):
                  anchor_fraction: float | None = None, anchor_mode: str = DEFAULT_ANCHOR_MODE,
                  layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0, window_tokens: int = 0,
                  window_fraction: float | None = None, anchor_query: bool = False,
-                 block_temperature: float = 1.0) -> None:
+                 block_temperature: float = 1.0, recompute_fraction: float = 0.0) -> None:
         """At most one of block_size (tokens) and blocks (a count); at most one of
         anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
         pairs as costly as one token's per-token work (costs.token_weight), which the
         balanced layout weighs block 0 with. window_tokens or window_fraction, and
         anchor_query: what else a block's prefix holds; block_temperature: phase 2's
-        temperature of the other blocks (above)."""
+        temperature of the other blocks; recompute_fraction: the share of the tokens outside
+        block 0 whose K/V is recomputed after phase 1 (above)."""
         super().__init__(place, comm)
         check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout, window_tokens,
-                            window_fraction, block_temperature)
+                            window_fraction, block_temperature, recompute_fraction)
         self.block_size, self.blocks = block_size, blocks
         self.anchor_tokens, self.anchor_fraction, self.anchor_mode = anchor_tokens, anchor_fraction, anchor_mode
         self.balanced, self.token_weight = layout == "balanced", token_weight
         self.window_tokens, self.window_fraction, self.reads_query = window_tokens, window_fraction, anchor_query
         self.key_scale = 1.0 / block_temperature
+        self.recompute_fraction = recompute_fraction
 
     def describe(self) -> str:
         block = (f"{self.block_size} tokens" if self.block_size else
@@ -135,8 +142,10 @@ class StarAttention(Strategy):
         query = ", then the question" if self.reads_query else ""
         temperature = f", the other blocks at temperature {1 / self.key_scale:g} in phase 2" \
             if self.key_scale != 1.0 else ""
+        recompute = f", {self.recompute_fraction:g} of the other blocks' K/V recomputed" \
+            if self.recompute_fraction else ""
         return (f"star (block {block}{layout}, anchor {anchor}{window}{query}, anchor K/V by {self.anchor_mode}"
-                f"{temperature})")
+                f"{temperature}{recompute})")
 
     def _anchor_for(self, block: int) -> int:
         """The anchor's tokens when the blocks (other than a balanced block 0) have `block` tokens."""
@@ -253,6 +262,15 @@ class StarAttention(Strategy):
                     k, v = torch.cat((anchor_kv[0], k), dim=1), torch.cat((anchor_kv[1], v), dim=1)
                 hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True))
             del qkv
+        del hidden
+        if self.recompute_fraction:
+            first = layout.blocks[mine[0]][0] if mine else 0
+            recompute_context(model, context_ids, arena, first, self._outside_block_0(layout),
+                              self.recompute_fraction, self.comm, self.place)
+
+    def _outside_block_0(self, layout: StarLayout) -> list[list[tuple[int, int]]]:
+        """By rank, the context positions [start, end) of its blocks other than block 0."""
+        return [[layout.blocks[b] for b in layout.blocks_of(rank) if b > 0] for rank in range(self.place.world)]
 
     @staticmethod
     def _block_sequence(block: int, context_ids: Tensor, layout: StarLayout, query_ids: Tensor | None) -> _Sequence:

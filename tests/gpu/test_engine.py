@@ -46,6 +46,7 @@ def engine(dist, checkpoint, device, dtype, strategy_cls, cuda_graph=True, **kwa
     (StarAttention, {"block_size": 300}),
     (StarAttention, {"block_size": 300, "anchor_tokens": 16, "window_fraction": 0.5}),  # sink + local window
     (StarAttention, {"block_size": 300, "anchor_query": True, "block_temperature": 1.2}),
+    (StarAttention, {"block_size": 300, "recompute_fraction": 0.2}),  # selective recompute
 ])
 def test_bfloat16_on_the_gpu_follows_float32_on_the_cpu(dist, checkpoint, strategy_cls, kwargs):
     gpu = engine(dist, checkpoint, GPU, torch.bfloat16, strategy_cls, **kwargs).generate(*request(), 8, keep_logits=True)

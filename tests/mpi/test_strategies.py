@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
+from star_engine import _C
 from star_engine.attention.dense import DenseAttention
 from star_engine.attention.ring import RingAttention, zigzag_chunks
 from star_engine.attention.star import StarAttention
 from star_engine.checkpoint import load_model
 from star_engine.engine import Engine
+from star_engine.launch.control import Place
 from star_engine.settings import KVCacheSettings
-from tests.reference import star_reference_logits, uniform_blocks
+from tests.reference import make_tiny_checkpoint, star_reference_logits, uniform_blocks
 
 NEW_TOKENS = 4
 
@@ -19,6 +24,14 @@ NEW_TOKENS = 4
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     return load_model(str(tiny_checkpoint), torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def deep_model(dist):
+    """Four layers: a recompute from layer 1 on changes what layers 2 and 3 see."""
+    path = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="star_engine_test_")), num_hidden_layers=4) \
+        if dist.rank == 0 else None
+    return load_model(str(dist.bcast(path, root=0)), torch.float32, torch.device("cpu"))
 
 
 def request(context_len: int, query_len: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +43,11 @@ def request(context_len: int, query_len: int = 5, seed: int = 0) -> tuple[torch.
 def run(model, strategy, comm, dist, context, query):
     engine = Engine(model, strategy, comm, dist, KVCacheSettings(512))
     return engine.generate(context, query, NEW_TOKENS, keep_logits=True)
+
+
+def empty_arena(model, capacity: int = 512) -> _C.KVArena:
+    cfg = model.config
+    return _C.KVArena(cfg.num_layers, model.kv_heads, cfg.head_dim, capacity, torch.float32, torch.device("cpu"))
 
 
 def assert_same_tokens_on_every_rank(dist, tokens):
@@ -341,3 +359,50 @@ def test_ring_deals_each_rank_an_early_and_a_late_chunk(dist):
         assert early == chunks[rank] and late == chunks[2 * dist.world - 1 - rank]
     shares = [sum(e - s for s, e in rank_spans) for rank_spans in spans]
     assert max(shares) - min(shares) <= 2
+
+
+@pytest.mark.parametrize("block,mode,query_first", [
+    (16, "broadcast", False),  # several blocks per rank
+    (40, "recompute", False),
+    (25, "broadcast", True),   # the question in phase 1 too: the recompute replaces all it changed
+])
+def test_star_that_recomputes_every_token_outside_block_0_equals_dense(dist, comm, deep_model, block, mode, query_first):
+    """Layer by layer, every token's K/V is then what full attention gives."""
+    context, query = request(97, seed=10)
+    star = StarAttention(dist, comm, block_size=block, anchor_tokens=4, anchor_mode=mode, anchor_query=query_first,
+                         recompute_fraction=1.0)
+    recomputed = run(deep_model, star, comm, dist, context, query)
+    dense = run(deep_model, DenseAttention(dist, comm), comm, dist, context, query)
+    assert recomputed.tokens == dense.tokens
+    for a, b in zip(recomputed.logits, dense.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("context_len,block,fraction", [(97, 16, 0.25), (150, 40, 0.1), (30, 7, 0.5)])
+def test_selective_recompute_writes_the_same_k_v_on_any_number_of_ranks(dist, comm, deep_model, context_len, block,
+                                                                       fraction):
+    """Each block's share is chosen within the block: every rank's K/V equals the same
+    positions' K/V of the whole context recomputed in one process."""
+    context, _ = request(context_len, seed=11)
+    settings = dict(block_size=block, anchor_tokens=5, anchor_mode="recompute", recompute_fraction=fraction)
+    star = StarAttention(dist, comm, **settings)
+    layout = star.layout(context_len)
+    arena = empty_arena(deep_model)
+    star.encode_context(deep_model, context, layout, arena)
+    alone = StarAttention(Place(0, 1), None, **settings)
+    whole = empty_arena(deep_model)
+    alone.encode_context(deep_model, context, alone.layout(context_len), whole)
+
+    mine = layout.blocks_of(dist.rank)
+    if mine:
+        first, end = layout.blocks[mine[0]][0], layout.blocks[mine[-1]][1]
+        for layer in range(deep_model.config.num_layers):
+            torch.testing.assert_close(arena.keys(layer), whole.keys(layer)[:, first:end], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(arena.values(layer), whole.values(layer)[:, first:end], atol=1e-5, rtol=1e-5)
+    plain = StarAttention(Place(0, 1), None, block_size=block, anchor_tokens=5, anchor_mode="recompute")
+    star_only = empty_arena(deep_model)
+    plain.encode_context(deep_model, context, plain.layout(context_len), star_only)
+    last = deep_model.config.num_layers - 1
+    changed = (whole.keys(last) != star_only.keys(last)).any(0).any(-1)
+    assert changed[:layout.blocks[1][0]].sum() == 0  # block 0 is exact already
+    assert 0 < changed.sum() <= sum(-(-fraction * (e - s) // 1) for s, e in layout.blocks[1:])
