@@ -99,7 +99,7 @@ def plot(rows: list[dict], context: int, path: Path) -> bool:
             ax.annotate(r["method"].replace("star ", ""), (r["ttft_against_ring"], r["share_of_dense"]),
                         fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.scatter([1.0], [1.0], marker="*", s=120, color="black", label="ring = dense (exact)")
-    ax.set_xlabel(f"time to first token relative to ring, {context // 1024}K tokens, Llama-3.1-8B shape "
+    ax.set_xlabel(f"time to first token relative to ring, {context // 1024}K tokens, Llama-3.1-8B shape\n"
                   "(where measured on one GPU: every block's work against ring's, which is dense's)")
     ax.set_ylabel("accuracy as a share of dense")
     ax.grid(alpha=0.3)

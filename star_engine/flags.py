@@ -12,8 +12,8 @@ import itertools
 from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
-from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_STAR_LAYOUT, DTYPES, STAR_LAYOUTS,
-                    STRATEGIES)
+from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_ANCHOR_QUERY, DEFAULT_STAR_LAYOUT,
+                    DTYPES, STAR_LAYOUTS, STRATEGIES)
 from .settings import KVCacheSettings, RuntimeSettings, ScaleOutSettings
 
 if TYPE_CHECKING:
@@ -165,11 +165,12 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                              f"window){each} (default: 0)")
     window.add_argument("--window-fraction", type=kind(fraction), default=None, metavar="F",
                         help=f"or that window as a fraction of a block: 1/4, 0.5, 1{each}")
-    group.add_argument("--anchor-query", type=kind(on_off), default=[False] if grid else False, metavar="off|on",
+    group.add_argument("--anchor-query", type=kind(on_off), default=[DEFAULT_ANCHOR_QUERY] if grid
+                       else DEFAULT_ANCHOR_QUERY, metavar="on|off",
                        help="each block but the first is encoded after the anchor and the request's question (the "
                             "query without the chat template's tail), so that it knows what is asked; a context "
-                            f"that several requests ask about is encoded once without any question{each} "
-                            "(default: off)")
+                            f"that several requests ask about is encoded once without any question; off: star as "
+                            f"published{each} (default: {'on' if DEFAULT_ANCHOR_QUERY else 'off'})")
     group.add_argument("--block-temperature", type=kind(positive_number), default=[1.0] if grid else 1.0,
                        metavar="T",
                        help="phase 2 attends the blocks encoded after the anchor at temperature T (their logits "

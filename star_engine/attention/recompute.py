@@ -42,7 +42,7 @@ _KEY_PIECE = 4096
 
 
 def recomputed_tokens(fraction: float, tokens: int) -> int:
-    """How many of a rank's `tokens` outside block 0 the recompute takes."""
+    """How many of a block's `tokens` the recompute takes."""
     return math.ceil(fraction * tokens)
 
 

@@ -160,18 +160,20 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
 
     cache = KVCacheSettings(length + query_tokens + new_tokens, max_tail=query_tokens + new_tokens)
     engine = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist, cache, cuda_graph)
-    engine.generate(*jobs[0], new_tokens, stop_at_eos=False)  # untimed: kernels, graph capture
+    # A context that several questions share is encoded without any of them (plan_request).
+    plan = engine.plan(length, query_tokens, new_tokens, shared_context=questions > 1)
+    engine.generate(*jobs[0], new_tokens, plan=plan, stop_at_eos=False)  # untimed: kernels, graph capture
     rows = []
     for reuse in (False, True) if questions > 1 else (False,):
         engine.forget_contexts()
         rows.append(measured("context once" if reuse else "one at a time", lambda: (
-            (i, engine.generate(context, query, new_tokens, reuse_context=reuse, stop_at_eos=False))
+            (i, engine.generate(context, query, new_tokens, plan=plan, reuse_context=reuse, stop_at_eos=False))
             for i, (context, query) in enumerate(jobs))))
     if batch > 1:
         del engine
         together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
                           replace(cache, batch=batch), cuda_graph)
-        plan = together.plan(length, query_tokens, new_tokens)
+        plan = together.plan(length, query_tokens, new_tokens, shared_context=questions > 1)
         list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
         together.forget_contexts()
         rows.append(measured(f"batch {batch}", lambda: together.generate_many(

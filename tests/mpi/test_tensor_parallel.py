@@ -98,6 +98,20 @@ def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkp
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
 
+def test_star_that_recomputes_every_token_across_hosts_gives_dense_attentions_logits(dist, tiny_checkpoint, tp):
+    """The host's ranks choose the tokens together (from the deviation over all heads)."""
+    hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
+    context, query = request(90, seed=5)
+    strategy = StarAttention(hosts.place, peers, block_size=16, anchor_tokens=4, recompute_fraction=1.0)
+    gen = Engine(model, strategy, peers, dist, KVCacheSettings(256)).generate(context, query, NEW_TOKENS,
+                                                                             keep_logits=True)
+    assert_same_tokens_on_every_rank(dist, gen.tokens)
+    if hosts.place.is_query_rank:
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, [(0, 90)], 0)
+        for got, ref in zip(gen.logits, want):
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
 def test_requests_decoded_together_across_hosts_get_the_tokens_each_gets_alone(dist, tiny_checkpoint, tp):
     hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
     requests = [(*request(30 + 11 * i, seed=i), 2 + i % 3) for i in range(4)]
