@@ -47,10 +47,12 @@ class Decoder:
         self.held = 0
         self.steps, self.replayed = 0, False  # taken so far, and how the last one ran: for messages
 
-    def start(self, arenas: list[_C.KVArena], tokens: list[int], positions: list[int]) -> None:
+    def start(self, arenas: list[_C.KVArena], tokens: list[int], positions: list[int],
+              prefixes: list[tuple[_C.KVArena, int] | None] | None = None) -> None:
         """The requests of the next steps, a row each: their (decoding) arenas, the tokens to
-        feed and their positions. Rows beyond them are padding."""
-        self.rows.hold(arenas)
+        feed and their positions, and the context each reads from another arena, if any
+        (DecodeRows.hold). Rows beyond them are padding."""
+        self.rows.hold(arenas, prefixes)
         self.held, padding = len(tokens), [0] * (self.rows.rows - len(tokens))
         self.token_ids.copy_(torch.tensor(tokens + padding))
         self.positions.copy_(torch.tensor(positions + padding))

@@ -25,7 +25,7 @@ from .memory import peak_memory, reset_peak_memory
 from .model import Transformer
 from .request_plan import RequestPlan, RequestTooLarge, plan_request
 from .settings import KVCacheSettings
-from .slots import RunningRequest, Slot, arena_capacities, context_digest
+from .slots import RunningRequest, Slot, arena_capacities, context_digest, engine_kv_slots, tail_capacities
 
 
 # What a source of requests for generate_many yields for "none now, but do not stop asking".
@@ -56,8 +56,10 @@ class Engine:
     """Runs requests with one strategy. Sized once, as `cache` says: every rank's KV arena
     holds the worst case of a request of up to its max_tokens tokens (context + query +
     generated), of which at most its max_tail come after the context. The query rank keeps
-    its share of the context and the tail. With a batch > 1, that many arenas: up to
-    `batch` requests decode together (generate_many).
+    its share of the context and the tail. With a batch > 1, up to `batch` requests decode
+    together (generate_many), in as many arenas: cache.whole_requests of them hold a whole
+    request, the others only a tail, for a request that reads a context another holds
+    (where the decode step can read a row from two arenas: on the CPU so far).
 
     The strategy runs among the ranks of `comm`, its place (`strategy.place`): the ranks of
     the job, or under tensor parallelism the ranks of every host that hold the same heads,
@@ -75,8 +77,14 @@ class Engine:
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Decoder] = {}  # by their rows
         self.capacities = arena_capacities(strategy, self.max_tokens, self.max_tail)
+        self.tail_capacities = tail_capacities(strategy, self.max_tail)
+        self.shares_contexts = not decode_kernel_serves(model.heads, model.kv_heads, cfg.head_dim, weight.dtype,
+                                                        weight.device)
+        self.whole_requests = cache.whole_requests if self.shares_contexts else self.batch
+        kv_slots = engine_kv_slots(strategy, self.max_tokens, self.max_tail,
+                                   KVCacheSettings(batch=self.batch, contexts=self.whole_requests))
         # Before any arena exists: arenas a rank has not the memory for end the job in one line.
-        JobMemory(cfg, weight.dtype, self.place.world, self.batch * max(self.capacities), self.max_tokens,
+        JobMemory(cfg, weight.dtype, self.place.world, kv_slots, self.max_tokens,
                   self.batch).refuse_unless_it_fits(dist, weight.device, model.shard.size)
         self.slots: list[Slot] = []
         self.unpark()
@@ -84,10 +92,12 @@ class Engine:
     def unpark(self) -> None:
         """Allocates the arenas (at the start, and after park)."""
         cfg, weight = self.model.config, self.model.embed.weight
+        rank = self.place.rank
         try:
             self.slots = [Slot(_C.KVArena(cfg.num_layers, self.model.kv_heads, cfg.head_dim,
-                                          self.capacities[self.place.rank], weight.dtype, weight.device))
-                          for _ in range(self.batch)]
+                                          (self.capacities if whole else self.tail_capacities)[rank], weight.dtype,
+                                          weight.device), whole)
+                          for whole in [True] * self.whole_requests + [False] * (self.batch - self.whole_requests)]
         except (RuntimeError, MemoryError) as exc:
             raise ValueError(f"the KV cache for {requests_phrase(self.max_tokens, self.batch)} could not be "
                              f"allocated ({cache_flags(self.batch)}): {str(exc).splitlines()[0]}") from None
@@ -182,10 +192,11 @@ class Engine:
         reset_peak_memory(device)
         pending, taken = iter(requests), 0
         free, running = list(reversed(self.slots)), []
-        exhausted = False
+        exhausted, waiting = False, None
         while True:
             while free and not exhausted:
-                item = next(pending, None)
+                item = waiting or next(pending, None)
+                waiting = None
                 if item is None:
                     exhausted = True
                     break
@@ -193,9 +204,14 @@ class Engine:
                     break  # none now: the next step's free slots ask again
                 context_ids, query_ids, plan = item
                 run = self._admit(taken, context_ids, query_ids, plan, free, eos, keep_logits)
+                if run is None:  # no slot it can take before another request is done
+                    if not running:
+                        raise RuntimeError("a request found no slot with none running")
+                    waiting = item
+                    break
                 taken += 1
                 if run.done:
-                    free.append(run.slot)
+                    self._release(run.slot, free)
                     yield run.index, self._finished(run)
                 else:
                     run.slot.arena.start_decoding()
@@ -208,7 +224,7 @@ class Engine:
             for run in [r for r in running if r.done]:
                 running.remove(run)
                 run.slot.arena.finish_decoding()
-                free.append(run.slot)
+                self._release(run.slot, free)
                 yield run.index, self._finished(run)
 
     def _checked_plan(self, context_ids: Tensor, query_ids: Tensor, max_new_tokens: int,
@@ -253,33 +269,65 @@ class Engine:
         return self._elapsed(start, "phase 1"), False
 
     def _query(self, slot: Slot, context_len: int, query_ids: Tensor, keep: list[Tensor] | None) -> int:
-        """The query's tokens in one pass over the slot's arena: the first generated token."""
+        """The query's tokens in one pass over the slot's arena (after the context it reads,
+        if any): the first generated token."""
         device = self.model.embed.weight.device
-        attend = query_attention(slot.arena, self.comm, self.place.is_query_rank)
+        attend = query_attention(slot.arena, self.comm, self.place.is_query_rank, slot.prefix)
         positions = torch.arange(context_len, context_len + len(query_ids), device=device)
         return self._next_token(self.model(query_ids.to(device), positions, attend), keep)
 
     def _admit(self, index: int, context_ids: Tensor, query_ids: Tensor, plan: RequestPlan,
-               free: list[Slot], eos: set[int], keep_logits: bool) -> RunningRequest:
-        """A request's phase 1 and query, in a free slot (one that holds its context, if any)."""
+               free: list[Slot], eos: set[int], keep_logits: bool) -> RunningRequest | None:
+        """A request's phase 1 and query in a free slot (_place); None where none serves it
+        until another request is done."""
         plan = self._checked_plan(context_ids, query_ids, plan.max_new_tokens, plan)
         digest = self._digest(context_ids, query_ids, plan)
-        slot = next((s for s in free if s.holds(digest)), free[-1])
+        placed = self._place(digest, free)
+        if placed is None:
+            return None
+        slot, holder = placed
         free.remove(slot)
         sent_before = self.comm.bytes_sent
         self.dist.sync()
         start = time.perf_counter()
-        phase1, reused = self._encode(slot, context_ids, query_ids, plan, digest, start)
+        if holder is not None:
+            slot.read(holder)
+            phase1, reused = 0.0, True
+        else:
+            phase1, reused = self._encode(slot, context_ids, query_ids, plan, digest, start)
         logits: list[Tensor] = []
         token = self._query(slot, len(context_ids), query_ids, logits if keep_logits else None)
         return RunningRequest(index, slot, [token], len(context_ids) + len(query_ids), plan.max_new_tokens, eos,
                               start, self._elapsed(start, "the query pass"), phase1, reused, sent_before, logits)
 
+    def _place(self, digest: str, free: list[Slot]) -> tuple[Slot, Slot | None] | None:
+        """The free slot a request of this context takes, and the slot whose context it
+        reads (None: its own): a free slot that holds the context; else, where a busy one
+        holds it, a free slot that reads it there (a tail's slot first), where the decode
+        step can, or else a free whole slot that copies it (_encode); else a free whole
+        slot that no request reads, to encode it in. None: none now."""
+        own = next((s for s in free if s.whole and s.holds(digest)), None)
+        if own is not None:
+            return own, None
+        holder = next((s for s in self.slots if s.holds(digest)), None)
+        if holder is not None and self.shares_contexts:
+            reader = next((s for s in free if not s.whole), None) or \
+                next((s for s in reversed(free) if s.readers == 0), None)
+            return None if reader is None else (reader, holder)
+        whole = [s for s in free if s.whole and s.readers == 0]
+        return (whole[-1], None) if whole else None
+
+    @staticmethod
+    def _release(slot: Slot, free: list[Slot]) -> None:
+        """A slot whose request is done: free, and no longer reading another's context."""
+        slot.done_reading()
+        free.append(slot)
+
     def _step_together(self, running: list[RunningRequest], keep_logits: bool) -> None:
         """One decode step of every running request: a token each, in one forward pass."""
         decoder = self._decoder(len(running))
         decoder.start([run.slot.arena for run in running], [run.tokens[-1] for run in running],
-                      [run.position for run in running])
+                      [run.position for run in running], [run.slot.prefix for run in running])
         decoder.step()
         for row, (run, token) in enumerate(zip(running, decoder.tokens())):
             run.tokens.append(token)

@@ -122,15 +122,15 @@ class Session:
         its requests go beyond the trained positions unasked, which Session.engine refuses)."""
         from .budget import JobMemory
         from .launch.control import Place
-        from .slots import arena_capacities
+        from .slots import engine_kv_slots
 
         hosts, trained = self.hosts.count, config.max_position_embeddings
         max_tokens = cache.tokens(trained) if cache is not None else trained
         if spec is None or cache is None or (max_tokens > trained and not cache.beyond_trained_positions):
             return JobMemory(config, dtype, hosts)
         strategy = spec.build(Place(0, hosts), None, config, self.calibration)
-        slots = max(arena_capacities(strategy, max_tokens, max_tokens))
-        return JobMemory(config, dtype, hosts, cache.batch * slots, max_tokens, cache.batch)
+        return JobMemory(config, dtype, hosts, engine_kv_slots(strategy, max_tokens, max_tokens, cache), max_tokens,
+                         cache.batch)
 
     def say(self, message: str) -> None:
         """A progress line on stderr, from rank 0."""
@@ -149,7 +149,7 @@ class Session:
         from .dispatch import described, group_sizes
         from .groups import MIN_GROUP_TOKENS, HostGroups, RequestSizing, default_max_block, level_max_tokens
         from .launch.control import JobError, Place
-        from .slots import arena_capacities
+        from .slots import engine_kv_slots
 
         count, config = self.hosts.count, self.model.config
         sizes = group_sizes(count) if scale_out.hosts_per_request == "auto" else [scale_out.fixed or count]
@@ -170,8 +170,8 @@ class Session:
 
             def fitting(tokens: int) -> bool:
                 strategy = level_spec.build(Place(0, size), None, config, self.calibration)
-                slots = max(arena_capacities(strategy, tokens, tokens))
-                memory = JobMemory(config, self.model.embed.weight.dtype, size, cache.batch * slots, tokens, cache.batch)
+                memory = JobMemory(config, self.model.embed.weight.dtype, size,
+                                   engine_kv_slots(strategy, tokens, tokens, cache), tokens, cache.batch)
                 return fits(memory.at(self.hosts.tp), free, weights_in_place=True)
 
             while size < count and tokens and not fitting(tokens):

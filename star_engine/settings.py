@@ -23,17 +23,25 @@ class RuntimeSettings:
 @dataclass(frozen=True)
 class KVCacheSettings:
     """What an engine's KV cache holds: `batch` requests at once of up to max_tokens tokens
-    each (context, query and generated), at most max_tail of them after the context."""
+    each (context, query and generated), at most max_tail of them after the context, and
+    `contexts` contexts at once: requests beyond them decode reading a context that another
+    request of the batch holds (slots.py)."""
 
     max_tokens: int | None = None  # None: the model's context length
     batch: int = 1
     max_tail: int | None = None  # None: up to max_tokens
+    contexts: int | None = None  # None: one per request of the batch
     # Else a max_tokens beyond the positions the model was trained for is refused.
     beyond_trained_positions: bool = False
 
     def tokens(self, trained: int) -> int:
         """The longest request: max_tokens, else the `trained` positions of the model."""
         return self.max_tokens or trained
+
+    @property
+    def whole_requests(self) -> int:
+        """How many of the batch's arenas hold a whole request (a context and its tail)."""
+        return self.batch if self.contexts is None else max(1, min(self.contexts, self.batch))
 
 
 @dataclass(frozen=True)

@@ -563,7 +563,8 @@ def test_bench_measures_a_job_one_at_a_time_with_each_context_encoded_once_and_b
         assert row["latency_s"] == sorted(row["latency_s"])
     assert rows[0]["context_reused"] == [False] * 4
     assert rows[1]["context_reused"] == [False, True, False, True]  # a context's second question skips phase 1
-    assert rows[2]["context_reused"] == [False, True, False, True]  # copied from the slot that encoded it
+    assert rows[2]["context_reused"] == [False, True, False, True]  # read from the slot that encoded it
+    assert rows[2]["contexts_held"] == 2  # the one decoding, and the next
     assert "batch 2" in result.stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
     out.with_suffix(".png").unlink()

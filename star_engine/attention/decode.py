@@ -37,6 +37,7 @@ class DecodeRows:
         self.rows, self.num_layers, self.capacity = rows, num_layers, capacity
         self.kv_heads = kv_heads
         self.arenas: list[_C.KVArena] = []
+        self.prefixes: list[tuple[_C.KVArena, int] | None] = []
         self.kernel = decode_kernel_serves(heads, kv_heads, head_dim, dtype, device)
         if self.kernel:
             self.addresses = torch.zeros(num_layers, 2, rows, dtype=torch.int64, device=device)  # [layer, K/V, row]
@@ -47,15 +48,26 @@ class DecodeRows:
             # Its own: the decode step captured with these rows replays on them for its life.
             self.counters = ops.decode_counters(rows, kv_heads, device)
 
-    def hold(self, arenas: list[_C.KVArena]) -> None:
-        """Row i now decodes arenas[i] (at most `rows` of them)."""
-        if arenas == self.arenas:
+    @property
+    def reads_prefixes(self) -> bool:
+        """Whether a row may read a context another arena holds before its own (hold's
+        prefixes); the kernel's path does not yet."""
+        return not self.kernel
+
+    def hold(self, arenas: list[_C.KVArena], prefixes: list[tuple[_C.KVArena, int] | None] | None = None) -> None:
+        """Row i now decodes arenas[i] (at most `rows` of them), after prefixes[i] where
+        given: the first keys of another arena, (arena, length), that its request reads."""
+        prefixes = prefixes or [None] * len(arenas)
+        if arenas == self.arenas and prefixes == self.prefixes:
             return
         if len(arenas) > self.rows or (not self.kernel and len(arenas) != self.rows):
             raise ValueError(f"{len(arenas)} requests for a decode step of {self.rows} rows")
-        if any(a.capacity != self.capacity or a.num_layers != self.num_layers for a in arenas):
+        if any(a.num_layers != self.num_layers or (a.capacity != self.capacity and not self.reads_prefixes)
+               for a in arenas):
             raise ValueError("arenas decoded together must be of one shape")
-        self.arenas = list(arenas)
+        if any(prefixes) and not self.reads_prefixes:
+            raise ValueError("the decode kernel reads each row from one arena")
+        self.arenas, self.prefixes = list(arenas), list(prefixes)
         if not self.kernel:
             return
         padding = [arenas[0]] * (self.rows - len(arenas))  # never read: their length is 0
@@ -68,7 +80,7 @@ class DecodeRows:
 
     def release(self) -> None:
         """Holds no arena (their memory may go); the next hold rewrites the tables."""
-        self.arenas = []
+        self.arenas, self.prefixes = [], []
 
     def add_token(self) -> None:
         """Each request held counts the slot of the token fed now (the query rank's step)."""
@@ -92,10 +104,16 @@ class DecodeRows:
             return ops.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
                                             self.capacity, self.kv_heads, self.splits, self.counters)
         parts = []
-        for i, arena in enumerate(self.arenas):
+        for i, (arena, prefix) in enumerate(zip(self.arenas, self.prefixes)):
             keys, values = arena.slots(layer)
             n = int(arena.device_length)
-            parts.append(local_attention_lse(q[:, i:i + 1], keys[:, :n], values[:, :n], causal=False))
+            keys, values = keys[:, :n], values[:, :n]
+            if prefix is not None:  # the shared context, then this request's own keys
+                context, length = prefix
+                context_keys, context_values = context.slots(layer)
+                keys = torch.cat((context_keys[:, :length], keys), 1)
+                values = torch.cat((context_values[:, :length], values), 1)
+            parts.append(local_attention_lse(q[:, i:i + 1], keys, values, causal=False))
         if len(parts) == 1:
             return parts[0]
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)

@@ -11,6 +11,7 @@ new tokens' K/V.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import _C
@@ -20,12 +21,21 @@ from .decode import DecodeRows
 from .local import local_attention_lse
 
 
-def query_attention(arena: _C.KVArena, comm: Communicator, is_query_rank: bool) -> Attend:
-    """For a pass of several new tokens (the query)."""
+def query_attention(arena: _C.KVArena, comm: Communicator, is_query_rank: bool,
+                    prefix: tuple[_C.KVArena, int] | None = None) -> Attend:
+    """For a pass of several new tokens (the query). prefix: (arena, length), the first
+    keys of another arena, where the request reads a context that arena holds; its own
+    arena then holds only what comes after."""
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if is_query_rank:
             arena.append(layer, k, v)
-        o, lse = local_attention_lse(q, arena.keys(layer), arena.values(layer), causal=is_query_rank)
+        keys, values = arena.keys(layer), arena.values(layer)
+        if prefix is not None:
+            context, length = prefix  # its slots: the holder may be decoding
+            context_keys, context_values = context.slots(layer)
+            keys = torch.cat((context_keys[:, :length], keys), 1)
+            values = torch.cat((context_values[:, :length], values), 1)
+        o, lse = local_attention_lse(q, keys, values, causal=is_query_rank)
         return comm.gather_merge(o, lse)[0]
 
     return attend

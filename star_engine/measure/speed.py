@@ -21,6 +21,7 @@ from ..launch.control import Dist
 from ..model import Transformer
 from ..request_plan import RequestPlan, plan_request
 from ..settings import KVCacheSettings
+from ..slots import contexts_at_once
 from .text_table import text_table
 from .timing import copy_bandwidth, graph_replay_s
 
@@ -171,14 +172,16 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             for i, (context, query) in enumerate(jobs))))
     if batch > 1:
         del engine
+        # Questions of one context read its K/V from one arena (where the decode step can).
         together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
-                          replace(cache, batch=batch), cuda_graph)
+                          replace(cache, batch=batch, contexts=contexts_at_once(batch, questions)), cuda_graph)
         plan = together.plan(length, query_tokens, new_tokens, shared_context=questions > 1)
         list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
         together.forget_contexts()
         rows.append(measured(f"batch {batch}", lambda: together.generate_many(
             [(context, query, plan) for context, query in jobs], stop_at_eos=False)))
         rows[-1]["decode_roofline_gain_x"] = batched_decode_roofline_gain(model, plan, batch)
+        rows[-1]["contexts_held"] = together.whole_requests
     return rows
 
 

@@ -122,3 +122,18 @@ def test_requests_decoded_together_across_hosts_get_the_tokens_each_gets_alone(d
     got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
                                       stop_at_eos=False))
     assert [got[i].tokens for i in range(len(requests))] == want
+
+
+def test_questions_sharing_a_context_across_hosts_get_the_tokens_each_gets_alone(dist, tiny_checkpoint, tp):
+    hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
+    context, _ = request(70, seed=7)
+    requests = [(context, request(70, query_len=3 + i, seed=20 + i)[1], 2 + i) for i in range(4)]
+    alone = Engine(model, StarAttention(hosts.place, peers, block_size=16), peers, dist,
+                   KVCacheSettings(128, max_tail=16))
+    want = [alone.generate(c, q, n, stop_at_eos=False).tokens for c, q, n in requests]
+    together = Engine(model, StarAttention(hosts.place, peers, block_size=16), peers, dist,
+                      KVCacheSettings(128, batch=3, max_tail=16, contexts=1))
+    got = dict(together.generate_many([(c, q, together.plan(len(c), len(q), n)) for c, q, n in requests],
+                                      stop_at_eos=False))
+    assert [got[i].tokens for i in range(len(requests))] == want
+    assert [got[i].metrics.context_reused for i in range(len(requests))] == [False, True, True, True]
