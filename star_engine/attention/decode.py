@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _C, ops
 from .local import local_attention_lse
+from .merge import merge_into
 
 
 def decode_kernel_serves(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -104,19 +105,28 @@ class DecodeRows:
             return ops.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
                                             self.capacity, self.kv_heads, self.splits, self.counters)
         parts = []
-        for i, (arena, prefix) in enumerate(zip(self.arenas, self.prefixes)):
+        for i, arena in enumerate(self.arenas):
             keys, values = arena.slots(layer)
             n = int(arena.device_length)
-            keys, values = keys[:, :n], values[:, :n]
-            if prefix is not None:  # the shared context, then this request's own keys
-                context, length = prefix
-                context_keys, context_values = context.slots(layer)
-                keys = torch.cat((context_keys[:, :length], keys), 1)
-                values = torch.cat((context_values[:, :length], values), 1)
-            parts.append(local_attention_lse(q[:, i:i + 1], keys, values, causal=False))
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 1)
+            parts.append(local_attention_lse(q[:, i:i + 1], keys[:, :n], values[:, :n], causal=False))
+        o = torch.cat([o for o, _ in parts], 1) if len(parts) > 1 else parts[0][0]
+        lse = torch.cat([lse for _, lse in parts], 1) if len(parts) > 1 else parts[0][1]
+        for (context, length), rows in self._readers().items():
+            # The shared context's keys read once for all the rows that read it, all their
+            # heads together, then each row's own keys merged in.
+            context_keys, context_values = context.slots(layer)
+            shared_o, shared_lse = local_attention_lse(q[:, rows], context_keys[:, :length],
+                                                       context_values[:, :length], causal=False)
+            o[:, rows], lse[:, rows] = merge_into(shared_o, shared_lse, o[:, rows], lse[:, rows])
+        return o, lse
+
+    def _readers(self) -> dict[tuple[_C.KVArena, int], list[int]]:
+        """The rows that read a context another arena holds, by (that arena, its length)."""
+        readers: dict[tuple[_C.KVArena, int], list[int]] = {}
+        for i, prefix in enumerate(self.prefixes):
+            if prefix is not None and prefix[1] > 0:
+                readers.setdefault(prefix, []).append(i)
+        return readers
 
 
 @functools.cache

@@ -71,3 +71,29 @@ def test_the_kv_cache_counts_a_shared_context_once():
     assert kv_cache_slots(whole, tail, KVCacheSettings(batch=16)) == 16 * 140
     assert kv_cache_slots(whole, tail, KVCacheSettings(batch=16, contexts=2)) == 2 * 140 + 14 * 40
     assert kv_cache_slots(whole, tail, KVCacheSettings(batch=16, contexts=99)) == 16 * 140  # at most the batch
+
+
+def test_a_decode_step_reads_a_shared_context_once_for_all_the_requests_that_read_it(dist, comm, model,
+                                                                                     monkeypatch):
+    import star_engine.attention.decode as decode
+
+    reads = []
+
+    def recording(q, k, v, causal):
+        reads.append((q.shape[1], k.shape[1]))
+        return local_attention_lse(q, k, v, causal)
+
+    local_attention_lse = decode.local_attention_lse
+    monkeypatch.setattr(decode, "local_attention_lse", recording)
+    engine = Engine(model, StarAttention(dist, comm, block_size=16), comm, dist,
+                    KVCacheSettings(256, batch=4, max_tail=32, contexts=1))
+    context = ids(90, 5)
+    jobs = [(context, ids(4, 50 + i), engine.plan(90, 4, 5)) for i in range(4)]
+    got = dict(engine.generate_many(jobs, stop_at_eos=False))
+    share = engine.slots[0].encoded[1]  # this rank's part of the context, which the first request holds
+    if share:
+        # In each layer of the 4 steps after the query: the three readers' queries over it at once.
+        assert reads.count((3, share)) == 4 * model.config.num_layers
+        # Alone, only the first request's row reads it: its own arena, where no tail follows it.
+        assert reads.count((1, share)) <= 4 * model.config.num_layers
+    assert [got[i].metrics.context_reused for i in range(4)] == [False, True, True, True]
