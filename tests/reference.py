@@ -60,8 +60,9 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
     [anchor ; block] (anchor at positions 0.., block at its own), block 0 alone; then the query
     and the generated tokens (teacher-forced) attend to all of it. Returns the logits of each
     forward pass: [query tokens, vocab], then [1, vocab] per generated token but the last.
-    window, query_first: between the anchor and a block, the query (with query_first) and the
-    `window` context tokens before the block past the anchor, at the positions just before it;
+    query_first: before the anchor, the query at the positions just before 0 (the anchor's
+    K/V computed without it); window: between the anchor and a block, the `window` context
+    tokens before the block past the anchor, at their positions;
     temperature: the keys of every block but block 0 divided by it once encoded."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -76,13 +77,22 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
             cache = DynamicCache()
             skip = 0
             if start > 0:  # the anchor first, through the cache: transformers then masks causally
-                model(anchor[None], position_ids=torch.arange(len(anchor))[None], past_key_values=cache)
+                question = query if query_first else query[:0]
+                if len(question):  # before the anchor, each encoded alone
+                    model(question[None], position_ids=torch.arange(-len(question), 0)[None], past_key_values=cache)
+                    alone = DynamicCache()
+                    model(anchor[None], position_ids=torch.arange(len(anchor))[None], past_key_values=alone)
+                    for layer in range(n_layers):
+                        cache.layers[layer].keys = torch.cat((cache.layers[layer].keys, alone.layers[layer].keys), 2)
+                        cache.layers[layer].values = torch.cat((cache.layers[layer].values,
+                                                                alone.layers[layer].values), 2)
+                else:
+                    model(anchor[None], position_ids=torch.arange(len(anchor))[None], past_key_values=cache)
                 first = max(anchor_size, start - window)
-                prefix = torch.cat(((query if query_first else query[:0]), context[first:start]))
-                if len(prefix):
-                    model(prefix[None], position_ids=torch.arange(start - len(prefix), start)[None],
+                if first < start:
+                    model(context[first:start][None], position_ids=torch.arange(first, start)[None],
                           past_key_values=cache)
-                skip = len(anchor) + len(prefix)
+                skip = len(question) + len(anchor) + start - first
             model(block[None], position_ids=torch.arange(start, start + len(block))[None], past_key_values=cache)
             for layer in range(n_layers):
                 keys[layer].append(cache.layers[layer].keys[:, :, skip:] / (temperature if start > 0 else 1.0))

@@ -19,10 +19,11 @@ algorithm as published). `window_tokens` W (or `window_fraction` of a block, mea
 the anchor is): the W context tokens just before the block (those after the anchor) come
 between the anchor and the block, at their own positions, so that a block sees the text it
 continues; with a small anchor (the attention sink) this is the "sink plus local window"
-prefix. `anchor_query`: the request's question comes next, at the positions just before
-the window (or the block), so that every block is encoded knowing what is asked; block 0,
-encoded alone, does not see it, and the context's K/V then belongs to that one question
-(engine.py encodes the context again for another). The prefix tokens are run through the
+prefix. `anchor_query`: the request's question comes first, before the anchor (at the
+positions just before 0; the anchor's K/V stays the one computed without it), so that
+every block is encoded knowing what is asked; block 0, encoded alone, does not see it, and
+the context's K/V then belongs to that one question (engine.py encodes the context again
+for another). The prefix tokens are run through the
 layers with their block and not kept.
 
 `recompute_fraction` r: after phase 1, the K/V of the fraction r of the tokens outside
@@ -258,9 +259,7 @@ class StarAttention(Strategy):
                     anchor_kv = torch.empty(anchor_shape, dtype=model.embed.weight.dtype, device=device)
                 anchor_kv = self.comm.broadcast(anchor_kv.contiguous(), root=layout.owners[0])
             for i, (seq, (q, k, v)) in enumerate(zip(seqs, qkv)):
-                if seq.anchored:
-                    k, v = torch.cat((anchor_kv[0], k), dim=1), torch.cat((anchor_kv[1], v), dim=1)
-                hidden[i] = layer.finish(hidden[i], local_attention(q, k, v, causal=True))
+                hidden[i] = layer.finish(hidden[i], self._attention(seq, q, k, v, anchor_kv))
             del qkv
         del hidden
         if self.recompute_fraction:
@@ -273,10 +272,25 @@ class StarAttention(Strategy):
         return [[layout.blocks[b] for b in layout.blocks_of(rank) if b > 0] for rank in range(self.place.world)]
 
     @staticmethod
+    def _attention(seq: _Sequence, q: Tensor, k: Tensor, v: Tensor, anchor_kv: Tensor | None) -> Tensor:
+        """A sequence's causal attention: an anchored block's over the anchor's K/V first,
+        after the question where the sequence starts with one (which sees only itself)."""
+        if not seq.anchored:
+            return local_attention(q, k, v, causal=True)
+        n = seq.question
+        keys = torch.cat((k[:, :n], anchor_kv[0], k[:, n:]), dim=1)
+        values = torch.cat((v[:, :n], anchor_kv[1], v[:, n:]), dim=1)
+        rest = local_attention(q[:, n:], keys, values, causal=True)  # the last of the keys: bottom-right
+        if n == 0:
+            return rest
+        return torch.cat((local_attention(q[:, :n], k[:, :n], v[:, :n], causal=True), rest), dim=1)
+
+    @staticmethod
     def _block_sequence(block: int, context_ids: Tensor, layout: StarLayout, query_ids: Tensor | None) -> _Sequence:
-        """Block `block`'s tokens at their positions, after its prefix: [query ; window],
-        which take the positions just before the block (the query's may reach into the
-        anchor's: only their distance to the block matters to the block's tokens)."""
+        """Block `block`'s tokens at their positions, after its prefix: the question, which
+        comes before the anchor (at the positions just before 0), then the window. Were the
+        question just before the block, the block's first tokens would be encoded as what
+        follows the question, and a model may answer it by copying them."""
         device = context_ids.device
         start, end = layout.blocks[block]
         if block == 0:
@@ -285,8 +299,9 @@ class StarAttention(Strategy):
         first, _ = layout.window(block)
         query = query_ids.to(device) if query_ids is not None else context_ids[:0]
         ids = torch.cat((query, context_ids[first:end]))
-        positions = torch.arange(first - len(query), end, device=device)
-        return _Sequence(ids, positions, stored=True, anchored=True, prefix=len(query) + start - first)
+        positions = torch.cat((torch.arange(-len(query), 0, device=device), torch.arange(first, end, device=device)))
+        return _Sequence(ids, positions, stored=True, anchored=True, prefix=len(query) + start - first,
+                         question=len(query))
 
 
 @dataclass(frozen=True)
@@ -296,3 +311,4 @@ class _Sequence:
     stored: bool  # its K/V goes to the arena (a block) or not (a recomputed anchor)
     anchored: bool  # attends over [anchor ; itself]
     prefix: int = 0  # its first tokens, which precede the block and are not kept
+    question: int = 0  # of those, the first: the question, which precedes the anchor
