@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .costs import model_weights
-from .dispatch import Group, group_sizes, groups_of_size
+from .dispatch import Group, group_sizes
 from .launch.control import JobError
 from .request_plan import RequestTooLarge
 
