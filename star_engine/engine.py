@@ -25,7 +25,7 @@ from .memory import peak_memory, reset_peak_memory
 from .model import Transformer
 from .request_plan import RequestPlan, RequestTooLarge, plan_request
 from .settings import KVCacheSettings
-from .slots import RunningRequest, Slot, arena_capacities, context_digest, engine_kv_slots, tail_capacities
+from .slots import RunningRequest, Slot, arena_capacities, context_digest, kv_cache_slots, tail_capacities
 
 
 # What a source of requests for generate_many yields for "none now, but do not stop asking".
@@ -81,8 +81,8 @@ class Engine:
         self.shares_contexts = not decode_kernel_serves(model.heads, model.kv_heads, cfg.head_dim, weight.dtype,
                                                         weight.device)
         self.whole_requests = cache.whole_requests if self.shares_contexts else self.batch
-        kv_slots = engine_kv_slots(strategy, self.max_tokens, self.max_tail,
-                                   KVCacheSettings(batch=self.batch, contexts=self.whole_requests))
+        kv_slots = kv_cache_slots(self.capacities, self.tail_capacities,
+                                  KVCacheSettings(batch=self.batch, contexts=self.whole_requests))
         # Before any arena exists: arenas a rank has not the memory for end the job in one line.
         JobMemory(cfg, weight.dtype, self.place.world, kv_slots, self.max_tokens,
                   self.batch).refuse_unless_it_fits(dist, weight.device, model.shard.size)
