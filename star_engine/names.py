@@ -15,10 +15,11 @@ PUBLISHED_STAR_LAYOUT = "uniform"
 # What the commands run: as fast as ring or faster on two or more GPUs, and as accurate as
 # uniform (docs/accuracy.md).
 DEFAULT_STAR_LAYOUT = "balanced"
-# Whether the commands' star encodes each block knowing the request's question. Off: on
-# ten tasks it closes most of star's gap to dense for about 1% of phase 1, but with the
-# question just before a block the model can answer by copying the text that starts the
-# block (docs/accuracy.md), as the built-in model does on `demo`.
+# Whether the commands' star encodes each block knowing the request's question. Off: placed
+# just before a block, the question closed most of star's gap to dense on ten tasks for
+# about 1% of phase 1, but let the model answer by copying the block's first words (as the
+# built-in model did on `demo`); placed before the anchor it does not, and its gain is not
+# yet measured on a GPU (docs/accuracy.md).
 DEFAULT_ANCHOR_QUERY = False
 # Where bench, eval and plan --calibrate write what they measure unless --output says: a
 # directory of its own in the current one (the repository's .gitignore lists it), not
