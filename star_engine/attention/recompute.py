@@ -35,6 +35,7 @@ from ..comm import Communicator
 from ..launch.control import Place
 from ..model import Transformer
 from .local import local_attention, local_attention_lse
+from .merge import merge_into
 
 # Keys per piece of a rank's K/V that a query attends either whole (it comes after the
 # piece) or masked by position (it lies within): the masked part stays small.
@@ -162,7 +163,4 @@ def _masked_attention(q: Tensor, sees_up_to: Tensor, k: Tensor, v: Tensor) -> tu
 
 def _merge_rows(o: Tensor, lse: Tensor, rows: Tensor, o2: Tensor, lse2: Tensor) -> None:
     """Merges (o2, lse2) into the given rows of (o, lse); lse2 is finite (each row saw a key)."""
-    old_lse = lse[:, rows]
-    merged = torch.logaddexp(old_lse, lse2)
-    o[:, rows] = o[:, rows] * torch.exp(old_lse - merged)[..., None] + o2.float() * torch.exp(lse2 - merged)[..., None]
-    lse[:, rows] = merged
+    o[:, rows], lse[:, rows] = merge_into(o[:, rows], lse[:, rows], o2, lse2)
