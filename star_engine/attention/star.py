@@ -23,8 +23,7 @@ prefix. `anchor_query`: the request's question comes first, before the anchor (a
 positions just before 0; the anchor's K/V stays the one computed without it), so that
 every block is encoded knowing what is asked; block 0, encoded alone, does not see it, and
 the context's K/V then belongs to that one question (engine.py encodes the context again
-for another). The prefix tokens are run through the
-layers with their block and not kept.
+for another). The prefix tokens are run through the layers with their block and not kept.
 
 `recompute_fraction` r: after phase 1, the K/V of the fraction r of the tokens outside
 block 0 that phase 1 got most wrong is recomputed exactly over the whole context
