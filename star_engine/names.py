@@ -15,12 +15,10 @@ PUBLISHED_STAR_LAYOUT = "uniform"
 # What the commands run: as fast as ring or faster on two or more GPUs, and as accurate as
 # uniform (docs/accuracy.md).
 DEFAULT_STAR_LAYOUT = "balanced"
-# Whether the commands' star encodes each block knowing the request's question. Off: placed
-# just before a block, the question closed most of star's gap to dense on ten tasks for
-# about 1% of phase 1, but let the model answer by copying the block's first words (as the
-# built-in model did on `demo`); placed before the anchor it does not, and its gain is not
-# yet measured on a GPU (docs/accuracy.md).
-DEFAULT_ANCHOR_QUERY = False
+# Whether the commands' star encodes each block knowing the request's question: on, since
+# it closed 81% (4 blocks) and 48% (8 blocks) of star's gap to dense on ten tasks at 2K-8K
+# for about 1% more phase 1 (docs/accuracy.md); `--anchor-query off` is star as published.
+DEFAULT_ANCHOR_QUERY = True
 # Where bench, eval and plan --calibrate write what they measure unless --output says: a
 # directory of its own in the current one (the repository's .gitignore lists it), not
 # files among the user's.

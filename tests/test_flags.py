@@ -41,9 +41,10 @@ def flags_of(command: str) -> set[str]:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_star_layout_flags_mean_the_same_in_every_command(command):
     assert star(command, "--blocks", "3", "--anchor-fraction", "1/4", "--layout", "balanced") == \
-        StrategySpec(blocks=3, anchor_fraction=0.25, layout="balanced")
+        StrategySpec(blocks=3, anchor_fraction=0.25, layout="balanced", anchor_query=True)
     assert star(command, "--block-size", "4096", "--anchor-tokens", "1024", "--anchor-mode", "recompute",
-                "--layout", "uniform") == StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
+                "--layout", "uniform", "--anchor-query", "off") == \
+        StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
 
 
 def test_a_setting_the_commands_share_has_one_spelling_wherever_it_is_offered():
@@ -70,22 +71,23 @@ def test_lengths_are_token_counts_in_every_command_that_takes_them(command):
 
 
 def test_the_layout_is_balanced_unless_uniform_is_asked_for_and_a_grid_can_cross_the_two():
-    assert star("run") == StrategySpec(layout="balanced")
-    assert star("run", "--layout", "uniform") == StrategySpec()
-    labels = [spec.label for spec in specs("eval", "--attn", "star", "--blocks", "4", "--layout", "uniform,balanced")]
+    assert star("run", "--anchor-query", "off") == StrategySpec(layout="balanced")
+    assert star("run", "--layout", "uniform", "--anchor-query", "off") == StrategySpec()
+    labels = [spec.label for spec in specs("eval", "--attn", "star", "--blocks", "4", "--layout", "uniform,balanced",
+                                           "--anchor-query", "off")]
     assert labels == ["star 4b a=1", "star 4b a=1 balanced"]
     with pytest.raises(SystemExit):
         star("demo", "--layout", "lopsided")
 
 
 def test_plan_compares_both_layouts_unless_told_which():
-    assert [spec.label for spec in specs("plan")] == ["star", "star balanced", "ring", "dense"]
-    assert [spec.label for spec in specs("plan", "--attn", "star", "--layout", "balanced")] == ["star balanced"]
+    assert [spec.label for spec in specs("plan")] == ["star +q", "star balanced +q", "ring", "dense"]
+    assert [spec.label for spec in specs("plan", "--attn", "star", "--layout", "balanced")] == ["star balanced +q"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_star_runs_as_published_unless_asked_to_read_the_question_in_phase_1(command):
-    published, aware = star(command), star(command, "--anchor-query", "on")
+def test_star_reads_the_question_in_phase_1_unless_told_to_run_as_published(command):
+    aware, published = star(command), star(command, "--anchor-query", "off")
     assert aware.anchor_query and not published.anchor_query
     assert aware.label == published.label + " +q"
 
@@ -111,13 +113,13 @@ def test_blocks_and_block_size_exclude_each_other_as_do_the_anchor_units():
 def test_a_grid_crosses_its_lists_into_one_method_each_named_by_its_label(command):
     labels = [spec.label for spec in specs(command, "--attn", "star,dense", "--blocks", "2,4",
                                            "--anchor-fraction", "1/4,1", "--layout", "balanced")]
-    assert labels == ["star 2b a=1/4 balanced", "star 2b a=1 balanced", "star 4b a=1/4 balanced",
-                      "star 4b a=1 balanced", "dense"]
+    assert labels == ["star 2b a=1/4 balanced +q", "star 2b a=1 balanced +q", "star 4b a=1/4 balanced +q",
+                      "star 4b a=1 balanced +q", "dense"]
 
 
 def test_eval_cuts_the_context_into_4_blocks_unless_told_otherwise():
-    assert [spec.label for spec in specs("eval")] == ["star 4b a=1 balanced", "dense"]
-    assert star("eval", "--block-size", "512") == StrategySpec(block_size=512, layout="balanced")
+    assert [spec.label for spec in specs("eval")] == ["star 4b a=1 balanced +q", "dense"]
+    assert star("eval", "--block-size", "512") == StrategySpec(block_size=512, layout="balanced", anchor_query=True)
 
 
 def test_the_other_strategies_take_no_star_settings():

@@ -68,7 +68,7 @@ def test_plan_prints_a_table_and_advice_and_saves_its_predictions(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "65536 tokens: fewest GPUs for 100 s to the first token: dense on 1 GPU" in result.stdout
     saved = json.loads(out.read_text())
-    assert {p["label"] for p in saved["predictions"]} == {"dense", "star", "star balanced", "ring"}
+    assert {p["label"] for p in saved["predictions"]} == {"dense", "star +q", "star balanced +q", "ring"}
 
 
 @pytest.mark.alone

@@ -139,12 +139,12 @@ class StarAttention(Strategy):
         layout = ", block 0 balanced" if self.balanced else ""
         window = (f", then the {self.window_tokens} tokens before the block" if self.window_tokens else
                   f", then {fraction_text(self.window_fraction)} of a block before it" if self.window_fraction else "")
-        query = ", then the question" if self.reads_query else ""
+        question = "the question, then " if self.reads_query else ""
         temperature = f", the other blocks at temperature {1 / self.key_scale:g} in phase 2" \
             if self.key_scale != 1.0 else ""
         recompute = f", {self.recompute_fraction:g} of the other blocks' K/V recomputed" \
             if self.recompute_fraction else ""
-        return (f"star (block {block}{layout}, anchor {anchor}{window}{query}, anchor K/V by {self.anchor_mode}"
+        return (f"star (block {block}{layout}, {question}anchor {anchor}{window}, anchor K/V by {self.anchor_mode}"
                 f"{temperature}{recompute})")
 
     def _anchor_for(self, block: int) -> int:
