@@ -89,13 +89,16 @@ std::tuple<at::Tensor, at::Tensor> packed_output(const at::Tensor& q, int64_t he
   return {o, lse};
 }
 
-void check_row_addresses(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
-                         const at::Tensor& lengths, int64_t rows, const char* what) {
-  for (const at::Tensor* t : {&k_rows, &v_rows, &lengths}) {
+// The tables of a batched launch (kernels.h, DecodeRows): int64 [rows] each on q's device.
+DecodeRows row_tables(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
+                      const at::Tensor& lengths, const at::Tensor& capacities, int64_t rows, const char* what) {
+  for (const at::Tensor* t : {&k_rows, &v_rows, &lengths, &capacities}) {
     TORCH_CHECK(t->is_cuda() && t->device() == q.device() && t->scalar_type() == at::kLong &&
                     t->dim() == 1 && t->numel() == rows && t->is_contiguous(),
-                what, ": k_rows, v_rows and lengths must be int64 addresses [rows] on q's device");
+                what, ": k_rows, v_rows, lengths and capacities must be int64 [rows] on q's device");
   }
+  return DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
+                    capacities.data_ptr<int64_t>()};
 }
 
 // The kernel's split counters: int32 [>= rows x KV heads] on q's device, zero before a
@@ -151,29 +154,67 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_rows(const at::Tensor& q, const at::Tensor& k_rows,
                                                          const at::Tensor& v_rows,
-                                                         const at::Tensor& lengths, int64_t capacity,
+                                                         const at::Tensor& lengths, const at::Tensor& capacities,
                                                          int64_t kv_heads, int64_t splits,
                                                          const at::Tensor& counters) {
   // q [H, rows, D] (heads D apart, each head's row contiguous); row r reads the layer of an
-  // arena whose K and V start at k_rows[r], v_rows[r] ([KV, capacity, D] each, of q's
+  // arena whose K and V start at k_rows[r], v_rows[r] ([KV, capacities[r], D] each, of q's
   // dtype) and whose int32 length is at lengths[r].
   check_cuda_tensor(q, "decode_attention_rows input");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(0) == q.size(2),
               "decode_attention_rows: q [H, rows, D] with heads D apart");
   const int64_t rows = q.size(1);
-  check_row_addresses(q, k_rows, v_rows, lengths, rows, "decode_attention_rows");
+  const DecodeRows tables = row_tables(q, k_rows, v_rows, lengths, capacities, rows, "decode_attention_rows");
   check_counters(q, counters, rows * kv_heads, "decode_attention_rows");
   auto [o, lse] = packed_output(q, q.size(0), rows, q.size(2));
-  launch_decode(q, q.stride(1), nullptr, nullptr, capacity, nullptr,
-                DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()},
-                rows, kv_heads, splits, counters, o, lse);
+  launch_decode(q, q.stride(1), nullptr, nullptr, 0, nullptr, tables, rows, kv_heads, splits, counters, o, lse);
   return {o, lse};
 }
 
+void shared_context_attention(const at::Tensor& q, at::Tensor& o, at::Tensor& lse, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& capacities, const at::Tensor& lengths,
+                              const at::Tensor& readers, const at::Tensor& first_reader,
+                              const at::Tensor& reader_rows, int64_t kv_heads, int64_t splits) {
+  // q, o [H, rows, D] (heads D apart) and lse [H, rows]: decode_attention_rows' output over
+  // each row's own keys, merged in place with each reader's attention over its shared
+  // context; entry e's K and V start at k[e], v[e] ([KV, capacities[e], D] each).
+  check_cuda_tensor(q, "shared_context_attention input");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(0) == q.size(2) && o.is_contiguous() &&
+                  o.sizes() == q.sizes() && o.scalar_type() == q.scalar_type() && lse.is_contiguous() &&
+                  lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && o.device() == q.device() && lse.device() == q.device(),
+              "shared_context_attention: q [H, rows, D] with heads D apart, o like q, lse [H, rows] float32");
+  const int64_t entries = k.numel(), rows = q.size(1), heads = q.size(0), dim = q.size(2);
+  for (const at::Tensor* t : {&k, &v, &capacities}) {
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kLong && t->dim() == 1 &&
+                    t->numel() == entries && t->is_contiguous(),
+                "shared_context_attention: k, v and capacities must be int64 [entries] on q's device");
+  }
+  for (const at::Tensor* t : {&lengths, &readers, &first_reader}) {
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kInt && t->dim() == 1 &&
+                    t->numel() == entries && t->is_contiguous(),
+                "shared_context_attention: lengths, readers and first_reader must be int32 [entries] on q's device");
+  }
+  TORCH_CHECK(reader_rows.device() == q.device() && reader_rows.scalar_type() == at::kInt &&
+                  reader_rows.dim() == 1 && reader_rows.numel() == rows && reader_rows.is_contiguous(),
+              "shared_context_attention: reader_rows must be int32 [rows] on q's device");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor workspace = at::empty({shared_context_workspace_floats(rows, heads, dim, splits)},
+                                   q.options().dtype(at::kFloat));
+  const SharedContexts contexts{k.data_ptr<int64_t>(), v.data_ptr<int64_t>(), capacities.data_ptr<int64_t>(),
+                                lengths.data_ptr<int32_t>(), readers.data_ptr<int32_t>(),
+                                first_reader.data_ptr<int32_t>(), reader_rows.data_ptr<int32_t>()};
+  shared_context_attention_cuda(q.data_ptr(), q.stride(1), contexts, static_cast<int>(entries),
+                                static_cast<int>(rows), static_cast<int>(heads), static_cast<int>(kv_heads),
+                                static_cast<int>(dim), 1.0f / std::sqrt(static_cast<float>(dim)), dtype_of(q),
+                                static_cast<int>(splits), workspace.data_ptr<float>(), o.data_ptr(),
+                                lse.data_ptr<float>(), current_stream(q));
+}
+
 void kv_append_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_rows,
-                    const at::Tensor& v_rows, const at::Tensor& lengths, int64_t capacity) {
+                    const at::Tensor& v_rows, const at::Tensor& lengths, const at::Tensor& capacities) {
   // k, v [KV, rows, D]: row r's token goes to slot lengths[r] - 1 of the layer whose K and V
-  // start at k_rows[r], v_rows[r] ([KV, capacity, D] each, of k's dtype).
+  // start at k_rows[r], v_rows[r] ([KV, capacities[r], D] each, of k's dtype).
   check_cuda_tensor(k, "kv_append_rows input");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.strides() == k.strides() && k.stride(2) == 1 &&
                   v.scalar_type() == k.scalar_type() && v.device() == k.device(),
@@ -182,12 +223,10 @@ void kv_append_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * k.element_size()) % 16 == 0 &&
                   (k.stride(1) * k.element_size()) % 16 == 0,
               "kv_append_rows: rows must be multiples of 16 bytes");
-  check_row_addresses(k, k_rows, v_rows, lengths, rows, "kv_append_rows");
+  const DecodeRows tables = row_tables(k, k_rows, v_rows, lengths, capacities, rows, "kv_append_rows");
   const c10::cuda::CUDAGuard guard(k.device());
   kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), k.stride(1) * k.element_size(),
-                 nullptr, nullptr, capacity, nullptr,
-                 DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()},
-                 static_cast<int>(rows), static_cast<int>(k.size(0)), static_cast<int>(row_bytes),
+                 nullptr, nullptr, 0, nullptr, tables, static_cast<int>(rows), static_cast<int>(k.size(0)), static_cast<int>(row_bytes),
                  current_stream(k));
 }
 
@@ -255,11 +294,16 @@ void register_cuda_bindings(pybind11::module& m) {
         pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"), pybind11::arg("counters"),
         "One-token attention over a KV cache: (o [H, D], lse [H]).");
   m.def("decode_attention_rows", &decode_attention_rows, pybind11::arg("q"), pybind11::arg("k_rows"),
-        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacity"),
+        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacities"),
         pybind11::arg("kv_heads"), pybind11::arg("splits"), pybind11::arg("counters"),
         "One token per row over each row's own KV cache (addresses per row): (o [H, rows, D], lse [H, rows]).");
+  m.def("shared_context_attention", &shared_context_attention, pybind11::arg("q"), pybind11::arg("o"),
+        pybind11::arg("lse"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("capacities"),
+        pybind11::arg("lengths"), pybind11::arg("readers"), pybind11::arg("first_reader"),
+        pybind11::arg("reader_rows"), pybind11::arg("kv_heads"), pybind11::arg("splits"),
+        "Merges into o, lse each reader row's attention over the shared context it reads, read once for all its readers.");
   m.def("kv_append_rows", &kv_append_rows, pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_rows"),
-        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacity"),
+        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacities"),
         "Writes row r's token of k, v [KV, rows, D] into the slot its length names in its own cache.");
   m.def("add_token_rows", &add_token_rows, pybind11::arg("lengths"), pybind11::arg("active"),
         "Adds one to each of the first active int32 lengths at the addresses given.");

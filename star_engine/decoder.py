@@ -30,7 +30,8 @@ class Decoder:
     slot there), and which arena a row reads in DecodeRows' tables. On a GPU whose shapes
     the decode kernel serves, the step (all layers, the collectives and the merges, the
     choice of the next tokens and their broadcast) is captured once in a CUDA graph and
-    replayed for every later step, whatever requests its rows hold."""
+    replayed for every later step, whatever requests its rows hold: one graph for rows
+    that read no shared context, one for rows of which some do (its extra launches)."""
 
     def __init__(self, model: Transformer, rows: int, capacity: int, comm: Communicator, place: Place,
                  cuda_graph: bool) -> None:
@@ -43,7 +44,7 @@ class Decoder:
         self.logits = torch.zeros(rows, cfg.vocab_size, dtype=torch.float32, device=weight.device)
         self.attend = token_attention(self.rows, comm, place.is_query_rank)
         self.use_graph = cuda_graph and self.rows.kernel
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether a row reads a shared context
         self.held = 0
         self.steps, self.replayed = 0, False  # taken so far, and how the last one ran: for messages
 
@@ -63,16 +64,17 @@ class Decoder:
 
     def step(self) -> None:
         self.steps += 1
-        self.replayed = self.graph is not None
+        graph = self.graphs.get(self.rows.reads_shared)
+        self.replayed = graph is not None
         if not self.use_graph:
             self._step()
-        elif self.graph is None:
+        elif graph is None:
             self._step()  # a real step, which also warms up what the capture records
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the next step; runs nothing
+            graph = self.graphs[self.rows.reads_shared] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the next step; runs nothing
                 self._step()
         else:
-            self.graph.replay()
+            graph.replay()
 
     def tokens(self) -> list[int]:
         """The tokens the last step chose for the requests held, a row each."""

@@ -58,8 +58,7 @@ class Engine:
     generated), of which at most its max_tail come after the context. The query rank keeps
     its share of the context and the tail. With a batch > 1, up to `batch` requests decode
     together (generate_many), in as many arenas: cache.whole_requests of them hold a whole
-    request, the others only a tail, for a request that reads a context another holds
-    (where the decode step can read a row from two arenas: on the CPU so far).
+    request, the others only a tail, for a request that reads a context another holds.
 
     The strategy runs among the ranks of `comm`, its place (`strategy.place`): the ranks of
     the job, or under tensor parallelism the ranks of every host that hold the same heads,
@@ -78,9 +77,8 @@ class Engine:
         self.decoders: dict[int, Decoder] = {}  # by their rows
         self.capacities = arena_capacities(strategy, self.max_tokens, self.max_tail)
         self.tail_capacities = tail_capacities(strategy, self.max_tail)
-        self.shares_contexts = not decode_kernel_serves(model.heads, model.kv_heads, cfg.head_dim, weight.dtype,
-                                                        weight.device)
-        self.whole_requests = cache.whole_requests if self.shares_contexts else self.batch
+        self.whole_requests = cache.whole_requests
+        self.shares_contexts = cache.share_contexts
         kv_slots = kv_cache_slots(self.capacities, self.tail_capacities,
                                   KVCacheSettings(batch=self.batch, contexts=self.whole_requests))
         # Before any arena exists: arenas a rank has not the memory for end the job in one line.
@@ -303,9 +301,9 @@ class Engine:
     def _place(self, digest: str, free: list[Slot]) -> tuple[Slot, Slot | None] | None:
         """The free slot a request of this context takes, and the slot whose context it
         reads (None: its own): a free slot that holds the context; else, where a busy one
-        holds it, a free slot that reads it there (a tail's slot first), where the decode
-        step can, or else a free whole slot that copies it (_encode); else a free whole
-        slot that no request reads, to encode it in. None: none now."""
+        holds it, a free slot that reads it there (a tail's slot first), unless contexts are
+        not shared; else a free whole slot that no request reads, to encode it in (or copy
+        it into, _encode). None: none now."""
         own = next((s for s in free if s.whole and s.holds(digest)), None)
         if own is not None:
             return own, None

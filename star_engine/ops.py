@@ -50,20 +50,33 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, length: Tensor, splits: in
     return _C.decode_attention(q, k, v, length, splits, counters)
 
 
-def decode_attention_rows(q: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacity: int,
+def decode_attention_rows(q: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacities: Tensor,
                           kv_heads: int, splits: int, counters: Tensor) -> tuple[Tensor, Tensor]:
     """One token per row, q [H, rows, D], each row over its own cache: row r's layer of K and
-    V starts at address k_rows[r], v_rows[r] ([KV, capacity, D] each) and its int32 length
-    is at lengths[r] (int64 tensors of addresses). o [H, rows, D] and lse [H, rows], packed
+    V starts at address k_rows[r], v_rows[r] ([KV, capacities[r], D] each) and its int32
+    length is at lengths[r] (int64 tensors [rows]). o [H, rows, D] and lse [H, rows], packed
     in one buffer as gather_merge sends it. counters: decode_counters(rows, kv_heads)."""
-    return _C.decode_attention_rows(q, k_rows, v_rows, lengths, capacity, kv_heads, splits, counters)
+    return _C.decode_attention_rows(q, k_rows, v_rows, lengths, capacities, kv_heads, splits, counters)
 
 
-def kv_append_rows(k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacity: int) -> None:
+def shared_context_attention(q: Tensor, o: Tensor, lse: Tensor, k: Tensor, v: Tensor, capacities: Tensor,
+                             lengths: Tensor, readers: Tensor, first_reader: Tensor, reader_rows: Tensor,
+                             kv_heads: int, splits: int) -> None:
+    """Merges into o [H, rows, D], lse [H, rows] (decode_attention_rows' output for q) each
+    reader row's attention over the context it shares with others, which the kernel reads
+    once for all its readers. Entry e (int64 k, v, capacities; int32 lengths, readers,
+    first_reader, all [entries]): the first lengths[e] keys of the layer at k[e], v[e]
+    ([KV, capacities[e], D]), read by the rows reader_rows[first_reader[e]:][:readers[e]]
+    (int32 [rows]); at most 128 // (H // KV) readers an entry."""
+    _C.shared_context_attention(q, o, lse, k, v, capacities, lengths, readers, first_reader, reader_rows,
+                                kv_heads, splits)
+
+
+def kv_append_rows(k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacities: Tensor) -> None:
     """Row r's token of k, v [KV, rows, D] into slot lengths[r] - 1 of its own cache (the
     addresses as for decode_attention_rows); a row whose slot is outside its cache is not
     written."""
-    _C.kv_append_rows(k, v, k_rows, v_rows, lengths, capacity)
+    _C.kv_append_rows(k, v, k_rows, v_rows, lengths, capacities)
 
 
 def add_token_rows(lengths: Tensor, active: Tensor) -> None:

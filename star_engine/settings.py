@@ -31,6 +31,9 @@ class KVCacheSettings:
     batch: int = 1
     max_tail: int | None = None  # None: up to max_tokens
     contexts: int | None = None  # None: one per request of the batch
+    # False: a request whose context another arena holds copies it into its own (a whole
+    # arena) instead of reading it there; to measure what sharing gains.
+    share_contexts: bool = True
     # Else a max_tokens beyond the positions the model was trained for is refused.
     beyond_trained_positions: bool = False
 

@@ -36,7 +36,7 @@ def test_cuda_and_nccl_sources_compile_for_hopper(tmp_path):
     build = subprocess.run(["cmake", "--build", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-8000:] + build.stderr[-8000:]
     objects = {p.name for p in tmp_path.rglob("*.o")}
-    assert {"lse_merge.cu.o", "decode_attention.cu.o", "nccl_comm.cpp.o"} <= objects
+    assert {"lse_merge.cu.o", "decode_attention.cu.o", "shared_context_attention.cu.o", "nccl_comm.cpp.o"} <= objects
 
 
 # The CUDA headers of PyTorch name a few CUDA math libraries that the glue and the KV arena

@@ -11,11 +11,11 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "dtype.cuh"
 #include "kernels.h"
 #include "lse.cuh"
+#include "mma.cuh"
 
 namespace star {
 
@@ -31,65 +31,6 @@ template <int D>
 __host__ __device__ constexpr int stages() { return D == 128 ? 3 : 6; }  // 96 KB: two blocks fit an SM
 template <typename T, int D>
 constexpr int pipeline_bytes() { return stages<D>() * 2 * kTileKeys * D * static_cast<int>(sizeof(T)); }
-
-// 16-byte pieces of a row of D elements are stored XOR-swizzled by the row's low bits, so
-// that the 8 rows an ldmatrix reads at one column fall into 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swizzled(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) * 8);
-}
-
-// Copies 16 bytes to shared memory in the background; with valid false it writes zeros
-// (and reads nothing), so that rows past the end hold no NaN that a zero weight would keep.
-__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-
-// c += a b for a 16x16 (rows) by 16x8 (columns) tile in float32. Rows 8..15 of a are zero
-// here (a1 = a3 = 0): only G <= 8 query heads exist.
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-  const unsigned zero = 0;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats as the element pair of one register, the first in the low half.
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const unsigned*>(&pair);
-  } else {
-    const __half2 pair = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const unsigned*>(&pair);
-  }
-}
 
 // grid (kv_heads, splits), kWarps warps. Each tile of kTileKeys keys gives every warp 16
 // keys; a warp keeps its own online softmax (one row per query head) over the keys it saw,
@@ -125,6 +66,7 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
     k_cache = reinterpret_cast<const T*>(rows.k[batch_row]);
     v_cache = reinterpret_cast<const T*>(rows.v[batch_row]);
     length = reinterpret_cast<const int32_t*>(rows.length[batch_row]);
+    capacity = rows.capacity[batch_row];
   }
   q += batch_row * q_row_stride;
   {
@@ -195,8 +137,8 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
       for (int ks = 0; ks < kKSteps; ks += 2) {
         unsigned b[4];
         ldmatrix_x4(b, k_stage + swizzled<D>(key, 2 * ks + lane / 8));
-        mma<T>(s[n], qa[ks][0], qa[ks][1], b[0], b[1]);
-        mma<T>(s[n], qa[ks + 1][0], qa[ks + 1][1], b[2], b[3]);
+        mma<T>(s[n], qa[ks][0], 0u, qa[ks][1], 0u, b[0], b[1]);
+        mma<T>(s[n], qa[ks + 1][0], 0u, qa[ks + 1][1], 0u, b[2], b[3]);
       }
     }
     // Online softmax of row `row` over these 16 keys (the 4 lanes of a quad share a row).
@@ -237,8 +179,8 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
     for (int n = 0; n < D / 8; n += 2) {
       unsigned b[4];
       ldmatrix_x4_trans(b, v_stage + swizzled<D>(v_key, n + lane / 16));
-      mma<T>(acc[n], pa0, pa2, b[0], b[1]);
-      mma<T>(acc[n + 1], pa0, pa2, b[2], b[3]);
+      mma<T>(acc[n], pa0, 0u, pa2, 0u, b[0], b[1]);
+      mma<T>(acc[n + 1], pa0, 0u, pa2, 0u, b[2], b[3]);
     }
   }
   wait_async<0>();

@@ -17,13 +17,15 @@ void lse_merge_cuda(const void* o_parts, int64_t o_part_stride, DType in_dtype,
                     const float* lse_parts, int64_t lse_part_stride, int parts, int64_t rows,
                     int dim, void* o_out, DType out_dtype, float* lse_out, cudaStream_t stream);
 
-// Where each row of a batched decode finds its cache and length: device arrays of
-// addresses, [rows] each (one layer's K and V of the row's arena, its int32 length). All
-// null: one row, at the pointers given beside.
+// Where each row of a batched decode finds its cache: device arrays [rows] of addresses
+// (one layer's K and V of the row's arena, its int32 length) and of the arena's capacity
+// (rows of one arena may differ: a request that reads a shared context holds only its
+// tail). All null: one row, at the pointers and capacity given beside.
 struct DecodeRows {
   const int64_t* k = nullptr;
   const int64_t* v = nullptr;
   const int64_t* length = nullptr;
+  const int64_t* capacity = nullptr;
 };
 
 // Attention of one query token (all heads) per row over a KV cache laid out [kv_heads,
@@ -46,6 +48,39 @@ void decode_attention_cuda(const void* q, int64_t q_row_stride, const void* k_ca
                            int32_t* counters, void* o, float* lse, cudaStream_t stream);
 
 int64_t decode_workspace_floats(int heads, int head_dim, int splits);
+
+// Contexts that several rows of a batched decode read, held once: entry e is one layer's
+// K and V of the arena that holds it (addresses k[e], v[e], laid out [kv_heads,
+// capacity[e], head_dim]), of which the first length[e] keys count, and the rows that read
+// it, reader_rows[first_reader[e] .. first_reader[e] + readers[e]). Device arrays: k, v,
+// capacity int64 [entries]; length, readers, first_reader int32 [entries]; reader_rows
+// int32 [batch rows]. An entry of 0 readers is unused. A row reads at most one entry.
+struct SharedContexts {
+  const int64_t* k = nullptr;
+  const int64_t* v = nullptr;
+  const int64_t* capacity = nullptr;
+  const int32_t* length = nullptr;
+  const int32_t* readers = nullptr;
+  const int32_t* first_reader = nullptr;
+  const int32_t* reader_rows = nullptr;
+};
+// Query heads of one kv head over one entry that one launch takes: readers x group.
+constexpr int kMaxSharedQueryRows = 128;
+
+// Adds to each reader row's attention over its own keys (o [heads, batch_rows, head_dim]
+// and lse [heads, batch_rows], decode_attention's output, merged in place) its attention
+// over the shared context it reads: for each entry and kv head, the query heads of all its
+// readers (readers x group <= kMaxSharedQueryRows) read the context's keys once, as the rows
+// of one matrix product, over `splits` blocks whose parts go to `workspace`
+// (shared_context_workspace_floats) and are merged with o, lse by a second launch. q as
+// for decode_attention (row r at q + r * q_row_stride). head_dim 64 or 128; dtype float16
+// or bfloat16.
+void shared_context_attention_cuda(const void* q, int64_t q_row_stride, SharedContexts contexts,
+                                   int entries, int batch_rows, int heads, int kv_heads, int head_dim,
+                                   float scale, DType dtype, int splits, float* workspace, void* o,
+                                   float* lse, cudaStream_t stream);
+
+int64_t shared_context_workspace_floats(int batch_rows, int heads, int head_dim, int splits);
 
 // Copies one token's k and v rows per batch row ([kv_heads] rows of row_bytes, heads
 // src_head_stride_bytes apart, batch rows src_row_stride_bytes apart) into slot *length - 1

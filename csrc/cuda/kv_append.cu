@@ -19,6 +19,7 @@ __global__ void kv_append_kernel(const char* __restrict__ k, const char* __restr
     k_cache = reinterpret_cast<char*>(rows.k[batch_row]);
     v_cache = reinterpret_cast<char*>(rows.v[batch_row]);
     length = reinterpret_cast<const int32_t*>(rows.length[batch_row]);
+    capacity = rows.capacity[batch_row];
   }
   const int64_t slot = *length - 1;
   if (slot < 0 || slot >= capacity) return;  // an overrun, which the arena reports on the host

@@ -54,7 +54,7 @@ def plot_bench(result: dict, path: Path) -> bool:
 
 
 def plot_job(result: dict, path: Path) -> bool:
-    """A job's runs (one at a time, context once, batched): output tokens per second over
+    """A job's runs (one at a time, batched): output tokens per second over
     the whole job and while decoding, and when each request was answered. Returns False
     when matplotlib is not installed."""
     plt = pyplot()

@@ -124,9 +124,10 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             length: int, requests: int, questions: int, query_tokens: int, new_tokens: int, cuda_graph: bool,
             say: Callable[[str], None], batch: int = 1) -> list[dict]:
     """A job of `requests` requests on requests/questions contexts of `length` tokens, each
-    asked `questions` questions, run one request at a time (each encodes its context), with
-    each context encoded once for its questions (where there are several), and (batch > 1)
-    with up to `batch` requests decoding together. Per run: the wall time, requests per
+    asked `questions` questions, run one request at a time (each context encoded once for
+    its questions), and (batch > 1) with up to `batch` requests decoding together: where
+    questions share a context, reading its K/V from one arena and, for comparison, each from
+    a copy of its own (where the copies fit). Per run: the wall time, requests per
     hour, output tokens per second, decode tokens per second (the tokens after each first
     over the time not spent on phase 1 and queries, which run one request at a time), each
     request's time to first token and its latency from the job's start."""
@@ -164,24 +165,34 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
     # A context that several questions share is encoded without any of them (plan_request).
     plan = engine.plan(length, query_tokens, new_tokens, shared_context=questions > 1)
     engine.generate(*jobs[0], new_tokens, plan=plan, stop_at_eos=False)  # untimed: kernels, graph capture
-    rows = []
-    for reuse in (False, True) if questions > 1 else (False,):
-        engine.forget_contexts()
-        rows.append(measured("context once" if reuse else "one at a time", lambda: (
-            (i, engine.generate(context, query, new_tokens, plan=plan, reuse_context=reuse, stop_at_eos=False))
-            for i, (context, query) in enumerate(jobs))))
+    # One at a time, each context encoded once for its questions where there are several
+    # (encoding it again for each would add only phase 1s, a question's worth each).
+    reuse = questions > 1
+    engine.forget_contexts()
+    rows = [measured("one at a time" + (", context once" if reuse else ""), lambda: (
+        (i, engine.generate(context, query, new_tokens, plan=plan, reuse_context=reuse, stop_at_eos=False))
+        for i, (context, query) in enumerate(jobs)))]
     if batch > 1:
         del engine
-        # Questions of one context read its K/V from one arena (where the decode step can).
-        together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
-                          replace(cache, batch=batch, contexts=contexts_at_once(batch, questions)), cuda_graph)
-        plan = together.plan(length, query_tokens, new_tokens, shared_context=questions > 1)
-        list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
-        together.forget_contexts()
-        rows.append(measured(f"batch {batch}", lambda: together.generate_many(
-            [(context, query, plan) for context, query in jobs], stop_at_eos=False)))
-        rows[-1]["decode_roofline_gain_x"] = batched_decode_roofline_gain(model, plan, batch)
-        rows[-1]["contexts_held"] = together.whole_requests
+        # Questions of one context read its K/V from one arena; for comparison, each with a
+        # copy of it (where the copies fit).
+        for shared in (True, False) if questions > 1 else (False,):
+            contexts = contexts_at_once(batch, questions) if shared else batch
+            try:
+                together = Engine(model, spec.build(comm.place, comm, cfg, calibration), comm, dist,
+                                  replace(cache, batch=batch, contexts=contexts, share_contexts=shared), cuda_graph)
+            except ValueError as exc:  # the memory check's refusal, alike on every rank
+                say(f"  {spec.label} {length:>8} tokens, batch {batch}{'' if shared else ', copies'}: {exc}")
+                continue
+            plan = together.plan(length, query_tokens, new_tokens, shared_context=questions > 1)
+            list(together.generate_many([(*jobs[0], plan)] * batch, stop_at_eos=False))  # untimed: a full step
+            together.forget_contexts()
+            mode = f"batch {batch}" + ("" if shared or questions == 1 else ", copies")
+            rows.append(measured(mode, lambda: together.generate_many(
+                [(context, query, plan) for context, query in jobs], stop_at_eos=False)))
+            rows[-1]["decode_roofline_gain_x"] = batched_decode_roofline_gain(model, plan, batch)
+            rows[-1]["contexts_held"] = together.whole_requests
+            del together
     return rows
 
 
@@ -204,7 +215,7 @@ def batched_decode_roofline_gain(model: Transformer, plan: RequestPlan, batch: i
 def job_table(rows: list[dict]) -> str:
     """Per run of a job: its requests, wall time, rates, decoding's gain over one request at
     a time (and the roofline's, where batched), the mean time to first token."""
-    alone = {(r["label"], r["context"]): r for r in rows if r["mode"] == "one at a time"}
+    alone = {(r["label"], r["context"]): r for r in rows if r["mode"].startswith("one at a time")}
     lines = []
     for r in rows:
         first = alone.get((r["label"], r["context"]))
