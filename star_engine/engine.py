@@ -71,7 +71,7 @@ class Engine:
         self.place = strategy.place
         cfg, weight = model.config, model.embed.weight
         self.max_tokens = cache.tokens(cfg.max_position_embeddings)
-        self.max_tail = self.max_tokens if cache.max_tail is None else min(cache.max_tail, self.max_tokens)
+        self.max_tail = cache.tail(self.max_tokens)
         self.batch = cache.batch
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Decoder] = {}  # by their rows
@@ -132,7 +132,7 @@ class Engine:
                                   f"query + {max_new_tokens} new), the limit is {self.max_tokens}")
         if plan.tail > self.max_tail:
             raise RequestTooLarge(f"request has {query_len} query + {max_new_tokens} new tokens, the "
-                                  f"engine takes at most {self.max_tail} after the context")
+                                  f"engine takes at most {self.max_tail} after the context", "max_tail")
         for rank, (need, capacity) in enumerate(zip(plan.kv_slots, self.capacities)):
             if need > capacity:
                 raise RequestTooLarge(f"rank {rank} needs {need} KV slots, its arena holds {capacity}")

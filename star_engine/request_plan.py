@@ -36,7 +36,13 @@ PHASE1_MEMORY = Phase1Memory(encoded_vectors_per_token=4.5, received_vectors_per
 
 
 class RequestTooLarge(ValueError):
-    """The request needs more tokens than the engine was sized for; nothing was computed."""
+    """The request needs more tokens than the engine was sized for; nothing was computed.
+    `limit`: which bound it passes, "max_tokens" (the whole request) or "max_tail" (the
+    tokens after its context)."""
+
+    def __init__(self, message: str, limit: str = "max_tokens") -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,8 @@ class Session:
         if spec is None or cache is None or (max_tokens > trained and not cache.beyond_trained_positions):
             return JobMemory(config, dtype, hosts)
         strategy = spec.build(Place(0, hosts), None, config, self.calibration)
-        return JobMemory(config, dtype, hosts, engine_kv_slots(strategy, max_tokens, max_tokens, cache), max_tokens,
-                         cache.batch)
+        return JobMemory(config, dtype, hosts, engine_kv_slots(strategy, max_tokens, cache.tail(max_tokens), cache),
+                         max_tokens, cache.batch)
 
     def say(self, message: str) -> None:
         """A progress line on stderr, from rank 0."""
@@ -171,7 +171,7 @@ class Session:
             def fitting(tokens: int) -> bool:
                 strategy = level_spec.build(Place(0, size), None, config, self.calibration)
                 memory = JobMemory(config, self.model.embed.weight.dtype, size,
-                                   engine_kv_slots(strategy, tokens, tokens, cache), tokens, cache.batch)
+                                   engine_kv_slots(strategy, tokens, cache.tail(tokens), cache), tokens, cache.batch)
                 return fits(memory.at(self.hosts.tp), free, weights_in_place=True)
 
             while size < count and tokens and not fitting(tokens):

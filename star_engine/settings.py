@@ -41,6 +41,10 @@ class KVCacheSettings:
         """The longest request: max_tokens, else the `trained` positions of the model."""
         return self.max_tokens or trained
 
+    def tail(self, tokens: int) -> int:
+        """The most tokens after the context of a request of up to `tokens` tokens."""
+        return tokens if self.max_tail is None else min(self.max_tail, tokens)
+
     @property
     def whole_requests(self) -> int:
         """How many of the batch's arenas hold a whole request (a context and its tail)."""

@@ -399,6 +399,31 @@ def test_requests_decoded_together_are_answered_as_one_at_a_time(tmp_path):
     assert "3 at once" in result.stderr
 
 
+def test_questions_about_one_document_decode_together_in_the_memory_of_one_context(tmp_path):
+    """--contexts 1 --max-tail: one arena holds the document whole, the batch's others only a
+    question and its answer each, reading the document there; the answers are those of one
+    request at a time, and a question whose tokens pass --max-tail gets its error line."""
+    doc = "The vault code is 4417. " * 12
+    questions = ["The code?", "Say it twice.", "Is it 4417?", "Which vault?", "And again?"]
+    lines = [{"id": f"q{i}", "context": doc, "query": q} for i, q in enumerate(questions)]
+    lines.append({"id": "long", "context": doc, "query": "Tell me everything about the vault. " * 8})
+    requests = write_jsonl(tmp_path / "in.jsonl", lines)
+    outputs = {}
+    for name, flags in {"alone": [], "shared": ["--batch", "4", "--contexts", "1", "--max-tail", "64"]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        result = star_engine(["run", "--input", str(requests), "--output", str(out), *flags, *TINY], ranks=2)
+        assert result.returncode == 0, result.stderr
+        outputs[name] = {r["id"]: r for r in read_jsonl(out)}
+    for rid in (f"q{i}" for i in range(len(questions))):
+        assert outputs["shared"][rid]["output"] == outputs["alone"][rid]["output"]
+        assert outputs["shared"][rid]["metrics"]["context_reused"] == (rid != "q0")
+    assert outputs["alone"]["long"]["error"] is None
+    assert outputs["shared"]["long"]["error"].endswith("after the context (--max-tail)")
+    refused = star_engine(["run", "--input", str(requests), "--output", str(tmp_path / "x.jsonl"), "--batch", "2",
+                           "--contexts", "3", *TINY])
+    assert refused.returncode != 0 and "--contexts 3 is more than --batch 2 holds" in refused.stderr
+
+
 def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came_alone(tmp_path):
     doc_a, doc_b = "The vault code is 4417. " * 12, "The ship sails at dawn. " * 12
     lines = [{"id": "a1", "context": doc_a, "query": "What is the code?"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -41,6 +41,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--batch", type=positive, default=1, metavar="N",
                      help="requests decoded together, each joining as another leaves; answers are written "
                           "as they finish (default: 1, one request at a time)")
+    run.add_argument("--contexts", type=positive, default=None, metavar="C",
+                     help="with --batch: contexts held whole at once (default: one per request of the batch); "
+                          "the batch's other arenas hold only a request's query and answer (--max-tail), for "
+                          "requests that ask about a context another request of the batch holds, which they "
+                          "read there: many questions about one long document in the memory of few")
+    run.add_argument("--max-tail", type=positive, default=None, metavar="TOKENS",
+                     help="tokens a request may have after its context, query and answer together; longer "
+                          "ones are refused (default: --max-tokens)")
     add_scale_out_flags(run, default="all")
     run.add_argument("--ttft-target", type=positive_seconds, default=None, metavar="SECONDS",
                      help="with --hosts-per-request auto: each request on the fewest hosts the planner predicts "
@@ -58,7 +66,9 @@ def check(args: argparse.Namespace) -> None:
 
     args.runtime = runtime_settings(args)
     [args.spec] = star_specs(args, [args.attn])
-    args.cache = kv_cache_settings(args, args.batch)
+    if args.contexts is not None and args.contexts > args.batch:
+        raise ValueError(f"--contexts {args.contexts} is more than --batch {args.batch} holds")
+    args.cache = replace(kv_cache_settings(args, args.batch), max_tail=args.max_tail, contexts=args.contexts)
     [args.scale_out] = scale_out_settings(args)
     if args.input.is_dir():
         raise ValueError(f"--input {args.input} is a directory; give the requests file")
@@ -214,7 +224,7 @@ def _prepared_requests(args: argparse.Namespace, session: Session, sizing: Reque
                                               shared_context=questions[indexed.context] > 1,
                                               question_tokens=question)
                 except RequestTooLarge as exc:
-                    error = f"{exc} (--max-tokens)"
+                    error = f"{exc} (--{exc.limit.replace('_', '-')})"
             if error is not None:
                 if answers.write_error(line.number, line.digest, line.id, error):
                     session.say(f"[{number}/{total}] line {line.number}: {printable(error)}")
