@@ -61,6 +61,23 @@ def test_advice_is_the_fewest_gpus_that_meet_the_target_within_memory():
     assert f"{fastest.label} on {fastest.gpus} GPUs" in recommend(predictions, RATES.memory_bytes, None)
 
 
+def test_a_job_predicts_a_shared_context_encoded_once_and_read_once_a_step():
+    from star_engine.measure.job_prediction import predict_job
+    from star_engine.settings import ScaleOutSettings
+
+    def job(questions: int, batch: int) -> dict:
+        return predict_job(CONFIG, StrategySpec("dense"), 1, [32768] * 16, 32, 64, batch, ScaleOutSettings("all"),
+                           RATES, questions=questions)
+
+    alone = predict(CONFIG, StrategySpec("dense"), 1, 32768, 32, 64, RATES)
+    # One at a time: the fifteen later questions skip phase 1, and nothing else changes.
+    assert job(1, 1)["wall_s"] - job(16, 1)["wall_s"] == pytest.approx(15 * alone.phase1_s)
+    # Sixteen decoding together: a step reads the context once, not sixteen times.
+    copies, shared = job(1, 16)["wall_s"] - 15 * alone.phase1_s, job(16, 16)["wall_s"]
+    steps = 63 * 15 * alone.decode_kv_s  # the reads saved over the 63 steps all sixteen decode
+    assert copies - shared == pytest.approx(steps, rel=0.05)
+
+
 def test_plan_prints_a_table_and_advice_and_saves_its_predictions(tmp_path):
     out = tmp_path / "plan.json"
     result = run([sys.executable, "-m", "star_engine", "plan", "--lengths", "64K", "--gpus", "1,2",

@@ -50,6 +50,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                       help="with --job: the proportions of the --lengths (default: equal)")
     plan.add_argument("--batch", type=positive, default=1, metavar="N",
                       help="with --job: requests each group decodes together (default: 1)")
+    plan.add_argument("--questions-per-context", type=positive, default=1, metavar="Q",
+                      help="with --job and one --lengths: requests come Q to a context, which is encoded once "
+                           "and, for those decoding together, read once a step (default: 1)")
     add_scale_out_flags(plan, default="auto,all", several=True)
     plan.add_argument("--output", type=Path, default=None,
                       help="predictions as JSON (default: none), or with --calibrate the calibration (default: "
@@ -68,9 +71,12 @@ def check(args: argparse.Namespace) -> None:
     args.lengths, args.gpu_counts = token_counts(args.lengths), token_counts(args.gpus, "--gpus")
     args.specs = star_specs(args, args.attn)
     if args.job is None:
-        if args.mix is not None:
-            raise ValueError("--mix takes effect only with --job REQUESTS")
+        if args.mix is not None or args.questions_per_context > 1:
+            flag = "--mix" if args.mix is not None else "--questions-per-context"
+            raise ValueError(f"{flag} takes effect only with --job REQUESTS")
         return
+    if args.questions_per_context > 1 and len(args.lengths) > 1:
+        raise ValueError("--questions-per-context takes one --lengths value (its contexts' length)")
     args.ways = scale_out_settings(args)
     args.mix = args.mix or [1] * len(args.lengths)
     if len(args.mix) != len(args.lengths):
@@ -129,9 +135,10 @@ def _job(args: argparse.Namespace, config, calibration, element_size: int) -> in
 
     lengths = mixed_lengths(args.lengths, args.mix, args.job)
     print(f"{args.model} on {calibration.device} ({calibration.source}): {len(lengths)} requests, "
-          f"{mix_phrase(lengths, args.lengths)}, {args.max_new_tokens} new tokens each, batch {args.batch}")
+          f"{mix_phrase(lengths, args.lengths)}, {args.max_new_tokens} new tokens each, batch {args.batch}"
+          + (f", {args.questions_per_context} questions a context" if args.questions_per_context > 1 else ""))
     jobs = [predict_job(config, args.specs[0], gpus, lengths, args.query_tokens, args.max_new_tokens, args.batch,
-                        way, calibration, element_size, args.gpus_per_node)
+                        way, calibration, element_size, args.gpus_per_node, args.questions_per_context)
             for gpus in args.gpu_counts for way in args.ways]
     print(text_table([{"gpus": j["hosts"], "hosts/request": j["hosts_per_request"], "wall s": f"{j['wall_s']:.1f}",
                        "req/hour": f"{j['requests_per_hour']:.0f}",
@@ -145,7 +152,8 @@ def _job(args: argparse.Namespace, config, calibration, element_size: int) -> in
 
         made = environment(1, torch.device("cpu"), ["python", "-m", "star_engine"])  # where predicted, not measured
         write_json(args.output, {"predicted_on": made, "model": args.model, "calibration": calibration.__dict__,
-                                 "lengths": args.lengths, "mix": args.mix, "batch": args.batch, "jobs": jobs})
+                                 "lengths": args.lengths, "mix": args.mix, "batch": args.batch,
+                                 "questions_per_context": args.questions_per_context, "jobs": jobs})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
 

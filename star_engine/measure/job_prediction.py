@@ -2,7 +2,10 @@
 --hosts-per-request: each request's cost predicted alone (prediction.py) on the group size
 it gets, then the job played out under the policy the runtime follows (dispatch.py). A
 group admits requests one at a time (phase 1 and the query) between the decode steps of
-those it holds, up to its batch; a step reads the weights once and each row's K/V."""
+those it holds, up to its batch; a step reads the weights once and each row's K/V, a
+context that several rows share once for all of them. Where requests come `questions` to
+a context, a context's first request pays its phase 1 and the others only their query (as where
+one group serves them all)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from ..prediction import Prediction, predict
 @dataclass
 class _Running:
     """A group of the played-out job: its clock, and its rows (tokens still to decode, the
-    K/V read of a step, the request)."""
+    K/V read of a step, the request, the rest of a step's time)."""
     clock: float
     rows: list[list] = field(default_factory=list)
     exhausted: bool = False
@@ -28,9 +31,10 @@ class _Running:
 
 def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: list[int], query_tokens: int,
                 new_tokens: int, batch: int, way: ScaleOutSettings, calibration: Calibration, element_size: int = 2,
-                gpus_per_node: int | None = None) -> dict:
+                gpus_per_node: int | None = None, questions: int = 1) -> dict:
     """The predicted wall time and rates of the job of these context lengths (in order) on
-    `hosts` hosts of one GPU each, and the group size each length gets."""
+    `hosts` hosts of one GPU each, and the group size each length gets. Requests come
+    `questions` at a time to one context (of the first one's length)."""
     max_block = way.max_block or default_max_block(config)
     fixed = way.fixed
 
@@ -59,8 +63,9 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
                 raise AssertionError("a group told to wait holds no request")
             if number is not None and number != LATER:
                 cost = costs[lengths[number], group.size]
-                state.clock += cost.ttft_s
-                first[number] = cost.ttft_s
+                ttft = cost.ttft_s - (cost.phase1_s if number % questions else 0.0)  # encoded once
+                state.clock += ttft
+                first[number] = ttft
                 if new_tokens > 1:
                     state.rows.append([new_tokens - 1, cost.decode_kv_s, number, cost.tpot_s - cost.decode_kv_s])
                 else:
@@ -69,7 +74,8 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
                 continue
             state.exhausted = number is None
         if state.rows:
-            state.clock += max(row[3] for row in state.rows) + sum(row[1] for row in state.rows)
+            read = {row[2] // questions: row[1] for row in state.rows}  # each context's K/V once
+            state.clock += max(row[3] for row in state.rows) + sum(read.values())
             for row in state.rows:
                 row[0] -= 1
                 if row[0] == 0:
