@@ -89,16 +89,19 @@ std::tuple<at::Tensor, at::Tensor> packed_output(const at::Tensor& q, int64_t he
   return {o, lse};
 }
 
-// The tables of a batched launch (kernels.h, DecodeRows): int64 [rows] each on q's device.
+// The tables of a batched launch (kernels.h, DecodeRows): int64 [rows] each on q's device;
+// first_keys may be absent (every row from key 0).
 DecodeRows row_tables(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
-                      const at::Tensor& lengths, const at::Tensor& capacities, int64_t rows, const char* what) {
-  for (const at::Tensor* t : {&k_rows, &v_rows, &lengths, &capacities}) {
+                      const at::Tensor& lengths, const at::Tensor& capacities, const at::Tensor* first_keys,
+                      int64_t rows, const char* what) {
+  for (const at::Tensor* t : {&k_rows, &v_rows, &lengths, &capacities, first_keys}) {
+    if (t == nullptr) continue;
     TORCH_CHECK(t->is_cuda() && t->device() == q.device() && t->scalar_type() == at::kLong &&
                     t->dim() == 1 && t->numel() == rows && t->is_contiguous(),
-                what, ": k_rows, v_rows, lengths and capacities must be int64 [rows] on q's device");
+                what, ": k_rows, v_rows, lengths, capacities and first_keys must be int64 [rows] on q's device");
   }
   return DecodeRows{k_rows.data_ptr<int64_t>(), v_rows.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(),
-                    capacities.data_ptr<int64_t>()};
+                    capacities.data_ptr<int64_t>(), first_keys ? first_keys->data_ptr<int64_t>() : nullptr};
 }
 
 // The kernel's split counters: int32 [>= rows x KV heads] on q's device, zero before a
@@ -155,16 +158,17 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
 std::tuple<at::Tensor, at::Tensor> decode_attention_rows(const at::Tensor& q, const at::Tensor& k_rows,
                                                          const at::Tensor& v_rows,
                                                          const at::Tensor& lengths, const at::Tensor& capacities,
-                                                         int64_t kv_heads, int64_t splits,
-                                                         const at::Tensor& counters) {
+                                                         const at::Tensor& first_keys, int64_t kv_heads,
+                                                         int64_t splits, const at::Tensor& counters) {
   // q [H, rows, D] (heads D apart, each head's row contiguous); row r reads the layer of an
   // arena whose K and V start at k_rows[r], v_rows[r] ([KV, capacities[r], D] each, of q's
-  // dtype) and whose int32 length is at lengths[r].
+  // dtype) and whose int32 length is at lengths[r], from key first_keys[r] on.
   check_cuda_tensor(q, "decode_attention_rows input");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(0) == q.size(2),
               "decode_attention_rows: q [H, rows, D] with heads D apart");
   const int64_t rows = q.size(1);
-  const DecodeRows tables = row_tables(q, k_rows, v_rows, lengths, capacities, rows, "decode_attention_rows");
+  const DecodeRows tables =
+      row_tables(q, k_rows, v_rows, lengths, capacities, &first_keys, rows, "decode_attention_rows");
   check_counters(q, counters, rows * kv_heads, "decode_attention_rows");
   auto [o, lse] = packed_output(q, q.size(0), rows, q.size(2));
   launch_decode(q, q.stride(1), nullptr, nullptr, 0, nullptr, tables, rows, kv_heads, splits, counters, o, lse);
@@ -223,7 +227,7 @@ void kv_append_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   TORCH_CHECK(row_bytes % 16 == 0 && (k.stride(0) * k.element_size()) % 16 == 0 &&
                   (k.stride(1) * k.element_size()) % 16 == 0,
               "kv_append_rows: rows must be multiples of 16 bytes");
-  const DecodeRows tables = row_tables(k, k_rows, v_rows, lengths, capacities, rows, "kv_append_rows");
+  const DecodeRows tables = row_tables(k, k_rows, v_rows, lengths, capacities, nullptr, rows, "kv_append_rows");
   const c10::cuda::CUDAGuard guard(k.device());
   kv_append_cuda(k.data_ptr(), v.data_ptr(), k.stride(0) * k.element_size(), k.stride(1) * k.element_size(),
                  nullptr, nullptr, 0, nullptr, tables, static_cast<int>(rows), static_cast<int>(k.size(0)), static_cast<int>(row_bytes),
@@ -294,7 +298,7 @@ void register_cuda_bindings(pybind11::module& m) {
         pybind11::arg("v"), pybind11::arg("length"), pybind11::arg("splits"), pybind11::arg("counters"),
         "One-token attention over a KV cache: (o [H, D], lse [H]).");
   m.def("decode_attention_rows", &decode_attention_rows, pybind11::arg("q"), pybind11::arg("k_rows"),
-        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacities"),
+        pybind11::arg("v_rows"), pybind11::arg("lengths"), pybind11::arg("capacities"), pybind11::arg("first_keys"),
         pybind11::arg("kv_heads"), pybind11::arg("splits"), pybind11::arg("counters"),
         "One token per row over each row's own KV cache (addresses per row): (o [H, rows, D], lse [H, rows]).");
   m.def("shared_context_attention", &shared_context_attention, pybind11::arg("q"), pybind11::arg("o"),

@@ -51,12 +51,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, length: Tensor, splits: in
 
 
 def decode_attention_rows(q: Tensor, k_rows: Tensor, v_rows: Tensor, lengths: Tensor, capacities: Tensor,
-                          kv_heads: int, splits: int, counters: Tensor) -> tuple[Tensor, Tensor]:
+                          first_keys: Tensor, kv_heads: int, splits: int, counters: Tensor) -> tuple[Tensor, Tensor]:
     """One token per row, q [H, rows, D], each row over its own cache: row r's layer of K and
-    V starts at address k_rows[r], v_rows[r] ([KV, capacities[r], D] each) and its int32
-    length is at lengths[r] (int64 tensors [rows]). o [H, rows, D] and lse [H, rows], packed
-    in one buffer as gather_merge sends it. counters: decode_counters(rows, kv_heads)."""
-    return _C.decode_attention_rows(q, k_rows, v_rows, lengths, capacities, kv_heads, splits, counters)
+    V starts at address k_rows[r], v_rows[r] ([KV, capacities[r], D] each), its int32
+    length is at lengths[r], and it attends to keys first_keys[r] to that length (int64
+    tensors [rows]). o [H, rows, D] and lse [H, rows], packed in one buffer as gather_merge
+    sends it. counters: decode_counters(rows, kv_heads)."""
+    return _C.decode_attention_rows(q, k_rows, v_rows, lengths, capacities, first_keys, kv_heads, splits, counters)
 
 
 def shared_context_attention(q: Tensor, o: Tensor, lse: Tensor, k: Tensor, v: Tensor, capacities: Tensor,

@@ -68,6 +68,7 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
     length = reinterpret_cast<const int32_t*>(rows.length[batch_row]);
     capacity = rows.capacity[batch_row];
   }
+  const int64_t first_key = rows.first_key != nullptr ? rows.first_key[batch_row] : 0;
   q += batch_row * q_row_stride;
   {
     const int64_t part_floats = row_workspace_floats(gridDim.x * group, D, splits);
@@ -75,12 +76,12 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
     lse_parts += batch_row * part_floats;
     counters += batch_row * gridDim.x;
   }
-  const int64_t len = *length;
+  const int64_t len = max(int64_t{0}, *length - first_key);
   const int64_t chunk = (len + splits - 1) / splits;
   const int64_t start = split * chunk, end = min(len, start + chunk);
   const int tiles = end > start ? static_cast<int>((end - start + kTileKeys - 1) / kTileKeys) : 0;
-  const T* k_head = k_cache + static_cast<int64_t>(kv_head) * capacity * D;
-  const T* v_head = v_cache + static_cast<int64_t>(kv_head) * capacity * D;
+  const T* k_head = k_cache + (static_cast<int64_t>(kv_head) * capacity + first_key) * D;
+  const T* v_head = v_cache + (static_cast<int64_t>(kv_head) * capacity + first_key) * D;
 
   auto load_tile = [&](int tile) {
     if (tile < tiles) {

@@ -18,14 +18,18 @@ void lse_merge_cuda(const void* o_parts, int64_t o_part_stride, DType in_dtype,
                     int dim, void* o_out, DType out_dtype, float* lse_out, cudaStream_t stream);
 
 // Where each row of a batched decode finds its cache: device arrays [rows] of addresses
-// (one layer's K and V of the row's arena, its int32 length) and of the arena's capacity
+// (one layer's K and V of the row's arena, its int32 length), of the arena's capacity
 // (rows of one arena may differ: a request that reads a shared context holds only its
-// tail). All null: one row, at the pointers and capacity given beside.
+// tail) and of the first key the row attends to (non-zero where the arena's first keys
+// are a context that the shared-context kernel reads for this row and others; attention
+// only, a token is written at the length). All null: one row, at the pointers and
+// capacity given beside, from key 0.
 struct DecodeRows {
   const int64_t* k = nullptr;
   const int64_t* v = nullptr;
   const int64_t* length = nullptr;
   const int64_t* capacity = nullptr;
+  const int64_t* first_key = nullptr;
 };
 
 // Attention of one query token (all heads) per row over a KV cache laid out [kv_heads,

@@ -36,10 +36,11 @@ class DecodeRows:
     rows, which find their arenas through device tables of addresses: the same launches
     serve any requests (a captured step is replayed after `hold` has rewritten the tables),
     and rows beyond the requests held point at an empty length, so they write nothing and
-    attend to nothing. A shared context is read once for all its rows by a second launch,
-    which merges into each row's result over its own keys. Elsewhere there are exactly as
-    many rows as requests, attended one by one, a shared context once for its rows. Arenas
-    held must have the model's layers, and outlive their time here."""
+    attend to nothing. A shared context is read once for all its rows, the row of the request
+    that holds it included (which then attends to its own keys after the context), by a
+    second launch, which merges into each row's result over its own keys. Elsewhere there
+    are exactly as many rows as requests, attended one by one, a shared context once for
+    its rows. Arenas held must have the model's layers, and outlive their time here."""
 
     def __init__(self, rows: int, num_layers: int, heads: int, kv_heads: int, head_dim: int,
                  capacity: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -47,12 +48,14 @@ class DecodeRows:
         self.kv_heads = kv_heads
         self.arenas: list[_C.KVArena] = []
         self.prefixes: list[tuple[_C.KVArena, int] | None] = []
-        self.reads_shared = False  # whether a row held reads a shared context
+        self.readers: dict[tuple[_C.KVArena, int], list[int]] = {}  # the rows of each shared context
+        self.first_keys: list[int] = []  # of each row's own arena, that it attends to
         self.kernel = decode_kernel_serves(heads, kv_heads, head_dim, dtype, device)
         if self.kernel:
             self.addresses = torch.zeros(num_layers, 2, rows, dtype=torch.int64, device=device)  # [layer, K/V, row]
             self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)  # of each row's int32 length
             self.capacities = torch.zeros(rows, dtype=torch.int64, device=device)
+            self.first_key_table = torch.zeros(rows, dtype=torch.int64, device=device)
             self.active = torch.zeros(1, dtype=torch.int32, device=device)  # rows that hold a request
             self.empty_length = torch.zeros(1, dtype=torch.int32, device=device)
             self.splits = _decode_splits(device, capacity, kv_heads, rows)
@@ -78,8 +81,7 @@ class DecodeRows:
         if any(a.num_layers != self.num_layers for a in arenas):
             raise ValueError(f"arenas decoded together must hold the model's {self.num_layers} layers")
         self.arenas, self.prefixes = list(arenas), list(prefixes)
-        readers = self._readers()
-        self.reads_shared = bool(readers)
+        self.readers, self.first_keys = self._shared_reads()
         if not self.kernel:
             return
         padding = [arenas[0]] * (self.rows - len(arenas))  # never read: their length is 0
@@ -89,9 +91,10 @@ class DecodeRows:
         self.addresses.copy_(torch.tensor(addresses, dtype=torch.int64))
         self.lengths.copy_(torch.tensor(lengths, dtype=torch.int64))
         self.capacities.copy_(torch.tensor([a.capacity for a in arenas + padding], dtype=torch.int64))
+        self.first_key_table.copy_(torch.tensor(self.first_keys + [0] * len(padding), dtype=torch.int64))
         self.active.fill_(len(arenas))
-        if readers:
-            self._hold_contexts(readers)
+        if self.readers:
+            self._hold_contexts(self.readers)
 
     def _hold_contexts(self, readers: dict[tuple[_C.KVArena, int], list[int]]) -> None:
         """The shared contexts' tables: an entry per context and at most readers_per_entry of
@@ -112,9 +115,14 @@ class DecodeRows:
         self.context_first_reader.copy_(int32(first + [0] * unused))
         self.reader_rows.copy_(int32(reader_rows + [0] * (self.rows - len(reader_rows))))
 
+    @property
+    def reads_shared(self) -> bool:
+        """Whether rows held read a shared context (the step then launches its kernel)."""
+        return bool(self.readers)
+
     def release(self) -> None:
         """Holds no arena (their memory may go); the next hold rewrites the tables."""
-        self.arenas, self.prefixes = [], []
+        self.arenas, self.prefixes, self.readers, self.first_keys = [], [], {}, []
 
     def add_token(self) -> None:
         """Each request held counts the slot of the token fed now (the query rank's step)."""
@@ -137,7 +145,8 @@ class DecodeRows:
         o [H, rows, D], lse [H, rows]."""
         if self.kernel:
             o, lse = ops.decode_attention_rows(q, self.addresses[layer, 0], self.addresses[layer, 1], self.lengths,
-                                               self.capacities, self.kv_heads, self.splits, self.counters)
+                                               self.capacities, self.first_key_table, self.kv_heads, self.splits,
+                                               self.counters)
             if self.reads_shared:
                 ops.shared_context_attention(q, o, lse, self.context_addresses[layer, 0],
                                              self.context_addresses[layer, 1], self.context_capacities,
@@ -145,13 +154,13 @@ class DecodeRows:
                                              self.reader_rows, self.kv_heads, self.context_splits)
             return o, lse
         parts = []
-        for i, arena in enumerate(self.arenas):
+        for i, (arena, first) in enumerate(zip(self.arenas, self.first_keys)):
             keys, values = arena.slots(layer)
             n = int(arena.device_length)
-            parts.append(local_attention_lse(q[:, i:i + 1], keys[:, :n], values[:, :n], causal=False))
+            parts.append(local_attention_lse(q[:, i:i + 1], keys[:, first:n], values[:, first:n], causal=False))
         o = torch.cat([o for o, _ in parts], 1) if len(parts) > 1 else parts[0][0]
         lse = torch.cat([lse for _, lse in parts], 1) if len(parts) > 1 else parts[0][1]
-        for (context, length), rows in self._readers().items():
+        for (context, length), rows in self.readers.items():
             # The shared context's keys read once for all the rows that read it, all their
             # heads together, then each row's own keys merged in.
             context_keys, context_values = context.slots(layer)
@@ -160,13 +169,21 @@ class DecodeRows:
             o[:, rows], lse[:, rows] = merge_into(shared_o, shared_lse, o[:, rows], lse[:, rows])
         return o, lse
 
-    def _readers(self) -> dict[tuple[_C.KVArena, int], list[int]]:
-        """The rows that read a context another arena holds, by (that arena, its length)."""
+    def _shared_reads(self) -> tuple[dict[tuple[_C.KVArena, int], list[int]], list[int]]:
+        """The rows that read each context an arena holds for other rows too, by (that arena,
+        its length): those rows, and the row of the arena itself where it is held, which then
+        attends only to its keys after the context; and each row's first key of its arena."""
         readers: dict[tuple[_C.KVArena, int], list[int]] = {}
         for i, prefix in enumerate(self.prefixes):
             if prefix is not None and prefix[1] > 0:
                 readers.setdefault(prefix, []).append(i)
-        return readers
+        first_keys = [0] * len(self.arenas)
+        for (context, length), rows in readers.items():
+            holder = next((i for i, arena in enumerate(self.arenas) if arena is context), None)
+            if holder is not None:
+                rows.insert(0, holder)
+                first_keys[holder] = length
+        return readers, first_keys
 
 
 @functools.cache

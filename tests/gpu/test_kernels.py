@@ -147,46 +147,45 @@ def test_rows_decoded_together_each_get_what_their_arena_gives_alone(heads, kv_h
 # not divide the kernel's 64-key tiles, empty tails, more readers than one entry takes.
 SHARED = [
     (32, 8, 128, 1000, [0, 5, 64, 1], [700]),
-    (32, 8, 128, 4097, [3] * 32, []),             # 4 x 32 = 128 query rows: one full entry
-    (9, 3, 64, 333, [0], [10, 0]),                # one reader: 3 query rows
-    (64, 8, 128, 65, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], []),  # 8 x 18: two entries
-    (16, 2, 64, 130, [0, 7, 0, 2, 9, 1, 0, 3] * 2, [1]),  # 8 x 16 = 128
+    (32, 8, 128, 4097, [3] * 32, []),             # with the holder 4 x 33 query rows: two entries
+    (9, 3, 64, 333, [0], [10, 0]),                # one reader and the holder: 6 query rows
+    (64, 8, 128, 65, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], []),  # 8 x 16 = 128: one entry
+    (16, 2, 64, 130, [0, 7, 0, 2, 9, 1, 0, 3] * 2, [1]),  # 8 x 17: two entries
 ]
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,context,tails,alone", SHARED)
 def test_rows_that_share_a_context_get_what_each_gets_over_its_context_and_tail_in_one_cache(
         heads, kv_heads, dim, context, tails, alone):
-    """The shared-context kernel reads a context once for all the rows that read it; each
+    """The shared-context kernel reads a context once for all the rows that read it, the
+    row of the request that holds it (with 5 tokens of its own after it) among them; each
     row's (o, lse) equals, within bf16's rounding, the one-row kernel's over one cache that
-    holds the context and then the row's tail, and float64's."""
+    holds the context and then the row's own keys, and float64's."""
     from star_engine.attention.decode import DecodeRows
 
     gen = torch.Generator().manual_seed(heads + context)
     randn = lambda *shape: torch.randn(*shape, generator=gen).bfloat16().to(GPU)  # noqa: E731
-    capacity = context + 100
-    shared = _C.KVArena(1, kv_heads, dim, capacity, torch.bfloat16, GPU)
-    shared.append(0, randn(kv_heads, context, dim), randn(kv_heads, context, dim))
-    lengths = tails + alone
-    arenas = [_C.KVArena(1, kv_heads, dim, 32 if i < len(tails) else 1000, torch.bfloat16, GPU)
-              for i in range(len(lengths))]
+    shared = _C.KVArena(1, kv_heads, dim, context + 100, torch.bfloat16, GPU)
+    lengths = [context + 5] + tails + alone
+    arenas = [shared] + [_C.KVArena(1, kv_heads, dim, 32 if i < len(tails) else 1000, torch.bfloat16, GPU)
+                         for i in range(len(tails) + len(alone))]
     for arena, n in zip(arenas, lengths):
         arena.append(0, randn(kv_heads, n, dim), randn(kv_heads, n, dim))
         arena.start_decoding()
-    rows = DecodeRows(len(lengths) + 1, 1, heads, kv_heads, dim, capacity, torch.bfloat16, GPU)
-    rows.hold(arenas, [(shared, context)] * len(tails) + [None] * len(alone))
-    assert rows.kernel and rows.reads_shared
+    rows = DecodeRows(len(arenas) + 1, 1, heads, kv_heads, dim, context + 100, torch.bfloat16, GPU)
+    rows.hold(arenas, [None] + [(shared, context)] * len(tails) + [None] * len(alone))
+    assert rows.kernel and rows.reads_shared and rows.first_keys[0] == context
     qkv = randn(rows.rows, heads + 2 * kv_heads, dim)  # q as the model makes it: a view of the projection
     q = qkv[:, :heads].transpose(0, 1)
     o, lse = rows.attend(0, q)
+    context_keys, context_values = shared.slots(0)
     for i, (arena, n) in enumerate(zip(arenas, lengths)):
         keys, values = arena.slots(0)
-        if i < len(tails):
-            context_keys, context_values = shared.slots(0)
-            keys = torch.cat([context_keys[:, :context], keys[:, :n]], 1).contiguous()
-            values = torch.cat([context_values[:, :context], values[:, :n]], 1).contiguous()
-        else:
-            keys, values = keys[:, :n].contiguous(), values[:, :n].contiguous()
+        keys, values = keys[:, :n], values[:, :n]
+        if 1 <= i <= len(tails):
+            keys = torch.cat([context_keys[:, :context], keys], 1)
+            values = torch.cat([context_values[:, :context], values], 1)
+        keys, values = keys.contiguous(), values.contiguous()
         length = torch.tensor([keys.shape[1]], dtype=torch.int32, device=GPU)
         one_o, one_lse = ops.decode_attention(q[:, i].contiguous(), keys, values, length, 4,
                                               ops.decode_counters(1, kv_heads, GPU))
