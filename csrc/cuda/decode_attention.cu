@@ -51,7 +51,6 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
               DecodeRows rows, int group, float scale, int splits, float* __restrict__ o_parts,
               float* __restrict__ lse_parts, int32_t* __restrict__ counters, T* __restrict__ o,
               float* __restrict__ lse) {
-  constexpr int kChunks = D / 8;   // 16-byte pieces per row
   constexpr int kKSteps = D / 16;  // mma k-steps of Q K^T
   constexpr int kStages = stages<D>();
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -87,15 +86,8 @@ decode_kernel(const T* __restrict__ q, int64_t q_row_stride, const T* __restrict
     if (tile < tiles) {
       T* k_stage = smem + (tile % kStages) * 2 * kTileKeys * D;
       T* v_stage = k_stage + kTileKeys * D;
-      const int64_t first = start + static_cast<int64_t>(tile) * kTileKeys;
-#pragma unroll
-      for (int c = threadIdx.x; c < kTileKeys * kChunks; c += kWarps * 32) {
-        const int key = c / kChunks, piece = c % kChunks;
-        const bool valid = first + key < end;
-        const int64_t src = valid ? (first + key) * D + piece * 8 : 0;
-        copy16_async(k_stage + swizzled<D>(key, piece), k_head + src, valid);
-        copy16_async(v_stage + swizzled<D>(key, piece), v_head + src, valid);
-      }
+      load_kv_tile<T, D, kTileKeys, kWarps * 32>(k_stage, v_stage, k_head, v_head,
+                                             start + static_cast<int64_t>(tile) * kTileKeys, end);
     }
     commit_async();  // one group per tile, empty ones too, so that the counting stays simple
   };
@@ -342,26 +334,10 @@ void decode_attention_cuda(const void* q, int64_t q_row_stride, const void* k_ca
   const dim3 grid(kv_heads, splits, batch_rows);
   float* o_parts = workspace;
   float* lse_parts = workspace + static_cast<int64_t>(splits) * heads * head_dim;
-  auto by_dim = [&](auto t) {
-    using T = decltype(t);
-    if (head_dim == 64) {
-      launch<T, 64>(grid, q, q_row_stride, k_cache, v_cache, capacity, length, rows, group, scale,
-                    splits, o_parts, lse_parts, counters, o, lse, stream);
-    } else if (head_dim == 128) {
-      launch<T, 128>(grid, q, q_row_stride, k_cache, v_cache, capacity, length, rows, group, scale,
-                     splits, o_parts, lse_parts, counters, o, lse, stream);
-    } else {
-      throw std::invalid_argument("decode attention: head_dim must be 64 or 128, got " +
-                                  std::to_string(head_dim));
-    }
-  };
-  if (dtype == DType::kFloat16) {
-    by_dim(__half{});
-  } else if (dtype == DType::kBFloat16) {
-    by_dim(__nv_bfloat16{});
-  } else {
-    throw std::invalid_argument("decode attention: dtype must be float16 or bfloat16");
-  }
+  dispatch_attention(dtype, head_dim, "decode attention", [&](auto t, auto d) {
+    launch<decltype(t), decltype(d)::value>(grid, q, q_row_stride, k_cache, v_cache, capacity, length, rows, group,
+                                            scale, splits, o_parts, lse_parts, counters, o, lse, stream);
+  });
   check_cuda(cudaGetLastError(), "decode attention kernel launch");
 }
 

@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <type_traits>
 
 namespace star {
@@ -29,6 +30,23 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool 
 __device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void wait_async() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Starts copying one pipeline stage: keys [first, first + kTileKeys) of one head's K and V
+// rows (D elements each) into k_stage and v_stage, swizzled, the block's kThreads threads
+// taking 16-byte pieces in turn; keys from `end` on are zeros.
+template <typename T, int D, int kTileKeys, int kThreads>
+__device__ __forceinline__ void load_kv_tile(T* k_stage, T* v_stage, const T* k_head, const T* v_head,
+                                             int64_t first, int64_t end) {
+  constexpr int kChunks = D / 8;  // 16-byte pieces per row
+#pragma unroll
+  for (int c = threadIdx.x; c < kTileKeys * kChunks; c += kThreads) {
+    const int key = c / kChunks, piece = c % kChunks;
+    const bool valid = first + key < end;
+    const int64_t src = valid ? (first + key) * D + piece * 8 : 0;
+    copy16_async(k_stage + swizzled<D>(key, piece), k_head + src, valid);
+    copy16_async(v_stage + swizzled<D>(key, piece), v_head + src, valid);
+  }
+}
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));

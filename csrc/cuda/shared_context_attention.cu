@@ -11,7 +11,6 @@
 //   decode_attention wrote) by log-sum-exp, in place.
 #include <cmath>
 #include <stdexcept>
-#include <string>
 
 #include "dtype.cuh"
 #include "kernels.h"
@@ -44,7 +43,6 @@ __global__ void __launch_bounds__(kThreads)
 shared_context_kernel(const T* __restrict__ q, int64_t q_row_stride, SharedContexts contexts, int group,
                       float scale, int batch_rows, int heads, float* __restrict__ o_parts,
                       float* __restrict__ lse_parts) {
-  constexpr int kChunks = D / 8;   // 16-byte pieces per row
   constexpr int kKSteps = D / 16;  // mma k-steps of Q K^T
   constexpr int kStages = stages<D>();
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -69,15 +67,8 @@ shared_context_kernel(const T* __restrict__ q, int64_t q_row_stride, SharedConte
     if (tile < tiles) {
       T* k_stage = smem + (tile % kStages) * 2 * kTileKeys * D;
       T* v_stage = k_stage + kTileKeys * D;
-      const int64_t first = start + static_cast<int64_t>(tile) * kTileKeys;
-#pragma unroll
-      for (int c = threadIdx.x; c < kTileKeys * kChunks; c += kThreads) {
-        const int key = c / kChunks, piece = c % kChunks;
-        const bool valid = first + key < end;
-        const int64_t src = valid ? (first + key) * D + piece * 8 : 0;
-        copy16_async(k_stage + swizzled<D>(key, piece), k_head + src, valid);
-        copy16_async(v_stage + swizzled<D>(key, piece), v_head + src, valid);
-      }
+      load_kv_tile<T, D, kTileKeys, kThreads>(k_stage, v_stage, k_head, v_head,
+                                             start + static_cast<int64_t>(tile) * kTileKeys, end);
     }
     commit_async();  // one group per tile, empty ones too, so that the counting stays simple
   };
@@ -281,26 +272,10 @@ void shared_context_attention_cuda(const void* q, int64_t q_row_stride, SharedCo
   if (splits < 1 || splits > 65535 || entries < 1 || entries > 65535) {
     throw std::invalid_argument("shared-context attention: 1 to 65535 splits and entries");
   }
-  auto by_dim = [&](auto t) {
-    using T = decltype(t);
-    if (head_dim == 64) {
-      launch<T, 64>(q, q_row_stride, contexts, entries, batch_rows, heads, kv_heads, scale, splits,
-                    workspace, o, lse, stream);
-    } else if (head_dim == 128) {
-      launch<T, 128>(q, q_row_stride, contexts, entries, batch_rows, heads, kv_heads, scale, splits,
-                     workspace, o, lse, stream);
-    } else {
-      throw std::invalid_argument("shared-context attention: head_dim must be 64 or 128, got " +
-                                  std::to_string(head_dim));
-    }
-  };
-  if (dtype == DType::kFloat16) {
-    by_dim(__half{});
-  } else if (dtype == DType::kBFloat16) {
-    by_dim(__nv_bfloat16{});
-  } else {
-    throw std::invalid_argument("shared-context attention: dtype must be float16 or bfloat16");
-  }
+  dispatch_attention(dtype, head_dim, "shared-context attention", [&](auto t, auto d) {
+    launch<decltype(t), decltype(d)::value>(q, q_row_stride, contexts, entries, batch_rows, heads, kv_heads, scale,
+                                            splits, workspace, o, lse, stream);
+  });
 }
 
 }  // namespace star
