@@ -174,6 +174,8 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
         for i, (context, query) in enumerate(jobs)))]
     if batch > 1:
         del engine
+        if model.embed.weight.is_cuda:
+            torch.cuda.empty_cache()  # the next engine's arenas, in one piece where they fit
         # Questions of one context read its K/V from one arena; for comparison, each with a
         # copy of it (where the copies fit).
         for shared in (True, False) if questions > 1 else (False,):
@@ -193,6 +195,8 @@ def run_job(model: Transformer, comm: Communicator, dist: Dist, spec: StrategySp
             rows[-1]["decode_roofline_gain_x"] = batched_decode_roofline_gain(model, plan, batch)
             rows[-1]["contexts_held"] = together.whole_requests
             del together
+            if model.embed.weight.is_cuda:
+                torch.cuda.empty_cache()
     return rows
 
 
