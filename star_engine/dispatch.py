@@ -12,12 +12,18 @@ another of its size holds less work (the requests' predicted seconds): it is tol
 "later", decodes a step, and asks again; so requests of a size spread over its groups by
 their work, not by which group asked first.
 
-Fairness: larger requests go first. The largest waiting request that no group serves (the
-oldest of them) reserves a group of its size (the one with the most hosts free); the groups
-of smaller sizes on its hosts take no new work (they drain), and its free hosts stay free,
-until the reserved group can start. A large request so never starves behind a stream of
-small ones; a small one waits at most for the larger requests of the job, which a group of
-their size takes as they come, and runs meanwhile on any hosts outside the reservation.
+Order: smaller requests go first. Free hosts start groups for the smallest sizes that
+have requests waiting, so short requests finish early instead of queueing behind a long
+phase 1 (the shortest-first rule that minimises the mean wait), while groups of larger
+sizes take the hosts as the smaller requests run out.
+
+Fairness: a request may be overtaken only so often. Each request handed out overtakes
+every older one still waiting; a request overtaken `patience` times (the hand-out's
+read-ahead, so at most that many younger requests go before it) reserves a group of its
+size (the one with the most hosts free): the groups on those hosts take no request younger
+than it (they drain) and its free hosts stay free, until the reserved group can start. A large request so
+never starves behind a stream of small ones, nor a small one behind a group of large ones
+that keeps finding work.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ class Group:
         return self.first < other.first + other.size and other.first < self.first + self.size
 
 
+def read_ahead(batch: int, hosts: int) -> int:
+    """How many requests rank 0 reads ahead of the groups, which is also how many younger
+    requests may go before a waiting one: four batches for every host."""
+    return 4 * batch * hosts
+
+
 def group_sizes(hosts: int) -> list[int]:
     """The sizes of the groups of `hosts` hosts: the powers of two below it, and all."""
     return [1 << k for k in range(hosts.bit_length()) if 1 << k < hosts] + [hosts]
@@ -72,11 +84,12 @@ class Dispatch:
     """The state of the job's hosts and of the requests not yet handed out, on rank 0.
     Requests are known by their number; a group by its size and index."""
 
-    def __init__(self, hosts: int) -> None:
-        self.hosts = hosts
+    def __init__(self, hosts: int, patience: int) -> None:
+        self.hosts, self.patience = hosts, patience
         self.sizes = group_sizes(hosts)
         self.waiting: OrderedDict[int, int] = OrderedDict()  # request number -> its group size, oldest first
         self.work: dict[int, float] = {}  # request number -> its work (predicted seconds), until answered
+        self.overtaken: dict[int, int] = {}  # waiting request number -> younger requests handed out before it
         self.holding: dict[Group, set[int]] = {}  # a running group -> the requests it holds
         self.running: set[Group] = set()
         self.draining: set[Group] = set()  # running, told to take no new work
@@ -88,6 +101,7 @@ class Dispatch:
             raise ValueError(f"no group of {size} hosts among {self.hosts}")
         self.waiting[number] = size
         self.work[number] = work
+        self.overtaken[number] = 0
 
     def answered(self, group: Group, number: int) -> None:
         """The group answered a request it held."""
@@ -108,13 +122,14 @@ class Dispatch:
         return sum(1 for s in self.waiting.values() if s == size)
 
     def reservation(self) -> tuple[int, Group] | None:
-        """The largest waiting request that no group serves (the oldest of them), and the
-        group it waits for."""
+        """The oldest request that has waited long enough (overtaken `patience` times) and
+        that no group of its size serves, and the group it waits for."""
         serving = {g.size for g in self.running - self.draining}
-        unserved = [(size, number) for number, size in self.waiting.items() if size not in serving]
-        if not unserved:
+        due = next(((number, size) for number, size in self.waiting.items()
+                    if size not in serving and self.overtaken[number] >= self.patience), None)
+        if due is None:
             return None
-        size, number = max(unserved, key=lambda item: (item[0], -item[1]))
+        number, size = due
         busy = self._busy_hosts()
         return number, max(groups_of_size(size, self.hosts),
                            key=lambda g: (sum(h not in busy for h in g.hosts), -g.index))
@@ -122,7 +137,7 @@ class Dispatch:
     def start(self) -> list[Group]:
         """The groups to start now, on free hosts, each of which then asks `give`: the
         reserved group once its hosts are free, and groups for the sizes that have requests
-        waiting, on hosts outside the reservation."""
+        waiting, smallest first, on hosts outside the reservation."""
         if self.stopped:
             return []
         started = []
@@ -133,7 +148,7 @@ class Dispatch:
                 break
             self._run(reserved)
             started.append(reserved)
-        for size in dict.fromkeys(self.waiting.values()):  # sizes, oldest request first
+        for size in sorted(set(self.waiting.values())):
             wanted = self.waiting_for(size) - sum(1 for g in started if g.size == size)
             for group in groups_of_size(size, self.hosts):
                 if wanted <= 0:
@@ -145,28 +160,35 @@ class Dispatch:
         return started
 
     def give(self, group: Group) -> int | str | None:
-        """The request a running group takes next; LATER (another group of its size holds
-        less work); or None: it drains (it is told to, none of its size waits, or a larger
-        request has reserved some of its hosts)."""
+        """The request a running group takes next (the oldest of its size); LATER (another
+        group of its size holds less work); or None: it drains (it is told to, none of its
+        size waits, or an older request has reserved some of its hosts)."""
         if group not in self.running:
             raise ValueError(f"{group} is not running")
         if group in self.draining:
             return None
         number = next((n for n, size in self.waiting.items() if size == group.size), None)
         reservation = self.reservation()
-        if reservation is not None:
-            reserved = reservation[1]
-            if reserved.size > group.size and reserved.overlaps(group):
-                number = None
+        if number is not None and reservation is not None and reservation[1].overlaps(group) \
+                and self._older(reservation[0], number):
+            number = None
         if number is None:
             self.draining.add(group)
             return None
         held = self._held(group)
         if held and any(self._held(g) < held for g in self.running - self.draining if g.size == group.size):
             return LATER
-        del self.waiting[number]
+        for older in self.waiting:
+            if older == number:
+                break
+            self.overtaken[older] += 1
+        del self.waiting[number], self.overtaken[number]
         self.holding[group].add(number)
         return number
+
+    def _older(self, first: int, second: int) -> bool:
+        """Whether waiting request `first` came before waiting request `second`."""
+        return next(n for n in self.waiting if n in (first, second)) == first
 
     def _held(self, group: Group) -> float:
         return sum(self.work[n] for n in self.holding[group])

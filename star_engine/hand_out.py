@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .dispatch import LATER, Dispatch, Group
+from .dispatch import LATER, Dispatch, Group, read_ahead
 from .launch.control import PeerTimeout
 
 if TYPE_CHECKING:
@@ -70,20 +70,20 @@ class Served:
 
 
 def serve(dist: Dist, groups: HostGroups, engines: dict[int, Engine], stop: GracefulStop,
-          source: Iterator[Work] | None, on_done: Callable[[Done], None] | None,
-          on_hand_out: Callable[[Work, Group], None] | None = None, lookahead: int = 64,
-          stop_at_eos: bool = True) -> Served:
+          source: Iterator[Work] | None, on_done: Callable[[Done], None] | None, batch: int,
+          on_hand_out: Callable[[Work, Group], None] | None = None, stop_at_eos: bool = True) -> Served:
     """Every rank: the requests of `source` (rank 0's; None elsewhere) answered on the groups
-    their `hosts` name; on_done and on_hand_out run on rank 0, in its hand-out thread, for
-    each. Ends once every request is answered, or after a stop once the work in hand is.
-    stop_at_eos=False: every answer as long as its max_new_tokens (benchmarks)."""
+    their `hosts` name, each group decoding up to `batch` together; on_done and on_hand_out
+    run on rank 0, in its hand-out thread, for each. Ends once every request is answered, or
+    after a stop once the work in hand is. stop_at_eos=False: every answer as long as its
+    max_new_tokens (benchmarks)."""
     # One communicator each way: rank 0 is both the hand-out's thread and a worker, and
     # neither may take the other's messages.
     to_hand_out, to_ranks = dist.mpi.Dup(), dist.mpi.Dup()
     thread = None
     if dist.rank == 0:
         hand_out = _HandOut(to_hand_out, to_ranks, groups.count, groups.tp, source, on_done, on_hand_out, stop,
-                            lookahead)
+                            read_ahead(batch, groups.count))
         thread = threading.Thread(target=hand_out.run, name="star_engine hand-out", daemon=True)
         thread.start()
     orders = _Orders(to_hand_out, to_ranks, stop, dist.timeout_s)
@@ -200,7 +200,7 @@ class _HandOut:
         self.to_hand_out, self.to_ranks, self.tp, self.stop = to_hand_out, to_ranks, tp, stop
         self.source, self.on_done, self.on_hand_out = source, on_done, on_hand_out
         self.lookahead = lookahead
-        self.dispatch = Dispatch(hosts)
+        self.dispatch = Dispatch(hosts, patience=lookahead)
         self.waiting: dict[int, Work] = {}  # read, not yet handed out
         self.in_hand: dict[int, Work] = {}
         self.last_context: dict[Group, list[int] | None] = {}

@@ -42,8 +42,11 @@ def test_a_smaller_group_is_sized_for_the_contexts_the_rule_gives_it():
     assert level_max_tokens(2, 32768, 50000) == 50000  # never beyond the job's
 
 
+PATIENT = 100  # younger requests that may go before a waiting one: more than any test hands out
+
+
 def test_requests_of_one_size_spread_over_every_free_group_of_it():
-    dispatch = Dispatch(4)
+    dispatch = Dispatch(4, PATIENT)
     for number in range(8):
         dispatch.add(number, 1)
     started = dispatch.start()
@@ -52,7 +55,7 @@ def test_requests_of_one_size_spread_over_every_free_group_of_it():
 
 
 def test_a_group_that_holds_more_work_than_another_of_its_size_takes_no_more_for_now():
-    dispatch = Dispatch(2)
+    dispatch = Dispatch(2, PATIENT)
     for number, tokens in enumerate([7000, 1000, 1000, 1000, 1000]):
         dispatch.add(number, 1, tokens)
     one, two = dispatch.start()
@@ -64,7 +67,7 @@ def test_a_group_that_holds_more_work_than_another_of_its_size_takes_no_more_for
 
 
 def test_a_group_takes_requests_of_its_size_oldest_first_until_none_waits():
-    dispatch = Dispatch(2)
+    dispatch = Dispatch(2, PATIENT)
     for number, size in enumerate([2, 2, 2]):
         dispatch.add(number, size)
     [group] = dispatch.start()
@@ -73,28 +76,65 @@ def test_a_group_takes_requests_of_its_size_oldest_first_until_none_waits():
     assert dispatch.done
 
 
+def test_smaller_requests_go_first_and_larger_groups_take_the_hosts_they_leave():
+    dispatch = Dispatch(2, PATIENT)
+    for number, size in enumerate([2, 1, 2, 1, 1]):
+        dispatch.add(number, size)
+    started = dispatch.start()
+    assert started == [Group(1, 0), Group(1, 1)]  # the older requests of both hosts wait
+    assert [dispatch.give(g) for g in started] == [1, 3]
+    assert dispatch.give(started[0]) == 4
+    assert dispatch.give(started[1]) is None  # none of its size waits: it drains
+    dispatch.release(started[1])
+    assert dispatch.start() == []  # host 0 still works
+    assert dispatch.give(started[0]) is None
+    dispatch.release(started[0])
+    assert dispatch.start() == [Group(2, 0)]
+    assert [dispatch.give(Group(2, 0)) for _ in range(3)] == [0, 2, None]
+
+
 def test_a_large_request_does_not_starve_behind_a_stream_of_small_ones():
-    """Once a request for all hosts waits, the one-host groups take no new work: each drains
-    what it holds, and the large request starts before any small request younger than it."""
-    dispatch = Dispatch(4)
-    for number in range(4):
-        dispatch.add(number, 1)
+    """Once `patience` younger requests have gone before a request for all hosts, the one-host
+    groups take no new work: each drains what it holds, and the large request starts before
+    any small request younger than that."""
+    dispatch = Dispatch(4, patience=6)
+    dispatch.add(0, 4)  # the large request
+    for number in range(1, 40):
+        dispatch.add(number, 1)  # and a stream of small ones
     small = dispatch.start()
-    assert [dispatch.give(g) for g in small] == [0, 1, 2, 3]
-    dispatch.add(4, 4)  # the large request
-    for number in range(5, 20):
-        dispatch.add(number, 1)  # and a stream of small ones behind it
-    assert dispatch.reservation() == (4, Group(4, 0))
+    assert small == [Group(1, 0), Group(1, 1), Group(1, 2), Group(1, 3)]
+    assert [dispatch.give(g) for g in small] + [dispatch.give(small[0])] == [1, 2, 3, 4, 5]
+    assert dispatch.reservation() is None  # overtaken 5 times
+    assert dispatch.give(small[1]) == 6
+    assert dispatch.reservation() == (0, Group(4, 0))  # overtaken 6 times: it reserves every host
     assert [dispatch.give(g) for g in small] == [None] * 4  # every small group drains
     assert dispatch.start() == []  # its hosts are not free yet
     for group in small:
         dispatch.release(group)
     assert dispatch.start() == [Group(4, 0)]
-    assert dispatch.give(Group(4, 0)) == 4
+    assert dispatch.give(Group(4, 0)) == 0
+
+
+def test_a_small_request_does_not_starve_beside_a_group_of_large_ones_that_keeps_finding_work():
+    dispatch = Dispatch(2, patience=2)
+    for number in range(3):
+        dispatch.add(number, 2)
+    [pair] = dispatch.start()
+    assert dispatch.give(pair) == 0
+    dispatch.add(3, 1)  # no host free for it
+    for number in range(4, 8):
+        dispatch.add(number, 2)
+    assert [dispatch.give(pair) for _ in range(2)] == [1, 2]  # younger than nothing waiting
+    assert [dispatch.give(pair) for _ in range(2)] == [4, 5]  # the small request overtaken twice
+    assert dispatch.reservation() == (3, Group(1, 0))
+    assert dispatch.give(pair) is None  # the pair drains for it
+    dispatch.release(pair)
+    assert dispatch.start() == [Group(1, 0)]  # and host 1 stays free for the pair's next group
+    assert dispatch.give(Group(1, 0)) == 3
 
 
 def test_younger_requests_run_beside_a_reservation_on_hosts_outside_it():
-    dispatch = Dispatch(4)
+    dispatch = Dispatch(4, patience=0)  # every request that no group serves reserves at once
     dispatch.add(0, 1)
     assert dispatch.start() == [Group(1, 0)]
     assert dispatch.give(Group(1, 0)) == 0
@@ -102,7 +142,7 @@ def test_younger_requests_run_beside_a_reservation_on_hosts_outside_it():
     dispatch.add(2, 1)
     assert dispatch.start() == []  # the younger request waits: no host lies outside the reservation
 
-    dispatch = Dispatch(4)
+    dispatch = Dispatch(4, patience=0)
     for number in range(3):
         dispatch.add(number, 1)
     started = dispatch.start()  # hosts 0, 1, 2
@@ -116,25 +156,13 @@ def test_younger_requests_run_beside_a_reservation_on_hosts_outside_it():
     assert dispatch.give(Group(1, 3)) == 4
 
 
-def test_larger_requests_go_first_and_their_group_keeps_its_work_while_smaller_ones_wait():
-    dispatch = Dispatch(2)
-    for number, size in enumerate([1, 2, 1, 2]):
-        dispatch.add(number, size)
-    assert dispatch.start() == [Group(2, 0)]  # the requests of both hosts reserve them first
-    group = Group(2, 0)
-    assert [dispatch.give(group) for _ in range(3)] == [1, 3, None]  # older small requests do not drain it
-    dispatch.release(group)
-    started = dispatch.start()
-    assert started == [Group(1, 0), Group(1, 1)]
-    assert [dispatch.give(g) for g in started] == [0, 2]
-
-
 @pytest.mark.parametrize("hosts", [2, 3, 4, 6, 8])
-def test_every_request_is_handed_out_once_and_groups_never_share_a_host(hosts):
+@pytest.mark.parametrize("patience", [0, 3, PATIENT])
+def test_every_request_is_handed_out_once_and_groups_never_share_a_host(hosts, patience):
     import random
 
     generator = random.Random(hosts)
-    dispatch = Dispatch(hosts)
+    dispatch = Dispatch(hosts, patience)
     sizes = group_sizes(hosts)
     for number in range(60):
         dispatch.add(number, generator.choice(sizes))
@@ -157,7 +185,7 @@ def test_every_request_is_handed_out_once_and_groups_never_share_a_host(hosts):
 
 
 def test_a_stop_hands_out_nothing_more_and_ends_once_what_runs_is_released():
-    dispatch = Dispatch(2)
+    dispatch = Dispatch(2, PATIENT)
     for number in range(4):
         dispatch.add(number, 1)
     started = dispatch.start()

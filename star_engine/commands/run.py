@@ -125,9 +125,8 @@ def _answer_requests(args: argparse.Namespace, stop: GracefulStop) -> int:
             counts["answered"] += 1
             _write_answer(answers, session, done, groups.tp)
 
-        served = serve(dist, groups, engines, stop, work, on_done,
-                       lambda w, group: _handed_out(answers, session, w, group, groups.count),
-                       lookahead=4 * args.batch * groups.count)
+        served = serve(dist, groups, engines, stop, work, on_done, args.batch,
+                       lambda w, group: _handed_out(answers, session, w, group, groups.count))
         if answers is None:
             return stop.EXIT_CODE if served.stopped else 0
         _note_stop(answers, session)

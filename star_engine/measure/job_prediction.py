@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..attention.spec import StrategySpec
 from ..config import ModelConfig
 from ..costs import Calibration
-from ..dispatch import LATER, Dispatch, Group
+from ..dispatch import LATER, Dispatch, Group, read_ahead
 from ..groups import default_max_block, hosts_by_rule
 from ..settings import ScaleOutSettings
 from ..prediction import Prediction, predict
@@ -48,7 +48,7 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
         size = size_of(length)
         costs[length, size] = predict(config, spec if size > 1 else StrategySpec("dense"), size, length,
                                       query_tokens, new_tokens, calibration, element_size, gpus_per_node)
-    dispatch = Dispatch(hosts)
+    dispatch = Dispatch(hosts, read_ahead(batch, hosts))
     for number, length in enumerate(lengths):
         cost = costs[length, size_of(length)]
         dispatch.add(number, size_of(length), cost.ttft_s + (new_tokens - 1) * cost.tpot_s)

@@ -68,12 +68,12 @@ def run_mixed_job(session: Session, spec: StrategySpec, lengths: list[int], quer
                 warm = iter([Work(k, contexts[shortest], queries[shortest],
                                   engines[size].plan(lengths[shortest], query_tokens, WARM_UP_TOKENS), size, 1.0)
                              for k, size in enumerate(sizes)])
-            serve(session.dist, groups, engines, stop, warm, None, stop_at_eos=False)
+            serve(session.dist, groups, engines, stop, warm, None, batch, stop_at_eos=False)
             done: list[Done] = []
             session.dist.sync()
             start = time.time()
             served = serve(session.dist, groups, engines, stop, requests() if session.dist.rank == 0 else None,
-                           done.append, stop_at_eos=False)
+                           done.append, batch, stop_at_eos=False)
             wall = time.time() - start
             if served.stopped:
                 raise KeyboardInterrupt  # the job was asked to stop: no row of a part of it
