@@ -288,8 +288,9 @@ def scale_out_settings(args: argparse.Namespace) -> list[ScaleOutSettings]:
         raise ValueError("--max-block takes effect only with --hosts-per-request auto")
     blocks = [getattr(args, flag) for flag in ("blocks", "block_size")]
     if auto and any(b is not None and b != [None] for b in blocks):
-        raise ValueError("--blocks and --block-size fix star's blocks; with --hosts-per-request auto a request's "
-                         "hosts (and so its blocks) follow from --max-block")
+        raise ValueError("--blocks and --block-size fix star's blocks, while with --hosts-per-request auto a "
+                         "request's hosts (and so its blocks) follow from --max-block: to fix the blocks, run every "
+                         "request on every host (--hosts-per-request all)")
     target = getattr(args, "ttft_target", None)  # run's
     if target is not None and not auto:
         raise ValueError("--ttft-target takes effect only with --hosts-per-request auto")

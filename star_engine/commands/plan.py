@@ -140,11 +140,15 @@ def _job(args: argparse.Namespace, config, calibration, element_size: int) -> in
     jobs = [predict_job(config, args.specs[0], gpus, lengths, args.query_tokens, args.max_new_tokens, args.batch,
                         way, calibration, element_size, args.gpus_per_node, args.questions_per_context)
             for gpus in args.gpu_counts for way in args.ways]
+    shortest = str(min(lengths))
     print(text_table([{"gpus": j["hosts"], "hosts/request": j["hosts_per_request"], "wall s": f"{j['wall_s']:.1f}",
                        "req/hour": f"{j['requests_per_hour']:.0f}",
+                       "shortest's latency s": "{median:.1f} / {p90:.1f}".format(**j["latency_s_by_length"][shortest]),
                        "hosts by length": ", ".join(f"{n}: {h}" for n, h in j["hosts_by_length"].items())}
-                      for j in jobs], ["gpus", "hosts/request", "wall s", "req/hour", "hosts by length"],
-                     left={"hosts/request", "hosts by length"}))
+                      for j in jobs], ["gpus", "hosts/request", "wall s", "req/hour", "shortest's latency s",
+                                       "hosts by length"],
+                     left={"hosts/request", "hosts by length"})
+          + f"\n(the {shortest}-token requests' latency from the job's start: median / 90th percentile)")
     if args.output:
         import torch
 

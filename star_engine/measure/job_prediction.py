@@ -18,6 +18,7 @@ from ..dispatch import LATER, Dispatch, Group, read_ahead
 from ..groups import default_max_block, hosts_by_rule
 from ..settings import ScaleOutSettings
 from ..prediction import Prediction, predict
+from .mixed_job import spread
 
 
 @dataclass
@@ -92,4 +93,6 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
             "output_tokens_per_s": len(lengths) * new_tokens / wall,
             "hosts_by_length": {str(n): size_of(n) for n in sorted(set(lengths))},
             "ttft_s_by_length": {str(n): costs[n, size_of(n)].ttft_s for n in sorted(set(lengths))},
+            "latency_s_by_length": {str(n): spread([finished[i] for i, m in enumerate(lengths) if m == n])
+                                    for n in sorted(set(lengths))},
             "latency_s": [finished[i] for i in range(len(lengths))]}

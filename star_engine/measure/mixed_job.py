@@ -98,14 +98,14 @@ def _row(way: ScaleOutSettings, done: list[Done], start: float, wall: float, bus
         by_length[str(length)] = {"requests": len(mine),
                                   "hosts": sorted({len(r["hosts"]) for r in mine}),
                                   **{f"{what}_{stat}": value for what in ("ttft_s", "latency_s")
-                                     for stat, value in _spread([r[what] for r in mine]).items()}}
+                                     for stat, value in spread([r[what] for r in mine]).items()}}
     return {"hosts_per_request": way.hosts_per_request, "max_block": way.max_block, "wall_s": wall,
             "requests_per_hour": len(requests) / wall * 3600, "output_tokens_per_s": tokens / wall,
             "new_tokens": new_tokens, "busy_fraction": [b / wall for b in busy], "by_length": by_length,
             "requests": requests}
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
     """The median and 90th percentile (nearest rank) of some values."""
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, -(-9 * len(ordered) // 10) - 1)]}
