@@ -19,6 +19,11 @@ DEFAULT_STAR_LAYOUT = "balanced"
 # it closed 81% (4 blocks) and 48% (8 blocks) of star's gap to dense on ten tasks at 2K-8K
 # for about 1% more phase 1 (docs/accuracy.md); `--anchor-query off` is star as published.
 DEFAULT_ANCHOR_QUERY = True
+# How many hosts run gives a request: as many as its context needs, since that answered a
+# job of mixed lengths at 1.29x the rate of every request on every host, its short requests
+# 3x sooner (docs/performance.md). bench and eval run every request on every host unless
+# asked, so that their strategy comparisons stay comparisons.
+RUN_HOSTS_PER_REQUEST = "auto"
 # Where bench, eval and plan --calibrate write what they measure unless --output says: a
 # directory of its own in the current one (the repository's .gitignore lists it), not
 # files among the user's.

@@ -14,6 +14,8 @@ from star_engine.cli import build_parser
 from tests.launcher import job_env, mpirun, run, start
 
 TINY = ["--model", "tiny", "--max-new-tokens", "3"]
+# Every request on every host: one group, one stream of requests, star's blocks fixed.
+ALL_HOSTS = ["--hosts-per-request", "all"]
 
 
 def star_engine(args: list[str], ranks: int | None = None, timeout: float = 300):
@@ -309,7 +311,7 @@ def test_a_stop_signal_ends_the_job_with_nothing_lost_and_a_rerun_answers_the_re
     out = tmp_path / "out.jsonl"
     # About a second or two a request: long enough to be stopped in the middle of one.
     args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--max-new-tokens", "600",
-            "--batch", batch]
+            "--batch", batch, *ALL_HOSTS]
     job = start([*mpirun(3), sys.executable, "-m", "star_engine", *args], env={"STAR_ENGINE_STOP_GRACE": grace})
     while not out.exists() or not out.read_text():
         assert job.poll() is None, job.communicate()
@@ -335,7 +337,7 @@ def test_a_request_unfinished_at_two_stops_in_a_row_gets_an_error_record_and_the
     requests = write_jsonl(tmp_path / "in.jsonl", [good(rid, 1500 + 100 * i, max_new_tokens=14000)
                                                    for i, rid in enumerate(slow)] + [good("quick1"), good("quick2")])
     out = tmp_path / "out.jsonl"
-    args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--batch", batch]
+    args = ["run", "--input", str(requests), "--output", str(out), "--model", "tiny", "--batch", batch, *ALL_HOSTS]
 
     def stopped_with_the_slow_ones_in_hand() -> str:
         job = start([*mpirun(2), sys.executable, "-m", "star_engine", *args], env={"STAR_ENGINE_STOP_GRACE": "0.5"})
@@ -371,7 +373,7 @@ def test_star_ring_and_dense_under_mpirun(tmp_path):
     for ranks, attn in [(1, "dense"), (3, "dense"), (3, "ring"), (3, "star")]:
         out = tmp_path / f"{attn}{ranks}.jsonl"
         result = star_engine(["run", "--input", str(requests), "--output", str(out), "--attn", attn,
-                              "--block-size", "64", *TINY], ranks=ranks)
+                              "--block-size", "64", *ALL_HOSTS, *TINY], ranks=ranks)
         assert result.returncode == 0, result.stderr
         outputs[ranks, attn] = read_jsonl(out)
     # Dense and ring are exact whatever the number of ranks.
@@ -389,7 +391,8 @@ def test_requests_decoded_together_are_answered_as_one_at_a_time(tmp_path):
     outputs = {}
     for batch in ("1", "3"):
         out = tmp_path / f"batch{batch}.jsonl"
-        result = star_engine(["run", "--input", str(requests), "--output", str(out), "--batch", batch, *TINY], ranks=3)
+        result = star_engine(["run", "--input", str(requests), "--output", str(out), "--batch", batch, *ALL_HOSTS,
+                              *TINY], ranks=3)
         assert result.returncode == 0, result.stderr
         outputs[batch] = {r["id"]: r for r in read_jsonl(out)}
     assert sorted(outputs["3"]) == sorted(outputs["1"]) == ["a", "b", "c", "d", "e", "f"]
@@ -411,7 +414,8 @@ def test_questions_about_one_document_decode_together_in_the_memory_of_one_conte
     outputs = {}
     for name, flags in {"alone": [], "shared": ["--batch", "4", "--contexts", "1", "--max-tail", "64"]}.items():
         out = tmp_path / f"{name}.jsonl"
-        result = star_engine(["run", "--input", str(requests), "--output", str(out), *flags, *TINY], ranks=2)
+        result = star_engine(["run", "--input", str(requests), "--output", str(out), *flags, *ALL_HOSTS, *TINY],
+                             ranks=2)
         assert result.returncode == 0, result.stderr
         outputs[name] = {r["id"]: r for r in read_jsonl(out)}
     for rid in (f"q{i}" for i in range(len(questions))):
@@ -433,7 +437,7 @@ def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came
              {"id": "b3", "context": doc_b, "query": "Is it at dawn?"}]
     out = tmp_path / "out.jsonl"
     result = star_engine(["run", "--input", str(write_jsonl(tmp_path / "in.jsonl", lines)), "--output", str(out),
-                          *TINY], ranks=2)
+                          *ALL_HOSTS, *TINY], ranks=2)
     assert result.returncode == 0, result.stderr
     records = read_jsonl(out)
     # Grouped by context in the order each first appears; b2 names a context of its own.
@@ -442,7 +446,7 @@ def test_questions_of_one_context_are_answered_from_one_encoding_as_if_each_came
     for line, record in zip([lines[0], lines[2], lines[1], lines[4], lines[3]], records):
         alone = tmp_path / f"alone_{line['id']}.jsonl"
         single = star_engine(["run", "--input", str(write_jsonl(tmp_path / f"{line['id']}.jsonl", [line])),
-                              "--output", str(alone), *TINY], ranks=2)
+                              "--output", str(alone), *ALL_HOSTS, *TINY], ranks=2)
         assert single.returncode == 0, single.stderr
         assert read_jsonl(alone)[0]["output"] == record["output"]
 

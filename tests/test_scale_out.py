@@ -48,9 +48,17 @@ def test_each_request_runs_on_the_hosts_the_rule_gives_it_and_answers_as_it_does
     # Alone on a group of its size: one host is dense; two or four run star across them.
     for size, flags in ((1, ["--attn", "dense"]), (2, []), (4, [])):
         mine = [r for r in requests if sizes[r["id"]] == size]
-        alone, _ = run_job(tmp_path, f"alone{size}", mine, size, flags)
+        alone, _ = run_job(tmp_path, f"alone{size}", mine, size, ["--hosts-per-request", "all", *flags])
         for rid, record in alone.items():
             assert auto[rid]["output"] == record["output"], (rid, size)
+
+
+def test_run_gives_each_request_the_hosts_its_context_needs_unless_asked_otherwise(tmp_path):
+    answers, _ = run_job(tmp_path, "default", mixed_requests(4), 2, [])
+    hosts = [r["hosts"] for r in answers.values()]
+    assert {len(h) for h in hosts} == {1} and {h[0] for h in hosts} == {0, 1}  # under 32K tokens: dense, side by side
+    every, _ = run_job(tmp_path, "every", mixed_requests(4), 2, ["--hosts-per-request", "all"])
+    assert {len(r["hosts"]) for r in every.values()} == {2}
 
 
 def test_a_resumed_job_answers_each_id_once(tmp_path):
@@ -84,7 +92,7 @@ def test_a_fixed_number_of_hosts_runs_every_request_on_groups_of_that_size(tmp_p
     fixed, stderr = run_job(tmp_path, "two", requests, 4, ["--hosts-per-request", "2"])
     assert {len(r["hosts"]) for r in fixed.values()} == {2}
     assert {r["hosts"][0] for r in fixed.values()} == {0, 2}  # both groups worked
-    alone, _ = run_job(tmp_path, "alone", requests, 2, [])
+    alone, _ = run_job(tmp_path, "alone", requests, 2, ["--hosts-per-request", "all"])
     assert {rid: r["output"] for rid, r in fixed.items()} == {rid: r["output"] for rid, r in alone.items()}
 
 
@@ -95,7 +103,7 @@ def test_a_number_of_hosts_that_is_no_group_size_is_refused_in_one_line(tmp_path
     assert result.returncode == 2
     assert result.stderr.count("star_engine: --hosts-per-request 3: 4 hosts form groups of 1, 2 and 4\n") == 1
     result = star_engine(["run", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TINY,
-                          "--max-block", "1K"])
+                          "--hosts-per-request", "all", "--max-block", "1K"])
     assert result.returncode == 2 and "--max-block takes effect only with --hosts-per-request auto" in result.stderr
 
 

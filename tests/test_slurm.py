@@ -196,6 +196,10 @@ def test_the_bench_job_script_measures_star_against_ring_and_records_the_mpi_wor
 
 # --- Stopped by Slurm, then going on -----------------------------------------------------
 
+# Every request on every host: one stream of requests, so that a stop finds some unanswered.
+ONE_STREAM = ("--hosts-per-request", "all")
+
+
 class StoppableJob:
     """A job script answering 4 requests of a second or so each, in `directory`, that can
     be submitted and sent a signal, as Slurm does before a time limit, once it has answered
@@ -232,14 +236,14 @@ class StoppableJob:
 def test_a_job_stopped_by_sigterm_goes_on_where_it_stopped_resubmitted_or_requeued(tmp_path, slurm):
     job = StoppableJob("run.sbatch", tmp_path, slurm)
     # Not requeueable: the job ends, non-zero; the same script submitted again goes on.
-    first = job.submit_and_stop(["--signal=TERM"], "--no-requeue")
+    first = job.submit_and_stop(["--signal=TERM"], "--no-requeue", run_flags=ONE_STREAM)
     state = _wait_for(lambda: _finished(_job(first, slurm)), f"job {first} to end")
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0", state
     stopped = job.answered()
     assert 1 <= len(stopped) < len(job.IDS) and len(set(stopped)) == len(stopped)
     assert "SIGTERM on a rank: stopped after" in _log(tmp_path)
     # Requeueable (the script's default): the job puts itself back in the queue and ends the work.
-    job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"]))
+    job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"], run_flags=ONE_STREAM))
 
 
 def test_an_auto_scaled_job_across_two_nodes_answers_as_under_mpirun_and_goes_on_once_requeued(tmp_path, slurm):
@@ -261,7 +265,7 @@ def test_an_auto_scaled_job_across_two_nodes_answers_as_under_mpirun_and_goes_on
 def test_the_mpirun_job_script_passes_the_notice_on_to_the_ranks_and_goes_on(tmp_path, slurm):
     """Its notice goes to the batch script (--signal=B:USR1@120), which hands it to mpirun."""
     job = StoppableJob("run_mpirun.sbatch", tmp_path, slurm)
-    job.goes_on_once_requeued(job.submit_and_stop(["--batch", "--signal=USR1"]))
+    job.goes_on_once_requeued(job.submit_and_stop(["--batch", "--signal=USR1"], run_flags=ONE_STREAM))
     assert "SIGUSR1 on a rank: stopped after" in _log(tmp_path)
 
 
@@ -273,7 +277,7 @@ def test_a_request_that_never_finishes_before_the_notice_is_given_up_and_requeue
                                               good("quick2")])
     env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl", "MAX_REQUEUES": "1",
            "STAR_ENGINE_STOP_GRACE": "1"}
-    job = run(["sbatch", "--parsable", str(SCRIPTS / "run.sbatch")], timeout=30, cwd=tmp_path, env=env)
+    job = run(["sbatch", "--parsable", str(SCRIPTS / "run.sbatch"), *ONE_STREAM], timeout=30, cwd=tmp_path, env=env)
     assert job.returncode == 0, job.stderr
     job_id = job.stdout.strip()
     for runs in (1, 2):  # stopped each time "slow" is in hand, as by a notice before the time limit
@@ -288,7 +292,7 @@ def test_a_request_that_never_finishes_before_the_notice_is_given_up_and_requeue
     assert [(r["id"], r["error"]) for r in read_jsonl(tmp_path / "out.jsonl")] == [
         ("slow", "not finished in two runs of the job: raise the time limit")]
 
-    again = run(["sbatch", "--wait", str(SCRIPTS / "run.sbatch")], timeout=300, cwd=tmp_path, env=env)
+    again = run(["sbatch", "--wait", str(SCRIPTS / "run.sbatch"), *ONE_STREAM], timeout=300, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr + _log(tmp_path)
     records = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in records] == ["slow", "quick1", "quick2"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ..flags import (add_generation_flags, add_model_flags, add_scale_out_flags, add_star_flags, kv_cache_settings,
                      positive, positive_seconds, runtime_settings, scale_out_settings, star_specs)
-from ..names import STRATEGIES
+from ..names import RUN_HOSTS_PER_REQUEST, STRATEGIES
 
 if TYPE_CHECKING:
     from ..answer_file import AnswerFile
@@ -49,7 +49,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-tail", type=positive, default=None, metavar="TOKENS",
                      help="tokens a request may have after its context, query and answer together; longer "
                           "ones are refused (default: --max-tokens)")
-    add_scale_out_flags(run, default="all")
+    add_scale_out_flags(run, default=RUN_HOSTS_PER_REQUEST)
     run.add_argument("--ttft-target", type=positive_seconds, default=None, metavar="SECONDS",
                      help="with --hosts-per-request auto: each request on the fewest hosts the planner predicts "
                           "to reach its first token within SECONDS (from the job's calibration, "
