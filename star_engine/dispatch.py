@@ -7,6 +7,12 @@ takes the oldest request of its size each time it has room (its continuous batch
 none waits or it is told to drain: then it finishes what it holds and its hosts are free.
 Free hosts start a group for any size that has requests waiting.
 
+Contexts: requests about one context follow one another in the input (run orders them so).
+A group takes next a request about the context it took last, which its engine holds
+encoded; another group of the size takes first requests about contexts no running group
+of the size holds, and one about a held context only when nothing else of its size waits
+(encoding it again rather than standing idle).
+
 Balance: where several groups of a size run, one that holds requests takes no more while
 another of its size holds less work (the requests' predicted seconds): it is told
 "later", decodes a step, and asks again; so requests of a size spread over its groups by
@@ -29,6 +35,7 @@ that keeps finding work.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 LATER = "later"  # what `give` says to a group that holds work while another of its size holds less
@@ -90,18 +97,23 @@ class Dispatch:
         self.waiting: OrderedDict[int, int] = OrderedDict()  # request number -> its group size, oldest first
         self.work: dict[int, float] = {}  # request number -> its work (predicted seconds), until answered
         self.overtaken: dict[int, int] = {}  # waiting request number -> younger requests handed out before it
+        self.context: dict[int, Hashable] = {}  # waiting request number -> its context's key (None: its own)
+        self.encoded: dict[Group, Hashable] = {}  # a running group -> the context of the last request it took
         self.holding: dict[Group, set[int]] = {}  # a running group -> the requests it holds
         self.running: set[Group] = set()
         self.draining: set[Group] = set()  # running, told to take no new work
         self.stopped = False
 
-    def add(self, number: int, size: int, work: float = 1.0) -> None:
-        """A request of `number` waits for a group of `size` hosts; `work`: its cost."""
+    def add(self, number: int, size: int, work: float = 1.0, context: Hashable = None) -> None:
+        """A request of `number` waits for a group of `size` hosts; `work`: its cost;
+        `context`: what names its context, the same for the requests about one (None: a
+        context of its own)."""
         if size not in self.sizes:
             raise ValueError(f"no group of {size} hosts among {self.hosts}")
         self.waiting[number] = size
         self.work[number] = work
         self.overtaken[number] = 0
+        self.context[number] = context
 
     def answered(self, group: Group, number: int) -> None:
         """The group answered a request it held."""
@@ -160,14 +172,15 @@ class Dispatch:
         return started
 
     def give(self, group: Group) -> int | str | None:
-        """The request a running group takes next (the oldest of its size); LATER (another
-        group of its size holds less work); or None: it drains (it is told to, none of its
-        size waits, or an older request has reserved some of its hosts)."""
+        """The request a running group takes next (of its size: about the context it holds,
+        else the oldest); LATER (another group of its size holds less work); or None: it
+        drains (it is told to, none of its size waits, or an older request has reserved some
+        of its hosts)."""
         if group not in self.running:
             raise ValueError(f"{group} is not running")
         if group in self.draining:
             return None
-        number = next((n for n, size in self.waiting.items() if size == group.size), None)
+        number = self._next(group, [n for n, size in self.waiting.items() if size == group.size])
         reservation = self.reservation()
         if number is not None and reservation is not None and reservation[1].overlaps(group) \
                 and self._older(reservation[0], number):
@@ -182,9 +195,23 @@ class Dispatch:
             if older == number:
                 break
             self.overtaken[older] += 1
-        del self.waiting[number], self.overtaken[number]
+        self.encoded[group] = self.context[number]
+        del self.waiting[number], self.overtaken[number], self.context[number]
         self.holding[group].add(number)
         return number
+
+    def _next(self, group: Group, candidates: list[int]) -> int | None:
+        """Of the waiting requests of the group's size (oldest first): the oldest once it has
+        been overtaken `patience` times; else the oldest about the context the group holds;
+        else the oldest about a context no other running group of its size holds; else the
+        oldest."""
+        if not candidates or self.overtaken[candidates[0]] >= self.patience:
+            return candidates[0] if candidates else None
+        held = self.encoded.get(group)
+        others = {self.encoded.get(g) for g in self.running - self.draining if g != group and g.size == group.size}
+        same = [n for n in candidates if held is not None and self.context[n] == held]
+        fresh = [n for n in candidates if self.context[n] is None or self.context[n] not in others]
+        return (same or fresh or candidates)[0]
 
     def _older(self, first: int, second: int) -> bool:
         """Whether waiting request `first` came before waiting request `second`."""
@@ -197,6 +224,7 @@ class Dispatch:
         """A group finished its work: its hosts are free."""
         self.running.discard(group)
         self.draining.discard(group)
+        self.encoded.pop(group, None)
         for number in self.holding.pop(group, set()):
             self.work.pop(number, None)
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -41,7 +42,8 @@ _ASK, _ANSWER, _RELEASED, _STOP, _ORDER, _GIVE = range(1, 7)  # message tags
 class Work:
     """A request as rank 0 hands it out: its number, its token ids (context None: the same
     as the request the group had before), its plan on a group of `hosts` hosts, its cost
-    there, and what the caller needs back with its answer."""
+    there, what the caller needs back with its answer, and what names its context (the
+    same for the requests about one; None: a context of its own)."""
     number: int
     context_ids: list[int] | None
     query_ids: list[int]
@@ -49,6 +51,7 @@ class Work:
     hosts: int
     cost: float  # its predicted seconds on its group, which groups of a size are balanced by
     about: Any = None
+    context_key: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ class _HandOut:
             self.exhausted = True
             return False
         self.waiting[work.number] = work
-        self.dispatch.add(work.number, work.hosts, work.cost)
+        self.dispatch.add(work.number, work.hosts, work.cost, work.context_key)
         return True
 
     def _ranks_of(self, group: Group) -> range:

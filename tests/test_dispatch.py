@@ -76,6 +76,34 @@ def test_a_group_takes_requests_of_its_size_oldest_first_until_none_waits():
     assert dispatch.done
 
 
+def test_a_group_keeps_the_questions_of_the_context_it_holds_and_others_take_other_contexts():
+    dispatch = Dispatch(2, PATIENT)
+    for number, context in enumerate("aaabbc"):
+        dispatch.add(number, 1, context=context)
+    one, two = dispatch.start()
+    assert [dispatch.give(one), dispatch.give(two)] == [0, 3]  # b: no other group holds it
+    assert [dispatch.give(one), dispatch.give(two), dispatch.give(one), dispatch.give(two)] == [1, 4, 2, 5]
+
+
+def test_a_group_takes_a_context_another_holds_rather_than_stand_idle():
+    dispatch = Dispatch(2, PATIENT)
+    for number in range(3):
+        dispatch.add(number, 1, context="a")
+    one, two = dispatch.start()
+    assert [dispatch.give(one), dispatch.give(two)] == [0, 1]
+
+
+def test_questions_of_a_held_context_overtake_an_older_request_only_as_often_as_the_patience_allows():
+    dispatch = Dispatch(1, patience=2)
+    dispatch.add(0, 1, context="a")
+    dispatch.add(1, 1, context="b")
+    for number in range(2, 6):
+        dispatch.add(number, 1, context="a")
+    [group] = dispatch.start()
+    assert [dispatch.give(group) for _ in range(4)] == [0, 2, 3, 1]  # b overtaken twice, then taken
+    assert [dispatch.give(group) for _ in range(3)] == [4, 5, None]
+
+
 def test_smaller_requests_go_first_and_larger_groups_take_the_hosts_they_leave():
     dispatch = Dispatch(2, PATIENT)
     for number, size in enumerate([2, 1, 2, 1, 1]):

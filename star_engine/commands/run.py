@@ -229,7 +229,8 @@ def _prepared_requests(args: argparse.Namespace, session: Session, sizing: Reque
                     session.say(f"[{number}/{total}] line {line.number}: {printable(error)}")
                 continue
             yield Work(number, context_ids, query_ids, plan, hosts, sizing.cost(hosts, plan),
-                       RequestLineInfo(number, total, line.number, line.digest, line.shown_id, line.id))
+                       RequestLineInfo(number, total, line.number, line.digest, line.shown_id, line.id),
+                       indexed.context)
 
 
 def _by_context(lines: list[IndexedLine]) -> list[IndexedLine]:

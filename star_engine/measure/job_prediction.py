@@ -4,8 +4,8 @@ it gets, then the job played out under the policy the runtime follows (dispatch.
 group admits requests one at a time (phase 1 and the query) between the decode steps of
 those it holds, up to its batch; a step reads the weights once and each row's K/V, a
 context that several rows share once for all of them. Where requests come `questions` to
-a context, a context's first request pays its phase 1 and the others only their query (as where
-one group serves them all)."""
+a context, a request pays its phase 1 unless the request its group took before it asked
+about the same context, and only its query then."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from .mixed_job import spread
 
 @dataclass
 class _Running:
-    """A group of the played-out job: its clock, and its rows (tokens still to decode, the
-    K/V read of a step, the request, the rest of a step's time)."""
+    """A group of the played-out job: its clock, its rows (tokens still to decode, the K/V
+    read of a step, the request, the rest of a step's time), and the context it encoded last."""
     clock: float
     rows: list[list] = field(default_factory=list)
     exhausted: bool = False
+    context: int | None = None
 
 
 def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: list[int], query_tokens: int,
@@ -52,7 +53,8 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
     dispatch = Dispatch(hosts, read_ahead(batch, hosts))
     for number, length in enumerate(lengths):
         cost = costs[length, size_of(length)]
-        dispatch.add(number, size_of(length), cost.ttft_s + (new_tokens - 1) * cost.tpot_s)
+        dispatch.add(number, size_of(length), cost.ttft_s + (new_tokens - 1) * cost.tpot_s,
+                     number // questions if questions > 1 else None)
     running: dict[Group, _Running] = {group: _Running(0.0) for group in dispatch.start()}
     first, finished = {}, {}
     while running:
@@ -64,7 +66,9 @@ def predict_job(config: ModelConfig, spec: StrategySpec, hosts: int, lengths: li
                 raise AssertionError("a group told to wait holds no request")
             if number is not None and number != LATER:
                 cost = costs[lengths[number], group.size]
-                ttft = cost.ttft_s - (cost.phase1_s if number % questions else 0.0)  # encoded once
+                context = number // questions
+                ttft = cost.ttft_s - (cost.phase1_s if context == state.context else 0.0)  # encoded there already
+                state.context = context
                 state.clock += ttft
                 first[number] = ttft
                 if new_tokens > 1:
