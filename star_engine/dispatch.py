@@ -25,11 +25,12 @@ sizes take the hosts as the smaller requests run out.
 
 Fairness: a request may be overtaken only so often. Each request handed out overtakes
 every older one still waiting; a request overtaken `patience` times (the hand-out's
-read-ahead, so at most that many younger requests go before it) reserves a group of its
-size (the one with the most hosts free): the groups on those hosts take no request younger
-than it (they drain) and its free hosts stay free, until the reserved group can start. A large request so
-never starves behind a stream of small ones, nor a small one behind a group of large ones
-that keeps finding work.
+read-ahead, so at most that many younger requests go before it) goes next among its size,
+and where no group of its size runs it reserves one (the one with the most hosts free):
+the groups on those hosts take no request younger than it (they drain) and its free hosts
+stay free, until the reserved group can start. A large request so never starves behind a
+stream of small ones, nor a small one behind a group of large ones that keeps finding
+work, nor a question behind the questions of another context.
 """
 
 from __future__ import annotations
