@@ -167,8 +167,8 @@ def test_rows_that_share_a_context_get_what_each_gets_over_its_context_and_tail_
     randn = lambda *shape: torch.randn(*shape, generator=gen).bfloat16().to(GPU)  # noqa: E731
     shared = _C.KVArena(1, kv_heads, dim, context + 100, torch.bfloat16, GPU)
     lengths = [context + 5] + tails + alone
-    arenas = [shared] + [_C.KVArena(1, kv_heads, dim, 32 if i < len(tails) else 1000, torch.bfloat16, GPU)
-                         for i in range(len(tails) + len(alone))]
+    arenas = [shared] + [_C.KVArena(1, kv_heads, dim, 80 if i < len(tails) else 1000, torch.bfloat16, GPU)
+                         for i in range(len(tails) + len(alone))]  # a reader's arena: room for its tail only
     for arena, n in zip(arenas, lengths):
         arena.append(0, randn(kv_heads, n, dim), randn(kv_heads, n, dim))
         arena.start_decoding()
