@@ -60,7 +60,8 @@ def main() -> None:
         for length in map(int, args.lengths.split(",")):
             context = arena(kv_heads, dim, length, length)
             for readers in map(int, args.readers.split(",")):
-                q = torch.randn(heads, readers, dim, device=DEVICE, dtype=torch.bfloat16)
+                # q as the model makes it: each row's heads side by side, D apart
+                q = torch.randn(readers, heads, dim, device=DEVICE, dtype=torch.bfloat16).transpose(0, 1)
                 flops = 4 * readers * heads * (length + TAIL) * dim
                 row = {"shape": shape, "length": length, "readers": readers,
                        "query_rows": readers * heads // kv_heads}
