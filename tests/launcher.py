@@ -36,3 +36,9 @@ def start(cmd: list[str], **kwargs) -> subprocess.Popen:
     """Starts cmd like run() does, without waiting for it."""
     return subprocess.Popen(cmd, cwd=kwargs.pop("cwd", ROOT), env=job_env(kwargs.pop("env", None)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def star_engine(args: list[str], ranks: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m star_engine args`, under mpirun with `ranks` ranks where given."""
+    launcher = mpirun(ranks) if ranks else []
+    return run([*launcher, sys.executable, "-m", "star_engine", *args], timeout=timeout)

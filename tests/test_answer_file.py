@@ -14,7 +14,7 @@ import pytest
 
 from star_engine.answer_file import AnswerFile, AnswerFileError, check_answer_file
 from star_engine.cli import main
-from tests.test_cli import good, write_jsonl
+from tests.jobs import good, write_jsonl
 
 
 def flock_failing_with(code: int):

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from star_engine.groups import hosts_by_rule
-from tests.test_cli import read_jsonl, star_engine, write_jsonl
+from tests.jobs import read_jsonl, write_jsonl
+from tests.launcher import star_engine
 
 TINY = ["--model", "tiny", "--max-new-tokens", "3"]
 MAX_BLOCK = 256  # tokens: the tiny model's tokenizer makes 1 to 8 blocks of these contexts

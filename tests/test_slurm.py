@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from star_engine.costs import Calibration
+from tests.jobs import ALL_HOSTS, good, read_jsonl, write_jsonl
 from tests.launcher import ROOT, mpirun, run, start
-from tests.test_cli import errors_before_the_work, good, read_jsonl, write_jsonl
+from tests.test_errors import errors_before_the_work
 from tests.test_distributed import FAILING_RANK
 from tests.test_scale_out import mixed_requests
 
@@ -196,8 +197,8 @@ def test_the_bench_job_script_measures_star_against_ring_and_records_the_mpi_wor
 
 # --- Stopped by Slurm, then going on -----------------------------------------------------
 
-# Every request on every host: one stream of requests, so that a stop finds some unanswered.
-ONE_STREAM = ("--hosts-per-request", "all")
+# Jobs stopped below run every request on every host (ALL_HOSTS): one stream of requests,
+# so that a stop finds some unanswered.
 
 
 class StoppableJob:
@@ -236,14 +237,14 @@ class StoppableJob:
 def test_a_job_stopped_by_sigterm_goes_on_where_it_stopped_resubmitted_or_requeued(tmp_path, slurm):
     job = StoppableJob("run.sbatch", tmp_path, slurm)
     # Not requeueable: the job ends, non-zero; the same script submitted again goes on.
-    first = job.submit_and_stop(["--signal=TERM"], "--no-requeue", run_flags=ONE_STREAM)
+    first = job.submit_and_stop(["--signal=TERM"], "--no-requeue", run_flags=ALL_HOSTS)
     state = _wait_for(lambda: _finished(_job(first, slurm)), f"job {first} to end")
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "143:0", state
     stopped = job.answered()
     assert 1 <= len(stopped) < len(job.IDS) and len(set(stopped)) == len(stopped)
     assert "SIGTERM on a rank: stopped after" in _log(tmp_path)
     # Requeueable (the script's default): the job puts itself back in the queue and ends the work.
-    job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"], run_flags=ONE_STREAM))
+    job.goes_on_once_requeued(job.submit_and_stop(["--signal=TERM"], run_flags=ALL_HOSTS))
 
 
 def test_an_auto_scaled_job_across_two_nodes_answers_as_under_mpirun_and_goes_on_once_requeued(tmp_path, slurm):
@@ -265,7 +266,7 @@ def test_an_auto_scaled_job_across_two_nodes_answers_as_under_mpirun_and_goes_on
 def test_the_mpirun_job_script_passes_the_notice_on_to_the_ranks_and_goes_on(tmp_path, slurm):
     """Its notice goes to the batch script (--signal=B:USR1@120), which hands it to mpirun."""
     job = StoppableJob("run_mpirun.sbatch", tmp_path, slurm)
-    job.goes_on_once_requeued(job.submit_and_stop(["--batch", "--signal=USR1"], run_flags=ONE_STREAM))
+    job.goes_on_once_requeued(job.submit_and_stop(["--batch", "--signal=USR1"], run_flags=ALL_HOSTS))
     assert "SIGUSR1 on a rank: stopped after" in _log(tmp_path)
 
 
@@ -277,7 +278,7 @@ def test_a_request_that_never_finishes_before_the_notice_is_given_up_and_requeue
                                               good("quick2")])
     env = {**slurm, "MODEL": "tiny", "INPUT": "requests.jsonl", "OUTPUT": "out.jsonl", "MAX_REQUEUES": "1",
            "STAR_ENGINE_STOP_GRACE": "1"}
-    job = run(["sbatch", "--parsable", str(SCRIPTS / "run.sbatch"), *ONE_STREAM], timeout=30, cwd=tmp_path, env=env)
+    job = run(["sbatch", "--parsable", str(SCRIPTS / "run.sbatch"), *ALL_HOSTS], timeout=30, cwd=tmp_path, env=env)
     assert job.returncode == 0, job.stderr
     job_id = job.stdout.strip()
     for runs in (1, 2):  # stopped each time "slow" is in hand, as by a notice before the time limit
@@ -292,7 +293,7 @@ def test_a_request_that_never_finishes_before_the_notice_is_given_up_and_requeue
     assert [(r["id"], r["error"]) for r in read_jsonl(tmp_path / "out.jsonl")] == [
         ("slow", "not finished in two runs of the job: raise the time limit")]
 
-    again = run(["sbatch", "--wait", str(SCRIPTS / "run.sbatch"), *ONE_STREAM], timeout=300, cwd=tmp_path, env=env)
+    again = run(["sbatch", "--wait", str(SCRIPTS / "run.sbatch"), *ALL_HOSTS], timeout=300, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr + _log(tmp_path)
     records = read_jsonl(tmp_path / "out.jsonl")
     assert [r["id"] for r in records] == ["slow", "quick1", "quick2"]
