@@ -7,8 +7,8 @@
 //   context through shared memory (cp.async, several tiles ahead, as decode_attention.cu);
 // - warps split the query rows, 16 each (one mma tile), and run FlashAttention-2's online
 //   softmax over every key of the split, so no merge across warps is needed;
-// - a second launch merges the splits and each row's result over its own keys (the tail
-//   decode_attention wrote) by log-sum-exp, in place.
+// - a second launch, a warp per query row, merges the splits and the row's result over its
+//   own keys (the tail decode_attention wrote) by log-sum-exp, in place.
 #include <cmath>
 #include <stdexcept>
 
@@ -24,6 +24,7 @@ namespace {
 constexpr int kWarps = kMaxSharedQueryRows / 16;  // one 16-row mma tile of queries each
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileKeys = 64;                      // keys per pipeline stage
+constexpr int kMergeWarps = 4;                     // query rows a merge block takes
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D>
@@ -194,47 +195,56 @@ shared_context_kernel(const T* __restrict__ q, int64_t q_row_stride, SharedConte
   }
 }
 
-// grid (entries, kv_heads), a warp per query row at a time: the splits' parts and the row's
-// own result (o, lse of decode_attention, in place) merged by log-sum-exp.
+// grid (entries, kv_heads, kMaxSharedQueryRows / kMergeWarps), a warp per query row: the
+// splits' parts and the row's own result (o, lse of decode_attention, in place) merged by
+// log-sum-exp. A lane weighs 32 splits at once, then the warp adds the parts up with loads
+// that do not wait on each other: a few blocks looping over rows and splits one load after
+// another took longer than the product itself.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMergeWarps * 32)
 merge_shared_kernel(SharedContexts contexts, int group, int splits, int batch_rows, int heads,
                     const float* __restrict__ o_parts, const float* __restrict__ lse_parts, T* __restrict__ o,
                     float* __restrict__ lse) {
   const int entry = blockIdx.x, kv_head = blockIdx.y;
+  const int m = blockIdx.z * kMergeWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   const int readers = contexts.readers[entry], first_reader = contexts.first_reader[entry];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int m = warp; m < readers * group; m += kWarps) {
-    const int slot = first_reader + m / group, head = kv_head * group + m % group;
-    const int64_t own = static_cast<int64_t>(head) * batch_rows + contexts.reader_rows[slot];
-    const float own_lse = lse[own];
-    float max_lse = own_lse;
-    for (int sp = lane; sp < splits; sp += 32) {
-      max_lse = fmaxf(max_lse, lse_parts[part_row(sp, slot, head, batch_rows, heads)]);
-    }
+  if (m >= readers * group) return;  // the same for the whole warp
+  const int slot = first_reader + m / group, head = kv_head * group + m % group;
+  const int64_t own = static_cast<int64_t>(head) * batch_rows + contexts.reader_rows[slot];
+  const float own_lse = lse[own];
+  float max_lse = own_lse;
+  for (int sp = lane; sp < splits; sp += 32) {
+    max_lse = fmaxf(max_lse, lse_parts[part_row(sp, slot, head, batch_rows, heads)]);
+  }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
-    const float own_weight = lse_weight(own_lse, max_lse);
-    float sum = own_weight;
-    float out[D / 32];
+  for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+  const float own_weight = lse_weight(own_lse, max_lse);
+  float sum = own_weight;
+  float out[D / 32];
 #pragma unroll
-    for (int i = 0; i < D / 32; ++i) {
-      out[i] = own_weight > 0.0f ? own_weight * to_float(o[own * D + lane + 32 * i]) : 0.0f;
-    }
-    for (int sp = 0; sp < splits; ++sp) {
-      const int64_t at = part_row(sp, slot, head, batch_rows, heads);
-      const float w = lse_weight(lse_parts[at], max_lse);
-      if (w == 0.0f) continue;  // a split without keys wrote no o to read
+  for (int i = 0; i < D / 32; ++i) {
+    out[i] = own_weight > 0.0f ? own_weight * to_float(o[own * D + lane + 32 * i]) : 0.0f;
+  }
+  for (int first = 0; first < splits; first += 32) {
+    const int sp = first + lane, count = min(32, splits - first);
+    const float mine = sp < splits ? lse_weight(lse_parts[part_row(sp, slot, head, batch_rows, heads)], max_lse) : 0.0f;
+#pragma unroll 4
+    for (int j = 0; j < count; ++j) {
+      const float w = __shfl_sync(0xffffffffu, mine, j);
+      const float* part = o_parts + part_row(first + j, slot, head, batch_rows, heads) * D + lane;
       sum += w;
 #pragma unroll
-      for (int i = 0; i < D / 32; ++i) out[i] += w * o_parts[at * D + lane + 32 * i];
+      for (int i = 0; i < D / 32; ++i) {
+        const float x = part[32 * i];  // in the workspace even where the split had no keys
+        out[i] += w == 0.0f ? 0.0f : w * x;  // such a part's o is not written: weight 0, not 0 x NaN
+      }
     }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-#pragma unroll
-    for (int i = 0; i < D / 32; ++i) o[own * D + lane + 32 * i] = from_float<T>(out[i] * inv);
-    __syncwarp();  // every lane has read lse[own] before it is replaced
-    if (lane == 0) lse[own] = merged_lse(max_lse, sum);
   }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) o[own * D + lane + 32 * i] = from_float<T>(out[i] * inv);
+  __syncwarp();  // every lane has read lse[own] before it is replaced
+  if (lane == 0) lse[own] = merged_lse(max_lse, sum);
 }
 
 template <typename T, int D>
@@ -251,7 +261,7 @@ void launch(const void* q, int64_t q_row_stride, SharedContexts contexts, int en
   shared_context_kernel<T, D><<<dim3(kv_heads, splits, entries), kThreads, kBytes, stream>>>(
       static_cast<const T*>(q), q_row_stride, contexts, group, scale, batch_rows, heads, o_parts, lse_parts);
   check_cuda(cudaGetLastError(), "shared-context attention kernel launch");
-  merge_shared_kernel<T, D><<<dim3(entries, kv_heads), kThreads, 0, stream>>>(
+  merge_shared_kernel<T, D><<<dim3(entries, kv_heads, kMaxSharedQueryRows / kMergeWarps), kMergeWarps * 32, 0, stream>>>(
       contexts, group, splits, batch_rows, heads, o_parts, lse_parts, static_cast<T*>(o), lse);
   check_cuda(cudaGetLastError(), "shared-context merge kernel launch");
 }

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from star_engine import _C, ops
 from star_engine.config import PRESETS
+from tests.launcher import run
 from tests.reference import naive_attention
 
 pytestmark = pytest.mark.skipif(not ops.WITH_CUDA, reason="extension built without CUDA")
 GPU = torch.device("cuda")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_errors_raised_in_the_extension_reach_python_as_exceptions(device):
+    """A full arena and a tensor of the wrong shape raise (ArenaFullError, RuntimeError) in
+    the CUDA build as in the CPU one. Their messages are formatted with C++ streams, which
+    crashed the process in one build made with GCC 13.3 (errors formatted without streams
+    raised there); in a child process, so that a crash fails this test, not the suite."""
+    code = f"""
+import torch
+from star_engine import _C
+arena = _C.KVArena(1, 8, 128, 32, torch.bfloat16, torch.device({device!r}))
+kv = torch.zeros(8, 64, 128, dtype=torch.bfloat16, device={device!r})
+for call in (lambda: arena.append(0, kv, kv), lambda: arena.append(0, kv[0], kv)):
+    try:
+        call()
+    except RuntimeError as exc:
+        print(type(exc).__name__)
+"""
+    result = run([sys.executable, "-c", code], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ArenaFullError", "RuntimeError"]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
