@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from star_engine.costs import Calibration
-from tests.jobs import ALL_HOSTS, good, read_jsonl, write_jsonl
+from tests.jobs import ALL_HOSTS, TINY, good, read_jsonl, write_jsonl
 from tests.launcher import ROOT, mpirun, run, start
 from tests.test_errors import errors_before_the_work
 from tests.test_distributed import FAILING_RANK
@@ -24,7 +24,6 @@ from tests.test_scale_out import mixed_requests
 
 CLUSTER_DIR = Path(os.environ.get("STAR_SLURM_DIR", "/tmp/star_engine-slurm"))
 SCRIPTS = ROOT / "examples" / "slurm"
-TINY = ["--model", "tiny", "--max-new-tokens", "3"]
 
 
 @pytest.fixture(scope="module")
