@@ -8,10 +8,9 @@ import json
 import pytest
 
 from star_engine.groups import hosts_by_rule
-from tests.jobs import read_jsonl, write_jsonl
+from tests.jobs import TINY, read_jsonl, write_jsonl
 from tests.launcher import star_engine
 
-TINY = ["--model", "tiny", "--max-new-tokens", "3"]
 MAX_BLOCK = 256  # tokens: the tiny model's tokenizer makes 1 to 8 blocks of these contexts
 
 
