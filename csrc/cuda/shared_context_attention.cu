@@ -235,8 +235,8 @@ merge_shared_kernel(SharedContexts contexts, int group, int splits, int batch_ro
       sum += w;
 #pragma unroll
       for (int i = 0; i < D / 32; ++i) {
-        const float x = part[32 * i];  // in the workspace even where the split had no keys
-        out[i] += w == 0.0f ? 0.0f : w * x;  // such a part's o is not written: weight 0, not 0 x NaN
+        const float x = part[32 * i];  // loaded whatever its weight, so that no load waits on it
+        out[i] += w == 0.0f ? 0.0f : w * x;  // a part of weight 0 adds nothing, whatever it holds
       }
     }
   }
