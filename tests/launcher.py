@@ -20,6 +20,15 @@ def mpirun(ranks: int) -> list[str]:
     return [exe, "--oversubscribe", "-np", str(ranks)]
 
 
+def mpirun_parts(*parts: list[str]) -> list[str]:
+    """One mpirun of several parts, each its own ranks and command (["-np", "2", *command]),
+    as where ranks start in other directories, environments or at other times."""
+    launch = mpirun(1)[:-2]  # without -np: each part says its own
+    for i, part in enumerate(parts):
+        launch += [":"] * (i > 0) + part
+    return launch
+
+
 def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a job the tests start: this checkout importable, output unbuffered,
     Open MPI allowed to run as root."""

@@ -11,7 +11,7 @@ import pytest
 
 from star_engine.cli import build_parser
 from tests.jobs import TINY, good, read_jsonl, write_jsonl
-from tests.launcher import mpirun, run, star_engine
+from tests.launcher import mpirun_parts, run, star_engine
 
 
 def test_demo_prints_both_answers_side_by_side():
@@ -49,9 +49,8 @@ def test_every_command_runs_on_rank_0_s_settings_when_a_rank_sees_others(tmp_pat
     odd = tmp_path / "odd-calibration.json"
     odd.write_text(json.dumps({**rates, "attention_flops_per_s": rates["attention_flops_per_s"] / 1000}))
     args = [sys.executable, "-m", "star_engine", *jobs_of_every_command(tmp_path)[command]]
-    launcher = mpirun(1)[:-2]  # mpirun --oversubscribe, then one -np per part
-    result = run([*launcher, "-np", "1", *args, ":", "-np", "1", "env", f"STAR_ENGINE_CALIBRATION={odd}", *args,
-                  ":", "-np", "1", *args], timeout=300)
+    result = run(mpirun_parts(["-np", "1", *args], ["-np", "1", "env", f"STAR_ENGINE_CALIBRATION={odd}", *args],
+                              ["-np", "1", *args]), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("note: STAR_ENGINE_CALIBRATION differs on rank 1; every rank uses rank 0's "
                                "(unset)") == 1, result.stderr[-4000:]

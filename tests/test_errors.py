@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.jobs import TINY, good, write_jsonl
-from tests.launcher import mpirun, run, star_engine
+from tests.launcher import mpirun, mpirun_parts, run, star_engine
 
 
 def test_an_argument_error_is_said_once_per_job_not_once_per_rank(tmp_path):
@@ -45,9 +45,8 @@ def errors_before_the_work(directory: Path) -> list[tuple[list[str], str]]:
 def with_rank_0_late(ranks: int, command: list[str]) -> list[str]:
     """mpirun of `command` on `ranks` ranks, rank 0 starting a second after the others (as
     on a busier node)."""
-    launcher = mpirun(1)[:-2]  # mpirun --oversubscribe, then one -np per part
-    return [*launcher, "-np", "1", "sh", "-c", 'sleep 1; exec "$0" "$@"', *command, ":", "-np", str(ranks - 1),
-            *command]
+    return mpirun_parts(["-np", "1", "sh", "-c", 'sleep 1; exec "$0" "$@"', *command],
+                        ["-np", str(ranks - 1), *command])
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -83,9 +82,8 @@ def test_a_problem_only_some_ranks_find_is_said_once_naming_them(tmp_path):
     write_jsonl(here / "in.jsonl", [good("a")])
     command = [sys.executable, "-m", "star_engine", "run", "--input", "in.jsonl", "--output", "out.jsonl",
                "--model", "tiny"]
-    launcher = mpirun(1)[:-2]  # mpirun --oversubscribe, then one -np per directory
-    result = run([*launcher, "-np", "1", "-wdir", str(here), *command, ":", "-np", "2", "-wdir", str(there),
-                  *command], timeout=120)
+    result = run(mpirun_parts(["-np", "1", "-wdir", str(here), *command],
+                              ["-np", "2", "-wdir", str(there), *command]), timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("star_engine: ") == 1, result.stderr
     assert "star_engine: ranks 1, 2: --input in.jsonl: no such file" in result.stderr
