@@ -177,7 +177,9 @@ class Transformer(nn.Module):
         self.host = host if self.shard.size > 1 else None
         self.heads, self.kv_heads = len(self.shard.heads), len(self.shard.kv_heads)  # this rank's
         vocab = len(self.shard.vocab)
-        self.embed = nn.Embedding(vocab, cfg.hidden_size)
+        # Weights are loaded or drawn after (checkpoint.py), so nn.Embedding's own random
+        # init is skipped: on the meta device its first normal_ costs a second of imports.
+        self.embed = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.shard, self.host) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)

@@ -23,12 +23,18 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     """Softmax attention output o [H, Tq, D] (q's dtype)."""
     backend = backend_for(q.device, q.dtype)
     if backend == "torch":
-        # Imported here: the module loads torch's compiler stack (a second per process start).
-        from torch.nn.attention.bias import causal_lower_right
+        tq, tk = q.shape[1], k.shape[1]
+        mask = None
+        if causal and 1 < tq != tk:  # one query sees every key; as many as the keys: is_causal
+            if q.is_cuda:  # a mask PyTorch's GPU kernels apply without holding it in memory
+                # Imported here: the module loads torch's compiler stack (a second per process).
+                from torch.nn.attention.bias import causal_lower_right
 
-        mask = causal_lower_right(q.shape[1], k.shape[1]) if causal and q.shape[1] != k.shape[1] else None
+                mask = causal_lower_right(tq, tk)
+            else:  # what causal_lower_right becomes on the CPU, without that import
+                mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                              is_causal=causal and mask is None, enable_gqa=True)[0]
+                                              is_causal=causal and tq == tk, enable_gqa=True)[0]
     return fused_attention_lse(backend, q, k, v, causal)[0]
 
 
