@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import PRESETS, ModelConfig
 from .gguf_file import read_gguf
@@ -67,7 +67,13 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, sha
                  host: HostCollectives | None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg, shard, host).to(dtype)  # in dtype before any memory is taken
-    return model.to_empty(device=device).eval().requires_grad_(False)
+    # What to_empty does, without its empty_like, which on meta tensors imports sympy (a third
+    # of a second per process).
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=param.dtype, device=device)
+            setattr(module, name, nn.Parameter(empty, requires_grad=False))
+    return model.eval()
 
 
 def _fill_random(model: Transformer, seed: int) -> None:
