@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from star_engine.attention.spec import StrategySpec, parse_fraction
+from star_engine.attention.spec import StrategySpec, fraction_text, parse_fraction
 from star_engine.cli import build_parser
 from star_engine.commands import COMMANDS
 from star_engine.flags import star_specs
@@ -99,6 +99,9 @@ def test_how_a_number_is_written_never_changes_its_unit():
     with pytest.raises(SystemExit):  # tokens are whole numbers
         star("demo", "--anchor-tokens", "1.0")
     assert [parse_fraction(t) for t in ("1/4", "0.5", "1", "block")] == [0.25, 0.5, 1.0, 1.0]
+    # and a label writes a fraction as it is typed, where it is one over a whole number
+    assert [fraction_text(parse_fraction(t)) for t in ("1/8", "0.125", "1/3", "0.3", "block")] == [
+        "1/8", "1/8", "1/3", "0.3", "1"]
     with pytest.raises(ValueError):
         parse_fraction("3/2")
 

@@ -150,11 +150,11 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
 
 
 def fraction_text(value: float) -> str:
-    """0.25 -> '1/4', 1.0 -> '1', else as %g."""
-    for name, v in (("1/4", 0.25), ("1/2", 0.5), ("1", 1.0)):
-        if abs(value - v) < 1e-9:
-            return name
-    return f"{value:g}"
+    """1.0 -> '1', 1/n for n up to 64 as '1/n' (as --anchor-fraction takes it), else as %g."""
+    if abs(value - 1.0) < 1e-9:
+        return "1"
+    n = round(1 / value)
+    return f"1/{n}" if 1 < n <= 64 and abs(value * n - 1) < 1e-9 else f"{value:g}"
 
 
 def parse_fraction(text: str) -> float:
