@@ -121,8 +121,8 @@ def main(args: argparse.Namespace) -> int:
     if left_out:
         print(f"not in these predictions, for the calibration has no rate for it: {', '.join(left_out)}")
     if args.output:
-        write_json(args.output, {"model": args.model, "calibration": calibration.__dict__,
-                                 "predictions": [p.__dict__ for p in predictions]})
+        write_json(args.output, {"predicted_on": _predicted_on(), "model": args.model,
+                                 "calibration": calibration.__dict__, "predictions": [p.__dict__ for p in predictions]})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
 
@@ -150,16 +150,21 @@ def _job(args: argparse.Namespace, config, calibration, element_size: int) -> in
                      left={"hosts/request", "hosts by length"})
           + f"\n(the {shortest}-token requests' latency from the job's start: median / 90th percentile)")
     if args.output:
-        import torch
-
-        from ..measure.results import environment
-
-        made = environment(1, torch.device("cpu"), ["python", "-m", "star_engine"])  # where predicted, not measured
-        write_json(args.output, {"predicted_on": made, "model": args.model, "calibration": calibration.__dict__,
+        write_json(args.output, {"predicted_on": _predicted_on(), "model": args.model, "calibration": calibration.__dict__,
                                  "lengths": args.lengths, "mix": args.mix, "batch": args.batch,
                                  "questions_per_context": args.questions_per_context, "jobs": jobs})
         print(f"saved {args.output}", file=sys.stderr)
     return 0
+
+
+def _predicted_on() -> dict:
+    """Where and when a prediction was made (commit, date, command): the machine it ran on,
+    not the one it predicts."""
+    import torch
+
+    from ..measure.results import environment
+
+    return environment(1, torch.device("cpu"), ["python", "-m", "star_engine"])
 
 
 def _table(predictions: list, memory: float | None) -> str:
