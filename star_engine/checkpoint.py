@@ -66,12 +66,12 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 
 def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, shard: Shard | None,
                  host: HostCollectives | None) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(cfg, shard, host).to(dtype)  # in dtype before any memory is taken
-    # What to_empty does, without its empty_like, which on meta tensors imports sympy (a third
-    # of a second per process).
+        model = Transformer(cfg, shard, host)  # shapes only: no memory is taken
+    # Each parameter's memory on the device, in dtype: what to_empty does, without its
+    # empty_like, which on meta tensors imports sympy (a third of a second per process).
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            empty = torch.empty(param.shape, dtype=param.dtype, device=device)
+            empty = torch.empty(param.shape, dtype=dtype, device=device)
             setattr(module, name, nn.Parameter(empty, requires_grad=False))
     return model.eval()
 
