@@ -25,7 +25,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     if backend == "torch":
         tq, tk = q.shape[1], k.shape[1]
         mask = None
-        if causal and 1 < tq != tk:  # one query sees every key; as many as the keys: is_causal
+        # A single query sees every key; as many queries as keys is is_causal's square.
+        if causal and tq > 1 and tq != tk:
             if q.is_cuda:  # a mask PyTorch's GPU kernels apply without holding it in memory
                 # Imported here: the module loads torch's compiler stack (a second per process).
                 from torch.nn.attention.bias import causal_lower_right
