@@ -15,9 +15,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
-    from mpi4py import MPI  # every benchmark has initialised it (init_distributed)
-
-    ranks = MPI.COMM_WORLD.Get_size()
+    # A benchmark has initialised MPI (init_distributed); a script that reads other results
+    # starts no MPI job, and importing mpi4py there would start one: it is one process.
+    mpi = sys.modules.get("mpi4py.MPI")
+    ranks = mpi.COMM_WORLD.Get_size() if mpi is not None else 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {**measured_environment(ranks, device, ["python", sys.argv[0]]), "gpus": torch.cuda.device_count()}
 
