@@ -63,13 +63,18 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
 
     layout = plan.layout
     if isinstance(layout, StarLayout):
-        per_rank = [0.0] * gpus
-        for b, ((start, end), owner) in enumerate(zip(layout.blocks, layout.owners)):
-            pairs = block_work(end - start, layout.anchor_size if b else 0, 0.0)
-            per_rank[owner] += pairs * pair_s + (end - start) * token_s
+        per_rank, windows = [0.0] * gpus, [0] * gpus
         anchor = layout.anchor_size
+        for b, ((start, end), owner) in enumerate(zip(layout.blocks, layout.owners)):
+            # A block is encoded after its window (the context just before it, past the
+            # anchor): both attend the anchor and, causally, each other, and both go
+            # through the layers' linear work.
+            window = start - max(anchor, start - layout.window_tokens) if b else 0
+            windows[owner] += window
+            tokens = end - start + window
+            per_rank[owner] += block_work(tokens, anchor if b else 0, 0.0) * pair_s + tokens * token_s
         for rank, (kept, encoded) in enumerate(zip(layout.kept, layout.encoded)):
-            if encoded > kept:  # the anchor, recomputed
+            if encoded > kept + windows[rank]:  # the anchor, recomputed
                 per_rank[rank] += block_work(anchor, 0, 0.0) * pair_s + anchor * token_s
         broadcast = len(layout.blocks) > 1 and spec.anchor_mode == "broadcast"
         phase1 = max(per_rank) + (over_link(anchor * kv_token) if broadcast and gpus > 1 else 0.0)

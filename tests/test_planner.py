@@ -49,6 +49,22 @@ def test_a_slow_link_makes_ring_wait_for_its_kv_and_star_for_its_anchor():
     assert plan(StrategySpec("ring"), 4, rates=unmeasured).left_out == ["link"]
 
 
+def test_a_window_is_encoded_by_each_blocks_owner_and_the_anchor_still_broadcast():
+    n, gpus, block = 131072, 4, 32768
+    star = plan(StrategySpec(anchor_fraction=1 / 8), gpus, n)
+    windowed = plan(StrategySpec(anchor_fraction=1 / 8, window_fraction=1 / 2), gpus, n)
+    anchor, window = block // 8, block // 2
+    token_s = linear_flops_per_token(CONFIG) / RATES.linear_flops_per_s
+    pair_s = attention_flops_per_pair(CONFIG) / RATES.attention_flops_per_s
+    # The window's tokens over the anchor and causally before the block, and the block over the window.
+    extra = window * token_s + (window * anchor + window * (window + 1) / 2 + block * window) * pair_s
+    assert windowed.phase1_per_rank_s[0] == pytest.approx(star.phase1_per_rank_s[0])  # block 0 has none
+    for rank in range(1, gpus):
+        assert windowed.phase1_per_rank_s[rank] == pytest.approx(star.phase1_per_rank_s[rank] + extra)
+    quarter = plan(StrategySpec(anchor_fraction=1 / 8, window_fraction=1 / 4), gpus, n)
+    assert star.phase1_s < quarter.phase1_s < windowed.phase1_s
+
+
 def test_advice_is_the_fewest_gpus_that_meet_the_target_within_memory():
     specs = [StrategySpec(), StrategySpec(layout="balanced"), StrategySpec("ring")]
     predictions = [plan(spec, gpus) for gpus in (2, 4, 8) for spec in specs]
