@@ -16,6 +16,20 @@ def published(label: str) -> str:
     return re.sub(r" a=\S+", " a=1", _LEVER_PARTS.sub("", label))
 
 
+def with_question(label: str) -> str:
+    """The label of the default star with the same blocks and layout: star as published
+    with the question in phase 1 (`--anchor-query on`)."""
+    return published(label) + " +q"
+
+
+def against(evals: list[dict], method: str, base: str) -> dict:
+    """The samples on which the method scores higher and lower than `base`, and the exact
+    sign test, over every sample both answered."""
+    overall = paired(evals, method, base)[-1]
+    return {"samples": overall["samples"], "higher": overall["a_higher"], "lower": overall["b_higher"],
+            "p": overall["p_value"]}
+
+
 def blocks_of(label: str) -> int | None:
     found = re.search(r" (\d+)b\b", label)
     return int(found.group(1)) if found else None
