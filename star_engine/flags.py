@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
 from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_ANCHOR_QUERY, DEFAULT_STAR_LAYOUT,
-                    DTYPES, STAR_LAYOUTS, STRATEGIES)
+                    DEFAULT_WINDOW_MODE, DTYPES, STAR_LAYOUTS, STRATEGIES, WINDOW_MODES)
 from .settings import KVCacheSettings, RuntimeSettings, ScaleOutSettings
 
 if TYPE_CHECKING:
@@ -100,6 +100,12 @@ def layout_name(text: str) -> str:
     return text
 
 
+def window_mode_name(text: str) -> str:
+    if text not in WINDOW_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(WINDOW_MODES)}, got {text!r}")
+    return text
+
+
 def strategy_names(text: str) -> list[str]:
     """'star,ring' -> ['star', 'ring']."""
     names = [a.strip() for a in text.split(",") if a.strip()]
@@ -165,6 +171,11 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                              f"window){each} (default: 0)")
     window.add_argument("--window-fraction", type=kind(fraction), default=None, metavar="F",
                         help=f"or that window as a fraction of a block: 1/4, 0.5, 1{each}")
+    group.add_argument("--window-mode", type=kind(window_mode_name),
+                       default=[DEFAULT_WINDOW_MODE] if grid else DEFAULT_WINDOW_MODE, metavar="encode|pass",
+                       help="the window's tokens are encoded again before each block, or their K/V, as the "
+                            "previous block's owner computed it, is passed on (a message a layer, no per-token "
+                            f"work; every rank must hold a block){each} (default: {DEFAULT_WINDOW_MODE})")
     group.add_argument("--anchor-query", type=kind(on_off), default=[DEFAULT_ANCHOR_QUERY] if grid
                        else DEFAULT_ANCHOR_QUERY, metavar="on|off",
                        help="each block but the first is encoded after the anchor and the request's question (the "
@@ -198,20 +209,22 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
     window_key = "window_fraction" if args.window_fraction is not None else "window_tokens"
     grid = list(itertools.product(values(getattr(args, size_key)), values(getattr(args, anchor_key)),
                                   values(args.layout), values(getattr(args, window_key)), values(args.anchor_query),
-                                  values(args.block_temperature), values(args.recompute_fraction)))
+                                  values(args.block_temperature), values(args.recompute_fraction),
+                                  values(args.window_mode)))
     specs = []
     for attn in strategies:
         if attn != "star":
             specs.append(StrategySpec(attn))
             continue
-        for size, anchor, layout, window, query, temperature, recompute in grid:
+        for size, anchor, layout, window, query, temperature, recompute, window_mode in grid:
             try:
                 specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout, anchor_query=query,
                                           block_temperature=temperature, recompute_fraction=recompute,
+                                          window_mode=window_mode,
                                           **{size_key: size, anchor_key: anchor, window_key: window}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction, "
-                                 "--window-tokens/--window-fraction)") from None
+                                 "--window-tokens/--window-fraction, --window-mode)") from None
     return specs
 
 

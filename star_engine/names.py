@@ -9,6 +9,11 @@ ATTENTION_BACKENDS = ("auto", *FUSED_ATTENTION_BACKENDS, "torch")
 STRATEGIES = ("star", "ring", "dense")
 ANCHOR_MODES = ("recompute", "broadcast")
 DEFAULT_ANCHOR_MODE = "broadcast"  # the same numbers as recompute, about half the phase-1 work
+# Where a block's window (--window-tokens/--window-fraction) comes from: "encode", its tokens
+# run through the layers again before the block; "pass", the K/V the previous block's owner
+# computed for them, passed on once a layer (no per-token work for the window).
+WINDOW_MODES = ("encode", "pass")
+DEFAULT_WINDOW_MODE = "encode"
 STAR_LAYOUTS = ("uniform", "balanced")
 # The algorithm as published: what a StrategySpec means when it names no layout.
 PUBLISHED_STAR_LAYOUT = "uniform"

@@ -63,21 +63,28 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
 
     layout = plan.layout
     if isinstance(layout, StarLayout):
-        per_rank, windows = [0.0] * gpus, [0] * gpus
+        per_rank, encoded_windows, longest = [0.0] * gpus, [0] * gpus, 0
         anchor = layout.anchor_size
         for b, ((start, end), owner) in enumerate(zip(layout.blocks, layout.owners)):
             # A block is encoded after its window (the context just before it, past the
-            # anchor): both attend the anchor and, causally, each other, and both go
-            # through the layers' linear work.
-            window = start - max(anchor, start - layout.window_tokens) if b else 0
-            windows[owner] += window
-            tokens = end - start + window
-            per_rank[owner] += block_work(tokens, anchor if b else 0, 0.0) * pair_s + tokens * token_s
+            # anchor). Encoded again, the window's tokens attend the anchor and each other
+            # and go through the layers' linear work with the block; passed on, they are
+            # only keys the block attends.
+            window = start - layout.window(b)[0] if b else 0
+            longest = max(longest, window)
+            if layout.window_passed:
+                tokens, prefix = end - start, anchor + window
+            else:
+                encoded_windows[owner] += window
+                tokens, prefix = end - start + window, anchor
+            per_rank[owner] += block_work(tokens, prefix if b else 0, 0.0) * pair_s + tokens * token_s
         for rank, (kept, encoded) in enumerate(zip(layout.kept, layout.encoded)):
-            if encoded > kept + windows[rank]:  # the anchor, recomputed
+            if encoded > kept + encoded_windows[rank]:  # the anchor, recomputed
                 per_rank[rank] += block_work(anchor, 0, 0.0) * pair_s + anchor * token_s
         broadcast = len(layout.blocks) > 1 and spec.anchor_mode == "broadcast"
-        phase1 = max(per_rank) + (over_link(anchor * kv_token) if broadcast and gpus > 1 else 0.0)
+        passing = layout.window_passed and longest > 0
+        phase1 = max(per_rank) + (over_link(anchor * kv_token) if broadcast and gpus > 1 else 0.0) \
+            + (over_link(longest * kv_token) if passing and gpus > 1 else 0.0)
     elif isinstance(layout, RingLayout):
         per_rank = []
         for spans in layout.spans:

@@ -55,14 +55,17 @@ def uniform_blocks(context_len: int, block_size: int) -> list[tuple[int, int]]:
 
 def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, generated: list[int],
                           blocks: list[tuple[int, int]], anchor_size: int, window: int = 0,
-                          query_first: bool = False, temperature: float = 1.0) -> list[Tensor]:
+                          query_first: bool = False, temperature: float = 1.0,
+                          passed_window: int = 0) -> list[Tensor]:
     """Star Attention through transformers, in one process: each block's K/V computed from
     [anchor ; block] (anchor at positions 0.., block at its own), block 0 alone; then the query
     and the generated tokens (teacher-forced) attend to all of it. Returns the logits of each
     forward pass: [query tokens, vocab], then [1, vocab] per generated token but the last.
     query_first: before the anchor, the query at the positions just before 0 (the anchor's
     K/V computed without it); window: between the anchor and a block, the `window` context
-    tokens before the block past the anchor, at their positions;
+    tokens before the block past the anchor, at their positions; passed_window: after the
+    anchor, the K/V of the previous block's last `passed_window` tokens (past the anchor) as
+    that block's own encoding computed it;
     temperature: the keys of every block but block 0 divided by it once encoded."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -71,6 +74,7 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
     keys: list[list[Tensor]] = [[] for _ in range(n_layers)]
     values: list[list[Tensor]] = [[] for _ in range(n_layers)]
     anchor = context[:anchor_size]
+    previous: tuple[int, list[Tensor], list[Tensor]] | None = None  # a block's start and K/V as computed
     with torch.no_grad():
         for start, end in blocks:
             block = context[start:end]
@@ -93,10 +97,21 @@ def star_reference_logits(checkpoint: Path, context: Tensor, query: Tensor, gene
                     model(context[first:start][None], position_ids=torch.arange(first, start)[None],
                           past_key_values=cache)
                 skip = len(question) + len(anchor) + start - first
+                if passed_window:
+                    before, before_keys, before_values = previous
+                    lo, hi = max(anchor_size, before, start - passed_window) - before, start - before
+                    for layer in range(n_layers):
+                        cache.layers[layer].keys = torch.cat((cache.layers[layer].keys,
+                                                              before_keys[layer][:, :, lo:hi]), 2)
+                        cache.layers[layer].values = torch.cat((cache.layers[layer].values,
+                                                                before_values[layer][:, :, lo:hi]), 2)
+                    skip += hi - lo
             model(block[None], position_ids=torch.arange(start, start + len(block))[None], past_key_values=cache)
+            previous = (start, [cache.layers[layer].keys[:, :, skip:] for layer in range(n_layers)],
+                        [cache.layers[layer].values[:, :, skip:] for layer in range(n_layers)])
             for layer in range(n_layers):
-                keys[layer].append(cache.layers[layer].keys[:, :, skip:] / (temperature if start > 0 else 1.0))
-                values[layer].append(cache.layers[layer].values[:, :, skip:])
+                keys[layer].append(previous[1][layer] / (temperature if start > 0 else 1.0))
+                values[layer].append(previous[2][layer])
         cache = DynamicCache()
         for layer in range(n_layers):
             cache.update(torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2), layer)

@@ -8,6 +8,7 @@ from star_engine.measure.levers import against, against_published, blocks_of, pu
 def test_a_variant_is_compared_with_star_as_published_with_as_many_blocks():
     assert published("star 4b a=1 balanced +q") == "star 4b a=1 balanced"
     assert published("star 8b a=1/8 balanced w=1/2 T=1.1") == "star 8b a=1 balanced"
+    assert published("star 8b a=1/8 balanced pw=1/2 +q") == "star 8b a=1 balanced"  # a window passed on
     assert published("star 4b a=1 balanced") == "star 4b a=1 balanced"
     assert blocks_of("star 8b a=1 balanced +q") == 8 and blocks_of("dense") is None
 

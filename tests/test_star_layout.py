@@ -109,6 +109,32 @@ def test_a_window_is_encoded_before_each_block_but_the_first_and_never_reaches_i
     assert near.window(2) == (1700, 2000)
 
 
+def test_a_window_passed_on_is_received_not_encoded_and_lies_within_the_previous_block():
+    encoded = star(2, blocks=4, anchor_tokens=100, window_tokens=1500).layout(4000)
+    passed = star(2, blocks=4, anchor_tokens=100, window_tokens=1500, window_mode="pass").layout(4000)
+    assert encoded.window(2) == (500, 2000) and passed.window(2) == (1000, 2000)  # block 1 only
+    assert passed.window(1) == (100, 1000)  # past the anchor
+    assert passed.encoded == passed.kept == (2000, 2000)  # no window encoded again
+    assert passed.received == (900, 1000 + 1000 + 100)  # the windows' K/V, and rank 1 the anchor's
+    assert encoded.encoded[1] > passed.encoded[1]
+
+
+def test_the_balanced_layout_weighs_a_window_by_how_it_reaches_the_block():
+    """Encoded again, the window adds its tokens' work to every other block; passed on, only
+    the block's attention over it: block 0 grows accordingly."""
+    sizes = {mode: star(4, layout="balanced", token_weight=1000.0, anchor_fraction=0.125, window_fraction=0.5,
+                        window_mode=mode).layout(65536).blocks[0][1] for mode in ("encode", "pass")}
+    without = star(4, layout="balanced", token_weight=1000.0, anchor_fraction=0.125).layout(65536).blocks[0][1]
+    assert without < sizes["pass"] < sizes["encode"]
+
+
+def test_a_window_passed_on_needs_a_block_on_every_rank():
+    with pytest.raises(ValueError, match="every rank needs a block: 2 blocks for 4 ranks"):
+        star(4, blocks=2, window_tokens=5, window_mode="pass").layout(100)
+    with pytest.raises(ValueError, match="window mode pass needs a window"):
+        star(2, window_mode="pass")
+
+
 def test_window_settings_are_checked():
     with pytest.raises(ValueError, match="tokens or as a fraction"):
         star(2, window_tokens=10, window_fraction=0.5)

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..costs import Calibration, token_weight
-from ..names import ANCHOR_MODES, DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT, STAR_LAYOUTS, STRATEGIES
+from ..names import (ANCHOR_MODES, DEFAULT_ANCHOR_MODE, DEFAULT_WINDOW_MODE, PUBLISHED_STAR_LAYOUT, STAR_LAYOUTS,
+                     STRATEGIES, WINDOW_MODES)
 
 if TYPE_CHECKING:
     from ..comm import Communicator
@@ -24,7 +25,8 @@ class StrategySpec:
     (default: the whole block); the anchor's K/V broadcast or recomputed; blocks of equal
     size (uniform) or a longer block 0 that makes their work equal (balanced). These defaults
     are the algorithm as published; the commands' default layout is names.DEFAULT_STAR_LAYOUT.
-    window_tokens and anchor_query: what else precedes a block in phase 1; block_temperature:
+    window_tokens and anchor_query: what else precedes a block in phase 1, and window_mode
+    where the window's K/V comes from (encoded again, or passed on); block_temperature:
     phase 2's temperature of the blocks encoded after the anchor; recompute_fraction: the
     share of the tokens outside block 0 whose K/V is recomputed after phase 1 (star.py).
     ValueError, naming the setting, unless the settings make a layout."""
@@ -38,6 +40,7 @@ class StrategySpec:
     layout: str = PUBLISHED_STAR_LAYOUT
     window_tokens: int = 0
     window_fraction: float | None = None
+    window_mode: str = DEFAULT_WINDOW_MODE
     anchor_query: bool = False
     block_temperature: float = 1.0
     recompute_fraction: float = 0.0
@@ -48,13 +51,13 @@ class StrategySpec:
         star_settings = (self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction)
         if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != DEFAULT_ANCHOR_MODE
                                     or self.layout != PUBLISHED_STAR_LAYOUT or self.window_tokens
-                                    or self.window_fraction is not None
+                                    or self.window_fraction is not None or self.window_mode != DEFAULT_WINDOW_MODE
                                     or self.anchor_query or self.block_temperature != 1.0
                                     or self.recompute_fraction):
             raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
         check_star_settings(self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction,
                             self.anchor_mode, self.layout, self.window_tokens, self.window_fraction,
-                            self.block_temperature, self.recompute_fraction)
+                            self.block_temperature, self.recompute_fraction, self.window_mode)
 
     def build(self, place: Place, comm: Communicator | None, config: ModelConfig,
               calibration: Calibration | None) -> Strategy:
@@ -74,14 +77,15 @@ class StrategySpec:
                              anchor_tokens=self.anchor_tokens, anchor_fraction=self.anchor_fraction,
                              anchor_mode=self.anchor_mode, layout=self.layout, token_weight=weight,
                              window_tokens=self.window_tokens, window_fraction=self.window_fraction,
-                             anchor_query=self.anchor_query,
+                             window_mode=self.window_mode, anchor_query=self.anchor_query,
                              block_temperature=self.block_temperature,
                              recompute_fraction=self.recompute_fraction)
 
     @property
     def label(self) -> str:
         """Short and unique among specs: "dense", "ring", "star", "star 4b a=1/4",
-        "star block=4096 a=512t", "star 4b a=64t w=256t +q T=1.1", "star 4b r=0.1"."""
+        "star block=4096 a=512t", "star 4b a=64t w=256t +q T=1.1", "star 4b r=0.1"; a window
+        passed on rather than encoded again is "pw=" ("star 4b a=1/8 pw=1/2")."""
         if self.attn != "star":
             return self.attn
         parts = ["star"]
@@ -97,10 +101,11 @@ class StrategySpec:
             parts.append(self.anchor_mode)
         if self.layout != PUBLISHED_STAR_LAYOUT:
             parts.append(self.layout)
+        window = "pw" if self.window_mode == "pass" else "w"
         if self.window_tokens:
-            parts.append(f"w={self.window_tokens}t")
+            parts.append(f"{window}={self.window_tokens}t")
         if self.window_fraction is not None:
-            parts.append(f"w={fraction_text(self.window_fraction)}")
+            parts.append(f"{window}={fraction_text(self.window_fraction)}")
         if self.anchor_query:
             parts.append("+q")
         if self.block_temperature != 1.0:
@@ -117,7 +122,8 @@ class StrategySpec:
 def check_star_settings(block_size: int | None, blocks: int | None, anchor_tokens: int | None,
                         anchor_fraction: float | None, anchor_mode: str, layout: str = PUBLISHED_STAR_LAYOUT,
                         window_tokens: int = 0, window_fraction: float | None = None,
-                        block_temperature: float = 1.0, recompute_fraction: float = 0.0) -> None:
+                        block_temperature: float = 1.0, recompute_fraction: float = 0.0,
+                        window_mode: str = DEFAULT_WINDOW_MODE) -> None:
     """Raises ValueError, naming the setting, unless the settings make a layout."""
     if block_size is not None and blocks is not None:
         raise ValueError("give the block size in tokens or the number of blocks, not both")
@@ -140,6 +146,10 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
         raise ValueError("give the window in tokens or as a fraction of the block, not both")
     if window_fraction is not None and not 0 < window_fraction <= 1:
         raise ValueError(f"window as a fraction of the block must be in (0, 1], got {window_fraction}")
+    if window_mode not in WINDOW_MODES:
+        raise ValueError(f"window mode must be one of {', '.join(WINDOW_MODES)}, got {window_mode!r}")
+    if window_mode != DEFAULT_WINDOW_MODE and not window_tokens and window_fraction is None:
+        raise ValueError(f"window mode {window_mode} needs a window (--window-tokens or --window-fraction)")
     if not block_temperature > 0 or block_temperature == float("inf"):
         raise ValueError(f"block temperature must be a number > 0, got {block_temperature!r}")
     if not 0 <= recompute_fraction <= 1:

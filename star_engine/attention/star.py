@@ -19,7 +19,11 @@ algorithm as published). `window_tokens` W (or `window_fraction` of a block, mea
 the anchor is): the W context tokens just before the block (those after the anchor) come
 between the anchor and the block, at their own positions, so that a block sees the text it
 continues; with a small anchor (the attention sink) this is the "sink plus local window"
-prefix. `anchor_query`: the request's question comes first, before the anchor (at the
+prefix. window_mode "encode" runs those tokens through the layers again with the block;
+"pass" takes their K/V, layer by layer, from the encoding of the block they belong to (the
+previous one; its owner sends it, one message a layer), so the window costs only the
+block's attention over it, and reaches back only as far as the previous block's start.
+Each block then also sees, through its window's K/V, what that block saw. `anchor_query`: the request's question comes first, before the anchor (at the
 positions just before 0; the anchor's K/V stays the one computed without it), so that
 every block is encoded knowing what is asked; block 0, encoded alone, does not see it, and
 the context's K/V then belongs to that one question (engine.py encodes the context again
@@ -44,6 +48,7 @@ whole block). Both give the same numbers within float tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -54,7 +59,7 @@ from .. import _C
 from ..comm import Communicator
 from ..launch.control import Place
 from ..model import Transformer
-from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT
+from ..names import DEFAULT_ANCHOR_MODE, DEFAULT_WINDOW_MODE, PUBLISHED_STAR_LAYOUT
 from .spec import check_star_settings, fraction_text
 from .base import ContextLayout, Strategy
 from .local import local_attention
@@ -67,11 +72,14 @@ class StarLayout(ContextLayout):
     owners: tuple[int, ...]  # rank of each block
     anchor_size: int  # tokens
     window_tokens: int = 0  # most context tokens before a block that precede it in its prefix
+    window_passed: bool = False  # the window's K/V is the previous block's, passed on
 
     def window(self, block: int) -> tuple[int, int]:
-        """[start, end) of the context tokens between the anchor and `block` that its prefix holds."""
+        """[start, end) of the context tokens between the anchor and `block` that its prefix
+        holds; a window passed on lies within the previous block."""
         start = self.blocks[block][0]
-        return max(self.anchor_size, start - self.window_tokens), start
+        earliest = self.blocks[block - 1][0] if self.window_passed and block > 0 else 0
+        return max(self.anchor_size, earliest, start - self.window_tokens), start
 
     def blocks_of(self, rank: int) -> list[int]:
         return [b for b, owner in enumerate(self.owners) if owner == rank]
@@ -112,22 +120,25 @@ class StarAttention(Strategy):
                  blocks: int | None = None, anchor_tokens: int | None = None,
                  anchor_fraction: float | None = None, anchor_mode: str = DEFAULT_ANCHOR_MODE,
                  layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0, window_tokens: int = 0,
-                 window_fraction: float | None = None, anchor_query: bool = False,
-                 block_temperature: float = 1.0, recompute_fraction: float = 0.0) -> None:
+                 window_fraction: float | None = None, window_mode: str = DEFAULT_WINDOW_MODE,
+                 anchor_query: bool = False, block_temperature: float = 1.0,
+                 recompute_fraction: float = 0.0) -> None:
         """At most one of block_size (tokens) and blocks (a count); at most one of
         anchor_tokens and anchor_fraction (of a block, in (0, 1]). token_weight: attention
         pairs as costly as one token's per-token work (costs.token_weight), which the
-        balanced layout weighs block 0 with. window_tokens or window_fraction, and
-        anchor_query: what else a block's prefix holds; block_temperature: phase 2's
+        balanced layout weighs block 0 with. window_tokens or window_fraction (encoded again
+        or passed on: window_mode), and anchor_query: what else a block's prefix holds;
+        block_temperature: phase 2's
         temperature of the other blocks; recompute_fraction: the share of the tokens outside
         block 0 whose K/V is recomputed after phase 1 (above)."""
         super().__init__(place, comm)
         check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout, window_tokens,
-                            window_fraction, block_temperature, recompute_fraction)
+                            window_fraction, block_temperature, recompute_fraction, window_mode)
         self.block_size, self.blocks = block_size, blocks
         self.anchor_tokens, self.anchor_fraction, self.anchor_mode = anchor_tokens, anchor_fraction, anchor_mode
         self.balanced, self.token_weight = layout == "balanced", token_weight
         self.window_tokens, self.window_fraction, self.reads_query = window_tokens, window_fraction, anchor_query
+        self.passes_window = window_mode == "pass"
         self.key_scale = 1.0 / block_temperature
         self.recompute_fraction = recompute_fraction
 
@@ -139,6 +150,7 @@ class StarAttention(Strategy):
         layout = ", block 0 balanced" if self.balanced else ""
         window = (f", then the {self.window_tokens} tokens before the block" if self.window_tokens else
                   f", then {fraction_text(self.window_fraction)} of a block before it" if self.window_fraction else "")
+        window += " (its K/V passed on)" if window and self.passes_window else ""
         question = "the question, then " if self.reads_query else ""
         temperature = f", the other blocks at temperature {1 / self.key_scale:g} in phase 2" \
             if self.key_scale != 1.0 else ""
@@ -155,13 +167,22 @@ class StarAttention(Strategy):
         """The window's tokens when the blocks (other than a balanced block 0) have `block` tokens."""
         return round(self.window_fraction * block) if self.window_fraction else self.window_tokens
 
+    def _anchored_block_work(self, size: int, anchor: int) -> float:
+        """Phase-1 work of a block other than block 0 of `size` tokens after an anchor of
+        `anchor`: its window's tokens run through the layers with it, or, passed on, only
+        its attention over them."""
+        window = self._window_for(size)
+        if self.passes_window:
+            return block_work(size, anchor + window, self.token_weight)
+        return block_work(size + window, anchor, self.token_weight)
+
     def _block_sizes(self, context_len: int) -> tuple[list[int], int]:
         """The tokens of each block, and the size the anchor is measured in: the blocks'
         (uniform) or the blocks' other than block 0 (balanced)."""
         count, w = self.blocks or self.place.world, self.token_weight
         if self.balanced and self.block_size is not None:
             size = self.block_size
-            first = min(context_len, first_block_tokens(block_work(size, self._anchor_for(size), w), w))
+            first = min(context_len, first_block_tokens(self._anchored_block_work(size, self._anchor_for(size)), w))
             return [first] + [min(size, context_len - start) for start in range(first, context_len, size)], size
         if not self.balanced or context_len < 2 * count:
             size = block_tokens(context_len, self.block_size, count)
@@ -171,7 +192,7 @@ class StarAttention(Strategy):
         while low < high:
             size = (low + high + 1) // 2
             first = context_len - (count - 1) * size
-            if block_work(first, 0, w) >= block_work(size, min(self._anchor_for(size), first), w):
+            if block_work(first, 0, w) >= self._anchored_block_work(size, min(self._anchor_for(size), first)):
                 low = size
             else:
                 high = size - 1
@@ -187,18 +208,26 @@ class StarAttention(Strategy):
         window = self._window_for(nominal)
         owners = tuple(r for r in range(world) for _ in blocks_of_rank(r, len(blocks), world))
         kept, encoded, received = [0] * world, [0] * world, [0] * world
+        if self.passes_window and world > 1 and len(blocks) < world:
+            raise ValueError(f"a window passed on goes from each rank to the next, so every rank needs a block: "
+                             f"{len(blocks)} blocks for {world} ranks")
+        layout = StarLayout(context_len, kept=(), encoded=(), received=(), blocks=blocks, owners=owners,
+                            anchor_size=anchor, window_tokens=window, window_passed=self.passes_window)
         for b, ((start, end), owner) in enumerate(zip(blocks, owners)):
             kept[owner] += end - start
-            if b > 0:  # the window it is encoded after (the query's few tokens are not counted)
-                encoded[owner] += start - max(anchor, start - window)
+            if b > 0:  # the window it is encoded after or receives (the query's few tokens are not counted)
+                first, _ = layout.window(b)
+                if self.passes_window:
+                    received[owner] += start - first
+                else:
+                    encoded[owner] += start - first
         for rank in range(world):
             mine = [b for b, owner in enumerate(owners) if owner == rank]
             needs_anchor = bool(mine) and 0 not in mine
             recomputes = needs_anchor and self._recomputes_anchor(len(blocks))
             encoded[rank] += kept[rank] + (anchor if recomputes else 0)
-            received[rank] = anchor if needs_anchor and not recomputes else 0
-        return StarLayout(context_len, kept=tuple(kept), encoded=tuple(encoded), received=tuple(received),
-                          blocks=blocks, owners=owners, anchor_size=anchor, window_tokens=window)
+            received[rank] += anchor if needs_anchor and not recomputes else 0
+        return dataclasses.replace(layout, kept=tuple(kept), encoded=tuple(encoded), received=tuple(received))
 
     def _recomputes_anchor(self, num_blocks: int) -> bool:
         """Whether ranks without block 0 compute the anchor's K/V themselves."""
@@ -257,8 +286,9 @@ class StarAttention(Strategy):
                 if anchor_kv is None:
                     anchor_kv = torch.empty(anchor_shape, dtype=model.embed.weight.dtype, device=device)
                 anchor_kv = self.comm.broadcast(anchor_kv.contiguous(), root=layout.owners[0])
+            windows = self._passed_windows(layout, seqs, qkv) if layout.window_passed else {}
             for i, (seq, (q, k, v)) in enumerate(zip(seqs, qkv)):
-                hidden[i] = layer.finish(hidden[i], self._attention(seq, q, k, v, anchor_kv))
+                hidden[i] = layer.finish(hidden[i], self._attention(seq, q, k, v, anchor_kv, windows.get(seq.block)))
             del qkv
         del hidden
         if self.recompute_fraction:
@@ -270,15 +300,52 @@ class StarAttention(Strategy):
         """By rank, the context positions [start, end) of its blocks other than block 0."""
         return [[layout.blocks[b] for b in layout.blocks_of(rank) if b > 0] for rank in range(self.place.world)]
 
+    def _passed_windows(self, layout: StarLayout, seqs: list[_Sequence],
+                        qkv: list[tuple[Tensor, Tensor, Tensor]]) -> dict[int, Tensor]:
+        """This layer's K/V [2, kv_heads, tokens, head_dim] of the window of each of this
+        rank's blocks: the K/V its previous block's encoding computed for those tokens (as
+        computed, before any temperature). A rank's first block gets its window from the
+        previous rank, in one exchange around the ranks (each message as long as the longest
+        window, so that every rank's is the same size; the last rank's to rank 0 is unused)."""
+        kept = {seq.block: (k[:, seq.prefix:], v[:, seq.prefix:]) for seq, (_, k, v) in zip(seqs, qkv) if seq.stored}
+
+        def window_of(block: int) -> Tensor:  # from the previous block, which this rank holds
+            first, end = layout.window(block)
+            start = layout.blocks[block - 1][0]
+            k, v = kept[block - 1]
+            return torch.stack((k[:, first - start:end - start], v[:, first - start:end - start]))
+
+        mine = sorted(kept)
+        windows = {b: window_of(b) for b in mine if b > 0 and b - 1 in kept}
+        rank, world = self.place.rank, self.place.world
+        longest = max((end - first for first, end in map(layout.window, range(1, len(layout.blocks)))), default=0)
+        if world == 1 or longest == 0:
+            return windows
+        some_k = next(iter(kept.values()))[0]
+        shape = (2, some_k.shape[0], longest, some_k.shape[-1])
+        send = torch.zeros(shape, dtype=some_k.dtype, device=some_k.device)
+        following = mine[-1] + 1
+        if following < len(layout.blocks):  # what the next rank's first block needs of this rank's last
+            window = window_of(following)
+            send[:, :, :window.shape[2]] = window
+        received = self.comm.send_recv(send, (rank + 1) % world, torch.empty_like(send), (rank - 1) % world)
+        if mine[0] > 0:
+            first, end = layout.window(mine[0])
+            windows[mine[0]] = received[:, :, :end - first]
+        return windows
+
     @staticmethod
-    def _attention(seq: _Sequence, q: Tensor, k: Tensor, v: Tensor, anchor_kv: Tensor | None) -> Tensor:
-        """A sequence's causal attention: an anchored block's over the anchor's K/V first,
-        after the question where the sequence starts with one (which sees only itself)."""
+    def _attention(seq: _Sequence, q: Tensor, k: Tensor, v: Tensor, anchor_kv: Tensor | None,
+                   window_kv: Tensor | None = None) -> Tensor:
+        """A sequence's causal attention: an anchored block's over the anchor's K/V first
+        (and then its window's, where passed on), after the question where the sequence
+        starts with one (which sees only itself)."""
         if not seq.anchored:
             return local_attention(q, k, v, causal=True)
         n = seq.question
-        keys = torch.cat((k[:, :n], anchor_kv[0], k[:, n:]), dim=1)
-        values = torch.cat((v[:, :n], anchor_kv[1], v[:, n:]), dim=1)
+        prefix = anchor_kv if window_kv is None else torch.cat((anchor_kv, window_kv), dim=2)
+        keys = torch.cat((k[:, :n], prefix[0], k[:, n:]), dim=1)
+        values = torch.cat((v[:, :n], prefix[1], v[:, n:]), dim=1)
         rest = local_attention(q[:, n:], keys, values, causal=True)  # the last of the keys: bottom-right
         if n == 0:
             return rest
@@ -294,13 +361,13 @@ class StarAttention(Strategy):
         start, end = layout.blocks[block]
         if block == 0:
             return _Sequence(context_ids[start:end], torch.arange(start, end, device=device), stored=True,
-                             anchored=False)
-        first, _ = layout.window(block)
+                             anchored=False, block=0)
+        first = start if layout.window_passed else layout.window(block)[0]
         query = query_ids.to(device) if query_ids is not None else context_ids[:0]
         ids = torch.cat((query, context_ids[first:end]))
         positions = torch.cat((torch.arange(-len(query), 0, device=device), torch.arange(first, end, device=device)))
         return _Sequence(ids, positions, stored=True, anchored=True, prefix=len(query) + start - first,
-                         question=len(query))
+                         question=len(query), block=block)
 
 
 @dataclass(frozen=True)
@@ -311,3 +378,4 @@ class _Sequence:
     anchored: bool  # attends over [anchor ; itself]
     prefix: int = 0  # its first tokens, which precede the block and are not kept
     question: int = 0  # of those, the first: the question, which precedes the anchor
+    block: int = -1  # the block it encodes (-1: a recomputed anchor)

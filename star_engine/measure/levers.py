@@ -7,7 +7,7 @@ import re
 
 from .paired_methods import paired
 
-_LEVER_PARTS = re.compile(r" (w=\S+|\+q|T=\S+)")
+_LEVER_PARTS = re.compile(r" (p?w=\S+|\+q|T=\S+)")
 
 
 def published(label: str) -> str:

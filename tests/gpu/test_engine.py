@@ -45,6 +45,7 @@ def engine(dist, checkpoint, device, dtype, strategy_cls, cuda_graph=True, **kwa
     (DenseAttention, {}),
     (StarAttention, {"block_size": 300}),
     (StarAttention, {"block_size": 300, "anchor_tokens": 16, "window_fraction": 0.5}),  # sink + local window
+    (StarAttention, {"block_size": 300, "anchor_tokens": 16, "window_fraction": 0.5, "window_mode": "pass"}),
     (StarAttention, {"block_size": 300, "anchor_query": True, "block_temperature": 1.2}),
     (StarAttention, {"block_size": 300, "recompute_fraction": 0.2}),  # selective recompute
 ])

@@ -125,6 +125,26 @@ def test_star_with_a_window_the_query_or_a_temperature_equals_the_single_process
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window,query_first,temperature,mode", [
+    (10, False, 1.0, "broadcast"),  # the previous block's last tokens, across ranks on 2-4 ranks
+    (25, True, 1.0, "recompute"),   # longer than a block: the whole previous block, after the question
+    (6, False, 1.7, "broadcast"),   # passed on as computed, before phase 2's temperature
+])
+def test_star_with_a_window_passed_on_equals_the_single_process_reference(
+        dist, comm, model, tiny_checkpoint, window, query_first, temperature, mode):
+    context, query = request(97, seed=5)
+    star = StarAttention(dist, comm, block_size=16, anchor_tokens=4, anchor_mode=mode, window_tokens=window,
+                         window_mode="pass", anchor_query=query_first, block_temperature=temperature)
+    gen = run(model, star, comm, dist, context, query)
+
+    assert_same_tokens_on_every_rank(dist, gen.tokens)
+    if dist.is_query_rank:
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 16), 4,
+                                     passed_window=window, query_first=query_first, temperature=temperature)
+        for got, ref in zip(gen.logits, want):
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
 def test_star_whose_window_reaches_back_to_the_anchor_equals_dense(dist, comm, model):
     """Every block then sees all that precedes it, as under dense attention."""
     context, query = request(90, seed=6)

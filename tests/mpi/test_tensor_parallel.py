@@ -81,6 +81,7 @@ def test_ring_and_dense_across_hosts_give_dense_attentions_tokens(dist, tiny_che
     ("broadcast", {}),
     ("recompute", {}),
     ("broadcast", dict(window_tokens=8, anchor_query=True, block_temperature=1.3)),  # every lever
+    ("recompute", dict(window_tokens=8, window_mode="pass", anchor_query=True)),  # the window passed on
 ])
 def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkpoint, tp, mode, levers):
     hosts, model, peers = sharded(dist, tiny_checkpoint, tp)
@@ -91,9 +92,10 @@ def test_star_across_hosts_equals_the_single_process_reference(dist, tiny_checkp
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if hosts.place.is_query_rank:
         want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 16), 16,
-                                     window=levers.get("window_tokens", 0),
+                                     window=levers.get("window_tokens", 0) if "window_mode" not in levers else 0,
                                      query_first=levers.get("anchor_query", False),
-                                     temperature=levers.get("block_temperature", 1.0))
+                                     temperature=levers.get("block_temperature", 1.0),
+                                     passed_window=levers["window_tokens"] if "window_mode" in levers else 0)
         for got, ref in zip(gen.logits, want):
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
