@@ -22,12 +22,13 @@ continues; with a small anchor (the attention sink) this is the "sink plus local
 prefix. window_mode "encode" runs those tokens through the layers again with the block;
 "pass" takes their K/V, layer by layer, from the encoding of the block they belong to (the
 previous one; its owner sends it, one message a layer), so the window costs only the
-block's attention over it, and reaches back only as far as the previous block's start.
-Each block then also sees, through its window's K/V, what that block saw. `anchor_query`: the request's question comes first, before the anchor (at the
-positions just before 0; the anchor's K/V stays the one computed without it), so that
-every block is encoded knowing what is asked; block 0, encoded alone, does not see it, and
-the context's K/V then belongs to that one question (engine.py encodes the context again
-for another). The prefix tokens are run through the layers with their block and not kept.
+block's attention over it, and reaches back only as far as the previous block's start;
+through that K/V a block also sees what the previous one saw. `anchor_query`: the
+request's question comes first, before the anchor (at the positions just before 0; the
+anchor's K/V stays the one computed without it), so that every block is encoded knowing
+what is asked; block 0, encoded alone, does not see it, and the context's K/V then belongs
+to that one question (engine.py encodes the context again for another). The prefix
+tokens are run through the layers with their block and not kept.
 
 `recompute_fraction` r: after phase 1, the K/V of the fraction r of the tokens outside
 block 0 that phase 1 got most wrong is recomputed exactly over the whole context
@@ -128,9 +129,9 @@ class StarAttention(Strategy):
         pairs as costly as one token's per-token work (costs.token_weight), which the
         balanced layout weighs block 0 with. window_tokens or window_fraction (encoded again
         or passed on: window_mode), and anchor_query: what else a block's prefix holds;
-        block_temperature: phase 2's
-        temperature of the other blocks; recompute_fraction: the share of the tokens outside
-        block 0 whose K/V is recomputed after phase 1 (above)."""
+        block_temperature: phase 2's temperature of the other blocks; recompute_fraction:
+        the share of the tokens outside block 0 whose K/V is recomputed after phase 1
+        (above)."""
         super().__init__(place, comm)
         check_star_settings(block_size, blocks, anchor_tokens, anchor_fraction, anchor_mode, layout, window_tokens,
                             window_fraction, block_temperature, recompute_fraction, window_mode)
