@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .attention.ring import RingLayout
 from .attention.spec import StrategySpec
-from .attention.star import StarLayout, block_work
+from .attention.star import StarLayout, anchored_block_shape, block_work
 from .budget import request_budget
 from .config import ModelConfig
 from .costs import Calibration, attention_flops_per_pair, decode_weights, kv_bytes_per_token, linear_flops_per_token
@@ -66,18 +66,14 @@ def predict(config: ModelConfig, spec: StrategySpec, gpus: int, context: int, qu
         per_rank, encoded_windows, longest = [0.0] * gpus, [0] * gpus, 0
         anchor = layout.anchor_size
         for b, ((start, end), owner) in enumerate(zip(layout.blocks, layout.owners)):
-            # A block is encoded after its window (the context just before it, past the
-            # anchor). Encoded again, the window's tokens attend the anchor and each other
-            # and go through the layers' linear work with the block; passed on, they are
-            # only keys the block attends.
+            # Block 0 alone; every other block after the anchor and its window.
             window = start - layout.window(b)[0] if b else 0
             longest = max(longest, window)
-            if layout.window_passed:
-                tokens, prefix = end - start, anchor + window
-            else:
+            if not layout.window_passed:
                 encoded_windows[owner] += window
-                tokens, prefix = end - start + window, anchor
-            per_rank[owner] += block_work(tokens, prefix if b else 0, 0.0) * pair_s + tokens * token_s
+            tokens, keys = anchored_block_shape(end - start, anchor, window, layout.window_passed) if b \
+                else (end - start, 0)
+            per_rank[owner] += block_work(tokens, keys, 0.0) * pair_s + tokens * token_s
         for rank, (kept, encoded) in enumerate(zip(layout.kept, layout.encoded)):
             if encoded > kept + encoded_windows[rank]:  # the anchor, recomputed
                 per_rank[rank] += block_work(anchor, 0, 0.0) * pair_s + anchor * token_s

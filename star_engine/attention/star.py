@@ -98,6 +98,13 @@ def block_work(tokens: int, anchor: int, token_weight: float) -> float:
     return tokens * (tokens + 1) / 2 + tokens * anchor + token_weight * tokens
 
 
+def anchored_block_shape(tokens: int, anchor: int, window: int, window_passed: bool) -> tuple[int, int]:
+    """Phase 1 of a block other than block 0: the tokens run through the layers, and the
+    keys before them that each attends. A window encoded again runs with the block after
+    the anchor; a window passed on is only keys."""
+    return (tokens, anchor + window) if window_passed else (tokens + window, anchor)
+
+
 def first_block_tokens(work: float, token_weight: float) -> int:
     """The fewest tokens block 0 needs for at least `work` (block_work(x, 0, w) >= work)."""
     slope = 1 + 2 * token_weight  # x^2 + slope x - 2 work >= 0
@@ -172,10 +179,8 @@ class StarAttention(Strategy):
         """Phase-1 work of a block other than block 0 of `size` tokens after an anchor of
         `anchor`: its window's tokens run through the layers with it, or, passed on, only
         its attention over them."""
-        window = self._window_for(size)
-        if self.passes_window:
-            return block_work(size, anchor + window, self.token_weight)
-        return block_work(size + window, anchor, self.token_weight)
+        tokens, keys = anchored_block_shape(size, anchor, self._window_for(size), self.passes_window)
+        return block_work(tokens, keys, self.token_weight)
 
     def _block_sizes(self, context_len: int) -> tuple[list[int], int]:
         """The tokens of each block, and the size the anchor is measured in: the blocks'
