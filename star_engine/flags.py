@@ -67,6 +67,11 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def window_fraction(text: str) -> float | None:
+    """A fraction of the block, or 0: no window (so that a grid can hold the row without one)."""
+    return None if text.strip() in ("0", "0.0") else fraction(text)
+
+
 def share(text: str) -> float:
     """A share in [0, 1]: 0, 1/10, 0.1, 1."""
     return 0.0 if text.strip() in ("0", "0.0", "off") else fraction(text)
@@ -169,8 +174,8 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                         help="each block but the first is encoded after the anchor and then the TOKENS context "
                              "tokens just before it (with a small --anchor-tokens: an attention sink plus a local "
                              f"window){each} (default: 0)")
-    window.add_argument("--window-fraction", type=kind(fraction), default=None, metavar="F",
-                        help=f"or that window as a fraction of a block: 1/4, 0.5, 1{each}")
+    window.add_argument("--window-fraction", type=kind(window_fraction), default=None, metavar="F",
+                        help=f"or that window as a fraction of a block: 1/4, 0.5, 1 (0: none){each}")
     group.add_argument("--window-mode", type=kind(window_mode_name),
                        default=[DEFAULT_WINDOW_MODE] if grid else DEFAULT_WINDOW_MODE, metavar="encode|pass",
                        help="the window's tokens are encoded again before each block, or their K/V, as the "
@@ -217,6 +222,8 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
             specs.append(StrategySpec(attn))
             continue
         for size, anchor, layout, window, query, temperature, recompute, window_mode in grid:
+            if not window and window_mode != DEFAULT_WINDOW_MODE and args.star_grid:
+                continue  # a mode says how a window travels: without one, the grid's encode row is this row
             try:
                 specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout, anchor_query=query,
                                           block_temperature=temperature, recompute_fraction=recompute,

@@ -146,3 +146,13 @@ def test_bench_refuses_the_settings_of_a_job_without_job(flags):
     job = parse("bench", "--job", "8", *flags)
     assert (job.batch, job.questions_per_context) == ((4, 1) if flags[0] == "--batch" else (1, 2))
     assert (parse("bench").batch, parse("bench").questions_per_context) == (1, 1)
+
+
+def test_a_grid_crosses_window_modes_only_where_there_is_a_window():
+    labels = [spec.label for spec in specs("bench", "--attn", "star", "--blocks", "4", "--anchor-fraction", "1/8",
+                                           "--window-fraction", "0,1/2", "--window-mode", "encode,pass")]
+    assert labels == ["star 4b a=1/8 balanced +q", "star 4b a=1/8 balanced w=1/2 +q",
+                      "star 4b a=1/8 balanced pw=1/2 +q"]
+    assert star("run", "--window-fraction", "0", "--anchor-query", "off") == StrategySpec(layout="balanced")
+    with pytest.raises(ValueError, match="window mode pass needs a window"):
+        star("run", "--window-mode", "pass")
