@@ -9,6 +9,7 @@ def test_a_variant_is_compared_with_star_as_published_with_as_many_blocks():
     assert published("star 4b a=1 balanced +q") == "star 4b a=1 balanced"
     assert published("star 8b a=1/8 balanced w=1/2 T=1.1") == "star 8b a=1 balanced"
     assert published("star 8b a=1/8 balanced pw=1/2 +q") == "star 8b a=1 balanced"  # a window passed on
+    assert published("star 4b a=1 balanced +q r=0.05") == "star 4b a=1 balanced"  # a recompute
     assert published("star 4b a=1 balanced") == "star 4b a=1 balanced"
     assert blocks_of("star 8b a=1 balanced +q") == 8 and blocks_of("dense") is None
 
@@ -33,6 +34,14 @@ def test_the_gap_closed_is_the_variants_gain_over_published_stars_loss_to_dense(
     assert result["p_against_published"] == 0.5  # two wins of two: a fair coin does this half the time
     vt = against_published([evaluation], "star 4b a=1 +q", {"vt"})
     assert vt["samples"] == 4 and vt["accuracy"] == 0.25 and vt["published"] == 0.0
+
+
+def test_a_variant_that_answered_part_of_the_samples_is_judged_on_those_alone():
+    evaluation = {"rows": rows("dense", [1, 1, 1, 0]) + rows("star 4b a=1", [1, 0, 0, 0])
+                  + rows("star 4b a=1 +q", [1, 1])}
+    result = against_published([evaluation], "star 4b a=1 +q")
+    assert result["samples"] == 2 and result["dense"] == 1.0 and result["published"] == 0.5
+    assert result["gap_closed"] == 1.0
 
 
 def test_a_variant_against_any_other_is_counted_sample_by_sample():

@@ -7,7 +7,7 @@ import re
 
 from .paired_methods import paired
 
-_LEVER_PARTS = re.compile(r" (p?w=\S+|\+q|T=\S+)")
+_LEVER_PARTS = re.compile(r" (p?w=\S+|\+q|T=\S+|r=\S+)")
 
 
 def published(label: str) -> str:
@@ -39,8 +39,11 @@ def against_published(evals: list[dict], method: str, tasks: set[str] | None = N
     """Mean scores of the method, of dense and of star as published over the samples (of
     `tasks`, or all) that each pair answered; the share of dense's accuracy; the share of
     published star's gap to dense the method closes; the exact sign test against published
-    star and the samples it scores higher and lower than dense."""
-    chosen = [{**e, "rows": [r for r in e["rows"] if tasks is None or r["task"] in tasks]} for e in evals]
+    star and the samples it scores higher and lower than dense. Only the samples the method
+    answered count, for all three, so that a grid cut short is judged on what it holds."""
+    answered = {(r["task"], r["length"], r["sample"]) for e in evals for r in e["rows"] if r["method"] == method}
+    chosen = [{**e, "rows": [r for r in e["rows"] if (tasks is None or r["task"] in tasks)
+                             and (r["task"], r["length"], r["sample"]) in answered]} for e in evals]
     base = published(method)
     versus_base = paired(chosen, method, base)[-1]
     versus_dense = paired(chosen, method, "dense")[-1]
