@@ -60,7 +60,7 @@ from .. import _C
 from ..comm import Communicator
 from ..launch.control import Place
 from ..model import Transformer
-from ..names import DEFAULT_ANCHOR_MODE, DEFAULT_WINDOW_MODE, PUBLISHED_STAR_LAYOUT
+from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_WINDOW_MODE, PUBLISHED_STAR_LAYOUT
 from .spec import check_star_settings, fraction_text
 from .base import ContextLayout, Strategy
 from .local import local_attention
@@ -128,7 +128,7 @@ class StarAttention(Strategy):
                  blocks: int | None = None, anchor_tokens: int | None = None,
                  anchor_fraction: float | None = None, anchor_mode: str = DEFAULT_ANCHOR_MODE,
                  layout: str = PUBLISHED_STAR_LAYOUT, token_weight: float = 0.0, window_tokens: int = 0,
-                 window_fraction: float | None = None, window_mode: str = DEFAULT_WINDOW_MODE,
+                 window_fraction: float | None = None, window_mode: str = PUBLISHED_WINDOW_MODE,
                  anchor_query: bool = False, block_temperature: float = 1.0,
                  recompute_fraction: float = 0.0) -> None:
         """At most one of block_size (tokens) and blocks (a count); at most one of
@@ -214,9 +214,6 @@ class StarAttention(Strategy):
         window = self._window_for(nominal)
         owners = tuple(r for r in range(world) for _ in blocks_of_rank(r, len(blocks), world))
         kept, encoded, received = [0] * world, [0] * world, [0] * world
-        if self.passes_window and world > 1 and len(blocks) < world:
-            raise ValueError(f"a window passed on goes from each rank to the next, so every rank needs a block: "
-                             f"{len(blocks)} blocks for {world} ranks")
         layout = StarLayout(context_len, kept=(), encoded=(), received=(), blocks=blocks, owners=owners,
                             anchor_size=anchor, window_tokens=window, window_passed=self.passes_window)
         for b, ((start, end), owner) in enumerate(zip(blocks, owners)):
@@ -271,6 +268,8 @@ class StarAttention(Strategy):
             seqs.insert(0, _Sequence(context_ids[:anchor], torch.arange(anchor, device=device),
                                      stored=False, anchored=False))
         anchor_shape = (2, model.kv_heads, anchor, model.config.head_dim)
+        kv_like = torch.empty((2, model.kv_heads, 0, model.config.head_dim), dtype=model.embed.weight.dtype,
+                              device=device)  # what a K/V message of this rank is made of
 
         hidden = [model.embed_tokens(seq.ids) for seq in seqs]
         ropes = [model.rope(seq.positions) for seq in seqs]
@@ -292,7 +291,7 @@ class StarAttention(Strategy):
                 if anchor_kv is None:
                     anchor_kv = torch.empty(anchor_shape, dtype=model.embed.weight.dtype, device=device)
                 anchor_kv = self.comm.broadcast(anchor_kv.contiguous(), root=layout.owners[0])
-            windows = self._passed_windows(layout, seqs, qkv) if layout.window_passed else {}
+            windows = self._passed_windows(layout, seqs, qkv, kv_like) if layout.window_passed else {}
             for i, (seq, (q, k, v)) in enumerate(zip(seqs, qkv)):
                 hidden[i] = layer.finish(hidden[i], self._attention(seq, q, k, v, anchor_kv, windows.get(seq.block)))
             del qkv
@@ -306,13 +305,16 @@ class StarAttention(Strategy):
         """By rank, the context positions [start, end) of its blocks other than block 0."""
         return [[layout.blocks[b] for b in layout.blocks_of(rank) if b > 0] for rank in range(self.place.world)]
 
-    def _passed_windows(self, layout: StarLayout, seqs: list[_Sequence],
-                        qkv: list[tuple[Tensor, Tensor, Tensor]]) -> dict[int, Tensor]:
+    def _passed_windows(self, layout: StarLayout, seqs: list[_Sequence], qkv: list[tuple[Tensor, Tensor, Tensor]],
+                        message_like: Tensor) -> dict[int, Tensor]:
         """This layer's K/V [2, kv_heads, tokens, head_dim] of the window of each of this
         rank's blocks: the K/V its previous block's encoding computed for those tokens (as
         computed, before any temperature). A rank's first block gets its window from the
-        previous rank, in one exchange around the ranks (each message as long as the longest
-        window, so that every rank's is the same size; the last rank's to rank 0 is unused)."""
+        rank holding the block before it, in exchanges around the ranks: one where every
+        rank holds a block, else as many as the most ranks without a block in a row plus
+        one, those ranks handing the message on. Each message is as long as the longest
+        window, so that every rank's is the same size (message_like's dtype, device, heads
+        and head_dim); the last rank's to rank 0 is unused."""
         kept = {seq.block: (k[:, seq.prefix:], v[:, seq.prefix:]) for seq, (_, k, v) in zip(seqs, qkv) if seq.stored}
 
         def window_of(block: int) -> Tensor:  # from the previous block, which this rank holds
@@ -327,17 +329,21 @@ class StarAttention(Strategy):
         longest = max((end - first for first, end in map(layout.window, range(1, len(layout.blocks)))), default=0)
         if world == 1 or longest == 0:
             return windows
-        some_k = next(iter(kept.values()))[0]
-        shape = (2, some_k.shape[0], longest, some_k.shape[-1])
-        send = torch.zeros(shape, dtype=some_k.dtype, device=some_k.device)
-        following = mine[-1] + 1
-        if following < len(layout.blocks):  # what the next rank's first block needs of this rank's last
+        holders = sorted(set(layout.owners))
+        hops = max((later - earlier for earlier, later in zip(holders, holders[1:])), default=1)
+        heads, _, head_dim = message_like.shape[-3:]
+        message = torch.zeros((2, heads, longest, head_dim), dtype=message_like.dtype, device=message_like.device)
+        following = mine[-1] + 1 if mine else len(layout.blocks)
+        if following < len(layout.blocks):  # what the next holder's first block needs of this rank's last
             window = window_of(following)
-            send[:, :, :window.shape[2]] = window
-        received = self.comm.send_recv(send, (rank + 1) % world, torch.empty_like(send), (rank - 1) % world)
-        if mine[0] > 0:
-            first, end = layout.window(mine[0])
-            windows[mine[0]] = received[:, :, :end - first]
+            message[:, :, :window.shape[2]] = window
+        first = mine[0] if mine else 0
+        arrives_after = rank - layout.owners[first - 1] if first > 0 else 0  # hops from the previous block's rank
+        for hop in range(1, hops + 1):
+            message = self.comm.send_recv(message, (rank + 1) % world, torch.empty_like(message), (rank - 1) % world)
+            if hop == arrives_after:
+                start, end = layout.window(first)
+                windows[first] = message[:, :, :end - start]
         return windows
 
     @staticmethod

@@ -100,20 +100,21 @@ def test_distributed_balanced_star_equals_the_single_process_reference_of_its_bl
             torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("window,window_mode,query_first,temperature,mode", [
-    (10, "encode", False, 1.0, "broadcast"),  # a local window shorter than the gap to the anchor
-    (10, "encode", False, 1.0, "recompute"),
-    (0, "encode", True, 1.0, "broadcast"),    # the query alone
-    (25, "encode", True, 1.0, "recompute"),   # both, the window reaching back to the anchor for block 1
-    (0, "encode", False, 1.7, "broadcast"),   # phase 2's temperature of the anchored blocks
-    (10, "pass", False, 1.0, "broadcast"),    # the previous block's last tokens, from the previous rank
-    (25, "pass", True, 1.0, "recompute"),     # longer than a block: the whole previous block, after the question
-    (6, "pass", False, 1.7, "broadcast"),     # passed on as computed, before phase 2's temperature
+@pytest.mark.parametrize("window,window_mode,query_first,temperature,mode,block", [
+    (10, "encode", False, 1.0, "broadcast", 12),  # a local window shorter than the gap to the anchor
+    (10, "encode", False, 1.0, "recompute", 12),
+    (0, "encode", True, 1.0, "broadcast", 12),    # the query alone
+    (25, "encode", True, 1.0, "recompute", 12),   # both, the window reaching back to the anchor for block 1
+    (0, "encode", False, 1.7, "broadcast", 12),   # phase 2's temperature of the anchored blocks
+    (10, "pass", False, 1.0, "broadcast", 12),    # the previous block's last tokens, from the previous rank
+    (25, "pass", True, 1.0, "recompute", 12),     # longer than a block: the whole previous block, after the question
+    (6, "pass", False, 1.7, "broadcast", 12),     # passed on as computed, before phase 2's temperature
+    (20, "pass", True, 1.0, "broadcast", 40),     # 3 blocks: on 4 or 8 ranks, ranks without one hand it on
 ])
 def test_star_with_a_window_the_query_or_a_temperature_equals_the_single_process_reference(
-        dist, comm, model, tiny_checkpoint, window, window_mode, query_first, temperature, mode):
-    context, query = request(97, seed=4)  # 9 blocks: one or more on each of up to 8 ranks
-    star = StarAttention(dist, comm, block_size=12, anchor_tokens=4, anchor_mode=mode, window_tokens=window,
+        dist, comm, model, tiny_checkpoint, window, window_mode, query_first, temperature, mode, block):
+    context, query = request(97, seed=4)  # 9 blocks of 12: one or more on each of up to 8 ranks
+    star = StarAttention(dist, comm, block_size=block, anchor_tokens=4, anchor_mode=mode, window_tokens=window,
                          window_mode=window_mode, anchor_query=query_first, block_temperature=temperature)
     engine = Engine(model, star, comm, dist, KVCacheSettings(512))
     plan = engine.plan(len(context), len(query), NEW_TOKENS)
@@ -123,7 +124,7 @@ def test_star_with_a_window_the_query_or_a_temperature_equals_the_single_process
     assert_same_tokens_on_every_rank(dist, gen.tokens)
     if dist.is_query_rank:
         passed = window_mode == "pass"
-        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, 12), 4,
+        want = star_reference_logits(tiny_checkpoint, context, query, gen.tokens, uniform_blocks(97, block), 4,
                                      window=0 if passed else window, passed_window=window if passed else 0,
                                      query_first=query_first, temperature=temperature)
         for got, ref in zip(gen.logits, want):
