@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from fractions import Fraction
 from typing import TYPE_CHECKING, Callable
 
 from .config import BUILTIN_MODELS, DEFAULT_MODEL, PRESETS
-from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_MODE, DEFAULT_ANCHOR_QUERY, DEFAULT_STAR_LAYOUT,
-                    DEFAULT_WINDOW_MODE, DTYPES, STAR_LAYOUTS, STRATEGIES, WINDOW_MODES)
+from .names import (ANCHOR_MODES, ATTENTION_BACKENDS, DEFAULT_ANCHOR_FRACTION, DEFAULT_ANCHOR_MODE,
+                    DEFAULT_ANCHOR_QUERY, DEFAULT_STAR_LAYOUT, DEFAULT_WINDOW_FRACTION, DEFAULT_WINDOW_MODE, DTYPES,
+                    PUBLISHED_WINDOW_MODE, STAR_LAYOUTS, STRATEGIES, WINDOW_MODES)
 from .settings import KVCacheSettings, RuntimeSettings, ScaleOutSettings
 
 if TYPE_CHECKING:
@@ -67,9 +69,9 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def window_fraction(text: str) -> float | None:
-    """A fraction of the block, or 0: no window (so that a grid can hold the row without one)."""
-    return None if text.strip() in ("0", "0.0") else fraction(text)
+def window_fraction(text: str) -> float:
+    """A fraction of the block, or 0: no window."""
+    return 0.0 if text.strip() in ("0", "0.0") else fraction(text)
 
 
 def share(text: str) -> float:
@@ -162,30 +164,32 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                       help=f"or into blocks of TOKENS tokens, the last one shorter{each}")
     anchor = group.add_mutually_exclusive_group()
     anchor.add_argument("--anchor-tokens", type=kind(positive), default=None, metavar="TOKENS",
-                        help=f"the anchor: the first TOKENS tokens of the context{each} (default: a whole block)")
+                        help=f"the anchor: the first TOKENS tokens of the context, which every block but the first "
+                             f"is encoded after{each}")
     anchor.add_argument("--anchor-fraction", type=kind(fraction), default=None, metavar="F",
-                        help=f"or the anchor as a fraction of a block: 1/4, 0.5, 1{each}")
+                        help=f"or the anchor as a fraction of a block: 1/4, 0.5, 1 (a whole block: star as "
+                             f"published){each} (default: {Fraction(DEFAULT_ANCHOR_FRACTION)})")
     group.add_argument("--layout", type=kind(layout_name), default=list(layouts) if grid else layouts[0],
                        metavar="uniform|balanced",
                        help="blocks of equal size, or block 0 longer so that every block (and rank) has the "
                             f"same work, weighed by the device's measured rates{each} (default: {','.join(layouts)})")
     window = group.add_mutually_exclusive_group()
-    window.add_argument("--window-tokens", type=kind(non_negative), default=[0] if grid else 0, metavar="TOKENS",
+    window.add_argument("--window-tokens", type=kind(non_negative), default=None, metavar="TOKENS",
                         help="each block but the first is encoded after the anchor and then the TOKENS context "
-                             "tokens just before it (with a small --anchor-tokens: an attention sink plus a local "
-                             f"window){each} (default: 0)")
+                             f"tokens just before it, its local window (0: none){each}")
     window.add_argument("--window-fraction", type=kind(window_fraction), default=None, metavar="F",
-                        help=f"or that window as a fraction of a block: 1/4, 0.5, 1 (0: none){each}")
-    group.add_argument("--window-mode", type=kind(window_mode_name),
-                       default=[DEFAULT_WINDOW_MODE] if grid else DEFAULT_WINDOW_MODE, metavar="encode|pass",
+                        help=f"or that window as a fraction of a block: 1/4, 0.5, 1 (0: none){each} "
+                             f"(default: {Fraction(DEFAULT_WINDOW_FRACTION)})")
+    group.add_argument("--window-mode", type=kind(window_mode_name), default=None, metavar="encode|pass",
                        help="the window's tokens are encoded again before each block, or their K/V, as the "
-                            "previous block's owner computed it, is passed on (a message a layer, no per-token "
-                            f"work; every rank must hold a block){each} (default: {DEFAULT_WINDOW_MODE})")
+                            "previous block's encoding computed it, is passed on (a message a layer between "
+                            f"neighbouring ranks, no per-token work; the window then reaches back at most to the "
+                            f"previous block's start){each} (default: {DEFAULT_WINDOW_MODE})")
     group.add_argument("--anchor-query", type=kind(on_off), default=[DEFAULT_ANCHOR_QUERY] if grid
                        else DEFAULT_ANCHOR_QUERY, metavar="on|off",
                        help="each block but the first is encoded after the anchor and the request's question (the "
                             "query without the chat template's tail), so that it knows what is asked; a context "
-                            f"that several requests ask about is encoded once without any question; off: star as "
+                            f"that several requests ask about is encoded once without any question; off: none "
                             f"published{each} (default: {'on' if DEFAULT_ANCHOR_QUERY else 'off'})")
     group.add_argument("--block-temperature", type=kind(positive_number), default=[1.0] if grid else 1.0,
                        metavar="T",
@@ -203,7 +207,8 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
 
 def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[StrategySpec]:
     """The specs of the strategies asked for, star's from the layout flags (every
-    combination of them with a grid). Raises ValueError naming the flag."""
+    combination of them with a grid); an anchor or window the flags leave out is the
+    commands' default. Raises ValueError naming the flag."""
     from .attention.spec import StrategySpec
 
     def values(given: object) -> list:  # a grid's flag holds a list, the others one value
@@ -211,23 +216,29 @@ def star_specs(args: argparse.Namespace, strategies: list[str]) -> list[Strategy
 
     size_key = "block_size" if args.block_size is not None else "blocks"
     anchor_key = "anchor_tokens" if args.anchor_tokens is not None else "anchor_fraction"
-    window_key = "window_fraction" if args.window_fraction is not None else "window_tokens"
-    grid = list(itertools.product(values(getattr(args, size_key)), values(getattr(args, anchor_key)),
-                                  values(args.layout), values(getattr(args, window_key)), values(args.anchor_query),
-                                  values(args.block_temperature), values(args.recompute_fraction),
-                                  values(args.window_mode)))
+    anchor = getattr(args, anchor_key)
+    anchors = [DEFAULT_ANCHOR_FRACTION] if anchor is None else values(anchor)
+    window_key = "window_tokens" if args.window_tokens is not None else "window_fraction"
+    window = getattr(args, window_key)
+    windows = [DEFAULT_WINDOW_FRACTION] if window is None else values(window)
+    grid = list(itertools.product(values(getattr(args, size_key)), anchors, values(args.layout), windows,
+                                  values(args.anchor_query), values(args.block_temperature),
+                                  values(args.recompute_fraction), values(args.window_mode)))
     specs = []
     for attn in strategies:
         if attn != "star":
             specs.append(StrategySpec(attn))
             continue
         for size, anchor, layout, window, query, temperature, recompute, window_mode in grid:
-            if not window and window_mode != DEFAULT_WINDOW_MODE and args.star_grid:
-                continue  # a mode says how a window travels: without one, the grid's encode row is this row
+            if not window:
+                if args.star_grid and window_mode not in (None, PUBLISHED_WINDOW_MODE):
+                    continue  # a mode says how a window travels: without one, the grid's other row is this row
+                window = 0 if window_key == "window_tokens" else None
             try:
                 specs.append(StrategySpec("star", anchor_mode=args.anchor_mode, layout=layout, anchor_query=query,
                                           block_temperature=temperature, recompute_fraction=recompute,
-                                          window_mode=window_mode,
+                                          window_mode=window_mode or (DEFAULT_WINDOW_MODE if window
+                                                                      else PUBLISHED_WINDOW_MODE),
                                           **{size_key: size, anchor_key: anchor, window_key: window}))
             except ValueError as exc:
                 raise ValueError(f"star's layout: {exc} (--blocks/--block-size, --anchor-tokens/--anchor-fraction, "

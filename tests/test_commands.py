@@ -97,8 +97,9 @@ def test_bench_runs_every_strategy_at_every_length_and_saves_json_and_plot(tmp_p
     assert min(ring["bytes_sent"]) > 0  # K/V went around the ring
     assert [s["context"] for s in saved["speedups"]] == [256, 1024]
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert all(r["label"] == "star balanced +q" for r in saved["rows"] if r["attn"] == "star")  # the defaults
-    assert "star balanced +q at 1024 tokens: over ring" in result.stdout
+    stars = [r["label"] for r in saved["rows"] if r["attn"] == "star"]
+    assert set(stars) == {"star a=1/8 balanced pw=1/2 +q"}  # the defaults
+    assert "star a=1/8 balanced pw=1/2 +q at 1024 tokens: over ring" in result.stdout
 
 
 def test_bench_measures_a_job_one_at_a_time_and_batched_with_contexts_shared_and_copied(tmp_path):
@@ -148,11 +149,11 @@ def test_bench_measures_several_star_layouts_against_ring_in_one_run(tmp_path):
                          ranks=2)
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
-    assert [r["label"] for r in saved["rows"]] == ["star +q", "star balanced +q", "ring"]
+    assert [r["label"] for r in saved["rows"]] == ["star a=1/8 pw=1/2 +q", "star a=1/8 balanced pw=1/2 +q", "ring"]
     balanced = saved["rows"][1]
     assert balanced["describe"].startswith("star (block context/ranks, block 0 balanced")
-    assert [s["star"] for s in saved["speedups"]] == ["star +q", "star balanced +q"]
-    assert "star balanced +q at 512 tokens: over ring" in result.stdout
+    assert [s["star"] for s in saved["speedups"]] == ["star a=1/8 pw=1/2 +q", "star a=1/8 balanced pw=1/2 +q"]
+    assert "star a=1/8 balanced pw=1/2 +q at 512 tokens: over ring" in result.stdout
 
 
 def test_eval_scores_every_method_on_the_same_samples(tmp_path):
@@ -162,7 +163,7 @@ def test_eval_scores_every_method_on_the_same_samples(tmp_path):
                           "--output", str(out)], ranks=2)
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
-    methods = [f"star {b} a={a} balanced +q" for b in ("2b", "3b") for a in ("1/2", "1")] + ["dense"]
+    methods = [f"star {b} a={a} balanced pw=1/2 +q" for b in ("2b", "3b") for a in ("1/2", "1")] + ["dense"]
     assert saved["complete"] is True and len(saved["rows"]) == 2 * 2 * len(methods)
     for task in ("niah_single_1", "vt"):
         for sample in (0, 1):

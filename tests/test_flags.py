@@ -14,6 +14,7 @@ from star_engine.flags import star_specs
 
 REQUIRED = {"run": ["--input", "in.jsonl", "--output", "out.jsonl"]}
 GRIDS = ["bench", "eval", "plan"]  # the commands that take lists of star's settings
+PUBLISHED = ("--anchor-fraction", "1", "--window-fraction", "0", "--anchor-query", "off")  # star as published
 
 
 def parse(command: str, *flags: str) -> argparse.Namespace:
@@ -40,11 +41,20 @@ def flags_of(command: str) -> set[str]:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_star_layout_flags_mean_the_same_in_every_command(command):
-    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4", "--layout", "balanced") == \
-        StrategySpec(blocks=3, anchor_fraction=0.25, layout="balanced", anchor_query=True)
+    assert star(command, "--blocks", "3", "--anchor-fraction", "1/4", "--layout", "balanced", "--window-fraction",
+                "1/4", "--window-mode", "encode") == \
+        StrategySpec(blocks=3, anchor_fraction=0.25, layout="balanced", anchor_query=True, window_fraction=0.25)
     assert star(command, "--block-size", "4096", "--anchor-tokens", "1024", "--anchor-mode", "recompute",
-                "--layout", "uniform", "--anchor-query", "off") == \
+                "--layout", "uniform", "--anchor-query", "off", "--window-tokens", "0") == \
         StrategySpec(block_size=4096, anchor_tokens=1024, anchor_mode="recompute")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_star_puts_a_sink_the_previous_blocks_end_and_the_question_before_each_block_unless_told_otherwise(command):
+    default = star(command)  # (plan compares both layouts, the uniform one first)
+    assert default == StrategySpec(blocks=default.blocks, layout=default.layout, anchor_fraction=1 / 8,
+                                   window_fraction=1 / 2, window_mode="pass", anchor_query=True)
+    assert star(command, *PUBLISHED, "--layout", "uniform") == StrategySpec(blocks=default.blocks, anchor_fraction=1.0)
 
 
 def test_a_setting_the_commands_share_has_one_spelling_wherever_it_is_offered():
@@ -71,22 +81,24 @@ def test_lengths_are_token_counts_in_every_command_that_takes_them(command):
 
 
 def test_the_layout_is_balanced_unless_uniform_is_asked_for_and_a_grid_can_cross_the_two():
-    assert star("run", "--anchor-query", "off") == StrategySpec(layout="balanced")
-    assert star("run", "--layout", "uniform", "--anchor-query", "off") == StrategySpec()
+    assert star("run", *PUBLISHED) == StrategySpec(layout="balanced", anchor_fraction=1.0)
+    assert star("run", "--layout", "uniform", *PUBLISHED) == StrategySpec(anchor_fraction=1.0)
     labels = [spec.label for spec in specs("eval", "--attn", "star", "--blocks", "4", "--layout", "uniform,balanced",
-                                           "--anchor-query", "off")]
+                                           *PUBLISHED)]
     assert labels == ["star 4b a=1", "star 4b a=1 balanced"]
     with pytest.raises(SystemExit):
         star("demo", "--layout", "lopsided")
 
 
 def test_plan_compares_both_layouts_unless_told_which():
-    assert [spec.label for spec in specs("plan")] == ["star +q", "star balanced +q", "ring", "dense"]
-    assert [spec.label for spec in specs("plan", "--attn", "star", "--layout", "balanced")] == ["star balanced +q"]
+    assert [spec.label for spec in specs("plan")] == ["star a=1/8 pw=1/2 +q", "star a=1/8 balanced pw=1/2 +q", "ring",
+                                                      "dense"]
+    assert [spec.label for spec in specs("plan", "--attn", "star", "--layout", "balanced")] == \
+        ["star a=1/8 balanced pw=1/2 +q"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_star_reads_the_question_in_phase_1_unless_told_to_run_as_published(command):
+def test_star_reads_the_question_in_phase_1_unless_told_not_to(command):
     aware, published = star(command), star(command, "--anchor-query", "off")
     assert aware.anchor_query and not published.anchor_query
     assert aware.label == published.label + " +q"
@@ -115,14 +127,16 @@ def test_blocks_and_block_size_exclude_each_other_as_do_the_anchor_units():
 @pytest.mark.parametrize("command", GRIDS)
 def test_a_grid_crosses_its_lists_into_one_method_each_named_by_its_label(command):
     labels = [spec.label for spec in specs(command, "--attn", "star,dense", "--blocks", "2,4",
-                                           "--anchor-fraction", "1/4,1", "--layout", "balanced")]
+                                           "--anchor-fraction", "1/4,1", "--layout", "balanced", "--window-fraction",
+                                           "0")]
     assert labels == ["star 2b a=1/4 balanced +q", "star 2b a=1 balanced +q", "star 4b a=1/4 balanced +q",
                       "star 4b a=1 balanced +q", "dense"]
 
 
 def test_eval_cuts_the_context_into_4_blocks_unless_told_otherwise():
-    assert [spec.label for spec in specs("eval")] == ["star 4b a=1 balanced +q", "dense"]
-    assert star("eval", "--block-size", "512") == StrategySpec(block_size=512, layout="balanced", anchor_query=True)
+    assert [spec.label for spec in specs("eval")] == ["star 4b a=1/8 balanced pw=1/2 +q", "dense"]
+    assert star("eval", "--block-size", "512", *PUBLISHED) == StrategySpec(block_size=512, layout="balanced",
+                                                                          anchor_fraction=1.0)
 
 
 def test_the_other_strategies_take_no_star_settings():
@@ -153,6 +167,7 @@ def test_a_grid_crosses_window_modes_only_where_there_is_a_window():
                                            "--window-fraction", "0,1/2", "--window-mode", "encode,pass")]
     assert labels == ["star 4b a=1/8 balanced +q", "star 4b a=1/8 balanced w=1/2 +q",
                       "star 4b a=1/8 balanced pw=1/2 +q"]
-    assert star("run", "--window-fraction", "0", "--anchor-query", "off") == StrategySpec(layout="balanced")
+    assert star("run", "--window-fraction", "0", "--anchor-query", "off") == \
+        StrategySpec(layout="balanced", anchor_fraction=1 / 8)
     with pytest.raises(ValueError, match="window mode pass needs a window"):
-        star("run", "--window-mode", "pass")
+        star("run", "--window-fraction", "0", "--window-mode", "pass")

@@ -101,7 +101,8 @@ def test_plan_prints_a_table_and_advice_and_saves_its_predictions(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "65536 tokens: fewest GPUs for 100 s to the first token: dense on 1 GPU" in result.stdout
     saved = json.loads(out.read_text())
-    assert {p["label"] for p in saved["predictions"]} == {"dense", "star +q", "star balanced +q", "ring"}
+    assert {p["label"] for p in saved["predictions"]} == {"dense", "star a=1/8 pw=1/2 +q",
+                                                          "star a=1/8 balanced pw=1/2 +q", "ring"}
     assert saved["predicted_on"]["command"].startswith("python -m star_engine plan --lengths 64K")  # and when
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..costs import Calibration, token_weight
-from ..names import (ANCHOR_MODES, DEFAULT_ANCHOR_MODE, DEFAULT_WINDOW_MODE, PUBLISHED_STAR_LAYOUT, STAR_LAYOUTS,
+from ..names import (ANCHOR_MODES, DEFAULT_ANCHOR_MODE, PUBLISHED_WINDOW_MODE, PUBLISHED_STAR_LAYOUT, STAR_LAYOUTS,
                      STRATEGIES, WINDOW_MODES)
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class StrategySpec:
     layout: str = PUBLISHED_STAR_LAYOUT
     window_tokens: int = 0
     window_fraction: float | None = None
-    window_mode: str = DEFAULT_WINDOW_MODE
+    window_mode: str = PUBLISHED_WINDOW_MODE
     anchor_query: bool = False
     block_temperature: float = 1.0
     recompute_fraction: float = 0.0
@@ -51,7 +51,7 @@ class StrategySpec:
         star_settings = (self.block_size, self.blocks, self.anchor_tokens, self.anchor_fraction)
         if self.attn != "star" and (any(v is not None for v in star_settings) or self.anchor_mode != DEFAULT_ANCHOR_MODE
                                     or self.layout != PUBLISHED_STAR_LAYOUT or self.window_tokens
-                                    or self.window_fraction is not None or self.window_mode != DEFAULT_WINDOW_MODE
+                                    or self.window_fraction is not None or self.window_mode != PUBLISHED_WINDOW_MODE
                                     or self.anchor_query or self.block_temperature != 1.0
                                     or self.recompute_fraction):
             raise ValueError(f"{self.attn} takes no block or anchor settings (they are star's)")
@@ -123,7 +123,7 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
                         anchor_fraction: float | None, anchor_mode: str, layout: str = PUBLISHED_STAR_LAYOUT,
                         window_tokens: int = 0, window_fraction: float | None = None,
                         block_temperature: float = 1.0, recompute_fraction: float = 0.0,
-                        window_mode: str = DEFAULT_WINDOW_MODE) -> None:
+                        window_mode: str = PUBLISHED_WINDOW_MODE) -> None:
     """Raises ValueError, naming the setting, unless the settings make a layout."""
     if block_size is not None and blocks is not None:
         raise ValueError("give the block size in tokens or the number of blocks, not both")
@@ -148,7 +148,7 @@ def check_star_settings(block_size: int | None, blocks: int | None, anchor_token
         raise ValueError(f"window as a fraction of the block must be in (0, 1], got {window_fraction}")
     if window_mode not in WINDOW_MODES:
         raise ValueError(f"window mode must be one of {', '.join(WINDOW_MODES)}, got {window_mode!r}")
-    if window_mode != DEFAULT_WINDOW_MODE and not window_tokens and window_fraction is None:
+    if window_mode != PUBLISHED_WINDOW_MODE and not window_tokens and window_fraction is None:
         raise ValueError(f"window mode {window_mode} needs a window (--window-tokens or --window-fraction)")
     if not block_temperature > 0 or block_temperature == float("inf"):
         raise ValueError(f"block temperature must be a number > 0, got {block_temperature!r}")
