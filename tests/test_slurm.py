@@ -191,7 +191,7 @@ def test_the_bench_job_script_measures_star_against_ring_and_records_the_mpi_wor
     saved = json.loads((directory / "bench.json").read_text())
     assert saved["ranks"] == 4 and saved["command"].startswith("srun --mpi=pmix -n 4 python -m star_engine bench")
     assert {(r["attn"], r["context"]) for r in saved["rows"]} == {(a, n) for a in ("star", "ring") for n in (256, 512)}
-    assert "star balanced +q at 512 tokens: over ring" in _log(directory)
+    assert "star a=1/8 balanced pw=1/2 +q at 512 tokens: over ring" in _log(directory)
 
 
 # --- Stopped by Slurm, then going on -----------------------------------------------------
