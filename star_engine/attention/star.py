@@ -154,7 +154,7 @@ class StarAttention(Strategy):
         block = (f"{self.block_size} tokens" if self.block_size else
                  f"context/{self.blocks}" if self.blocks else "context/ranks")
         anchor = (f"{self.anchor_tokens} tokens" if self.anchor_tokens else
-                  f"{self.anchor_fraction:g} of the block" if self.anchor_fraction else "the block")
+                  f"{fraction_text(self.anchor_fraction)} of the block" if self.anchor_fraction else "the block")
         layout = ", block 0 balanced" if self.balanced else ""
         window = (f", then the {self.window_tokens} tokens before the block" if self.window_tokens else
                   f", then {fraction_text(self.window_fraction)} of a block before it" if self.window_fraction else "")
