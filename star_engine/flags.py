@@ -189,8 +189,8 @@ def add_star_flags(parser: argparse.ArgumentParser, grid: bool = False, blocks: 
                        else DEFAULT_ANCHOR_QUERY, metavar="on|off",
                        help="each block but the first is encoded after the anchor and the request's question (the "
                             "query without the chat template's tail), so that it knows what is asked; a context "
-                            f"that several requests ask about is encoded once without any question; off: none "
-                            f"published{each} (default: {'on' if DEFAULT_ANCHOR_QUERY else 'off'})")
+                            f"that several requests ask about is encoded once without any question; off: without "
+                            f"it{each} (default: {'on' if DEFAULT_ANCHOR_QUERY else 'off'})")
     group.add_argument("--block-temperature", type=kind(positive_number), default=[1.0] if grid else 1.0,
                        metavar="T",
                        help="phase 2 attends the blocks encoded after the anchor at temperature T (their logits "

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..costs import Calibration, token_weight
-from ..names import (ANCHOR_MODES, DEFAULT_ANCHOR_MODE, PUBLISHED_WINDOW_MODE, PUBLISHED_STAR_LAYOUT, STAR_LAYOUTS,
+from ..names import (ANCHOR_MODES, DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT, PUBLISHED_WINDOW_MODE, STAR_LAYOUTS,
                      STRATEGIES, WINDOW_MODES)
 
 if TYPE_CHECKING:

@@ -60,7 +60,7 @@ from .. import _C
 from ..comm import Communicator
 from ..launch.control import Place
 from ..model import Transformer
-from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_WINDOW_MODE, PUBLISHED_STAR_LAYOUT
+from ..names import DEFAULT_ANCHOR_MODE, PUBLISHED_STAR_LAYOUT, PUBLISHED_WINDOW_MODE
 from .spec import check_star_settings, fraction_text
 from .base import ContextLayout, Strategy
 from .local import local_attention
