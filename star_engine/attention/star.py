@@ -267,9 +267,9 @@ class StarAttention(Strategy):
         if needs_anchor and 0 not in mine and not broadcast:
             seqs.insert(0, _Sequence(context_ids[:anchor], torch.arange(anchor, device=device),
                                      stored=False, anchored=False))
-        anchor_shape = (2, model.kv_heads, anchor, model.config.head_dim)
+        # What this rank's K/V messages (the anchor's, a window's) are made of.
         kv_like = torch.empty((2, model.kv_heads, 0, model.config.head_dim), dtype=model.embed.weight.dtype,
-                              device=device)  # what a K/V message of this rank is made of
+                              device=device)
 
         hidden = [model.embed_tokens(seq.ids) for seq in seqs]
         ropes = [model.rope(seq.positions) for seq in seqs]
@@ -289,7 +289,7 @@ class StarAttention(Strategy):
                 qkv.append((q, k, v))
             if broadcast:
                 if anchor_kv is None:
-                    anchor_kv = torch.empty(anchor_shape, dtype=model.embed.weight.dtype, device=device)
+                    anchor_kv = kv_like.new_empty((2, model.kv_heads, anchor, model.config.head_dim))
                 anchor_kv = self.comm.broadcast(anchor_kv.contiguous(), root=layout.owners[0])
             windows = self._passed_windows(layout, seqs, qkv, kv_like) if layout.window_passed else {}
             for i, (seq, (q, k, v)) in enumerate(zip(seqs, qkv)):
